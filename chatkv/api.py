@@ -1,0 +1,133 @@
+"""The contract between the front ends (CLI, TUI, batch) and the session layer.
+
+Plain data and protocols only: importing this module never imports torch, so the
+TUI and its tests can run against a fake backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+CacheSource = Literal["memory", "disk", "none"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling and stopping for one reply. temperature 0 means greedy."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int = -1
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TurnStats:
+    """What one assistant turn cost and where its cache came from."""
+
+    prompt_tokens: int = 0        # tokens of the rendered conversation before the reply
+    cached_tokens: int = 0        # of those, taken from a cache
+    prefilled_tokens: int = 0     # of those, run through the model
+    completion_tokens: int = 0
+    cache_source: CacheSource = "none"
+    cache_load_s: float = 0.0     # time to attach the cached prefix (disk read + dequantize)
+    ttft_s: float = 0.0           # from the start of the turn to the first token
+    decode_tps: float = 0.0       # tokens per second after the first
+    finish_reason: FinishReason = "stop"
+    dropped_messages: int = 0     # oldest turns left out to fit the context
+    codec: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MessageView:
+    id: int
+    conversation_id: int
+    position: int
+    role: Literal["system", "user", "assistant"]
+    content: str
+    created_at: datetime
+    stats: TurnStats | None = None   # assistant messages only
+
+
+@dataclass
+class ConversationSummary:
+    id: int
+    title: str
+    model: str
+    system_prompt: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int = 0
+    token_count: int = 0          # tokens covered by its newest cache (0 if unknown)
+    cache_state: Literal["live", "disk", "none"] = "none"
+    cache_bytes: int = 0          # bytes of its chunks on disk
+
+
+class TurnStream(Protocol):
+    """One assistant reply being generated. Iterate it for text pieces as they come.
+
+    After iteration ends, `message` holds the saved assistant message (with stats),
+    also when the turn was cancelled (the partial reply is kept). `cancel()` may be
+    called from any thread; generation stops before the next token.
+    """
+
+    message: MessageView | None
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def cancel(self) -> None: ...
+
+
+class ChatBackend(Protocol):
+    """What a front end needs. `chatkv.session.Chat` implements it."""
+
+    model_name: str
+    device: str          # e.g. "cpu float32", "cuda bfloat16"
+    context_limit: int   # tokens
+
+    def load(self) -> None:
+        """Load the model (blocking; call from a worker thread). Idempotent."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def list_conversations(self, query: str = "", limit: int = 200) -> list[ConversationSummary]: ...
+
+    def get_conversation(self, conversation_id: int) -> ConversationSummary: ...
+
+    def messages(self, conversation_id: int) -> list[MessageView]: ...
+
+    def new_conversation(self, system_prompt: str | None = None, title: str | None = None) -> ConversationSummary: ...
+
+    def rename(self, conversation_id: int, title: str) -> None: ...
+
+    def delete(self, conversation_id: int) -> None: ...
+
+    def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None: ...
+
+    def send(self, conversation_id: int, text: str, settings: GenerationSettings | None = None) -> TurnStream:
+        """Append a user message and start the reply. The user message is saved before
+        this returns, so it survives any failure of generation."""
+
+    def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> TurnStream:
+        """Drop the last assistant reply and generate it again (the prefix comes from cache)."""
+
+    def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> TurnStream:
+        """Replace a user message, drop everything after it, and reply again."""
+
+    def context_used(self, conversation_id: int) -> int:
+        """Tokens the conversation currently occupies (estimate before the model loads)."""
+
+    def export(self, conversation_id: int, fmt: Literal["md", "json"] = "md") -> str: ...
+
+    def close(self) -> None:
+        """Stop background work (spills) and flush; safe to call twice."""

@@ -1,0 +1,214 @@
+"""Configuration: shipped defaults < user file < CHATKV_* environment < command-line flags.
+
+Every value is validated on load; an invalid one raises ConfigError naming the key,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from chatkv.errors import ConfigError
+from chatkv.paths import config_file, package_file
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """Parse a byte size: an int, or a string like "512MiB" / "2GB". Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"negative size: {value}")
+        return value
+    m = _SIZE.match(str(value))
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def _choice(*options: str) -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise ValueError
+        return v
+    return check, "one of " + ", ".join(repr(o) for o in options)
+
+
+def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> int:
+        if isinstance(v, str):
+            v = int(v.strip())
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise ValueError
+        return v
+    return check, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+
+
+def _float(lo: float, hi: float) -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> float:
+        if isinstance(v, str):
+            v = float(v.strip())
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise ValueError
+        return float(v)
+    return check, f"a number from {lo} to {hi}"
+
+
+def _str() -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> str:
+        if not isinstance(v, str):
+            raise ValueError
+        return v
+    return check, "a string"
+
+
+def _nonempty() -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError
+        return v.strip()
+    return check, "a non-empty string"
+
+
+def _strlist() -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> list[str]:
+        if isinstance(v, str):  # from the environment: comma-separated
+            v = [s for s in v.split(",") if s]
+        if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+            raise ValueError
+        return v
+    return check, "a list of non-empty strings"
+
+
+def _size() -> tuple[Callable[[Any], Any], str]:
+    return parse_size, 'a byte size such as 1073741824, "512MiB" or "2GB"'
+
+
+CODEC_NAMES = ("fp16", "int8", "int4", "int2")
+
+SCHEMA: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "model.name": _nonempty(),
+    "model.device": _choice("auto", "cpu", "cuda"),
+    "model.dtype": _choice("auto", "float32", "bfloat16", "float16"),
+    "model.load_in": _choice("none", "8bit", "4bit"),
+    "model.context": _int(0),
+    "generation.max_new_tokens": _int(1, 1_000_000),
+    "generation.temperature": _float(0.0, 5.0),
+    "generation.top_p": _float(0.0, 1.0),
+    "generation.top_k": _int(0),
+    "generation.seed": _int(-1),
+    "generation.stop": _strlist(),
+    "cache.codec": _choice(*CODEC_NAMES),
+    "cache.chunk_tokens": _int(16, 65536),
+    "cache.live_bytes": _size(),
+    "cache.disk_bytes": _size(),
+    "chat.system_prompt": _str(),
+    "batch.batch_size": _int(0, 4096),
+    "ui.theme": _nonempty(),
+}
+UI_KEYS = ("new", "rename", "delete", "stop", "regenerate", "edit", "system_prompt",
+           "copy", "export", "theme", "help", "newline")
+for _k in UI_KEYS:
+    SCHEMA[f"ui.keys.{_k}"] = _nonempty()
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return _flatten(tomllib.load(f))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid TOML ({e}); fix or remove it") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def validate(key: str, value: Any, source: str) -> Any:
+    """Check one value against the schema; return it normalised or raise ConfigError."""
+    if key not in SCHEMA:
+        raise ConfigError(f"unknown config key {key!r} in {source}; see config/default.toml for the keys")
+    check, allowed = SCHEMA[key]
+    try:
+        return check(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"invalid value for {key} in {source}: {value!r} (allowed: {allowed})") from None
+
+
+class Settings:
+    """Validated settings. Read with `settings.get("cache.codec")` or `settings.cache.codec`."""
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = dict(values)
+
+    def get(self, key: str) -> Any:
+        return self._values[key]
+
+    def set(self, key: str, value: Any, source: str = "command line") -> None:
+        self._values[key] = validate(key, value, source)
+
+    def copy(self) -> Settings:
+        return Settings(self._values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def __getattr__(self, section: str) -> Any:
+        if section.startswith("_"):
+            raise AttributeError(section)
+        prefix = section + "."
+        items = {k[len(prefix):]: v for k, v in self._values.items() if k.startswith(prefix)}
+        if not items:
+            raise AttributeError(section)
+        return _namespace(items)
+
+
+def _namespace(items: dict[str, Any]) -> SimpleNamespace:
+    nested: dict[str, Any] = {}
+    for key, value in items.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            nested[head] = value
+    return SimpleNamespace(**{k: _namespace(v) if isinstance(v, dict) else v for k, v in nested.items()})
+
+
+def env_name(key: str) -> str:
+    return "CHATKV_" + key.replace(".", "_").upper()
+
+
+def load_settings(user_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load defaults, then the user file, then CHATKV_* variables; validate everything."""
+    environ = os.environ if environ is None else environ
+    defaults = _read_toml(package_file("config/default.toml"), "default config")
+    values = {k: validate(k, v, "default config") for k, v in defaults.items()}
+    path = user_file or config_file()
+    if path.exists():
+        for key, value in _read_toml(path, "config file").items():
+            values[key] = validate(key, value, str(path))
+    for key in SCHEMA:
+        name = env_name(key)
+        if name in environ:
+            values[key] = validate(key, environ[name], f"environment variable {name}")
+    return Settings(values)
