@@ -31,16 +31,16 @@ class GenerationSettings:
 class TurnStats:
     """What one assistant turn cost and where its cache came from."""
 
-    prompt_tokens: int = 0        # tokens of the rendered conversation before the reply
-    cached_tokens: int = 0        # of those, taken from a cache
-    prefilled_tokens: int = 0     # of those, run through the model
+    prompt_tokens: int = 0  # tokens of the rendered conversation before the reply
+    cached_tokens: int = 0  # of those, taken from a cache
+    prefilled_tokens: int = 0  # of those, run through the model
     completion_tokens: int = 0
     cache_source: CacheSource = "none"
-    cache_load_s: float = 0.0     # time to attach the cached prefix (disk read + dequantize)
-    ttft_s: float = 0.0           # from the start of the turn to the first token
-    decode_tps: float = 0.0       # tokens per second after the first
+    cache_load_s: float = 0.0  # time to attach the cached prefix (disk read + dequantize)
+    ttft_s: float = 0.0  # from the start of the turn to the first token
+    decode_tps: float = 0.0  # tokens per second after the first
     finish_reason: FinishReason = "stop"
-    dropped_messages: int = 0     # oldest turns left out to fit the context
+    dropped_messages: int = 0  # oldest turns left out to fit the context
     codec: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,7 +55,7 @@ class MessageView:
     role: Literal["system", "user", "assistant"]
     content: str
     created_at: datetime
-    stats: TurnStats | None = None   # assistant messages only
+    stats: TurnStats | None = None  # assistant messages only
 
 
 @dataclass
@@ -67,9 +67,9 @@ class ConversationSummary:
     created_at: datetime
     updated_at: datetime
     message_count: int = 0
-    token_count: int = 0          # tokens covered by its newest cache (0 if unknown)
+    token_count: int = 0  # tokens covered by its newest cache (0 if unknown)
     cache_state: Literal["live", "disk", "none"] = "none"
-    cache_bytes: int = 0          # bytes of its chunks on disk
+    cache_bytes: int = 0  # bytes of its chunks on disk
 
 
 class TurnStream(Protocol):
@@ -91,8 +91,8 @@ class ChatBackend(Protocol):
     """What a front end needs. `chatkv.session.Chat` implements it."""
 
     model_name: str
-    device: str          # e.g. "cpu float32", "cuda bfloat16"
-    context_limit: int   # tokens
+    device: str  # e.g. "cpu float32", "cuda bfloat16"
+    context_limit: int  # tokens
 
     def load(self) -> None:
         """Load the model (blocking; call from a worker thread). Idempotent."""
@@ -106,7 +106,9 @@ class ChatBackend(Protocol):
 
     def messages(self, conversation_id: int) -> list[MessageView]: ...
 
-    def new_conversation(self, system_prompt: str | None = None, title: str | None = None) -> ConversationSummary: ...
+    def new_conversation(
+        self, system_prompt: str | None = None, title: str | None = None
+    ) -> ConversationSummary: ...
 
     def rename(self, conversation_id: int, title: str) -> None: ...
 

@@ -18,9 +18,26 @@ from chatkv.errors import ConfigError
 from chatkv.paths import config_file, package_file
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 def parse_size(value: Any) -> int:
@@ -42,6 +59,7 @@ def _choice(*options: str) -> tuple[Callable[[Any], Any], str]:
         if v not in options:
             raise ValueError
         return v
+
     return check, "one of " + ", ".join(repr(o) for o in options)
 
 
@@ -52,6 +70,7 @@ def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], Any], str]:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
             raise ValueError
         return v
+
     return check, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
 
 
@@ -62,6 +81,7 @@ def _float(lo: float, hi: float) -> tuple[Callable[[Any], Any], str]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
             raise ValueError
         return float(v)
+
     return check, f"a number from {lo} to {hi}"
 
 
@@ -70,6 +90,7 @@ def _str() -> tuple[Callable[[Any], Any], str]:
         if not isinstance(v, str):
             raise ValueError
         return v
+
     return check, "a string"
 
 
@@ -78,6 +99,7 @@ def _nonempty() -> tuple[Callable[[Any], Any], str]:
         if not isinstance(v, str) or not v.strip():
             raise ValueError
         return v.strip()
+
     return check, "a non-empty string"
 
 
@@ -88,6 +110,7 @@ def _strlist() -> tuple[Callable[[Any], Any], str]:
         if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
             raise ValueError
         return v
+
     return check, "a list of non-empty strings"
 
 
@@ -117,8 +140,20 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], str]] = {
     "batch.batch_size": _int(0, 4096),
     "ui.theme": _nonempty(),
 }
-UI_KEYS = ("new", "rename", "delete", "stop", "regenerate", "edit", "system_prompt",
-           "copy", "export", "theme", "help", "newline")
+UI_KEYS = (
+    "new",
+    "rename",
+    "delete",
+    "stop",
+    "regenerate",
+    "edit",
+    "system_prompt",
+    "copy",
+    "export",
+    "theme",
+    "help",
+    "newline",
+)
 for _k in UI_KEYS:
     SCHEMA[f"ui.keys.{_k}"] = _nonempty()
 
@@ -177,7 +212,7 @@ class Settings:
         if section.startswith("_"):
             raise AttributeError(section)
         prefix = section + "."
-        items = {k[len(prefix):]: v for k, v in self._values.items() if k.startswith(prefix)}
+        items = {k[len(prefix) :]: v for k, v in self._values.items() if k.startswith(prefix)}
         if not items:
             raise AttributeError(section)
         return _namespace(items)

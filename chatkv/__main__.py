@@ -1,0 +1,5 @@
+import sys
+
+from chatkv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""Command-line entry point: parse, load settings, dispatch, translate errors.
+
+Exit codes: 0 success, 1 a user error (one line on stderr), 2 a usage error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from chatkv import __version__
+from chatkv.config import CODEC_NAMES, Settings, load_settings
+from chatkv.errors import ChatKVError
+
+COMMANDS = ("chat", "ask", "ls", "show", "rm", "export", "cache", "bench", "batch", "config")
+
+
+def _model_flags(p: argparse.ArgumentParser, context: bool = True) -> None:
+    g = p.add_argument_group("model and cache")
+    g.add_argument(
+        "--model", "-m", help="'smollm2' (embedded), a Hugging Face id, a model dir or a .gguf file"
+    )
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument(
+        "--load-in", dest="load_in", choices=["none", "8bit", "4bit"], help="bitsandbytes weights (CUDA only)"
+    )
+    g.add_argument("--codec", choices=CODEC_NAMES, help="how KV caches are stored on disk")
+    if context:
+        g.add_argument("--context", type=int, help="largest context in tokens (0: the model's maximum)")
+
+
+def _gen_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", "-n", dest="max_new_tokens", type=int)
+    g.add_argument("--temperature", "-t", type=float, help="0 for greedy decoding")
+    g.add_argument("--top-p", dest="top_p", type=float)
+    g.add_argument("--top-k", dest="top_k", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="a string that ends the reply (repeatable)")
+
+
+FLAG_KEYS = {
+    "model": "model.name",
+    "device": "model.device",
+    "dtype": "model.dtype",
+    "load_in": "model.load_in",
+    "codec": "cache.codec",
+    "context": "model.context",
+    "max_new_tokens": "generation.max_new_tokens",
+    "temperature": "generation.temperature",
+    "top_p": "generation.top_p",
+    "top_k": "generation.top_k",
+    "seed": "generation.seed",
+    "stop": "generation.stop",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from chatkv.cli import ask, batch, bench, cache, manage
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    parser = argparse.ArgumentParser(
+        prog="chatkv",
+        parents=[common],
+        description="Chat with a local language model; every conversation's KV cache "
+        "survives turns and restarts.",
+        epilog="Run 'chatkv' alone to open the chat UI. 'chatkv COMMAND -h' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"chatkv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("chat", parents=[common], help="open the chat UI (the default command)")
+    p.add_argument("id", nargs="?", type=int, help="conversation to open")
+    _model_flags(p)
+    _gen_flags(p)
+    p.set_defaults(func=run_chat)
+
+    ask.register(sub, common)
+    manage.register(sub, common)
+    cache.register(sub, common)
+    bench.register(sub, common)
+    batch.register(sub, common)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from config files and environment, with this command's flags on top."""
+    settings = load_settings()
+    for attr, key in FLAG_KEYS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            settings.set(key, value, source=f"--{attr.replace('_', '-')}")
+    return settings
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """Open the chat UI."""
+    from chatkv.session import Chat
+    from chatkv.ui.app import create_app
+
+    settings = settings_from(args)
+    chat = Chat(settings)
+    if args.id is not None:
+        chat.get_conversation(args.id)  # unknown id: one line, before the screen opens
+    app = create_app(chat, settings, args.id)
+    try:
+        app.run()
+    finally:
+        chat.close()
+    return 0
+
+
+def _quiet_libraries(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="chatkv: %(levelname)s: %(message)s" if not debug else None,
+    )
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for name in ("transformers", "accelerate", "alembic", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.umask(0o077)  # everything chatkv writes is private to the user
+    if not argv or (
+        argv[0].startswith("-")
+        and argv[0] not in ("-h", "--help", "--version")
+        and not any(a in COMMANDS for a in argv)
+    ):
+        argv = ["chat", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    _quiet_libraries(debug)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ChatKVError as e:
+        if debug:
+            raise
+        print(f"chatkv: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("chatkv: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

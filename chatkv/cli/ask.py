@@ -1,0 +1,112 @@
+"""`chatkv ask`: one prompt from a shell; the reply streams to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from chatkv.errors import InputError, UsageError
+
+
+def register(sub, common) -> None:
+    from chatkv.cli import _gen_flags, _model_flags
+
+    p = sub.add_parser(
+        "ask",
+        parents=[common],
+        help="send one prompt and print the reply",
+        description="Send one prompt and print the reply as it streams. "
+        "Starts a new conversation unless -c or -C is given.",
+    )
+    p.add_argument("prompt", nargs="*", help="the prompt; '-' or nothing reads standard input")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "-c", "--continue", dest="cont", action="store_true", help="continue the most recent conversation"
+    )
+    g.add_argument("-C", "--conversation", type=int, metavar="ID", help="continue conversation ID")
+    g.add_argument("--new", action="store_true", help="start a new conversation (the default)")
+    p.add_argument("--system", "-s", help="system prompt for a new conversation")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the reply and statistics")
+    p.add_argument("--stats", action="store_true", help="print the turn's statistics to stderr")
+    _model_flags(p)
+    _gen_flags(p)
+    p.set_defaults(func=run)
+
+
+def read_prompt(parts: list[str]) -> str:
+    if parts and parts != ["-"]:
+        text = " ".join(parts)
+    elif sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("no prompt given; pass it as an argument or pipe it in with '-'")
+    else:
+        try:
+            text = sys.stdin.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the prompt from standard input: {e}") from None
+    if not text.strip():
+        raise InputError("the prompt is empty; pass some text")
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    """Send one prompt and print the reply."""
+    from chatkv.cli import settings_from
+    from chatkv.errors import NotFoundError
+    from chatkv.session import Chat
+
+    settings = settings_from(args)
+    text = read_prompt(args.prompt)
+    chat = Chat(settings)
+    try:
+        # Check everything a user can get wrong before writing anything.
+        if args.conversation is not None:
+            conv = chat.get_conversation(args.conversation)
+        elif args.cont:
+            conv = chat.store.latest_conversation()
+            if conv is None:
+                raise NotFoundError("there is no conversation to continue; drop -c to start one")
+        else:
+            conv = None
+        if conv is not None and args.system is not None:
+            raise UsageError("--system applies to a new conversation; use it without -c/-C")
+        chat.load()
+        if conv is None:
+            conv = chat.new_conversation(system_prompt=args.system)
+        turn = chat.send(conv.id, text)
+        out = sys.stdout
+        try:
+            for piece in turn:
+                if not args.json:
+                    out.write(piece)
+                    out.flush()
+        except KeyboardInterrupt:
+            turn.cancel()
+        for w in turn.warnings:
+            print(f"chatkv: warning: {w}; recomputed instead", file=sys.stderr)
+        msg = turn.message
+        if args.json:
+            json.dump(
+                {
+                    "conversation_id": conv.id,
+                    "message_id": msg.id if msg else None,
+                    "reply": msg.content if msg else "",
+                    "stats": turn.stats.to_dict(),
+                },
+                out,
+                ensure_ascii=False,
+            )
+        out.write("\n")
+        out.flush()
+        if args.stats:
+            s = turn.stats
+            print(
+                f"conversation {conv.id}: {s.prompt_tokens} prompt tokens, {s.cached_tokens} from "
+                f"{s.cache_source} in {s.cache_load_s * 1000:.0f} ms, {s.prefilled_tokens} prefilled; "
+                f"first token {s.ttft_s * 1000:.0f} ms; {s.completion_tokens} tokens at "
+                f"{s.decode_tps:.1f}/s ({s.finish_reason})",
+                file=sys.stderr,
+            )
+    finally:
+        chat.close()
+    return 0

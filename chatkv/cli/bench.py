@@ -1,0 +1,72 @@
+"""`chatkv bench resume | quality | decode | batch`: each measures its baseline in the same run.
+
+Arguments are declared here so that building the parser never imports torch;
+a benchmark's module is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def _resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=int, default=4096, help="tokens of history to resume (default 4096)")
+    p.add_argument("--repeat", type=int, default=3, help="resume measurements; the median is reported")
+
+
+def _quality(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="a UTF-8 text file to evaluate on (default: the bundled sample)")
+    p.add_argument("--prefix", type=int, default=2048, help="tokens of cached prefix (default 2048)")
+    p.add_argument("--eval", type=int, default=256, help="tokens evaluated after the prefix (default 256)")
+    p.add_argument("--all", action="store_true", help="measure every codec")
+
+
+def _decode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=128, help="tokens generated per run (default 128)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each, alternated; the median is reported")
+
+
+def _batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", type=int, default=32, help="prompts sharing the system prompt (default 32)")
+    p.add_argument("--system-tokens", type=int, default=1000, help="length of the shared system prompt")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    p.add_argument("--batch-size", type=int, default=0, help="sequences decoded together (0: default)")
+    p.add_argument(
+        "--baseline-prompts",
+        type=int,
+        default=0,
+        help="prompts timed for the generate baseline (0: all); the rate is extrapolated",
+    )
+
+
+BENCHES = {
+    "resume": ("re-prefill versus resuming a saved conversation's cache from disk", _resume),
+    "quality": (
+        "how far each codec's reloaded cache is from the exact one (KL, top-1, perplexity, bytes)",
+        _quality,
+    ),
+    "decode": ("chatkv's decode loop versus transformers generate", _decode),
+    "batch": ("chatkv batch with a shared system prompt versus one generate per prompt", _batch),
+}
+
+
+def register(sub, common) -> None:
+    from chatkv.cli import _model_flags
+
+    p = sub.add_parser("bench", parents=[common], help="measure speed and cache quality")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for name, (help_text, add_arguments) in BENCHES.items():
+        b = bsub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        b.add_argument("--json", action="store_true", help="print the result as JSON")
+        _model_flags(b, context=False)
+        add_arguments(b)
+        b.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a benchmark."""
+    from chatkv.cli import settings_from
+
+    importlib.import_module(f"chatkv.bench.{args.bench}").run(args, settings_from(args))
+    return 0

@@ -1,0 +1,103 @@
+"""`chatkv cache stats | gc | verify`: the chunk store on disk."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from chatkv.config import parse_size
+from chatkv.errors import UsageError
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("cache", parents=[common], help="inspect and trim the KV chunk store")
+    csub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    s = csub.add_parser("stats", parents=[common], help="chunks, bytes, codecs and models on disk")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=run_stats)
+    g = csub.add_parser(
+        "gc", parents=[common], help="remove orphans, then least recently used chunks down to the budget"
+    )
+    g.add_argument("--max-bytes", help="budget, e.g. 500MiB (default: cache.disk_bytes); 0 empties the store")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=run_gc)
+    v = csub.add_parser("verify", parents=[common], help="check every chunk's checksum; remove bad ones")
+    v.add_argument("--dry-run", action="store_true", help="report only, remove nothing")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=run_verify)
+
+
+def _open():
+    from chatkv.paths import db_path, kv_dir
+    from chatkv.store import Store
+
+    return Store(db_path()), kv_dir()
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    """Show what the chunk store holds."""
+    from chatkv.cli.manage import human_bytes
+
+    store, kv = _open()
+    stats = store.chunk_stats()
+    if args.json:
+        json.dump(stats | {"kv_dir": str(kv)}, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(f"{stats['count']} chunks, {human_bytes(stats['bytes'])} in {kv}")
+    for name, label in (("by_codec", "codec"), ("by_fingerprint", "model")):
+        for k, v in (stats.get(name) or {}).items():
+            print(f"  {label} {k}: {v['count']} chunks, {human_bytes(v['bytes'])}")
+    return 0
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    """Trim the chunk store."""
+    from chatkv.cli import settings_from
+    from chatkv.cli.manage import human_bytes
+    from chatkv.kv.maintenance import gc
+
+    if args.max_bytes is not None:
+        try:
+            budget = parse_size(args.max_bytes)
+        except ValueError:
+            raise UsageError(f"--max-bytes {args.max_bytes!r} is not a size; use e.g. 500MiB or 0") from None
+    else:
+        budget = settings_from(args).cache.disk_bytes
+    store, kv = _open()
+    report = gc(store, kv, budget)
+    if args.json:
+        json.dump(asdict(report) | {"budget": budget}, sys.stdout)
+        print()
+    else:
+        print(
+            f"removed {report.removed} chunks ({human_bytes(report.freed)}), {report.orphan_files} orphan "
+            f"files, {report.missing_files} index rows without a file; budget {human_bytes(budget)}"
+        )
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Check every chunk."""
+    from chatkv.kv.maintenance import verify
+
+    store, kv = _open()
+    report = verify(store, kv, fix=not args.dry_run)
+    if args.json:
+        json.dump(
+            {
+                "checked": report.checked,
+                "removed": report.removed,
+                "bad": [{"key": k, "problem": p} for k, p in report.bad],
+            },
+            sys.stdout,
+        )
+        print()
+    else:
+        for key, problem in report.bad:
+            print(f"bad chunk {key[:16]}: {problem}")
+        action = "would remove" if args.dry_run else "removed"
+        print(f"checked {report.checked} chunks: {len(report.bad)} bad, {action} {len(report.bad)}")
+    return 0

@@ -1,0 +1,187 @@
+"""`chatkv ls | show | rm | export | config`: the saved conversations and settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from chatkv.api import ConversationSummary
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("ls", parents=[common], help="list saved conversations, most recent first")
+    p.add_argument(
+        "-q", "--query", default="", help="only conversations whose title or messages contain this"
+    )
+    p.add_argument("-n", "--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_ls)
+
+    p = sub.add_parser("show", parents=[common], help="print a conversation with its turn statistics")
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_show)
+
+    p = sub.add_parser("rm", parents=[common], help="delete conversations (their cache chunks go with gc)")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+    p.set_defaults(func=run_rm)
+
+    p = sub.add_parser("export", parents=[common], help="write a conversation as Markdown or JSON")
+    p.add_argument("id", type=int)
+    p.add_argument("--format", "-f", choices=["md", "json"], default="md")
+    p.add_argument("--output", "-o", help="file to write (default: standard output)")
+    p.set_defaults(func=run_export)
+
+    p = sub.add_parser(
+        "config", parents=[common], help="show the effective settings and where they come from"
+    )
+    p.add_argument("what", nargs="?", choices=["show", "path"], default="show")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_config)
+
+
+def _store():
+    from chatkv.paths import db_path
+    from chatkv.store import Store
+
+    return Store(db_path())
+
+
+def ago(when: datetime, now: datetime | None = None) -> str:
+    """A short relative time: 'just now', '5m ago', '3h ago', '2d ago', or a date."""
+    now = now or datetime.now(UTC)
+    s = (now - when).total_seconds()
+    if s < 60:
+        return "just now"
+    if s < 3600:
+        return f"{int(s // 60)}m ago"
+    if s < 86400:
+        return f"{int(s // 3600)}h ago"
+    if s < 30 * 86400:
+        return f"{int(s // 86400)}d ago"
+    return f"{when:%Y-%m-%d}"
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def summary_dict(c: ConversationSummary) -> dict:
+    return {
+        "id": c.id,
+        "title": c.title,
+        "model": c.model,
+        "messages": c.message_count,
+        "tokens": c.token_count,
+        "cache": c.cache_state,
+        "cache_bytes": c.cache_bytes,
+        "created_at": c.created_at.isoformat(),
+        "updated_at": c.updated_at.isoformat(),
+    }
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    """List saved conversations."""
+    convs = _store().list_conversations(query=args.query, limit=args.limit)
+    if args.json:
+        json.dump([summary_dict(c) for c in convs], sys.stdout, indent=2)
+        print()
+        return 0
+    if not convs:
+        print('no conversations yet; start one with: chatkv ask "Hello"', file=sys.stderr)
+        return 0
+    for c in convs:
+        cache = f"disk {human_bytes(c.cache_bytes)}" if c.cache_state == "disk" else c.cache_state
+        print(
+            f"{c.id:>5}  {ago(c.updated_at):>9}  {c.message_count:>3} msgs  {c.token_count:>6} tok  "
+            f"{cache:<14}  {c.title or '(untitled)'}"
+        )
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    """Print a conversation."""
+    from chatkv.session import message_dict
+
+    store = _store()
+    c = store.get_conversation(args.id)
+    msgs = store.messages(args.id)
+    if args.json:
+        json.dump(
+            summary_dict(c) | {"system_prompt": c.system_prompt, "messages": [message_dict(m) for m in msgs]},
+            sys.stdout,
+            indent=2,
+            ensure_ascii=False,
+        )
+        print()
+        return 0
+    print(f"# {c.title or '(untitled)'}  [{c.id}, {c.model}, {ago(c.updated_at)}]")
+    if c.system_prompt:
+        print(f"\nsystem: {c.system_prompt}")
+    for m in msgs:
+        print(f"\n{m.role}: {m.content}")
+        if m.stats:
+            s = m.stats
+            print(
+                f"  [{s.prompt_tokens} prompt tokens, {s.cached_tokens} cached from {s.cache_source} "
+                f"in {s.cache_load_s * 1000:.0f} ms, {s.prefilled_tokens} prefilled, first token "
+                f"{s.ttft_s * 1000:.0f} ms, {s.completion_tokens} tokens at {s.decode_tps:.1f}/s, "
+                f"{s.finish_reason}]"
+            )
+    return 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    """Delete conversations."""
+    store = _store()
+    for cid in args.ids:
+        store.get_conversation(cid)  # all ids checked before any is deleted
+    for cid in args.ids:
+        store.delete_conversation(cid)
+        print(f"deleted conversation {cid}", file=sys.stderr)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export a conversation."""
+    from chatkv.config import load_settings
+    from chatkv.session import Chat
+
+    text = Chat(load_settings(), store=_store()).export(args.id, args.format)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def run_config(args: argparse.Namespace) -> int:
+    """Show settings."""
+    from chatkv.cli import settings_from
+    from chatkv.config import env_name
+    from chatkv.paths import config_file, data_dir
+
+    if args.what == "path":
+        print(config_file())
+        return 0
+    values = settings_from(args).as_dict()
+    if args.json:
+        json.dump(
+            {"config_file": str(config_file()), "data_dir": str(data_dir()), "settings": values},
+            sys.stdout,
+            indent=2,
+        )
+        print()
+        return 0
+    print(f"# config file: {config_file()}\n# data dir:    {data_dir()}")
+    for key, value in values.items():
+        print(f"{key} = {json.dumps(value)}    # {env_name(key)}")
+    return 0

@@ -1,0 +1,1 @@
+"""Model loading and token generation. Knows nothing of SQLite or chunk files."""

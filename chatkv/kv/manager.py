@@ -1,0 +1,329 @@
+"""The KV layer's front: find the longest cached prefix of a prompt, keep caches
+live across turns, and spill what is new to the chunk store off the critical path.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from chatkv.errors import CacheError, NotFoundError
+from chatkv.kv import live, maintenance
+from chatkv.kv.chunks import chain_keys, chunk_key, encode_chunk, read_chunk, relpath, write_atomic
+from chatkv.kv.codecs import get_codec
+from chatkv.store.repo import ChunkRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Attached:
+    """A cache covering the first `cached` tokens of a prompt, and where it came from."""
+
+    cache: object
+    cached: int
+    source: str  # "memory" | "disk" | "none"
+    load_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Live:
+    tokens: list[int]
+    cache: object
+    nbytes: int
+
+
+class LivePool:
+    """Live caches in device memory, least recently used evicted past a byte budget.
+    Evicted caches are already on disk (spilled after each turn)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._items: OrderedDict[object, _Live] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, key: object) -> _Live | None:
+        """Remove and return the entry: the caller extends the cache and puts it back."""
+        with self._lock:
+            return self._items.pop(key, None)
+
+    def peek_tokens(self, key: object) -> int:
+        with self._lock:
+            item = self._items.get(key)
+            return len(item.tokens) if item else 0
+
+    def put(self, key: object, tokens: list[int], cache: object) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+            self._items[key] = _Live(tokens, cache, live.nbytes(cache))
+            while len(self._items) > 1 and self.bytes > self.budget:
+                self._items.popitem(last=False)
+            if self.bytes > self.budget:  # a single cache over budget is not kept at all
+                self._items.clear()
+
+    def drop(self, key: object) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._items
+
+    @property
+    def bytes(self) -> int:
+        return sum(i.nbytes for i in self._items.values())
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class KVManager:
+    """Attach, keep and spill KV caches for one loaded model.
+
+    Args:
+        store: the chunk index (chatkv.store.Store; only its chunk methods and
+            set_kv_head / get_conversation are used).
+        kv_dir: where chunk files live.
+        lm: the LoadedModel (model, fingerprint, device, dtype).
+        codec: codec name for chunks on disk.
+    """
+
+    def __init__(
+        self,
+        store,
+        kv_dir: Path,
+        lm,
+        codec: str = "int8",
+        chunk_tokens: int = 256,
+        live_bytes: int = 1 << 30,
+        disk_bytes: int = 10 << 30,
+    ):
+        self.store = store
+        self.kv_dir = kv_dir
+        self.lm = lm
+        self.codec = get_codec(codec)
+        self.chunk_tokens = chunk_tokens
+        self.disk_bytes = disk_bytes
+        self.pool = LivePool(live_bytes)
+        self.bytes_written = 0  # chunk bytes written by spills, for tests and stats
+        self._q: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._errors: list[str] = []
+
+    # -- attach --------------------------------------------------------------
+
+    def attach(self, conv: object, tokens: Sequence[int]) -> Attached:
+        """A cache for the longest known prefix of `tokens` (at most len-1 tokens, so
+        that at least one token is prefilled and gives the next-token logits)."""
+        t0 = time.perf_counter()
+        limit = len(tokens) - 1
+        item = self.pool.take(conv) if conv is not None else None
+        mem = min(common_prefix(item.tokens, tokens), limit) if item else 0
+        disk_plan = self._disk_plan(tokens, limit) if mem < limit else ([], 0)
+        if item and mem > 0 and mem >= disk_plan[1] - self.chunk_tokens:
+            live.crop_to(item.cache, mem)
+            return Attached(item.cache, mem, "memory", time.perf_counter() - t0)
+        if disk_plan[1] > 0:
+            cache, n, problems = self._load(disk_plan[0], tokens, limit)
+            if n > 0:
+                return Attached(cache, n, "disk", time.perf_counter() - t0, problems)
+            return Attached(live.new_cache(self.lm.model), 0, "none", time.perf_counter() - t0, problems)
+        return Attached(live.new_cache(self.lm.model), 0, "none", time.perf_counter() - t0)
+
+    def _disk_plan(self, tokens: Sequence[int], limit: int) -> tuple[list[ChunkRecord], int]:
+        """The chunk records covering the longest prefix of `tokens` on disk, and at most how
+        many tokens they give. The last record may be a partial chunk that only begins like
+        `tokens` (a reply re-tokenized differently): `_load` uses its common prefix."""
+        fp, c = self.lm.fingerprint, self.chunk_tokens
+        keys = chain_keys(fp, self.codec, tokens, c)
+        found = self.store.get_chunks(keys) if keys else {}
+        plan: list[ChunkRecord] = []
+        for k in keys:
+            if k not in found:
+                break
+            plan.append(found[k])
+        start = len(plan) * c
+        parent = plan[-1].key if plan else None
+        partials = self.store.find_partials(parent, fp, self.codec.name, start)  # newest first
+        exact = [
+            r
+            for r in partials
+            if start + r.n_tokens <= len(tokens)
+            and chunk_key(fp, self.codec, parent, tokens[start : start + r.n_tokens]) == r.key
+        ]
+        if exact:
+            plan.append(max(exact, key=lambda r: r.n_tokens))
+        elif partials and start < len(tokens):
+            plan.append(partials[0])
+        n = sum(r.n_tokens for r in plan)
+        return plan, min(n, limit)
+
+    def _load(self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int):
+        """Read and decode chunks in order; stop at the first one that cannot be trusted
+        (it is removed, and its tokens will be prefilled again)."""
+        parts, problems, n = [], [], 0
+        for rec in plan:
+            try:
+                data = read_chunk(
+                    self.kv_dir / rec.path,
+                    self.codec,
+                    self.lm.fingerprint,
+                    rec.key,
+                    self.lm.dtype,
+                    self.lm.device,
+                )
+                if data.start != n:
+                    raise CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {n}")
+            except CacheError as e:
+                problems.append(str(e))
+                log.warning("dropping KV chunk: %s; its tokens will be recomputed", e)
+                self._remove_chunks([rec])
+                break
+            same = common_prefix(data.tokens, tokens[n : n + len(data.tokens)])
+            if same < len(data.tokens):
+                if not data.partial or same == 0:
+                    break
+                # a partial tail whose end differs (e.g. a reply that re-tokenizes differently)
+                data.layers = [
+                    (k[..., :same, :], v[..., :same, :]) for k, v in data.layers
+                ]  # (B, H, same, D)
+            parts.append(data.layers)
+            n += same
+        if not parts:
+            return None, 0, problems
+        self.store.touch_chunks([r.key for r in plan[: len(parts)]])
+        cache = (
+            live.concat(self.lm.model, parts)
+            if len(parts) > 1
+            else live.cache_from_layers(self.lm.model, parts[0])
+        )
+        n = min(n, limit)
+        live.crop_to(cache, n)
+        return cache, n, problems
+
+    # -- keep and spill ------------------------------------------------------
+
+    def commit(self, conv: object, tokens: Sequence[int], cache) -> None:
+        """Keep `cache` (covering `tokens`) live for the conversation's next turn."""
+        n = live.seq_len(cache)
+        self.pool.put(conv, list(tokens[:n]), cache)
+
+    def spill(self, conv_id: int | None, tokens: Sequence[int], cache) -> None:
+        """Queue writing what is new of `cache` to disk; returns at once."""
+        n = live.seq_len(cache)
+        snapshot = [(k[..., :n, :], v[..., :n, :]) for k, v in live.layers_of(cache)]
+        self._q.put((conv_id, list(tokens[:n]), snapshot))
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._run, name="chatkv-spill", daemon=True)
+            self._worker.start()
+
+    def flush(self) -> None:
+        """Wait until every queued spill is on disk."""
+        self._q.join()
+
+    def spill_now(self, conv_id: int | None, tokens: Sequence[int], cache) -> int:
+        """Spill synchronously; returns the bytes written."""
+        n = live.seq_len(cache)
+        return self._spill(conv_id, list(tokens[:n]), live.layers_of(cache))
+
+    def _run(self) -> None:
+        while True:
+            conv_id, tokens, layers = self._q.get()
+            try:
+                self._spill(conv_id, tokens, layers)
+            except Exception as e:  # a failed spill only costs a future prefill
+                log.warning("could not save the KV cache: %s", e)
+                self._errors.append(str(e))
+            finally:
+                self._q.task_done()
+
+    def _spill(self, conv_id: int | None, tokens: list[int], layers) -> int:
+        fp, c = self.lm.fingerprint, self.chunk_tokens
+        keys = chain_keys(fp, self.codec, tokens, c)
+        tail = len(keys) * c
+        tail_key = (
+            chunk_key(fp, self.codec, keys[-1] if keys else None, tokens[tail:])
+            if tail < len(tokens)
+            else None
+        )
+        wanted = keys + ([tail_key] if tail_key else [])
+        on_disk = self.store.get_chunks(wanted)
+        written = 0
+        for i, key in enumerate(wanted):
+            if key in on_disk and (self.kv_dir / on_disk[key].path).exists():
+                continue
+            start, end = i * c, min((i + 1) * c, len(tokens))
+            part = [(k[..., start:end, :], v[..., start:end, :]) for k, v in layers]  # (B, H, end-start, D)
+            written += self._write(
+                key, wanted[i - 1] if i else None, start, tokens[start:end], part, partial=key == tail_key
+            )
+        if conv_id is not None:
+            try:
+                old = self.store.get_kv_head(conv_id).key
+                head = wanted[-1] if wanted else None
+                self.store.set_kv_head(conv_id, head, len(tokens), fp)
+                self._drop_superseded(old, head)
+            except NotFoundError:  # deleted while its spill was queued
+                pass
+        self.bytes_written += written
+        if self.disk_bytes and written:
+            self.gc(self.disk_bytes, keep=set(wanted))
+        return written
+
+    def _write(
+        self, key: str, parent: str | None, start: int, tokens: list[int], layers, partial: bool
+    ) -> int:
+        blob, checksum = encode_chunk(
+            self.codec, self.lm.fingerprint, key, parent, start, tokens, layers, partial
+        )
+        rel = relpath(key)
+        write_atomic(self.kv_dir / rel, blob)
+        now = datetime.now(UTC)
+        self.store.add_chunk(
+            ChunkRecord(
+                key=key,
+                parent=parent,
+                fingerprint=self.lm.fingerprint,
+                codec=self.codec.name,
+                start=start,
+                n_tokens=len(tokens),
+                partial=partial,
+                path=rel,
+                nbytes=len(blob),
+                checksum=checksum,
+                created_at=now,
+                last_used_at=now,
+            )
+        )
+        return len(blob)
+
+    def _drop_superseded(self, old_head: str | None, new_head: str | None) -> None:
+        """A conversation's previous partial tail chunk is replaced by the new head."""
+        if not old_head or old_head == new_head:
+            return
+        rec = self.store.get_chunks([old_head]).get(old_head)
+        if rec and rec.partial and not self.store.chunk_is_head(old_head):
+            self._remove_chunks([rec])
+
+    def _remove_chunks(self, recs: list[ChunkRecord]) -> None:
+        maintenance.remove(self.store, self.kv_dir, recs)
+
+    def gc(self, max_bytes: int, keep: frozenset[str] | set[str] = frozenset()) -> tuple[int, int]:
+        """Evict least recently used chunks down to `max_bytes`; returns (removed, bytes freed)."""
+        return maintenance.evict_lru(self.store, self.kv_dir, max_bytes, keep)
+
+    def close(self) -> None:
+        self.flush()

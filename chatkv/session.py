@@ -1,0 +1,363 @@
+"""One conversation's turn: the only place where transcript, cache and engine meet.
+
+`Chat` implements `chatkv.api.ChatBackend` for the CLI, the TUI and batch.
+The transcript is the source of truth: a cache can always be rebuilt by prefill,
+a message cannot be rebuilt at all, so messages are saved before and after
+generation and a cache problem never costs one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+from typing import Any, Literal
+
+from chatkv.api import ConversationSummary, GenerationSettings, MessageView, TurnStats
+from chatkv.config import Settings
+from chatkv.errors import InputError
+from chatkv.paths import db_path, kv_dir
+from chatkv.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def generation_settings(settings: Settings) -> GenerationSettings:
+    g = settings.generation
+    return GenerationSettings(
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        seed=g.seed,
+        stop=list(g.stop),
+    )
+
+
+class Chat:
+    """The session layer over a store, a model (loaded on demand) and the KV layer."""
+
+    def __init__(self, settings: Settings, store: Store | None = None, lm=None):
+        """`lm`: an already loaded model (tests and benchmarks share one); else loaded by `load()`."""
+        self.settings = settings
+        self.store = store or Store(db_path())
+        self.model_name = settings.model.name
+        self._preloaded = lm
+        self.lm = None
+        self.kv = None
+        self._load_lock = threading.Lock()
+        self.defaults = generation_settings(settings)
+
+    # -- model ---------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.lm is not None
+
+    @property
+    def device(self) -> str:
+        return self.lm.description if self.lm else "loading"
+
+    @property
+    def context_limit(self) -> int:
+        return self.lm.context_limit if self.lm else (self.settings.model.context or 0)
+
+    def load(self) -> None:
+        """Load the model and the KV layer (blocking; idempotent; thread-safe)."""
+        with self._load_lock:
+            if self.lm is not None:
+                return
+            from chatkv.engine.model import load_model
+            from chatkv.kv.manager import KVManager
+
+            m, c = self.settings.model, self.settings.cache
+            lm = self._preloaded or load_model(
+                m.name, device=m.device, dtype=m.dtype, load_in=m.load_in, context=m.context
+            )
+            self.kv = KVManager(
+                self.store,
+                kv_dir(),
+                lm,
+                codec=c.codec,
+                chunk_tokens=c.chunk_tokens,
+                live_bytes=c.live_bytes,
+                disk_bytes=c.disk_bytes,
+            )
+            self.lm = lm
+
+    # -- conversations -------------------------------------------------------
+
+    def list_conversations(self, query: str = "", limit: int = 200) -> list[ConversationSummary]:
+        convs = self.store.list_conversations(query=query, limit=limit)
+        return [self._mark_live(c) for c in convs]
+
+    def get_conversation(self, conversation_id: int) -> ConversationSummary:
+        return self._mark_live(self.store.get_conversation(conversation_id))
+
+    def _mark_live(self, conv: ConversationSummary) -> ConversationSummary:
+        if self.kv is not None and conv.id in self.kv.pool:
+            return replace(
+                conv, cache_state="live", token_count=self.kv.pool.peek_tokens(conv.id) or conv.token_count
+            )
+        return conv
+
+    def messages(self, conversation_id: int) -> list[MessageView]:
+        return self.store.messages(conversation_id)
+
+    def new_conversation(
+        self, system_prompt: str | None = None, title: str | None = None
+    ) -> ConversationSummary:
+        prompt = self.settings.chat.system_prompt if system_prompt is None else system_prompt
+        return self.store.create_conversation(
+            title=title or "", model=self.model_name, system_prompt=prompt, settings=asdict(self.defaults)
+        )
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        if not title.strip():
+            raise InputError("a conversation title cannot be empty")
+        self.store.rename(conversation_id, title.strip())
+
+    def delete(self, conversation_id: int) -> None:
+        self.store.delete_conversation(conversation_id)
+        if self.kv is not None:
+            self.kv.pool.drop(conversation_id)
+
+    def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
+        self.store.set_system_prompt(conversation_id, system_prompt)
+
+    # -- turns ---------------------------------------------------------------
+
+    def send(self, conversation_id: int, text: str, settings: GenerationSettings | None = None) -> Turn:
+        if not text.strip():
+            raise InputError("the message is empty; type something to send")
+        self.store.get_conversation(conversation_id)  # raises NotFoundError before anything is written
+        msg = self.store.add_message(conversation_id, "user", text)
+        return Turn(self, conversation_id, settings or self.defaults, new_user_message=msg)
+
+    def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> Turn:
+        msgs = self.store.messages(conversation_id)
+        if not msgs or not any(m.role == "user" for m in msgs):
+            raise InputError("there is no reply to regenerate yet; send a message first")
+        if msgs[-1].role == "assistant":
+            self.store.delete_messages_from(conversation_id, msgs[-1].position)
+        return Turn(self, conversation_id, settings or self.defaults)
+
+    def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> Turn:
+        if not text.strip():
+            raise InputError("the edited message is empty; type something or cancel the edit")
+        msg = self.store.get_message(message_id)
+        if msg.role != "user":
+            raise InputError(
+                f"message {message_id} is an assistant reply; only your own messages can be edited"
+            )
+        self.store.delete_messages_from(msg.conversation_id, msg.position + 1)
+        self.store.update_message(message_id, text)
+        return Turn(self, msg.conversation_id, settings or self.defaults)
+
+    def render(self, conversation_id: int) -> list[dict[str, str]]:
+        """The conversation as chat-template messages."""
+        conv = self.store.get_conversation(conversation_id)
+        out = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt else []
+        return out + [{"role": m.role, "content": m.content} for m in self.store.messages(conversation_id)]
+
+    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def fit(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
+        """Token ids of the prompt, dropping the oldest turns after the system prompt
+        while prompt plus room for the reply would overflow the context.
+
+        Room kept for the reply: max_new_tokens, but at most a quarter of the context.
+        Returns (ids, number of messages dropped). Raises InputError when even the
+        last message alone does not fit.
+        """
+        limit = self.lm.context_limit
+        room = min(max_new_tokens, limit // 4)
+        ids = self.tokenize(messages)
+        dropped = 0
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        while len(ids) + room > limit and len(messages) - head > 1:
+            # drop the oldest message after the system prompt (and a reply left leading)
+            messages = messages[:head] + messages[head + 1 :]
+            dropped += 1
+            while len(messages) - head > 1 and messages[head]["role"] == "assistant":
+                messages = messages[:head] + messages[head + 1 :]
+                dropped += 1
+            ids = self.tokenize(messages)
+        if len(ids) >= limit:
+            raise InputError(
+                f"the message is {len(ids):,} tokens but the model's context holds {limit:,}; "
+                "shorten it (or raise model.context if the model allows more)"
+            )
+        return ids, dropped
+
+    def context_used(self, conversation_id: int) -> int:
+        if self.lm is None:
+            conv = self.store.get_conversation(conversation_id)
+            if conv.token_count:
+                return conv.token_count
+            return sum(len(m["content"]) for m in self.render(conversation_id)) // 4
+        return len(self.tokenize(self.render(conversation_id)))
+
+    # -- export and shutdown ---------------------------------------------------
+
+    def export(self, conversation_id: int, fmt: Literal["md", "json"] = "md") -> str:
+        conv = self.store.get_conversation(conversation_id)
+        msgs = self.store.messages(conversation_id)
+        if fmt == "json":
+            return json.dumps(
+                {
+                    "id": conv.id,
+                    "title": conv.title,
+                    "model": conv.model,
+                    "system_prompt": conv.system_prompt,
+                    "created_at": conv.created_at.isoformat(),
+                    "updated_at": conv.updated_at.isoformat(),
+                    "messages": [message_dict(m) for m in msgs],
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        if fmt != "md":
+            raise InputError(f"unknown export format {fmt!r}; use md or json")
+        lines = [f"# {conv.title or 'Untitled conversation'}", ""]
+        lines += [f"*{conv.model} · {conv.created_at:%Y-%m-%d %H:%M} UTC*", ""]
+        if conv.system_prompt:
+            lines += ["## System", "", conv.system_prompt, ""]
+        for m in msgs:
+            lines += [f"## {m.role.capitalize()}", "", m.content, ""]
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        if self.kv is not None:
+            self.kv.close()
+
+
+def message_dict(m: MessageView) -> dict[str, Any]:
+    d = {
+        "id": m.id,
+        "position": m.position,
+        "role": m.role,
+        "content": m.content,
+        "created_at": m.created_at.isoformat(),
+    }
+    if m.stats is not None:
+        d["stats"] = m.stats.to_dict()
+    return d
+
+
+class Turn:
+    """One assistant reply being generated (implements chatkv.api.TurnStream)."""
+
+    def __init__(
+        self,
+        chat: Chat,
+        conversation_id: int,
+        settings: GenerationSettings,
+        new_user_message: MessageView | None = None,
+    ):
+        self.chat = chat
+        self.conversation_id = conversation_id
+        self.settings = settings
+        self.new_user_message = new_user_message
+        self.message: MessageView | None = None
+        self.stats = TurnStats()
+        self.warnings: list[str] = []
+        self.tokens: list[int] = []  # what the cache covers after the turn: prompt and reply
+        self._cancel = threading.Event()
+        self._started = False
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("a turn can be iterated once")
+        self._started = True
+        return self._run()
+
+    def _run(self) -> Iterator[str]:
+        from chatkv.engine.generate import TextStream, generate
+
+        chat = self.chat
+        t0 = time.perf_counter()
+        try:
+            chat.load()
+            lm, kv = chat.lm, chat.kv
+            ids, dropped = chat.fit(chat.render(self.conversation_id), self.settings.max_new_tokens)
+        except BaseException:
+            self._forget_user_message()
+            raise
+        att = kv.attach(self.conversation_id, ids)
+        self.warnings += att.problems
+        st = self.stats
+        st.prompt_tokens, st.cached_tokens, st.prefilled_tokens = len(ids), att.cached, len(ids) - att.cached
+        st.cache_source, st.cache_load_s, st.dropped_messages, st.codec = (
+            att.source,
+            att.load_s,
+            dropped,
+            kv.codec.name,
+        )
+        text = TextStream(lm.tokenizer, self.settings.stop)
+        gen: list[int] = []
+        first = last = None
+        reason = "error"
+        try:
+            for step in generate(
+                lm.model,
+                ids,
+                att.cache,
+                att.cached,
+                self.settings,
+                lm.eos_ids,
+                lm.context_limit,
+                self._cancel,
+            ):
+                if step.token is None:
+                    reason = step.finish_reason
+                    break
+                last = time.perf_counter()
+                if first is None:
+                    first = last
+                gen.append(step.token)
+                piece = text.push(step.token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    reason = "stop"
+                    break
+            piece = text.finish()
+            if piece:
+                yield piece
+        except GeneratorExit:  # the consumer stopped iterating: keep what was made
+            reason = "cancelled"
+        except BaseException:
+            if not gen:
+                self._forget_user_message()
+                raise
+            self._save(text.text, reason, ids, gen, att, first, last, t0)
+            raise
+        self._save(text.text, reason, ids, gen, att, first, last, t0)
+
+    def _save(self, content: str, reason: str, ids, gen, att, first, last, t0) -> None:
+        st = self.stats
+        st.finish_reason = reason
+        st.completion_tokens = len(gen)
+        st.ttft_s = (first - t0) if first else time.perf_counter() - t0
+        st.decode_tps = (len(gen) - 1) / (last - first) if first and last and last > first else 0.0
+        self.message = self.chat.store.add_message(self.conversation_id, "assistant", content, stats=st)
+        kv = self.chat.kv
+        covered = self.tokens = list(ids) + gen
+        kv.commit(self.conversation_id, covered, att.cache)
+        kv.spill(self.conversation_id, covered, att.cache)
+
+    def _forget_user_message(self) -> None:
+        """A send that produced nothing leaves no trace: the front end gives the text back."""
+        m = self.new_user_message
+        if m is not None:
+            self.chat.store.delete_messages_from(m.conversation_id, m.position)
+            self.new_user_message = None

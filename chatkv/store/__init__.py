@@ -1,0 +1,9 @@
+"""Persistence: conversations, messages and the KV chunk index in SQLite.
+
+Knows nothing of torch or the model. `Store(chatkv.paths.db_path())` opens the
+database, upgrading its schema first when needed.
+"""
+
+from chatkv.store.repo import ChunkRecord, KVHead, Store
+
+__all__ = ["ChunkRecord", "KVHead", "Store"]

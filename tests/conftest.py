@@ -1,0 +1,118 @@
+"""Shared fixtures: a private CHATKV_HOME per test, and a tiny randomly initialised
+chat model (byte-level BPE tokenizer with a ChatML template, 2-layer Llama) built
+once per session, so the fast suite never needs the real model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Summarise the GNU GPL in three bullet points.",
+    "How does the Apache license differ? It is permissive and has a patent grant.",
+    "Caches keep keys and values of attention for every token of the history.",
+    "Hello! How can I help you today? Tell me a story about the sea and the stars.",
+    "0123456789 +-*/=()[]{}<>,.;:!?'\" \n\t",
+]
+
+
+@pytest.fixture(autouse=True)
+def chatkv_home(tmp_path, monkeypatch):
+    """Every test gets its own data dir and no user config."""
+    home = tmp_path / "chatkv-home"
+    monkeypatch.setenv("CHATKV_HOME", str(home))
+    for key in list(os.environ):
+        if key.startswith("CHATKV_") and key != "CHATKV_HOME":
+            monkeypatch.delenv(key)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory holding a tiny random Llama chat model and its tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    # Larger random weights make the logits peaked, so greedy choices are far from ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    """The tiny model loaded through chatkv's own loader (a LoadedModel)."""
+    from chatkv.engine.model import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def tiny_settings(tiny_model_dir):
+    """Settings that point at the tiny model, greedy, small chunks so tests cross chunk boundaries."""
+    from chatkv.config import load_settings
+
+    s = load_settings()
+    s.set("model.name", str(tiny_model_dir))
+    s.set("model.device", "cpu")
+    s.set("generation.temperature", 0.0)
+    s.set("generation.max_new_tokens", 12)
+    s.set("cache.chunk_tokens", 32)
+    s.set("cache.codec", "fp16")
+    return s
+
+
+@pytest.fixture
+def chat(tiny_settings, tiny_lm):
+    """A Chat on the tiny model (the loaded model is shared across tests)."""
+    from chatkv.session import Chat
+
+    c = Chat(tiny_settings, lm=tiny_lm)
+    c.load()
+    yield c
+    c.close()

@@ -1,0 +1,147 @@
+"""The schema's history: every earlier head upgrades with its rows intact, and the
+ORM models agree with what the migrations build."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from chatkv.errors import ChatKVError
+from chatkv.store import Store
+from chatkv.store import db as store_db
+from chatkv.store.models import Base
+
+CREATED = "2024-05-01 12:00:00.000000"
+
+
+@contextmanager
+def _sqlite(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection that commits and closes."""
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            yield db
+    finally:
+        db.close()
+
+
+def _revisions() -> list[str]:
+    """All revisions, oldest first."""
+    script = ScriptDirectory.from_config(store_db.alembic_config())
+    return [s.revision for s in reversed(list(script.walk_revisions()))]
+
+
+def _seed_0001(db: sqlite3.Connection) -> None:
+    db.execute(
+        "INSERT INTO conversations (id, title, model, system_prompt, settings, created_at, updated_at) "
+        "VALUES (7, 'old chat', 'm', 'be brief', '{\"temperature\": 0.2}', ?, ?)",
+        (CREATED, CREATED),
+    )
+    db.executemany(
+        "INSERT INTO messages (conversation_id, position, role, content, created_at, prompt_tokens, "
+        "completion_tokens, finish_reason) VALUES (7, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (0, "user", "hello", CREATED, None, None, None),
+            (1, "assistant", "hi there", CREATED, 12, 3, "stop"),
+        ],
+    )
+
+
+def _check_0001(store: Store) -> None:
+    conv = store.get_conversation(7)
+    assert (conv.title, conv.model, conv.system_prompt) == ("old chat", "m", "be brief")
+    assert conv.created_at == datetime.fromisoformat(CREATED + "+00:00")
+    assert conv.token_count == 0 and conv.cache_state == "none"
+    assert store.conversation_settings(7) == {"temperature": 0.2}
+    msgs = store.messages(7)
+    assert [(m.position, m.role, m.content) for m in msgs] == [
+        (0, "user", "hello"),
+        (1, "assistant", "hi there"),
+    ]
+    assert msgs[0].stats is None
+    assert msgs[1].stats is not None and msgs[1].stats.prompt_tokens == 12
+    assert msgs[1].stats.completion_tokens == 3 and msgs[1].stats.finish_reason == "stop"
+
+
+# For each earlier head: rows to write at that revision, and how to check them after
+# the upgrade to head. A new migration must add an entry for the head it supersedes.
+SEEDS: dict[str, tuple[Callable[[sqlite3.Connection], None], Callable[[Store], None]]] = {
+    "0001": (_seed_0001, _check_0001),
+}
+
+
+def test_schema_head_constant_matches_migrations() -> None:
+    script = ScriptDirectory.from_config(store_db.alembic_config())
+    assert script.get_heads() == [store_db.SCHEMA_HEAD]
+
+
+def test_every_earlier_revision_has_a_seed() -> None:
+    assert set(_revisions()[:-1]) == set(SEEDS)
+
+
+def test_upgrade_empty_database_to_head(tmp_path: Path) -> None:
+    path = tmp_path / "chatkv.db"
+    Store(path).close()
+    with _sqlite(path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(store_db.SCHEMA_HEAD,)]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"conversations", "messages", "kv_chunks", "alembic_version"} <= tables
+
+
+@pytest.mark.parametrize("revision", _revisions()[:-1])
+def test_rows_survive_upgrade_from(revision: str, tmp_path: Path) -> None:
+    path = tmp_path / "chatkv.db"
+    store_db.upgrade(path, revision)
+    seed, check = SEEDS[revision]
+    with _sqlite(path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == (revision,)
+        seed(db)
+    with Store(path) as store:
+        check(store)
+        # The upgraded database still works as a whole.
+        conv = store.create_conversation(title="new")
+        store.add_message(conv.id, "user", "after the upgrade")
+        assert len(store.list_conversations()) == 2
+
+
+def test_models_and_migrations_agree(tmp_path: Path) -> None:
+    path = tmp_path / "chatkv.db"
+    store_db.upgrade(path)
+    engine = store_db.make_engine(path)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(
+                conn, opts={"compare_type": True, "compare_server_default": True}
+            )
+            assert compare_metadata(ctx, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_opening_twice_does_not_rerun_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "chatkv.db"
+    Store(path).close()
+    calls: list[str] = []
+    monkeypatch.setattr(command, "upgrade", lambda cfg, rev, **kw: calls.append(rev))
+    with Store(path) as store:
+        store.create_conversation()
+    assert calls == []
+
+
+def test_database_from_newer_chatkv_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "chatkv.db"
+    Store(path).close()
+    with _sqlite(path) as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(ChatKVError, match="newer") as info:
+        Store(path)
+    assert str(path) in str(info.value)
