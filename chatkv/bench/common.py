@@ -57,6 +57,7 @@ def emit(result: dict, as_json: bool, lines: list[str]) -> None:
 def history_messages(tokenizer, n_tokens: int, system: str = "") -> list[dict[str, str]]:
     """A chat of alternating user/assistant turns cut from the bundled text, about n_tokens long."""
     from chatkv.bench.quality import sample_text
+    from chatkv.engine.model import chat_ids
 
     words = sample_text().split()
     msgs = [{"role": "system", "content": system}] if system else []
@@ -66,5 +67,5 @@ def history_messages(tokenizer, n_tokens: int, system: str = "") -> list[dict[st
         msgs.append({"role": role, "content": piece})
         i += 120
         role = "assistant" if role == "user" else "user"
-        if role == "user" and len(tokenizer.apply_chat_template(msgs, tokenize=True)) >= n_tokens:
+        if role == "user" and len(chat_ids(tokenizer, msgs, False)) >= n_tokens:
             return msgs

@@ -14,16 +14,14 @@ def run(args, settings) -> dict:
     import torch
 
     from chatkv.engine.generate import generate
+    from chatkv.engine.model import chat_ids
     from chatkv.kv import live
 
     quiet = getattr(args, "json", False)
     lm = load(settings)
-    ids = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
-        add_generation_prompt=True,
-        tokenize=True,
+    ids = chat_ids(
+        lm.tokenizer, [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
     )
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     n = args.tokens
     gs = GenerationSettings(max_new_tokens=n, temperature=0.0)
 

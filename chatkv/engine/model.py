@@ -305,3 +305,12 @@ def load_model(
         eos_ids=eos_ids,
         load_s=time.perf_counter() - t0,
     )
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` rendered with the model's chat template.
+    (Tokenizers return either a list or a BatchEncoding here, depending on their kind.)"""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]

@@ -1,20 +1,27 @@
 """Helpers over transformers' DynamicCache (5.x: `cache.layers[i].keys / .values`).
 
-Tensors in a DynamicCache are never modified in place: `update` concatenates into
-new tensors and cropping slices. So a cache can be forked by sharing its tensors,
-and a spill thread can hold a snapshot while the next turn extends the cache.
+Positions a cache has handed out are never written again: `update` appends past
+them (GrowableLayer) or concatenates into new tensors (DynamicLayer), and cropping
+slices. So a cache can be forked by sharing its tensors, and a spill thread can hold
+a snapshot while the next turn extends the cache.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from chatkv.kv.growable import GrowableLayer
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def new_cache(model) -> DynamicCache:
-    return DynamicCache(config=model.config)
+    """An empty cache for `model`; full-attention layers append in place (see growable.py)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowableLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def layers_of(cache: DynamicCache) -> Layers:
@@ -23,10 +30,7 @@ def layers_of(cache: DynamicCache) -> Layers:
 
 
 def cache_from_layers(model, layers: Layers) -> DynamicCache:
-    cache = new_cache(model)
-    for layer, (k, v) in zip(cache.layers, layers, strict=True):
-        layer.update(k, v)
-    return cache
+    return concat(model, [layers])
 
 
 def seq_len(cache: DynamicCache) -> int:
@@ -50,17 +54,25 @@ def fork(model, cache: DynamicCache, n: int | None = None) -> DynamicCache:
 
 
 def nbytes(cache: DynamicCache) -> int:
-    return sum(
-        k.numel() * k.element_size() + v.numel() * v.element_size()
-        for k, v in layers_of(cache)
-        if k is not None
-    )
+    """Device bytes the cache holds, spare capacity included."""
+    total = 0
+    for layer in cache.layers:
+        k, v = getattr(layer, "_kbuf", None), getattr(layer, "_vbuf", None)
+        if k is None:
+            k, v = layer.keys, layer.values
+        for t in (k, v):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
 
 
 def concat(model, parts: list[Layers]) -> DynamicCache:
-    """Join consecutive spans of layers along the token axis into one cache."""
-    layers = [
-        (torch.cat([p[i][0] for p in parts], dim=-2), torch.cat([p[i][1] for p in parts], dim=-2))
-        for i in range(len(parts[0]))
-    ]
-    return cache_from_layers(model, layers)
+    """One cache from consecutive spans of layers, joined along the token axis."""
+    cache = new_cache(model)
+    for i, layer in enumerate(cache.layers):
+        spans = [p[i] for p in parts]
+        if isinstance(layer, GrowableLayer):
+            layer.fill(spans)
+        else:
+            layer.update(torch.cat([k for k, _ in spans], dim=-2), torch.cat([v for _, v in spans], dim=-2))
+    return cache

@@ -1,0 +1,80 @@
+"""A DynamicLayer that appends into spare capacity instead of concatenating.
+
+transformers' DynamicLayer runs torch.cat on every update, copying the whole cache
+for each decoded token: at 4k tokens that is ~90 MB per token for SmolLM2 in float32.
+This layer keeps a buffer with room to grow and exposes views of its filled part.
+
+Safety: existing views never see a write, because appends only go past the end of the
+view this layer last handed out. Anything that replaces `keys`/`values` from outside
+(cropping, batch selection) leaves a tensor that is not that view, and the next
+update then copies into a fresh buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+GROW_TOKENS = 256  # capacity is rounded up to this many positions
+
+
+class GrowableLayer(DynamicLayer):
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+        self._len = 0  # length of the views last handed out
+
+    def _owns_views(self) -> bool:
+        kb = self._kbuf
+        return (
+            kb is not None
+            and self.keys.data_ptr() == kb.data_ptr()
+            and self.values.data_ptr() == self._vbuf.data_ptr()
+            and self.keys.shape[:-2] == kb.shape[:-2]
+            and self.keys.shape[-2] == self.values.shape[-2] == self._len
+        )
+
+    def fill(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set the layer to the concatenation of `parts` (each (B, H, T_i, D)) with one copy,
+        leaving room to grow."""
+        k0, v0 = parts[0]
+        self.lazy_initialization(k0, v0)
+        n = sum(k.shape[-2] for k, _ in parts)
+        cap = (n * 5 // 4 + GROW_TOKENS - 1) // GROW_TOKENS * GROW_TOKENS
+        b, h, _, d = k0.shape  # (B, H, T, D)
+        self._kbuf = k0.new_empty((b, h, cap, d))
+        self._vbuf = v0.new_empty((b, h, cap, v0.shape[-1]))
+        pos = 0
+        for k, v in parts:
+            t = k.shape[-2]
+            self._kbuf[..., pos : pos + t, :] = k
+            self._vbuf[..., pos : pos + t, :] = v
+            pos += t
+        self.keys, self.values = self._kbuf[..., :n, :], self._vbuf[..., :n, :]
+        self._len = n
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.keys.shape[-2] if self.keys.numel() else 0
+        t = key_states.shape[-2]
+        if (
+            not self._owns_views()
+            or n + t > self._kbuf.shape[-2]
+            or key_states.shape[:-2] != self._kbuf.shape[:-2]
+        ):
+            cap = ((n + t) * 5 // 4 + GROW_TOKENS - 1) // GROW_TOKENS * GROW_TOKENS
+            b, h, _, d = key_states.shape  # (B, H, T, D)
+            kbuf = key_states.new_empty((b, h, cap, d))
+            vbuf = value_states.new_empty((b, h, cap, value_states.shape[-1]))
+            if n:
+                kbuf[..., :n, :] = self.keys
+                vbuf[..., :n, :] = self.values
+            self._kbuf, self._vbuf = kbuf, vbuf
+        self._kbuf[..., n : n + t, :] = key_states
+        self._vbuf[..., n : n + t, :] = value_states
+        self.keys = self._kbuf[..., : n + t, :]
+        self.values = self._vbuf[..., : n + t, :]
+        self._len = n + t
+        return self.keys, self.values
