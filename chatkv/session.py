@@ -164,8 +164,9 @@ class Chat:
         return out + [{"role": m.role, "content": m.content} for m in self.store.messages(conversation_id)]
 
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        from chatkv.engine.model import chat_ids
+
+        return chat_ids(self.lm.tokenizer, messages)
 
     def fit(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
         """Token ids of the prompt, dropping the oldest turns after the system prompt
