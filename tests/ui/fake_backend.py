@@ -1,0 +1,353 @@
+"""An in-memory ChatBackend for UI tests: no torch, no model, deterministic output.
+
+Replies are scripted and streamed piece by piece (optionally with a delay per piece).
+The backend can be told to fail loading, to fail a generation, to block in `load()`
+until released, or to pause a stream after some pieces until released or cancelled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from chatkv.api import ConversationSummary, GenerationSettings, MessageView, TurnStats
+from chatkv.config import Settings, load_settings
+from chatkv.errors import ModelError, NotFoundError
+
+#: The "now" of every fake timestamp; tests pass it as the app's clock.
+FIXED_NOW = datetime(2025, 6, 1, 12, 0, 0)
+
+
+def split_pieces(text: str) -> list[str]:
+    """Cut a reply into word-sized pieces the way a tokenizer roughly would."""
+    pieces: list[str] = []
+    word = ""
+    for ch in text:
+        if ch in " \n" and word.strip():
+            pieces.append(word)
+            word = ""
+        word += ch
+    if word:
+        pieces.append(word)
+    return pieces
+
+
+class FakeStream:
+    """A TurnStream over a scripted reply."""
+
+    def __init__(self, backend: FakeBackend, conversation_id: int, reply: str, cache_source: str):
+        self.message: MessageView | None = None
+        self._backend = backend
+        self._conversation_id = conversation_id
+        self._reply = reply
+        self._cache_source = cache_source
+        self._cancelled = threading.Event()
+        self.pieces_sent = 0
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._backend.pause_release.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        b = self._backend
+        start = time.perf_counter()
+        ttft = 0.0
+        text = ""
+        finish = "stop"
+        try:
+            for i, piece in enumerate(split_pieces(self._reply)):
+                if self._cancelled.is_set():
+                    finish = "cancelled"
+                    break
+                if b.fail_generation_after is not None and i >= b.fail_generation_after:
+                    finish = "error"
+                    raise ModelError(b.fail_generation_message)
+                if b.pause_after is not None and i == b.pause_after:
+                    b.paused.set()
+                    b.pause_release.wait(timeout=20)
+                    if self._cancelled.is_set():
+                        finish = "cancelled"
+                        break
+                if b.piece_delay:
+                    time.sleep(b.piece_delay)
+                if i == 0:
+                    ttft = time.perf_counter() - start
+                text += piece
+                self.pieces_sent += 1
+                yield piece
+        finally:
+            if text or finish != "error":
+                stats = TurnStats(
+                    prompt_tokens=b.context_used(self._conversation_id),
+                    cached_tokens=b.cached_tokens,
+                    prefilled_tokens=b.prefilled_tokens,
+                    completion_tokens=len(split_pieces(text)),
+                    cache_source=self._cache_source,  # type: ignore[arg-type]
+                    cache_load_s=0.048 if self._cache_source == "disk" else 0.0,
+                    ttft_s=b.fixed_ttft if b.fixed_ttft is not None else ttft,
+                    decode_tps=b.fixed_tps,
+                    finish_reason=finish,  # type: ignore[arg-type]
+                    codec="int8",
+                )
+                self.message = b._append(self._conversation_id, "assistant", text, stats)
+            b.streams_finished += 1
+
+
+class FakeBackend:
+    """A ChatBackend held in memory. Every knob is a plain attribute tests may set."""
+
+    def __init__(
+        self,
+        *,
+        conversations: int = 0,
+        replies: list[str] | None = None,
+        piece_delay: float = 0.0,
+        ready: bool = False,
+    ):
+        self.model_name = "fake-135M"
+        self.device = "cpu float32"
+        self.context_limit = 8192
+        self.replies = list(replies or ["Hello! This is a **fake** reply."])
+        self.piece_delay = piece_delay
+        self.fail_load: str | None = None  # message of the ModelError load() raises
+        self.block_load = False  # load() waits for release_load()
+        self.fail_generation_after: int | None = None  # pieces before a generation fails
+        self.fail_generation_message = "generation failed: out of memory"
+        self.fail_send: Exception | None = None  # raised by send() itself
+        self.pause_after: int | None = None  # pieces before a stream pauses
+        self.paused = threading.Event()
+        self.pause_release = threading.Event()
+        self.cached_tokens = 3812
+        self.prefilled_tokens = 14
+        self.fixed_ttft: float | None = 0.061
+        self.fixed_tps = 48.5
+        self.calls: list[tuple[str, tuple]] = []
+        self.streams: list[FakeStream] = []
+        self.streams_finished = 0
+        self.closed = 0
+        self._ready = ready
+        self._load_gate = threading.Event()
+        self._lock = threading.RLock()
+        self._convs: dict[int, ConversationSummary] = {}
+        self._msgs: dict[int, list[MessageView]] = {}
+        self._next_conv = 1
+        self._next_msg = 1
+        self._reply_index = 0
+        self._live: set[int] = set()
+        for i in range(conversations):
+            self._seed(i)
+
+    # -- test helpers -------------------------------------------------------------
+
+    def _seed(self, i: int) -> None:
+        topics = [
+            "Rust lifetimes explained",
+            "Sourdough starter schedule",
+            "KV cache quantization",
+            "Trip to Lisbon",
+            "SQL window functions",
+            "Poem about autumn",
+        ]
+        title = topics[i % len(topics)]
+        conv = self.new_conversation(system_prompt="You are a helpful assistant.", title=title)
+        t = FIXED_NOW - timedelta(hours=3 * i + 1, minutes=7 * i)
+        self._append(conv.id, "user", f"Tell me about {title.lower()}.", None, at=t)
+        stats = TurnStats(
+            prompt_tokens=40 + i,
+            prefilled_tokens=40 + i,
+            completion_tokens=30,
+            cache_source="none",
+            ttft_s=0.2,
+            decode_tps=25.0,
+            codec="int8",
+        )
+        self._append(
+            conv.id,
+            "assistant",
+            f"Here is a short overview of *{title.lower()}*:\n\n"
+            "```python\nprint('hello')\n```\n\n- first point\n- second point",
+            stats,
+            at=t + timedelta(seconds=20),
+        )
+        state: Literal["live", "disk", "none"] = ("disk", "none", "live")[i % 3]  # type: ignore[assignment]
+        self._convs[conv.id] = replace(
+            self._convs[conv.id],
+            created_at=t,
+            updated_at=t + timedelta(seconds=20),
+            token_count=1200 * (i + 1),
+            cache_state=state,
+            cache_bytes=(1200 * (i + 1) * 23040 // 2) if state == "disk" else 0,
+        )
+
+    def release_load(self) -> None:
+        self._load_gate.set()
+
+    def _append(
+        self, cid: int, role: str, content: str, stats: TurnStats | None, at: datetime | None = None
+    ) -> MessageView:
+        with self._lock:
+            msgs = self._msgs[cid]
+            when = at or FIXED_NOW
+            m = MessageView(
+                id=self._next_msg,
+                conversation_id=cid,
+                position=len(msgs),
+                role=role,  # type: ignore[arg-type]
+                content=content,
+                created_at=when,
+                stats=stats,
+            )
+            self._next_msg += 1
+            msgs.append(m)
+            c = self._convs[cid]
+            self._convs[cid] = replace(
+                c, updated_at=when, message_count=len(msgs), token_count=self.context_used(cid)
+            )
+            return m
+
+    def _conv(self, cid: int) -> ConversationSummary:
+        if cid not in self._convs:
+            raise NotFoundError(f"no conversation {cid}")
+        return self._convs[cid]
+
+    def _next_reply(self) -> str:
+        reply = self.replies[self._reply_index % len(self.replies)]
+        self._reply_index += 1
+        return reply
+
+    def _start(self, cid: int) -> FakeStream:
+        source = (
+            "memory" if cid in self._live else ("disk" if self._convs[cid].cache_state == "disk" else "none")
+        )
+        self._live.add(cid)
+        self._convs[cid] = replace(self._convs[cid], cache_state="live")
+        stream = FakeStream(self, cid, self._next_reply(), source)
+        self.streams.append(stream)
+        return stream
+
+    # -- ChatBackend ----------------------------------------------------------------
+
+    def load(self) -> None:
+        self.calls.append(("load", ()))
+        if self.block_load:
+            self._load_gate.wait(timeout=30)
+        if self.fail_load:
+            raise ModelError(self.fail_load)
+        self._ready = True
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def list_conversations(self, query: str = "", limit: int = 200) -> list[ConversationSummary]:
+        with self._lock:
+            convs = [c for c in self._convs.values() if query.lower() in c.title.lower()]
+        convs.sort(key=lambda c: (c.updated_at, c.id), reverse=True)
+        return convs[:limit]
+
+    def get_conversation(self, conversation_id: int) -> ConversationSummary:
+        return self._conv(conversation_id)
+
+    def messages(self, conversation_id: int) -> list[MessageView]:
+        self._conv(conversation_id)
+        return [m for m in self._msgs[conversation_id] if m.role != "system"]
+
+    def new_conversation(
+        self, system_prompt: str | None = None, title: str | None = None
+    ) -> ConversationSummary:
+        with self._lock:
+            cid = self._next_conv
+            self._next_conv += 1
+            conv = ConversationSummary(
+                id=cid,
+                title=title or "New conversation",
+                model=self.model_name,
+                system_prompt=system_prompt or "",
+                created_at=FIXED_NOW,
+                updated_at=FIXED_NOW,
+            )
+            self._convs[cid] = conv
+            self._msgs[cid] = []
+            self.calls.append(("new_conversation", (system_prompt, title)))
+            return conv
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        self._convs[conversation_id] = replace(self._conv(conversation_id), title=title)
+        self.calls.append(("rename", (conversation_id, title)))
+
+    def delete(self, conversation_id: int) -> None:
+        self._conv(conversation_id)
+        del self._convs[conversation_id]
+        del self._msgs[conversation_id]
+        self.calls.append(("delete", (conversation_id,)))
+
+    def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
+        self._convs[conversation_id] = replace(self._conv(conversation_id), system_prompt=system_prompt)
+        self.calls.append(("set_system_prompt", (conversation_id, system_prompt)))
+
+    def send(self, conversation_id: int, text: str, settings: GenerationSettings | None = None) -> FakeStream:
+        self.calls.append(("send", (conversation_id, text)))
+        if self.fail_send is not None:
+            raise self.fail_send
+        conv = self._conv(conversation_id)
+        self._append(conversation_id, "user", text, None)
+        if conv.title == "New conversation":
+            self._convs[conversation_id] = replace(self._convs[conversation_id], title=text.strip()[:40])
+        return self._start(conversation_id)
+
+    def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> FakeStream:
+        self.calls.append(("regenerate", (conversation_id,)))
+        msgs = self._msgs[self._conv(conversation_id).id]
+        if msgs and msgs[-1].role == "assistant":
+            msgs.pop()
+        return self._start(conversation_id)
+
+    def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> FakeStream:
+        self.calls.append(("edit", (message_id, text)))
+        for cid, msgs in self._msgs.items():
+            for i, m in enumerate(msgs):
+                if m.id == message_id:
+                    del msgs[i + 1 :]
+                    msgs[i] = replace(m, content=text)
+                    return self._start(cid)
+        raise NotFoundError(f"no message {message_id}")
+
+    def context_used(self, conversation_id: int) -> int:
+        return sum(len(m.content.split()) * 2 for m in self._msgs.get(conversation_id, []))
+
+    def export(self, conversation_id: int, fmt: Literal["md", "json"] = "md") -> str:
+        conv = self._conv(conversation_id)
+        parts = [f"# {conv.title}\n"]
+        for m in self._msgs[conversation_id]:
+            parts.append(f"## {m.role}\n\n{m.content}\n")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        self.closed += 1
+        self._load_gate.set()
+        self.pause_release.set()
+
+
+def make_settings(**overrides: object) -> Settings:
+    """The shipped defaults (no user file, no environment), with `overrides` by dotted key."""
+    settings = load_settings(user_file=Path("/nonexistent/chatkv-test-config.toml"), environ={})
+    for key, value in overrides.items():
+        settings.set(key, value)
+    return settings
+
+
+def make_app(backend: FakeBackend | None = None, conversation_id: int | None = None, **overrides: object):
+    """The real app over a fake backend, with the fake's fixed clock."""
+    from chatkv.ui import create_app
+
+    backend = backend if backend is not None else FakeBackend(conversations=4, ready=True)
+    return create_app(backend, make_settings(**overrides), conversation_id, now=lambda: FIXED_NOW)

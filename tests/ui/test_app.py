@@ -1,0 +1,540 @@
+"""Pilot tests of the chat app over the in-memory FakeBackend (no model, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import html
+import inspect
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from textual import events
+from textual.widgets import Input, TextArea
+from textual.widgets._markdown import MarkdownFence
+
+from chatkv.errors import ModelError
+from chatkv.ui.screens import ChatScreen, ConfirmScreen, HelpScreen, TextPromptScreen
+from chatkv.ui.widgets import ChatMessage, relative_time, turn_summary
+from tests.ui.fake_backend import FIXED_NOW, FakeBackend, make_app
+
+SIZE = (120, 36)
+
+
+async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Let the app run until `condition()` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await pilot.pause(0.02)
+    await pilot.pause()
+
+
+def chat(app) -> ChatScreen:
+    assert isinstance(app.screen, ChatScreen)
+    return app.screen
+
+
+def roles_and_text(app) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in chat(app).log_view.messages]
+
+
+def notes(app) -> list[str]:
+    return [f"{n.title}: {n.message}" for n in app._notifications]
+
+
+async def send(pilot, text: str) -> None:
+    prompt = chat(pilot.app).prompt
+    prompt.focus()
+    prompt.load_text(text)
+    await pilot.press("enter")
+
+
+async def finished(pilot, backend: FakeBackend, n: int = 1) -> None:
+    await wait_for(pilot, lambda: backend.streams_finished >= n and not chat(pilot.app).generating)
+
+
+# -- launch and loading -----------------------------------------------------------------
+
+
+async def test_list_and_messages_show_while_model_loads():
+    backend = FakeBackend(conversations=4)
+    backend.block_load = True
+    app = make_app(backend, conversation_id=2)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            screen = chat(app)
+            assert screen.sidebar.option_list.option_count == 4
+            # most recent first
+            assert [c.id for c in screen.sidebar.conversations] == [1, 2, 3, 4]
+            assert [r for r, _ in roles_and_text(app)] == ["user", "assistant"]
+            assert screen.status.model_state == "loading"
+            assert "loading fake-135M" in str(screen.status.status_text())
+            backend.release_load()
+            await wait_for(pilot, lambda: screen.status.model_state == "ready")
+    finally:
+        backend.release_load()
+
+
+async def test_message_typed_while_loading_is_sent_once_ready():
+    backend = FakeBackend(conversations=1, replies=["Ready now."])
+    backend.block_load = True
+    app = make_app(backend)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "queued question")
+            await pilot.pause()
+            assert ("send", (2, "queued question")) not in backend.calls
+            pending = chat(app).log_view.messages[-1]
+            assert pending.has_class("-pending") and pending.content == "queued question"
+            assert chat(app).prompt.text == ""
+            backend.release_load()
+            await finished(pilot, backend)
+            assert ("send", (2, "queued question")) in backend.calls
+            assert roles_and_text(app) == [("user", "queued question"), ("assistant", "Ready now.")]
+            assert not pending.has_class("-pending")
+    finally:
+        backend.release_load()
+
+
+async def test_model_load_failure_notifies_and_restores_text():
+    backend = FakeBackend(conversations=1)
+    backend.block_load = True
+    backend.fail_load = "model 'nope' not found; check model.name in the config"
+    app = make_app(backend, conversation_id=1)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "will it load?")
+            backend.release_load()
+            await wait_for(pilot, lambda: chat(app).status.model_state == "failed")
+            assert any("model 'nope' not found" in n for n in notes(app))
+            assert chat(app).prompt.text == "will it load?"
+            assert [r for r, _ in roles_and_text(app)] == ["user", "assistant"]  # saved ones kept
+            # sending again retries the load
+            backend.fail_load = None
+            await pilot.press("enter")
+            await finished(pilot, backend)
+            assert roles_and_text(app)[-2] == ("user", "will it load?")
+    finally:
+        backend.release_load()
+
+
+# -- sending and streaming ----------------------------------------------------------------
+
+
+async def test_send_streams_markdown_reply_with_stats():
+    reply = "Here you go:\n\n```python\nprint('hi')\n```\n\nDone."
+    backend = FakeBackend(conversations=2, replies=[reply], ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "show code")
+        await finished(pilot, backend)
+        last = chat(app).log_view.messages[-1]
+        assert last.role == "assistant" and last.content == reply
+        assert last.query(MarkdownFence), "code block rendered as a fence"
+        assert last.message is not None and last.message.stats is not None
+        status = str(chat(app).status.status_text())
+        assert "reused 3,812 tokens from memory" in status or "resumed 3,812 tokens from disk" in status
+        assert "48.5 tok/s" in status and "first token 61 ms" in status
+        # the user message got its saved id, so it can be edited later
+        assert chat(app).log_view.messages[-2].message is not None
+
+
+async def test_streaming_is_batched_not_per_piece(monkeypatch):
+    reply = " ".join(f"w{i}" for i in range(400))
+    backend = FakeBackend(replies=[reply], ready=True)
+    appends: list[str] = []
+    original = ChatMessage.append
+
+    async def counting(self, text):
+        appends.append(text)
+        await original(self, text)
+
+    monkeypatch.setattr(ChatMessage, "append", counting)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "go")
+        await finished(pilot, backend)
+        assert "".join(appends) == reply
+        assert len(appends) < 40, f"{len(appends)} UI updates for 400 pieces"
+
+
+async def test_newline_key_and_paste_make_multiline_message():
+    backend = FakeBackend(ready=True)
+    app = make_app(backend, **{"ui.keys.newline": "ctrl+j"})
+    async with app.run_test(size=SIZE) as pilot:
+        prompt = chat(app).prompt
+        prompt.focus()
+        await pilot.press("a", "ctrl+j", "b")
+        assert prompt.text == "a\nb"
+        long = "\n".join(f"line {i} " + "x" * 60 for i in range(200))
+        app.post_message(events.Paste(long))  # as the driver delivers a bracketed paste
+        await pilot.pause()
+        assert prompt.text == "a\nb" + long
+        await pilot.press("enter")
+        await finished(pilot, backend)
+        assert ("send", (1, "a\nb" + long)) in backend.calls
+
+
+async def test_stop_keeps_partial_reply():
+    backend = FakeBackend(replies=["one two three four five six seven"], ready=True)
+    backend.pause_after = 3
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "count")
+        await wait_for(pilot, lambda: backend.paused.is_set())
+        await wait_for(pilot, lambda: chat(app).log_view.messages[-1].content == "one two three")
+        await pilot.press("escape")
+        await finished(pilot, backend)
+        saved = backend.streams[-1].message
+        assert saved is not None and saved.stats.finish_reason == "cancelled"
+        assert saved.content == "one two three"
+        last = chat(app).log_view.messages[-1]
+        assert last.content == "one two three" and "stopped" in str(last.query_one(".stats").render())
+
+
+async def test_generation_failure_notifies_restores_text_and_keeps_saved():
+    backend = FakeBackend(conversations=1, replies=["a b c d e"], ready=True)
+    backend.fail_generation_after = 2
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "please fail")
+        await finished(pilot, backend)
+        assert any("generation failed: out of memory" in n for n in notes(app))
+        assert chat(app).prompt.text == "please fail"
+        # what the backend saved is what the screen shows: history, the user message, the partial reply
+        assert [t for _, t in roles_and_text(app)] == [m.content for m in backend.messages(1)]
+        assert roles_and_text(app)[2] == ("user", "please fail")
+
+
+async def test_send_failure_with_unexpected_error_is_reported_briefly():
+    backend = FakeBackend(ready=True)
+    backend.fail_send = RuntimeError("disk I/O error")
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hello")
+        await wait_for(pilot, lambda: not chat(app).generating)
+        assert any("RuntimeError: disk I/O error" in n for n in notes(app))
+        assert chat(app).prompt.text == "hello"
+
+
+# -- actions --------------------------------------------------------------------------------
+
+
+async def test_new_conversation():
+    backend = FakeBackend(conversations=2, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert chat(app).conversation_id == 3
+        assert roles_and_text(app) == []
+        assert chat(app).sidebar.option_list.option_count == 3
+        assert chat(app).prompt.has_focus
+
+
+async def test_open_conversation_from_list_and_filter():
+    backend = FakeBackend(conversations=4, ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        options = chat(app).sidebar.option_list
+        options.focus()
+        await pilot.pause()
+        options.highlighted = 3
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chat(app).conversation_id == 4
+        assert roles_and_text(app)[0] == ("user", "Tell me about trip to lisbon.")
+        assert "◆ on disk 52.7 MiB" in str(chat(app).status.status_text())
+        # typing on the list filters it
+        options.focus()
+        await pilot.press(*"lisbon")
+        await pilot.pause()
+        assert chat(app).sidebar.filter_input.value == "lisbon"
+        assert [c.title for c in chat(app).sidebar.conversations] == ["Trip to Lisbon"]
+        # resumed from disk: the next turn says so
+        await send(pilot, "more")
+        await finished(pilot, backend)
+        assert "resumed 3,812 tokens from disk in 48 ms" in str(chat(app).status.status_text())
+
+
+async def test_rename():
+    backend = FakeBackend(conversations=2, ready=True)
+    app = make_app(backend, conversation_id=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert isinstance(app.screen, TextPromptScreen)
+        field = app.screen.query_one(Input)
+        field.value = "Bread notes"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert ("rename", (2, "Bread notes")) in backend.calls
+        assert chat(app).sub_title == "Bread notes"
+        assert "Bread notes" in [c.title for c in chat(app).sidebar.conversations]
+
+
+async def test_delete_asks_first():
+    backend = FakeBackend(conversations=2, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not any(c[0] == "delete" for c in backend.calls)
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        await pilot.click("#yes")
+        await pilot.pause()
+        assert ("delete", (1,)) in backend.calls
+        assert chat(app).conversation_id is None
+        assert [c.id for c in chat(app).sidebar.conversations] == [2]
+
+
+async def test_regenerate_last_reply():
+    backend = FakeBackend(replies=["first answer", "second answer"], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "q")
+        await finished(pilot, backend)
+        await pilot.press("ctrl+g")
+        await finished(pilot, backend, 2)
+        assert ("regenerate", (1,)) in backend.calls
+        assert roles_and_text(app) == [("user", "q"), ("assistant", "second answer")]
+        assert [m.content for m in backend.messages(1)] == ["q", "second answer"]
+
+
+async def test_edit_earlier_message_and_continue():
+    backend = FakeBackend(replies=["r1", "r2", "r3"], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "first")
+        await finished(pilot, backend)
+        await send(pilot, "second")
+        await finished(pilot, backend, 2)
+        first_user = chat(app).log_view.messages[0]
+        first_user.focus()
+        await pilot.press("ctrl+e")
+        await pilot.pause()
+        assert isinstance(app.screen, TextPromptScreen)
+        area = app.screen.query_one(TextArea)
+        assert area.text == "first"
+        area.load_text("first, edited")
+        await pilot.press("ctrl+s")
+        await finished(pilot, backend, 3)
+        assert ("edit", (first_user.message.id, "first, edited")) in backend.calls
+        assert roles_and_text(app) == [("user", "first, edited"), ("assistant", "r3")]
+
+
+async def test_edit_system_prompt():
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        area = app.screen.query_one(TextArea)
+        assert area.text == "You are a helpful assistant."
+        area.load_text("Answer in French.")
+        await pilot.click("#save")
+        await pilot.pause()
+        assert ("set_system_prompt", (1, "Answer in French.")) in backend.calls
+        assert backend.get_conversation(1).system_prompt == "Answer in French."
+
+
+async def test_copy_message(monkeypatch):
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1)
+    copied: list[str] = []
+    monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+y")  # nothing focused: the last reply
+        assert copied == [backend.messages(1)[-1].content]
+        chat(app).log_view.messages[0].focus()
+        await pilot.press("ctrl+y")
+        assert copied[-1] == "Tell me about rust lifetimes explained."
+        assert any("Copied" in n for n in notes(app))
+
+
+async def test_export_markdown(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+    first, second = tmp_path / "rust-lifetimes-explained.md", tmp_path / "rust-lifetimes-explained-2.md"
+    assert first.read_text() == backend.export(1, "md") and second.exists()
+    assert any(str(first) in n for n in notes(app))
+
+
+async def test_export_disk_full_is_reported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        assert any("No space left on device" in n for n in notes(app))
+        assert len(roles_and_text(app)) == 2
+
+
+async def test_switch_theme_and_unknown_theme_falls_back():
+    app = make_app(**{"ui.theme": "nord"})
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.theme == "nord"
+        await pilot.press("ctrl+t")
+        assert app.theme != "nord"
+    app = make_app(**{"ui.theme": "no-such-theme"})
+    async with app.run_test(size=SIZE):
+        assert app.theme == "textual-dark"
+
+
+async def test_help_screen_lists_actions_with_current_keys():
+    app = make_app(**{"ui.keys.export": "ctrl+x"})
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f1")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        text = html.unescape(app.export_screenshot()).replace("\xa0", " ")
+        assert "Export the conversation" in text and "^x" in text
+        await pilot.press("escape")
+        assert isinstance(app.screen, ChatScreen)
+
+
+async def test_key_bindings_come_from_config():
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1, **{"ui.keys.new": "ctrl+b,f5"})
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert chat(app).conversation_id == 1
+        await pilot.press("ctrl+b")
+        await pilot.pause()
+        assert chat(app).conversation_id == 2
+        await pilot.press("f5")
+        await pilot.pause()
+        assert chat(app).conversation_id == 3
+
+
+async def test_actions_are_in_the_command_palette():
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        commands = {c.title: c for c in app.get_system_commands(app.screen)}
+        for title in [
+            "Start a new conversation",
+            "Rename the open conversation",
+            "Export the conversation to a Markdown file here",
+            "Stop the reply being generated, keeping what it wrote",
+            "Switch to the next theme",
+            "Edit the conversation's system prompt",
+        ]:
+            assert title in commands, title
+        await commands["Start a new conversation"].callback()
+        await pilot.pause()
+        assert chat(app).conversation_id == 2
+
+
+async def test_quit_while_streaming_saves_partial_reply_and_closes():
+    backend = FakeBackend(replies=["alpha beta gamma delta"], ready=True)
+    backend.pause_after = 2
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "long one")
+        await wait_for(pilot, lambda: backend.paused.is_set())
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.1)
+    assert backend.streams_finished == 1
+    saved = backend.messages(1)[-1]
+    assert saved.content == "alpha beta" and saved.stats.finish_reason == "cancelled"
+    assert backend.closed >= 1
+
+
+async def test_busy_while_generating_blocks_switching():
+    backend = FakeBackend(conversations=2, replies=["x y z"], ready=True)
+    backend.pause_after = 1
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hold")
+        await wait_for(pilot, lambda: backend.paused.is_set())
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert chat(app).conversation_id == 1
+        assert any("stop it (Esc)" in n for n in notes(app))
+        backend.pause_release.set()
+        await finished(pilot, backend)
+
+
+# -- helpers and invariants -------------------------------------------------------------------
+
+
+def test_relative_time_and_turn_summary():
+    from datetime import timedelta
+
+    from chatkv.api import TurnStats
+
+    assert relative_time(FIXED_NOW - timedelta(seconds=5), FIXED_NOW) == "now"
+    assert relative_time(FIXED_NOW - timedelta(hours=3), FIXED_NOW) == "3h"
+    assert relative_time(FIXED_NOW - timedelta(days=90), FIXED_NOW) == "Mar 03"
+    assert relative_time(FIXED_NOW - timedelta(days=400), FIXED_NOW) == "2024-04"
+    stats = TurnStats(cached_tokens=3812, cache_source="disk", cache_load_s=0.048, ttft_s=0.2, decode_tps=40)
+    assert turn_summary(stats).startswith("resumed 3,812 tokens from disk in 48 ms")
+    assert "no cache" in turn_summary(TurnStats())
+
+
+def test_model_error_is_a_chatkv_error():
+    from chatkv.ui.screens import error_text
+
+    assert error_text(ModelError("weights missing; run chatkv pull")) == "weights missing; run chatkv pull"
+    assert error_text(ValueError("bad")) == "Something went wrong: ValueError: bad"
+
+
+def test_running_the_app_never_imports_torch():
+    # A fresh interpreter: this test process may have imported torch through other test modules.
+    code = (
+        "import asyncio, sys\n"
+        "from tests.ui.fake_backend import FakeBackend, make_app\n"
+        "async def main():\n"
+        "    b = FakeBackend(conversations=2)\n"
+        "    app = make_app(b, conversation_id=1)\n"
+        "    async with app.run_test() as pilot:\n"
+        "        await pilot.pause(0.2)\n"
+        "        await pilot.press(*'hi', 'enter')\n"
+        "        await pilot.pause(0.3)\n"
+        "    assert b.streams_finished == 1, b.calls\n"
+        "asyncio.run(main())\n"
+        "print('torch' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def _run_in_event_loop(fn):
+    """Run an async test in a fresh event loop (no async pytest plugin needed)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+for _name, _fn in list(globals().items()):
+    if _name.startswith("test_") and inspect.iscoroutinefunction(_fn):
+        globals()[_name] = _run_in_event_loop(_fn)
