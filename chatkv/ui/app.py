@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 
 from textual.app import App, SystemCommand
@@ -38,7 +38,7 @@ class ChatKVApp(App):
         self.backend = backend
         self.settings = settings
         self.conversation_id = conversation_id
-        self.now: Callable[[], datetime] = now or datetime.now
+        self.now: Callable[[], datetime] = now or (lambda: datetime.now(UTC))
         self.chat_screen = ChatScreen(backend, settings, conversation_id)
 
     def get_default_screen(self) -> Screen:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from rich.text import Text
 from textual import events, on
@@ -20,6 +20,8 @@ from chatkv.api import ConversationSummary, MessageView, TurnStats
 
 def relative_time(then: datetime, now: datetime) -> str:
     """Short age: 'now', '5m', '3h', '2d', then the date ('Mar 03', or '2023-11' in another year)."""
+    if (then.tzinfo is None) != (now.tzinfo is None):  # compare naive and aware as UTC
+        then, now = then.replace(tzinfo=UTC), now.replace(tzinfo=UTC)
     seconds = (now - then).total_seconds()
     if seconds < 60:
         return "now"
@@ -113,7 +115,7 @@ class ConversationList(Vertical):
     def __init__(self, *, id: str | None = None, classes: str | None = None):
         super().__init__(id=id, classes=classes)
         self.conversations: list[ConversationSummary] = []
-        self.now: datetime = datetime.now()
+        self.now: datetime = datetime.now(UTC)
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="Type to filter…", id="filter", select_on_focus=False)

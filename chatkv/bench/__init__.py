@@ -1,0 +1,1 @@
+"""Benchmarks: codec quality against the exact cache."""

@@ -1,0 +1,1 @@
+"""KV cache: codecs, chunk files, live-cache pool, prefix matching."""

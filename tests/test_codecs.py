@@ -1,0 +1,195 @@
+"""KV codecs: round trips, bit-exactness, error bounds, payload sizes, registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from chatkv.kv.codecs import CODECS, Codec, _rotate, get_codec, nbytes
+
+T_VALUES = [1, 7, 32, 33, 256]
+LOSSY = ["int8", "int4", "int2"]
+
+
+def make_kv(t: int, dtype=torch.float32, b: int = 1, h: int = 3, d: int = 64, seed: int = 0):
+    """Random K/V (B, H, T, D) with per-channel offsets and an outlier channel, like real keys."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h, t, d, generator=g) * 2 + torch.randn(1, h, 1, d, generator=g) * 3
+    k[..., 5] *= 8  # an outlier channel
+    v = torch.randn(b, h, t, d, generator=g)
+    return k.to(dtype), v.to(dtype)
+
+
+def roundtrip(codec: Codec, k, v, device="cpu"):
+    parts = codec.encode(k, v)
+    return parts, codec.decode(parts, tuple(k.shape), k.dtype, device)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+@pytest.mark.parametrize("t", T_VALUES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_roundtrip_shapes_dtypes(name, t, dtype):
+    codec = get_codec(name)
+    k, v = make_kv(t, dtype)
+    parts, (kd, vd) = roundtrip(codec, k, v)
+    assert kd.shape == k.shape and vd.shape == v.shape
+    assert kd.dtype == dtype and vd.dtype == dtype
+    assert torch.isfinite(kd.float()).all() and torch.isfinite(vd.float()).all()
+    for field, tensor in parts.items():
+        assert field.split(".")[0] in ("k", "v"), field
+        assert tensor.is_contiguous(), field
+    assert any(f.startswith("k.") for f in parts) and any(f.startswith("v.") for f in parts)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_batch_and_odd_head_dim(name):
+    """B > 1 and a head_dim that is neither a power of two nor a multiple of the groups."""
+    codec = get_codec(name)
+    k, v = make_kv(45, b=2, h=2, d=40)
+    _, (kd, vd) = roundtrip(codec, k, v)
+    assert kd.shape == k.shape and vd.shape == v.shape
+    rng = (k.amax() - k.amin()).item()
+    assert (kd - k).abs().max().item() < rng / 2  # sane, not garbage from a layout mix-up
+    if name != "int2":
+        assert torch.allclose(kd, k, atol=rng / 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", T_VALUES)
+def test_fp16_bit_exact(dtype, t):
+    codec = get_codec("fp16")
+    assert codec.lossless
+    k, v = make_kv(t, dtype)
+    parts, (kd, vd) = roundtrip(codec, k, v)
+    assert torch.equal(kd, k) and torch.equal(vd, v)
+    assert all(p.dtype == dtype for p in parts.values())  # native dtype, no lossy cast
+    assert nbytes(parts) == 2 * k.numel() * k.element_size()
+
+
+def test_fp16_encode_owns_its_storage():
+    """A chunk sliced out of a bigger cache must not alias it (safetensors, later mutation)."""
+    k, v = make_kv(512)
+    parts = get_codec("fp16").encode(k[:, :, :256], v[:, :, :256])
+    k[:, :, :256] = 0
+    assert not torch.equal(parts["k.data"], k[:, :, :256])
+
+
+@pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4)])
+@pytest.mark.parametrize("t", T_VALUES)
+def test_error_bounds(name, bits, t):
+    """Max error <= half a quantization step of the value range (+ float16 parameter rounding).
+
+    Rotating codecs quantize Hadamard-rotated values, so the bound holds in that space.
+    """
+    codec = get_codec(name)
+    k, v = make_kv(t)
+    _, (kd, vd) = roundtrip(codec, k, v)
+    for side, x, xd in (("k", k, kd), ("v", v, vd)):
+        if codec.params()[f"{side}_rotate"] == "hadamard":
+            x, xd = _rotate(x), _rotate(xd)
+        step = (x.amax() - x.amin()).item() / (2**bits - 1)
+        assert (xd - x).abs().max().item() <= step / 2 + x.abs().max().item() * 2**-10
+
+
+@pytest.mark.parametrize("t", [33, 256])
+def test_precision_ordering(t):
+    """More bits, less error: fp16 < int8 < int4 < int2 in mean squared error."""
+    k, v = make_kv(t)
+    errs = []
+    for name in ["fp16", "int8", "int4", "int2"]:
+        _, (kd, vd) = roundtrip(get_codec(name), k, v)
+        errs.append(((kd - k) ** 2).mean().item() + ((vd - v) ** 2).mean().item())
+    assert errs[0] == 0.0
+    assert errs[0] < errs[1] < errs[2] < errs[3]
+
+
+@pytest.mark.parametrize(
+    "name, lo, hi",
+    # bytes relative to fp16 (2 bytes/value) for a full 256-token chunk with head_dim 64
+    [("int8", 0.50, 0.55), ("int4", 0.25, 0.30), ("int2", 0.125, 0.19)],
+)
+def test_payload_ratio(name, lo, hi):
+    k, v = make_kv(256)
+    parts = get_codec(name).encode(k, v)
+    ratio = nbytes(parts) / (2 * k.numel() * 2)
+    assert lo <= ratio <= hi, ratio
+    bits = get_codec(name).bits
+    packed = parts["k.q"].numel() + parts["v.q"].numel()
+    assert parts["k.q"].dtype == torch.uint8
+    # every value but the 8-bit sink tokens is packed 8 // bits per byte
+    sink_values = sum(p.numel() for f, p in parts.items() if f.endswith("sink_q"))
+    assert packed == (2 * k.numel() - sink_values) * bits // 8
+
+
+def test_partial_groups_do_not_pad_payload():
+    """T not a multiple of the group: the packed payload grows with T, not with padding."""
+    codec = get_codec("int4")
+    sizes = {t: codec.encode(*make_kv(t))["k.q"].numel() for t in (33, 34, 63)}
+    assert sizes[33] < sizes[34] < sizes[63]
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+@pytest.mark.parametrize("t", [1, 33])
+def test_safetensors_roundtrip(name, t):
+    """Encoded parts survive safetensors (including empty tensors) and decode the same."""
+    codec = get_codec(name)
+    k, v = make_kv(t, torch.bfloat16)
+    parts = codec.encode(k, v)
+    loaded = load(save(parts, metadata=codec.params()))
+    a = codec.decode(parts, tuple(k.shape), k.dtype, "cpu")
+    b = codec.decode(loaded, tuple(k.shape), k.dtype, "cpu")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_deterministic_and_chunk_independent():
+    """Encoding is a pure function of the chunk: same input, same bytes."""
+    k, v = make_kv(100)
+    for name in LOSSY:
+        p1, p2 = get_codec(name).encode(k, v), get_codec(name).encode(k.clone(), v.clone())
+        assert p1.keys() == p2.keys()
+        assert all(torch.equal(p1[f], p2[f]) for f in p1)
+
+
+def test_constant_input_is_exact():
+    """Zero range groups (scale 0) decode to the constant, not NaN."""
+    k = torch.full((1, 2, 40, 64), 0.75)
+    v = torch.zeros(1, 2, 40, 64)
+    for name in LOSSY:
+        _, (kd, vd) = roundtrip(get_codec(name), k, v)
+        assert torch.equal(kd, k) and torch.equal(vd, v), name
+
+
+def test_params_are_strings():
+    for name, codec in CODECS.items():
+        params = codec.params()
+        assert params["codec"] == name == codec.name
+        assert all(isinstance(a, str) and isinstance(b, str) for a, b in params.items())
+        assert "version" in params
+    assert CODECS["int4"].params() != CODECS["int2"].params()
+
+
+def test_get_codec_error_names_choices():
+    with pytest.raises(ValueError) as err:
+        get_codec("int3")
+    msg = str(err.value)
+    assert "int3" in msg
+    assert all(name in msg for name in CODECS)
+
+
+def test_nbytes():
+    parts = {"a": torch.zeros(3, 4, dtype=torch.float16), "b": torch.zeros(5, dtype=torch.uint8)}
+    assert nbytes(parts) == 3 * 4 * 2 + 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_cuda_matches_cpu(name):
+    codec = get_codec(name)
+    k, v = make_kv(77)
+    parts_gpu = codec.encode(k.cuda(), v.cuda())
+    kd, vd = codec.decode({f: p.cpu() for f, p in parts_gpu.items()}, tuple(k.shape), k.dtype, "cuda")
+    assert kd.device.type == "cuda"
+    _, (kc, vc) = roundtrip(codec, k, v)
+    assert torch.allclose(kd.cpu(), kc, atol=1e-3) and torch.allclose(vd.cpu(), vc, atol=1e-3)
