@@ -36,14 +36,23 @@ def register(sub, common) -> None:
 
 def read_prompt(parts: list[str]) -> str:
     if parts and parts != ["-"]:
-        text = " ".join(parts)
+        text, where = " ".join(parts), "the prompt argument"
     elif sys.stdin is None or sys.stdin.isatty():
         raise UsageError("no prompt given; pass it as an argument or pipe it in with '-'")
     else:
+        where = "standard input"
         try:
             text = sys.stdin.read()
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError:
+            raise InputError("cannot read the prompt from standard input: it is not UTF-8 text") from None
+        except OSError as e:
             raise InputError(f"cannot read the prompt from standard input: {e}") from None
+    try:
+        # Under a C/POSIX locale Python hands bytes that are not UTF-8 over as lone
+        # surrogates, which the database cannot store.
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"cannot read the prompt from {where}: it is not UTF-8 text") from None
     if not text.strip():
         raise InputError("the prompt is empty; pass some text")
     return text
@@ -82,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
                     out.flush()
         except KeyboardInterrupt:
             turn.cancel()
-        for w in turn.warnings:
-            print(f"chatkv: warning: {w}; recomputed instead", file=sys.stderr)
+        # turn.warnings (a cache chunk dropped and recomputed) were logged to stderr already
+        # by the KV layer, once each; printing them again would report each twice.
         msg = turn.message
         if args.json:
             json.dump(

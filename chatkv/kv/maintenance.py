@@ -3,6 +3,7 @@ verification. None of it needs the model: evicting a chunk only costs a future p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +56,16 @@ def evict_lru(
     return len(removed), freed
 
 
-def gc(store, kv_dir: Path, max_bytes: int) -> GcReport:
-    """Index rows whose file is gone, files no row points at, then LRU down to `max_bytes`."""
+# A file no row points at may be a spill of a running chatkv between writing and
+# indexing it (a temp file, or a chunk renamed a moment ago): leave young ones alone.
+ORPHAN_MIN_AGE_S = 300.0
+
+
+def gc(store, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN_AGE_S) -> GcReport:
+    """Index rows whose file is gone, files no row points at (older than
+    `orphan_min_age_s`), then LRU down to `max_bytes`."""
     report = GcReport()
+    young = time.time() - orphan_min_age_s
     recs = store.all_chunks()
     missing = [r for r in recs if not (kv_dir / r.path).is_file()]
     if missing:
@@ -70,6 +78,11 @@ def gc(store, kv_dir: Path, max_bytes: int) -> GcReport:
         rel = path.relative_to(kv_dir).as_posix()
         # temp files of a spill killed half-way, and chunk files never indexed
         if rel not in indexed:
+            try:
+                if path.stat().st_mtime > young:
+                    continue
+            except FileNotFoundError:
+                continue
             path.unlink(missing_ok=True)
             report.orphan_files += 1
     report.removed, report.freed = evict_lru(store, kv_dir, max_bytes)

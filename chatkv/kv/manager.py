@@ -61,13 +61,14 @@ class LivePool:
             return len(item.tokens) if item else 0
 
     def put(self, key: object, tokens: list[int], cache: object) -> None:
+        item = _Live(tokens, cache, live.nbytes(cache))
         with self._lock:
             self._items.pop(key, None)
-            self._items[key] = _Live(tokens, cache, live.nbytes(cache))
-            while len(self._items) > 1 and self.bytes > self.budget:
+            if item.nbytes > self.budget:  # a single cache over budget is not kept at all
+                return
+            self._items[key] = item
+            while self.bytes > self.budget:
                 self._items.popitem(last=False)
-            if self.bytes > self.budget:  # a single cache over budget is not kept at all
-                self._items.clear()
 
     def drop(self, key: object) -> None:
         with self._lock:
