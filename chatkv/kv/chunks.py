@@ -173,17 +173,14 @@ def read_chunk(
     try:
         n = int(meta["n_tokens"])
         shape = (int(meta["batch"]), int(meta["kv_heads"]), n, int(meta["head_dim"]))
-        layers: Layers = []
-        for i in range(int(meta["layers"])):
-            parts = {}
-            for name, t in tensors.items():
-                part, _, rest = name.partition(".")
-                idx, _, field = rest.partition(".")
-                if idx == str(i):
-                    parts[f"{part}.{field}"] = t
-            layers.append(codec.decode(parts, shape, dtype, device))
+        by_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(int(meta["layers"]))]
+        for name, t in tensors.items():
+            if name != "tokens":
+                part, idx, field = name.split(".", 2)  # "k.{layer}.{field}"
+                by_layer[int(idx)][f"{part}.{field}"] = t
+        layers: Layers = [codec.decode(parts, shape, dtype, device) for parts in by_layer]
         tokens = tensors["tokens"].tolist()
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, ValueError, IndexError, RuntimeError) as e:
         raise CacheError(f"chunk {key[:12]} is malformed: {e}") from None
     if len(tokens) != n:
         raise CacheError(f"chunk {key[:12]} holds {len(tokens)} tokens, header says {n}")

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,8 @@ from chatkv.kv.codecs import get_codec
 from chatkv.store.repo import ChunkRecord
 
 log = logging.getLogger(__name__)
+
+LOAD_THREADS = 2  # chunk reads in flight while resuming from disk
 
 
 @dataclass
@@ -172,45 +175,50 @@ class KVManager:
         n = sum(r.n_tokens for r in plan)
         return plan, min(n, limit)
 
+    def _read(self, rec: ChunkRecord):
+        """Read one chunk; a CacheError is returned, not raised, so reads can run ahead."""
+        try:
+            return read_chunk(
+                self.kv_dir / rec.path,
+                self.codec,
+                self.lm.fingerprint,
+                rec.key,
+                self.lm.dtype,
+                self.lm.device,
+            )
+        except CacheError as e:
+            return e
+
     def _load(self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int):
-        """Read and decode chunks in order; stop at the first one that cannot be trusted
+        """Read and decode chunks (two at a time: file reads, checksums and dequantizing
+        overlap), use them in order, and stop at the first one that cannot be trusted
         (it is removed, and its tokens will be prefilled again)."""
         parts, problems, n = [], [], 0
-        for rec in plan:
-            try:
-                data = read_chunk(
-                    self.kv_dir / rec.path,
-                    self.codec,
-                    self.lm.fingerprint,
-                    rec.key,
-                    self.lm.dtype,
-                    self.lm.device,
-                )
-                if data.start != n:
-                    raise CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {n}")
-            except CacheError as e:
-                problems.append(str(e))
-                log.warning("dropping KV chunk: %s; its tokens will be recomputed", e)
-                self._remove_chunks([rec])
-                break
-            same = common_prefix(data.tokens, tokens[n : n + len(data.tokens)])
-            if same < len(data.tokens):
-                if not data.partial or same == 0:
+        with ThreadPoolExecutor(
+            max_workers=min(LOAD_THREADS, len(plan)), thread_name_prefix="chatkv-load"
+        ) as ex:
+            for rec, data in zip(plan, ex.map(self._read, plan), strict=True):
+                if not isinstance(data, CacheError) and data.start != n:
+                    data = CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {n}")
+                if isinstance(data, CacheError):
+                    problems.append(str(data))
+                    log.warning("dropping KV chunk: %s; its tokens will be recomputed", data)
+                    self._remove_chunks([rec])
                     break
-                # a partial tail whose end differs (e.g. a reply that re-tokenizes differently)
-                data.layers = [
-                    (k[..., :same, :], v[..., :same, :]) for k, v in data.layers
-                ]  # (B, H, same, D)
-            parts.append(data.layers)
-            n += same
+                same = common_prefix(data.tokens, tokens[n : n + len(data.tokens)])
+                if same < len(data.tokens):
+                    if not data.partial or same == 0:
+                        break
+                    # a partial tail whose end differs (e.g. a reply that re-tokenizes differently)
+                    data.layers = [
+                        (k[..., :same, :], v[..., :same, :]) for k, v in data.layers
+                    ]  # (B, H, same, D)
+                parts.append(data.layers)
+                n += same
         if not parts:
             return None, 0, problems
         self.store.touch_chunks([r.key for r in plan[: len(parts)]])
-        cache = (
-            live.concat(self.lm.model, parts)
-            if len(parts) > 1
-            else live.cache_from_layers(self.lm.model, parts[0])
-        )
+        cache = live.concat(self.lm.model, parts)
         n = min(n, limit)
         live.crop_to(cache, n)
         return cache, n, problems
