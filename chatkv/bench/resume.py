@@ -26,12 +26,12 @@ def run(args, settings) -> dict:
     with scratch_home():
         chat = Chat(settings, lm=lm)
         chat.load()
-        msgs = history_messages(lm.tokenizer, args.context)
+        msgs = history_messages(lm.tokenizer, args.history_tokens)
         conv = chat.new_conversation(system_prompt="")
         for m in msgs:
             chat.store.add_message(conv.id, m["role"], m["content"])
         say(
-            f"prefilling a {args.context}-token conversation and spilling it as {settings.cache.codec} ...",
+            f"prefilling a {args.history_tokens}-token conversation and spilling it as {settings.cache.codec} ...",
             quiet,
         )
         turn = chat.send(conv.id, "Summarise our conversation in one sentence.", one)

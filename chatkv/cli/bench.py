@@ -11,7 +11,13 @@ import importlib
 
 
 def _resume(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--context", type=int, default=4096, help="tokens of history to resume (default 4096)")
+    p.add_argument(
+        "--context",
+        dest="history_tokens",
+        type=int,
+        default=4096,
+        help="tokens of history to resume (default 4096)",
+    )
     p.add_argument("--repeat", type=int, default=3, help="resume measurements; the median is reported")
 
 
