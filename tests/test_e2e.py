@@ -34,7 +34,7 @@ def real_lm(real_home):
     old = os.environ.get("CHATKV_HOME")
     os.environ["CHATKV_HOME"] = str(real_home)
     try:
-        return load_model("smollm2", device="cpu", dtype="auto")  # the default path: bf16 where the CPU has it
+        return load_model("smollm2", device="cpu", dtype="auto")  # the default path
     finally:
         if old is None:
             os.environ.pop("CHATKV_HOME")

@@ -31,7 +31,7 @@ def run(args, settings) -> dict:
         for m in msgs:
             chat.store.add_message(conv.id, m["role"], m["content"])
         say(
-            f"prefilling a {args.history_tokens}-token conversation and spilling it as {settings.cache.codec} ...",
+            f"prefilling {args.history_tokens} tokens of history, spilling as {settings.cache.codec} ...",
             quiet,
         )
         turn = chat.send(conv.id, "Summarise our conversation in one sentence.", one)

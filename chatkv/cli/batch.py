@@ -1,0 +1,120 @@
+"""`chatkv batch`: answer a JSONL file of prompts, one JSON answer per line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from chatkv.errors import ChatKVError, UsageError
+
+EPILOG = """\
+input lines: {"id": ..., "prompt": ...} with optional "system", "messages" (a full chat),
+"conversation" (id of a saved conversation to continue) and generation settings
+("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop").
+exit status: 0 every line served, 1 some failed (see their "error" records), 2 usage error."""
+
+
+def register(sub, common) -> None:
+    from chatkv.cli import _gen_flags, _model_flags
+
+    p = sub.add_parser("batch", parents=[common], help="answer a JSONL file of prompts",
+                       description="Answer a JSONL file of prompts, decoding several together and computing "
+                                   "shared prefixes (system prompts, few-shot blocks) once.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="JSONL file of prompts; '-' reads standard input")
+    p.add_argument("-o", "--output", help="JSONL file for the answers (default: standard output)")
+    p.add_argument("--batch-size", "-b", dest="batch_size", type=int,
+                   help="sequences decoded together (default: per device)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--save", dest="save", action="store_const", const="all",
+                   help="store every line as a conversation (a line continuing one appends to it)")
+    g.add_argument("--no-save", dest="save", action="store_const", const="none",
+                   help="write nothing to the database, not even to continued conversations")
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--resume", dest="overwrite", action="store_false",
+                   help="skip ids already answered in the output file (the default when it exists)")
+    r.add_argument("--overwrite", dest="overwrite", action="store_true", help="start the output file over")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _model_flags(p)
+    _gen_flags(p)
+    p.set_defaults(func=run, save="continue", overwrite=False)
+
+
+def _read_input(path: str) -> list[str]:
+    try:
+        if path == "-":
+            return sys.stdin.readlines()
+        return Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        raise UsageError(f"input file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Answer a JSONL file of prompts."""
+    from chatkv.batch import Item, Progress, Runner, id_key, open_output, parse_line, read_lines
+    from chatkv.cli import settings_from
+    from chatkv.session import Chat
+
+    settings = settings_from(args)
+    if args.batch_size is not None:
+        settings.set("batch.batch_size", args.batch_size, source="--batch-size")
+    if args.output and args.output != "-" and args.input != "-" and Path(args.output).resolve() == \
+            Path(args.input).resolve():
+        raise UsageError("the output file is the input file; choose another -o")
+    lines = _read_input(args.input)
+    out, done = open_output(args.output, args.overwrite)
+    errors: list[dict] = []
+    items: list[Item] = []
+    seen: set[str] = set()
+    skipped = 0
+    chat = Chat(settings)
+    for n, text in read_lines(lines):
+        try:
+            item = parse_line(n, text, chat.defaults)
+        except ChatKVError as e:
+            errors.append({"id": None, "line": n, "error": str(e)})
+            continue
+        key = id_key(item.id)
+        if key in done:
+            skipped += 1
+        elif key in seen:
+            errors.append({"id": item.id, "line": n, "error": f"duplicate id {item.id!r}"})
+        else:
+            seen.add(key)
+            items.append(item)
+
+    def emit(rec: dict) -> None:
+        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        out.flush()
+
+    progress = Progress(len(items) + len(errors), enabled=not args.quiet and sys.stderr.isatty())
+    runner = None
+    try:
+        for e in errors:
+            emit(e)
+            progress.update(items=1)
+        if items:
+            chat.load()
+            runner = Runner(chat, emit, batch_size=settings.batch.batch_size, save=args.save,
+                            progress=progress)
+            runner.run(items)
+    except KeyboardInterrupt:
+        progress.close()
+        served = runner.summary.served if runner else 0
+        print(f"chatkv: interrupted; {served + skipped} of {len(items) + skipped} lines answered are in the "
+              "output; run the same command again to finish", file=sys.stderr)
+        return 130
+    finally:
+        chat.close()  # waits for queued spills
+        if out is not sys.stdout:
+            out.close()
+    progress.close()
+    failed = len(errors) + (runner.summary.failed if runner else 0)
+    if failed:
+        print(f"chatkv: {failed} line(s) could not be served; their error records are in the output",
+              file=sys.stderr)
+    return 1 if failed else 0
