@@ -145,8 +145,14 @@ def upgrade(path: Path, revision: str = "head") -> None:
 def _create_private_file(path: Path) -> None:
     ensure_private_dir(path.parent)
     # Created by us with mode 0600 before SQLite opens it; SQLite gives the -wal
-    # and -shm files the database file's permissions.
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    # and -shm files the database file's permissions. Only when it does not exist:
+    # closing any descriptor of a file drops all of this process's POSIX locks on it,
+    # including those of SQLite connections already open here — and a database whose
+    # locks vanish can be checkpointed under our feet by another process (corruption).
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except FileExistsError:
+        return
     os.close(fd)
 
 
