@@ -54,6 +54,14 @@ class GrowableLayer(DynamicLayer):
         self.keys, self.values = self._kbuf[..., :n, :], self._vbuf[..., :n, :]
         self._len = n
 
+    def adopt(self, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> None:
+        """Take `kbuf`/`vbuf` (B, H, capacity, D), whose first `n` positions are filled, as
+        this layer's storage (no copy). The caller gives up writing to them."""
+        self.lazy_initialization(kbuf, vbuf)
+        self._kbuf, self._vbuf = kbuf, vbuf
+        self.keys, self.values = kbuf[..., :n, :], vbuf[..., :n, :]
+        self._len = n
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

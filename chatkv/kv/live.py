@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from chatkv.kv.growable import GrowableLayer
+from chatkv.kv.growable import GROW_TOKENS, GrowableLayer
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -64,6 +64,29 @@ def nbytes(cache: DynamicCache) -> int:
             if t is not None:
                 total += t.numel() * t.element_size()
     return total
+
+
+def buffers(model, n: int, batch: int = 1, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty key and value storage for all layers, (L, B, H, capacity, D), with room for
+    `n` positions and some to grow (see GrowableLayer)."""
+    c = model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    cap = (n * 5 // 4 + GROW_TOKENS - 1) // GROW_TOKENS * GROW_TOKENS
+    shape = (c.num_hidden_layers, batch, heads, cap, head_dim)
+    dtype, device = dtype or model.dtype, device or model.device
+    return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+
+
+def cache_from_buffers(model, k: torch.Tensor, v: torch.Tensor, n: int) -> DynamicCache:
+    """A cache over `buffers()` whose first `n` positions are filled (no copy)."""
+    cache = new_cache(model)
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, GrowableLayer):
+            layer.adopt(k[i], v[i], n)
+        else:
+            layer.update(k[i][..., :n, :].clone(), v[i][..., :n, :].clone())
+    return cache
 
 
 def concat(model, parts: list[Layers]) -> DynamicCache:

@@ -136,7 +136,7 @@ class KVManager:
         limit = len(tokens) - 1
         item = self.pool.take(conv) if conv is not None else None
         mem = min(common_prefix(item.tokens, tokens), limit) if item else 0
-        disk_plan = self._disk_plan(tokens, limit) if mem < limit else ([], 0)
+        disk_plan = self._disk_plan(tokens, limit, conv) if mem < limit else ([], 0)
         if item and mem > 0 and mem >= disk_plan[1] - self.chunk_tokens:
             live.crop_to(item.cache, mem)
             return Attached(item.cache, mem, "memory", time.perf_counter() - t0)
@@ -147,10 +147,17 @@ class KVManager:
             return Attached(live.new_cache(self.lm.model), 0, "none", time.perf_counter() - t0, problems)
         return Attached(live.new_cache(self.lm.model), 0, "none", time.perf_counter() - t0)
 
-    def _disk_plan(self, tokens: Sequence[int], limit: int) -> tuple[list[ChunkRecord], int]:
+    def _disk_plan(
+        self, tokens: Sequence[int], limit: int, conv: object = None
+    ) -> tuple[list[ChunkRecord], int]:
         """The chunk records covering the longest prefix of `tokens` on disk, and at most how
-        many tokens they give. The last record may be a partial chunk that only begins like
-        `tokens` (a reply re-tokenized differently): `_load` uses its common prefix."""
+        many tokens they give.
+
+        Full chunks are found by key. After the last one, the plan may end with a chunk that
+        only begins like `tokens`: a partial tail continuing that chain, or else the next
+        chunk of the conversation's own saved chain (its reply re-tokenized differently, or
+        the template renders past turns differently); `_load` uses their common prefix.
+        """
         fp, c = self.lm.fingerprint, self.chunk_tokens
         keys = chain_keys(fp, self.codec, tokens, c)
         found = self.store.get_chunks(keys) if keys else {}
@@ -170,15 +177,37 @@ class KVManager:
         ]
         if exact:
             plan.append(max(exact, key=lambda r: r.n_tokens))
-        elif partials and start < len(tokens):
-            plan.append(partials[0])
+        elif start < len(tokens):
+            near = partials[0] if partials else self._own_next_chunk(conv, plan)
+            if near is not None:
+                plan.append(near)
         n = sum(r.n_tokens for r in plan)
         return plan, min(n, limit)
 
-    def _read(self, rec: ChunkRecord):
-        """Read one chunk; a CacheError is returned, not raised, so reads can run ahead."""
+    def _own_next_chunk(self, conv: object, plan: list[ChunkRecord]) -> ChunkRecord | None:
+        """The chunk of the conversation's saved chain that follows `plan`, if the chain
+        starts with exactly `plan`."""
+        if not isinstance(conv, int):
+            return None
         try:
-            return read_chunk(
+            head = self.store.get_kv_head(conv)
+        except NotFoundError:
+            return None
+        if not head.key or head.fingerprint != self.lm.fingerprint:
+            return None
+        chain = self.store.chunk_chain(head.key)
+        if len(chain) <= len(plan) or [r.key for r in chain[: len(plan)]] != [r.key for r in plan]:
+            return None
+        nxt = chain[len(plan)]
+        return (
+            nxt if nxt.codec == self.codec.name and nxt.parent == (plan[-1].key if plan else None) else None
+        )
+
+    def _read_into(self, rec: ChunkRecord, offset: int, k_buf, v_buf):
+        """Read one chunk and copy its keys/values into the buffers at `offset`.
+        A CacheError is returned, not raised, so that reads can run ahead."""
+        try:
+            data = read_chunk(
                 self.kv_dir / rec.path,
                 self.codec,
                 self.lm.fingerprint,
@@ -188,40 +217,45 @@ class KVManager:
             )
         except CacheError as e:
             return e
+        if data.start != offset:
+            return CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {offset}")
+        t = data.k.shape[-2]
+        k_buf[..., offset : offset + t, :] = data.k  # (L, B, H, t, D)
+        v_buf[..., offset : offset + t, :] = data.v
+        data.k = data.v = None  # the buffers hold them now
+        return data
 
     def _load(self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int):
-        """Read and decode chunks (two at a time: file reads, checksums and dequantizing
-        overlap), use them in order, and stop at the first one that cannot be trusted
-        (it is removed, and its tokens will be prefilled again)."""
-        parts, problems, n = [], [], 0
+        """Read chunks two at a time (file reads, checksums and dequantizing overlap)
+        straight into one preallocated cache, use them in order, and stop at the first one
+        that cannot be trusted (it is removed; its tokens will be prefilled again)."""
+        offsets = [sum(r.n_tokens for r in plan[:i]) for i in range(len(plan))]
+        k_buf, v_buf = live.buffers(
+            self.lm.model, offsets[-1] + plan[-1].n_tokens, dtype=self.lm.dtype, device=self.lm.device
+        )
+        problems, n, used = [], 0, 0
         with ThreadPoolExecutor(
             max_workers=min(LOAD_THREADS, len(plan)), thread_name_prefix="chatkv-load"
         ) as ex:
-            for rec, data in zip(plan, ex.map(self._read, plan), strict=True):
-                if not isinstance(data, CacheError) and data.start != n:
-                    data = CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {n}")
+            results = ex.map(self._read_into, plan, offsets, [k_buf] * len(plan), [v_buf] * len(plan))
+            for rec, data in zip(plan, results, strict=True):
                 if isinstance(data, CacheError):
                     problems.append(str(data))
                     log.warning("dropping KV chunk: %s; its tokens will be recomputed", data)
                     self._remove_chunks([rec])
                     break
+                # a chunk that only begins like the prompt (a reply re-tokenized differently):
+                # use that much, and nothing after it
                 same = common_prefix(data.tokens, tokens[n : n + len(data.tokens)])
-                if same < len(data.tokens):
-                    if not data.partial or same == 0:
-                        break
-                    # a partial tail whose end differs (e.g. a reply that re-tokenizes differently)
-                    data.layers = [
-                        (k[..., :same, :], v[..., :same, :]) for k, v in data.layers
-                    ]  # (B, H, same, D)
-                parts.append(data.layers)
                 n += same
-        if not parts:
+                used += same > 0
+                if same < len(data.tokens):
+                    break
+        if n == 0:
             return None, 0, problems
-        self.store.touch_chunks([r.key for r in plan[: len(parts)]])
-        cache = live.concat(self.lm.model, parts)
+        self.store.touch_chunks([r.key for r in plan[:used]])
         n = min(n, limit)
-        live.crop_to(cache, n)
-        return cache, n, problems
+        return live.cache_from_buffers(self.lm.model, k_buf, v_buf, n), n, problems
 
     # -- keep and spill ------------------------------------------------------
 
@@ -250,7 +284,11 @@ class KVManager:
 
     def _run(self) -> None:
         while True:
-            conv_id, tokens, layers = self._q.get()
+            job = self._q.get()
+            if job is None:  # close(): leave no thread behind at interpreter exit
+                self._q.task_done()
+                return
+            conv_id, tokens, layers = job
             try:
                 self._spill(conv_id, tokens, layers)
             except Exception as e:  # a failed spill only costs a future prefill
@@ -335,4 +373,10 @@ class KVManager:
         return maintenance.evict_lru(self.store, self.kv_dir, max_bytes, keep)
 
     def close(self) -> None:
+        """Finish queued spills and stop the spill thread (a later spill starts a new one)."""
         self.flush()
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            self._q.put(None)
+            worker.join()
+        self._worker = None
