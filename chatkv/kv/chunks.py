@@ -152,9 +152,20 @@ def write_atomic(path: Path, blob: bytes) -> None:
 
 
 def read_chunk(
-    path: Path, codec: Codec, fingerprint: str, key: str, dtype: torch.dtype, device: torch.device
+    path: Path,
+    codec: Codec,
+    fingerprint: str,
+    key: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ChunkData:
-    """Read, verify and decode a chunk file. Raises CacheError if it cannot be trusted."""
+    """Read, verify and decode a chunk file. Raises CacheError if it cannot be trusted.
+
+    With `out` — key and value storage of shape (L, B, H, n_tokens, D), e.g. views of a
+    preallocated cache — the chunk is decoded straight into it and the returned
+    ChunkData's `k` and `v` are those views.
+    """
     try:
         blob = path.read_bytes()
     except OSError as e:
@@ -183,12 +194,16 @@ def read_chunk(
     try:
         n = int(meta["n_tokens"])
         n_layers, b = int(meta["layers"]), int(meta["batch"])
+        shape = (n_layers, b, int(meta["kv_heads"]), n, int(meta["head_dim"]))  # (L, B, H, T, D)
         parts = {name: t for name, t in tensors.items() if name != "tokens"}
-        k, v = codec.decode(
-            parts, (n_layers * b, int(meta["kv_heads"]), n, int(meta["head_dim"])), dtype, device
-        )
-        k = k.view(n_layers, b, *k.shape[1:])  # (L, B, H, T, D)
-        v = v.view(n_layers, b, *v.shape[1:])
+        if out is not None:
+            k, v = out
+            if tuple(k.shape) != shape or tuple(v.shape) != shape:
+                raise ValueError(f"holds {shape}, the cache expects {tuple(k.shape)}")
+            codec.decode_into(parts, k.flatten(0, 1), v.flatten(0, 1))  # views as (L*B, H, T, D)
+        else:
+            k, v = codec.decode(parts, (n_layers * b, *shape[2:]), dtype, device)
+            k, v = k.view(shape), v.view(shape)
         tokens = tensors["tokens"].tolist()
     except (KeyError, ValueError, IndexError, RuntimeError) as e:
         raise CacheError(f"chunk {key[:12]} is malformed: {e}") from None

@@ -152,6 +152,13 @@ class Codec(ABC):
     def params(self) -> dict[str, str]:
         """Codec parameters (str -> str) for the chunk file's metadata."""
 
+    def decode_into(self, parts: dict[str, Tensor], out_k: Tensor, out_v: Tensor) -> None:
+        """Decode into ``out_k``, ``out_v`` (B, H, T, D; views of a larger cache are fine),
+        giving exactly what ``decode`` gives. Codecs override this to skip the copy."""
+        k, v = self.decode(parts, tuple(out_k.shape), out_k.dtype, out_k.device)
+        out_k.copy_(k)
+        out_v.copy_(v)
+
     def __repr__(self) -> str:
         return f"<Codec {self.name}>"
 
@@ -174,6 +181,11 @@ class Fp16Codec(Codec):
         k = parts["k.data"].to(device=device, dtype=dtype).reshape(shape)
         v = parts["v.data"].to(device=device, dtype=dtype).reshape(shape)
         return k, v
+
+    def decode_into(self, parts, out_k, out_v) -> None:
+        """Copy the stored tensors straight into the outputs."""
+        out_k.copy_(parts["k.data"].reshape(out_k.shape))
+        out_v.copy_(parts["v.data"].reshape(out_v.shape))
 
     def params(self) -> dict[str, str]:
         """No parameters besides the version: the dtype is the tensor's own."""
@@ -264,6 +276,29 @@ class GroupQuantCodec(Codec):
         k = self._decode_one(parts, "k", shape, device)
         v = self._decode_one(parts, "v", shape, device)
         return k.to(dtype).contiguous(), v.to(dtype).contiguous()
+
+    def decode_into(self, parts, out_k, out_v) -> None:
+        """Like ``decode``, but 8-bit sides grouped over a whole token row (int8) are
+        dequantized straight into the output in float32: the same arithmetic, no copy."""
+        for side, out in (("k", out_k), ("v", out_v)):
+            axis, group, rotate = self.layout[side]
+            d = out.shape[-1]
+            if (
+                self.bits == 8
+                and axis == "channel"
+                and group in (0, d)
+                and not rotate
+                and not self.sink
+                and out.dtype == torch.float32
+            ):
+                q = parts[f"{side}.q"].to(out.device).view(out.shape)  # (B, H, T, D) uint8
+                scale = parts[f"{side}.scale"].to(out.device).float().view(*out.shape[:-1], 1)  # (B, H, T, 1)
+                zero = parts[f"{side}.zero"].to(out.device).float().view(*out.shape[:-1], 1)
+                out.copy_(q)  # exact; then the same float32 multiply and add as decode()
+                out.mul_(scale).add_(zero)
+            else:
+                x = self._decode_one(parts, side, tuple(int(n) for n in out.shape), out.device)
+                out.copy_(x)
 
     def params(self) -> dict[str, str]:
         """Bits, per-side axis, group size and rotation, sink tokens, parameter dtype, version."""

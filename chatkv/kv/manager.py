@@ -204,8 +204,10 @@ class KVManager:
         )
 
     def _read_into(self, rec: ChunkRecord, offset: int, k_buf, v_buf):
-        """Read one chunk and copy its keys/values into the buffers at `offset`.
+        """Read one chunk and decode it straight into the buffers at `offset`.
         A CacheError is returned, not raised, so that reads can run ahead."""
+        t = rec.n_tokens
+        out = (k_buf[..., offset : offset + t, :], v_buf[..., offset : offset + t, :])  # (L, B, H, t, D)
         try:
             data = read_chunk(
                 self.kv_dir / rec.path,
@@ -214,15 +216,12 @@ class KVManager:
                 rec.key,
                 self.lm.dtype,
                 self.lm.device,
+                out=out,
             )
         except CacheError as e:
             return e
         if data.start != offset:
             return CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {offset}")
-        t = data.k.shape[-2]
-        k_buf[..., offset : offset + t, :] = data.k  # (L, B, H, t, D)
-        v_buf[..., offset : offset + t, :] = data.v
-        data.k = data.v = None  # the buffers hold them now
         return data
 
     def _load(self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int):
