@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from chatkv.api import ConversationSummary, GenerationSettings, MessageView, TurnStats
@@ -141,9 +141,10 @@ class Chat:
         msgs = self.store.messages(conversation_id)
         if not msgs or not any(m.role == "user" for m in msgs):
             raise InputError("there is no reply to regenerate yet; send a message first")
-        if msgs[-1].role == "assistant":
-            self.store.delete_messages_from(conversation_id, msgs[-1].position)
-        return Turn(self, conversation_id, settings or self.defaults)
+        # The old reply is replaced only when the new one is saved: a failed or
+        # interrupted regeneration loses nothing.
+        start = msgs[-1].position if msgs[-1].role == "assistant" else None
+        return Turn(self, conversation_id, settings or self.defaults, replace=Replace(start))
 
     def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> Turn:
         if not text.strip():
@@ -153,15 +154,24 @@ class Chat:
             raise InputError(
                 f"message {message_id} is an assistant reply; only your own messages can be edited"
             )
-        self.store.delete_messages_from(msg.conversation_id, msg.position + 1)
-        self.store.update_message(message_id, text)
-        return Turn(self, msg.conversation_id, settings or self.defaults)
+        # Applied when the new reply is saved, so a failed turn leaves the conversation as it was.
+        return Turn(
+            self,
+            msg.conversation_id,
+            settings or self.defaults,
+            replace=Replace(msg.position + 1, message_id, text),
+        )
 
-    def render(self, conversation_id: int) -> list[dict[str, str]]:
-        """The conversation as chat-template messages."""
+    def render(self, conversation_id: int, replace: Replace | None = None) -> list[dict[str, str]]:
+        """The conversation as chat-template messages, with a pending `replace` applied."""
         conv = self.store.get_conversation(conversation_id)
         out = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt else []
-        return out + [{"role": m.role, "content": m.content} for m in self.store.messages(conversation_id)]
+        for m in self.store.messages(conversation_id):
+            if replace is not None and replace.position is not None and m.position >= replace.position:
+                break
+            edited = replace is not None and m.id == replace.message_id
+            out.append({"role": m.role, "content": replace.text if edited else m.content})
+        return out
 
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         from chatkv.engine.model import chat_ids
@@ -251,6 +261,16 @@ def message_dict(m: MessageView) -> dict[str, Any]:
     return d
 
 
+@dataclass
+class Replace:
+    """A change to the transcript that takes effect when the new reply is saved: drop the
+    messages from `position` on (None: none), and give message `message_id` new `text`."""
+
+    position: int | None
+    message_id: int | None = None
+    text: str | None = None
+
+
 class Turn:
     """One assistant reply being generated (implements chatkv.api.TurnStream)."""
 
@@ -260,7 +280,9 @@ class Turn:
         conversation_id: int,
         settings: GenerationSettings,
         new_user_message: MessageView | None = None,
+        replace: Replace | None = None,
     ):
+        self.replace = replace
         self.chat = chat
         self.conversation_id = conversation_id
         self.settings = settings
@@ -289,7 +311,9 @@ class Turn:
         try:
             chat.load()
             lm, kv = chat.lm, chat.kv
-            ids, dropped = chat.fit(chat.render(self.conversation_id), self.settings.max_new_tokens)
+            ids, dropped = chat.fit(
+                chat.render(self.conversation_id, self.replace), self.settings.max_new_tokens
+            )
         except BaseException:
             self._forget_user_message()
             raise
@@ -336,12 +360,23 @@ class Turn:
                 yield piece
         except GeneratorExit:  # the consumer stopped iterating: keep what was made
             reason = "cancelled"
+        except KeyboardInterrupt:  # Ctrl-C: keep what was made, then let the front end exit
+            if gen:
+                self._save(text.text, "cancelled", ids, gen, att, first, last, t0)
+            else:
+                self._forget_user_message()
+            raise
         except BaseException:
             if not gen:
                 self._forget_user_message()
                 raise
             self._save(text.text, reason, ids, gen, att, first, last, t0)
             raise
+        if not gen and reason == "cancelled":
+            # Stopped before the first token: no empty reply is saved and a pending edit or
+            # regeneration is not applied; what was prefilled stays live for the next turn.
+            self.chat.kv.commit(self.conversation_id, ids, att.cache)
+            return
         self._save(text.text, reason, ids, gen, att, first, last, t0)
 
     def _save(self, content: str, reason: str, ids, gen, att, first, last, t0) -> None:
@@ -350,7 +385,13 @@ class Turn:
         st.completion_tokens = len(gen)
         st.ttft_s = (first - t0) if first else time.perf_counter() - t0
         st.decode_tps = (len(gen) - 1) / (last - first) if first and last and last > first else 0.0
-        self.message = self.chat.store.add_message(self.conversation_id, "assistant", content, stats=st)
+        store, r = self.chat.store, self.replace
+        if r is not None:
+            if r.message_id is not None:
+                store.update_message(r.message_id, r.text)
+            if r.position is not None:
+                store.delete_messages_from(self.conversation_id, r.position)
+        self.message = store.add_message(self.conversation_id, "assistant", content, stats=st)
         kv = self.chat.kv
         covered = self.tokens = list(ids) + gen
         kv.commit(self.conversation_id, covered, att.cache)

@@ -137,3 +137,22 @@ def test_bitsandbytes_weights_need_cuda(tiny_model_dir):
 
     with pytest.raises(ModelError, match="needs a CUDA GPU"):
         load_model(str(tiny_model_dir), device="auto", load_in="4bit")
+
+
+def test_cancel_during_prefill_stops_between_steps(tiny_lm):
+    cancel = threading.Event()
+    cancel.set()
+    cache = live.new_cache(tiny_lm.model)
+    steps = list(
+        generate(
+            tiny_lm.model,
+            list(range(5, 600)),
+            cache,
+            0,
+            GenerationSettings(max_new_tokens=5, temperature=0),
+            [],
+            10**6,
+            cancel,
+        )
+    )
+    assert [s.finish_reason for s in steps] == ["cancelled"] and live.seq_len(cache) == 0

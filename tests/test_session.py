@@ -159,3 +159,45 @@ def test_bad_input_is_rejected_before_anything_is_written(chat):
     with pytest.raises(NotFoundError):
         chat.send(9999, "hello")
     assert chat.messages(conv.id) == []
+
+
+def test_a_failed_regeneration_or_edit_leaves_the_conversation_as_it_was(chat, monkeypatch):
+    conv = chat.new_conversation()
+    send(chat, conv.id, "The quick brown fox jumps over the lazy dog.")
+    send(chat, conv.id, "Hello! How can I help you today?")
+    before = [(m.role, m.content) for m in chat.messages(conv.id)]
+
+    import chatkv.engine.generate as engine_generate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(engine_generate, "generate", broken)
+    with pytest.raises(RuntimeError):
+        list(chat.regenerate(conv.id, GREEDY))
+    with pytest.raises(RuntimeError):
+        list(chat.edit(chat.messages(conv.id)[0].id, "Tell me about caches.", GREEDY))
+    assert [(m.role, m.content) for m in chat.messages(conv.id)] == before
+
+
+def test_stopping_before_the_first_token_saves_no_empty_reply(chat):
+    conv = chat.new_conversation()
+    send(chat, conv.id, "Hello!")
+    before = [(m.role, m.content) for m in chat.messages(conv.id)]
+    turn = chat.regenerate(conv.id, GREEDY)
+    turn.cancel()
+    assert list(turn) == [] and turn.message is None
+    assert [(m.role, m.content) for m in chat.messages(conv.id)] == before
+
+
+def test_ctrl_c_mid_reply_keeps_the_partial_reply_and_propagates(chat):
+    conv = chat.new_conversation()
+    turn = chat.send(conv.id, "Tell me a story.", GenerationSettings(max_new_tokens=40, temperature=0))
+    it = iter(turn)
+    got = next(it) + next(it)
+    with pytest.raises(KeyboardInterrupt):
+        it.throw(KeyboardInterrupt)
+    last = chat.messages(conv.id)[-1]
+    assert last.role == "assistant" and last.content.startswith(got)
+    assert last.stats.finish_reason == "cancelled"

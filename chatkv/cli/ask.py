@@ -84,13 +84,11 @@ def run(args: argparse.Namespace) -> int:
             conv = chat.new_conversation(system_prompt=args.system)
         turn = chat.send(conv.id, text)
         out = sys.stdout
-        try:
-            for piece in turn:
-                if not args.json:
-                    out.write(piece)
-                    out.flush()
-        except KeyboardInterrupt:
-            turn.cancel()
+        # Ctrl-C: the turn saves what it generated, and main() exits with 130.
+        for piece in turn:
+            if not args.json:
+                out.write(piece)
+                out.flush()
         # turn.warnings (a cache chunk dropped and recomputed) were logged to stderr already
         # by the KV layer, once each; printing them again would report each twice.
         msg = turn.message

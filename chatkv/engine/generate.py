@@ -59,10 +59,18 @@ class Sampler:
 
 
 @torch.inference_mode()
-def prefill(model, ids: Sequence[int], cache, start: int, step: int = PREFILL_STEP) -> torch.Tensor:
+def prefill(
+    model,
+    ids: Sequence[int],
+    cache,
+    start: int,
+    step: int = PREFILL_STEP,
+    cancel: threading.Event | None = None,
+) -> torch.Tensor | None:
     """Run `ids` (the tokens after the cached `start`) through the model, extending `cache`.
 
-    Returns the logits of the last position, (1, V). Only the last position's logits
+    Returns the logits of the last position, (1, V), or None when `cancel` was set
+    between two steps. Only the last position's logits
     are computed: a 4k-token prompt would otherwise allocate 4k x vocab floats.
     """
     if not ids:
@@ -70,6 +78,8 @@ def prefill(model, ids: Sequence[int], cache, start: int, step: int = PREFILL_ST
     device = model.device
     logits = None
     for i in range(0, len(ids), step):
+        if cancel is not None and cancel.is_set():
+            return None  # stopped between steps; the cache covers ids[:i]
         piece = torch.tensor([ids[i : i + step]], device=device)  # (1, T)
         pos = torch.arange(start + i, start + i + piece.shape[1], device=device)
         out = model(
@@ -119,7 +129,10 @@ def generate(
     but the last one.
     """
     sampler = Sampler(settings, model.device)
-    logits = prefill(model, ids[cached:], cache, cached)
+    logits = prefill(model, ids[cached:], cache, cached, cancel=cancel)
+    if logits is None:
+        yield Step(None, "cancelled")
+        return
     pos = len(ids)
     eos = set(eos_ids)
     for n in range(settings.max_new_tokens):
