@@ -67,31 +67,32 @@ def parse_line(n: int, text: str, defaults: GenerationSettings) -> Item:
     except ValueError as e:
         raise InputError(f"not JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise InputError("a line must be a JSON object with at least \"prompt\"")
+        raise InputError('a line must be a JSON object with at least "prompt"')
     prompt = obj.get("prompt")
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
-        raise InputError("\"prompt\" must be a non-empty string")
+        raise InputError('"prompt" must be a non-empty string')
     messages = obj.get("messages")
     if messages is not None:
         if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-                for m in messages):
-            raise InputError("\"messages\" must be a list of "
-                             "{\"role\": system|user|assistant, \"content\": str}")
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise InputError('"messages" must be a list of {"role": system|user|assistant, "content": str}')
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     conv = obj.get("conversation")
     if conv is not None and (isinstance(conv, bool) or not isinstance(conv, int)):
-        raise InputError("\"conversation\" must be a conversation id (an integer)")
+        raise InputError('"conversation" must be a conversation id (an integer)')
     system = obj.get("system")
     if system is not None and not isinstance(system, str):
-        raise InputError("\"system\" must be a string")
+        raise InputError('"system" must be a string')
     if conv is not None and (messages is not None or system is not None):
-        raise InputError("\"conversation\" continues a saved chat; it cannot be combined with "
-                         "\"messages\" or \"system\"")
+        raise InputError(
+            '"conversation" continues a saved chat; it cannot be combined with "messages" or "system"'
+        )
     if prompt is None and not (messages and messages[-1]["role"] == "user"):
-        raise InputError("missing \"prompt\" (or \"messages\" ending with a user message)")
+        raise InputError('missing "prompt" (or "messages" ending with a user message)')
     if conv is not None and prompt is None:
-        raise InputError("a line continuing a conversation needs a \"prompt\"")
+        raise InputError('a line continuing a conversation needs a "prompt"')
     settings = replace(defaults, stop=list(defaults.stop))
     for key in GEN_KEYS:
         if key in obj:
@@ -99,8 +100,15 @@ def parse_line(n: int, text: str, defaults: GenerationSettings) -> Item:
                 setattr(settings, key, validate(f"generation.{key}", obj[key], f"line {n}"))
             except ConfigError as e:
                 raise InputError(str(e).removeprefix("invalid value for generation.")) from None
-    return Item(line=n, id=obj.get("id", n), prompt=prompt, system=system, messages=messages,
-                conversation=conv, settings=settings)
+    return Item(
+        line=n,
+        id=obj.get("id", n),
+        prompt=prompt,
+        system=system,
+        messages=messages,
+        conversation=conv,
+        settings=settings,
+    )
 
 
 def read_lines(source: TextIO) -> Iterable[tuple[int, str]]:
@@ -172,8 +180,8 @@ class Summary:
     failed: int = 0
     skipped: int = 0
     completion_tokens: int = 0
-    prefix_tokens: int = 0          # tokens of shared prefixes (each counted once per group)
-    prefix_from_disk: int = 0       # of those, attached from the chunk store
+    prefix_tokens: int = 0  # tokens of shared prefixes (each counted once per group)
+    prefix_from_disk: int = 0  # of those, attached from the chunk store
     elapsed_s: float = 0.0
     first_reply_s: float | None = None
     interrupted: bool = False
@@ -190,8 +198,14 @@ class Runner:
             (only lines continuing a conversation write), or "none".
     """
 
-    def __init__(self, chat, emit: Callable[[dict], None], batch_size: int = 0, save: str = "continue",
-                 progress: Progress | None = None):
+    def __init__(
+        self,
+        chat,
+        emit: Callable[[dict], None],
+        batch_size: int = 0,
+        save: str = "continue",
+        progress: Progress | None = None,
+    ):
         from chatkv.engine.batch import default_batch_size
 
         self.chat = chat
@@ -214,11 +228,19 @@ class Runner:
         self.progress.update(items=1)
 
     def _reply(self, item: Item, text: str, st: TurnStats, conversation_id: int | None) -> None:
-        rec = {"id": item.id, "reply": text,
-               "usage": {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.cached_tokens,
-                         "completion_tokens": st.completion_tokens},
-               "ttft_s": round(st.ttft_s, 4), "decode_tps": round(st.decode_tps, 2),
-               "finish_reason": st.finish_reason, "cache_source": st.cache_source}
+        rec = {
+            "id": item.id,
+            "reply": text,
+            "usage": {
+                "prompt_tokens": st.prompt_tokens,
+                "cached_tokens": st.cached_tokens,
+                "completion_tokens": st.completion_tokens,
+            },
+            "ttft_s": round(st.ttft_s, 4),
+            "decode_tps": round(st.decode_tps, 2),
+            "finish_reason": st.finish_reason,
+            "cache_source": st.cache_source,
+        }
         if conversation_id is not None:
             rec["conversation_id"] = conversation_id
         self.summary.served += 1
@@ -243,7 +265,7 @@ class Runner:
                 if system:
                     msgs.insert(0, {"role": "system", "content": system})
             elif item.system is not None:
-                raise InputError("give the system prompt either as \"system\" or in \"messages\", not both")
+                raise InputError('give the system prompt either as "system" or in "messages", not both')
             if item.prompt is not None:
                 msgs.append({"role": "user", "content": item.prompt})
         item.chat = msgs
@@ -329,10 +351,18 @@ class Runner:
         layers = live.layers_of(att.cache)
         for n, part in enumerate(self._batches(items, p)):
             rows = [BatchRow(i.ids, i.settings, None, p, keep_cache=self._saves(i)) for i in part]
-            stats = [TurnStats(prompt_tokens=len(i.ids), cached_tokens=att.cached,
-                               prefilled_tokens=len(i.ids) - att.cached, cache_source=att.source,
-                               cache_load_s=att.load_s, dropped_messages=i.dropped, codec=self.kv.codec.name)
-                     for i in part]
+            stats = [
+                TurnStats(
+                    prompt_tokens=len(i.ids),
+                    cached_tokens=att.cached,
+                    prefilled_tokens=len(i.ids) - att.cached,
+                    cache_source=att.source,
+                    cache_load_s=att.load_s,
+                    dropped_messages=i.dropped,
+                    codec=self.kv.codec.name,
+                )
+                for i in part
+            ]
             self._decode(part, rows, layers, stats, t0 if n == 0 else time.perf_counter())
 
     def _own(self, items: list[Item]) -> None:
@@ -343,12 +373,26 @@ class Runner:
         rows, stats = [], []
         for i in items:
             att = self.kv.attach(i.conversation, i.ids)
-            rows.append(BatchRow(i.ids, i.settings, att.cache if att.cached else None, att.cached,
-                                 keep_cache=self._saves(i)))
-            stats.append(TurnStats(prompt_tokens=len(i.ids), cached_tokens=att.cached,
-                                   prefilled_tokens=len(i.ids) - att.cached, cache_source=att.source,
-                                   cache_load_s=att.load_s, dropped_messages=i.dropped,
-                                   codec=self.kv.codec.name))
+            rows.append(
+                BatchRow(
+                    i.ids,
+                    i.settings,
+                    att.cache if att.cached else None,
+                    att.cached,
+                    keep_cache=self._saves(i),
+                )
+            )
+            stats.append(
+                TurnStats(
+                    prompt_tokens=len(i.ids),
+                    cached_tokens=att.cached,
+                    prefilled_tokens=len(i.ids) - att.cached,
+                    cache_source=att.source,
+                    cache_load_s=att.load_s,
+                    dropped_messages=i.dropped,
+                    codec=self.kv.codec.name,
+                )
+            )
         self._decode(items, rows, None, stats, t0)
 
     def _saves(self, item: Item) -> bool:

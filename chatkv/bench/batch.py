@@ -18,16 +18,38 @@ from chatkv.api import GenerationSettings
 from chatkv.bench.common import emit, load, say, scratch_home
 
 QUESTIONS = [
-    "Who wrote this text?", "Summarise it in one sentence.", "What year is it from?",
-    "Name one grievance it lists.", "What is its main claim?", "Who is it addressed to?",
-    "What does it say about rights?", "Give it a short title.", "What is the tone?",
-    "List three key words.", "What happens next?", "Who signed it?", "Explain 'unalienable'.",
-    "Is it a law?", "What is a tyrant?", "Why was it written?", "Translate the first line to French.",
-    "What is self-evident?", "How long is it?", "What is its most famous phrase?",
-    "Which king is meant?", "What are the colonies?", "Say it to a child.", "What is consent?",
-    "Is it still relevant?", "What does 'prudence' mean here?", "Give a counterargument.",
-    "Where was it signed?", "What form of government does it favour?", "Write a haiku about it.",
-    "What do the people have a right to do?", "End with one word describing it.",
+    "Who wrote this text?",
+    "Summarise it in one sentence.",
+    "What year is it from?",
+    "Name one grievance it lists.",
+    "What is its main claim?",
+    "Who is it addressed to?",
+    "What does it say about rights?",
+    "Give it a short title.",
+    "What is the tone?",
+    "List three key words.",
+    "What happens next?",
+    "Who signed it?",
+    "Explain 'unalienable'.",
+    "Is it a law?",
+    "What is a tyrant?",
+    "Why was it written?",
+    "Translate the first line to French.",
+    "What is self-evident?",
+    "How long is it?",
+    "What is its most famous phrase?",
+    "Which king is meant?",
+    "What are the colonies?",
+    "Say it to a child.",
+    "What is consent?",
+    "Is it still relevant?",
+    "What does 'prudence' mean here?",
+    "Give a counterargument.",
+    "Where was it signed?",
+    "What form of government does it favour?",
+    "Write a haiku about it.",
+    "What do the people have a right to do?",
+    "End with one word describing it.",
 ]
 
 
@@ -70,10 +92,14 @@ def _batch_run(settings, lm, items, batch_size: int) -> tuple[dict, dict]:
     failed = [r for r in replies.values() if "error" in r]
     if failed:
         raise RuntimeError(f"batch run failed on {len(failed)} prompts: {failed[0]['error']}")
-    return {"seconds": round(s.elapsed_s, 3), "completion_tokens": s.completion_tokens,
-            "tokens_per_s": round(s.completion_tokens / s.elapsed_s, 2),
-            "first_reply_s": round(s.first_reply_s or 0.0, 3), "prefix_tokens": s.prefix_tokens,
-            "prefix_from_disk": s.prefix_from_disk}, replies
+    return {
+        "seconds": round(s.elapsed_s, 3),
+        "completion_tokens": s.completion_tokens,
+        "tokens_per_s": round(s.completion_tokens / s.elapsed_s, 2),
+        "first_reply_s": round(s.first_reply_s or 0.0, 3),
+        "prefix_tokens": s.prefix_tokens,
+        "prefix_from_disk": s.prefix_from_disk,
+    }, replies
 
 
 def run(args, settings) -> dict:
@@ -87,8 +113,10 @@ def run(args, settings) -> dict:
     lm = load(settings)
     gen = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0.0)
     system = system_prompt(lm.tokenizer, args.system_tokens)
-    items = [Item(line=i + 1, id=i, prompt=q, system=system, settings=gen)
-             for i, q in enumerate(_questions(args.prompts))]
+    items = [
+        Item(line=i + 1, id=i, prompt=q, system=system, settings=gen)
+        for i, q in enumerate(_questions(args.prompts))
+    ]
     batch_size = args.batch_size or default_batch_size(lm.device)
     with scratch_home():
         chat = Chat(settings, lm=lm)
@@ -101,19 +129,33 @@ def run(args, settings) -> dict:
         chat.close()
 
         n_base = min(args.baseline_prompts or args.prompts, args.prompts)
-        say(f"baseline: transformers generate, {n_base} prompt(s) of ~{len(prompts[0])} tokens "
-            "one at a time ...", quiet)
+        say(
+            f"baseline: transformers generate, {n_base} prompt(s) of ~{len(prompts[0])} tokens "
+            "one at a time ...",
+            quiet,
+        )
         base_replies, base_tokens = [], 0
         with torch.inference_mode():  # warm-up, not timed: the first call pays one-time setup costs
             x = torch.tensor([prompts[0][-64:]], device=lm.device)
-            lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False,
-                              pad_token_id=lm.eos_ids[0])
+            lm.model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=lm.eos_ids[0],
+            )
         t0 = time.perf_counter()
         for ids in prompts[:n_base]:
             x = torch.tensor([ids], device=lm.device)
             with torch.inference_mode():
-                out = lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,
-                                        do_sample=False, pad_token_id=lm.eos_ids[0], eos_token_id=lm.eos_ids)
+                out = lm.model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=lm.eos_ids[0],
+                    eos_token_id=lm.eos_ids,
+                )
             new = [t for t in out[0, len(ids) :].tolist() if t not in lm.eos_ids]
             base_tokens += len(new)
             base_replies.append(lm.tokenizer.decode(new, skip_special_tokens=True))
@@ -128,18 +170,30 @@ def run(args, settings) -> dict:
     same_base = sum(replies1[i]["reply"] == base_replies[i] for i in range(n_base))
     same_runs = sum(replies1[i]["reply"] == replies2[i]["reply"] for i in range(args.prompts))
     result = {
-        "benchmark": "batch", "model": lm.name, "device": lm.description, "codec": settings.cache.codec,
-        "prompts": args.prompts, "prompt_tokens": len(prompts[0]), "system_tokens": first["prefix_tokens"],
-        "new_tokens": args.new_tokens, "batch_size": batch_size, "cpu_threads": torch.get_num_threads(),
-        "baseline": {"prompts_timed": n_base, "seconds": round(base_s, 3), "completion_tokens": base_tokens,
-                     "tokens_per_s": round(base_rate, 2),
-                     "seconds_all_prompts": round(base_s * args.prompts / n_base, 3)},
+        "benchmark": "batch",
+        "model": lm.name,
+        "device": lm.description,
+        "codec": settings.cache.codec,
+        "prompts": args.prompts,
+        "prompt_tokens": len(prompts[0]),
+        "system_tokens": first["prefix_tokens"],
+        "new_tokens": args.new_tokens,
+        "batch_size": batch_size,
+        "cpu_threads": torch.get_num_threads(),
+        "baseline": {
+            "prompts_timed": n_base,
+            "seconds": round(base_s, 3),
+            "completion_tokens": base_tokens,
+            "tokens_per_s": round(base_rate, 2),
+            "seconds_all_prompts": round(base_s * args.prompts / n_base, 3),
+        },
         "first_run": first,
         "second_run": second,
         "throughput_speedup": round(first["tokens_per_s"] / base_rate, 2),
         "wall_speedup": round(base_s * args.prompts / n_base / first["seconds"], 2),
-        "first_reply_speedup_second_run": round(first["first_reply_s"] / max(second["first_reply_s"], 1e-9),
-                                                2),
+        "first_reply_speedup_second_run": round(
+            first["first_reply_s"] / max(second["first_reply_s"], 1e-9), 2
+        ),
         "greedy_identical_to_baseline": f"{same_base}/{n_base}",
         "second_run_identical_to_first": f"{same_runs}/{args.prompts}",
     }

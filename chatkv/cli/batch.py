@@ -19,22 +19,46 @@ exit status: 0 every line served, 1 some failed (see their "error" records), 2 u
 def register(sub, common) -> None:
     from chatkv.cli import _gen_flags, _model_flags
 
-    p = sub.add_parser("batch", parents=[common], help="answer a JSONL file of prompts",
-                       description="Answer a JSONL file of prompts, decoding several together and computing "
-                                   "shared prefixes (system prompts, few-shot blocks) once.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "batch",
+        parents=[common],
+        help="answer a JSONL file of prompts",
+        description="Answer a JSONL file of prompts, decoding several together and computing "
+        "shared prefixes (system prompts, few-shot blocks) once.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("input", help="JSONL file of prompts; '-' reads standard input")
     p.add_argument("-o", "--output", help="JSONL file for the answers (default: standard output)")
-    p.add_argument("--batch-size", "-b", dest="batch_size", type=int,
-                   help="sequences decoded together (default: per device)")
+    p.add_argument(
+        "--batch-size",
+        "-b",
+        dest="batch_size",
+        type=int,
+        help="sequences decoded together (default: per device)",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--save", dest="save", action="store_const", const="all",
-                   help="store every line as a conversation (a line continuing one appends to it)")
-    g.add_argument("--no-save", dest="save", action="store_const", const="none",
-                   help="write nothing to the database, not even to continued conversations")
+    g.add_argument(
+        "--save",
+        dest="save",
+        action="store_const",
+        const="all",
+        help="store every line as a conversation (a line continuing one appends to it)",
+    )
+    g.add_argument(
+        "--no-save",
+        dest="save",
+        action="store_const",
+        const="none",
+        help="write nothing to the database, not even to continued conversations",
+    )
     r = p.add_mutually_exclusive_group()
-    r.add_argument("--resume", dest="overwrite", action="store_false",
-                   help="skip ids already answered in the output file (the default when it exists)")
+    r.add_argument(
+        "--resume",
+        dest="overwrite",
+        action="store_false",
+        help="skip ids already answered in the output file (the default when it exists)",
+    )
     r.add_argument("--overwrite", dest="overwrite", action="store_true", help="start the output file over")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _model_flags(p)
@@ -46,7 +70,8 @@ def _read_input(path: str) -> list[str]:
     try:
         if path == "-":
             return sys.stdin.readlines()
-        return Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+        # "\n" only: str.splitlines would also split on U+2028 and friends, legal inside JSON strings
+        return Path(path).read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise UsageError(f"input file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -62,8 +87,12 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.batch_size is not None:
         settings.set("batch.batch_size", args.batch_size, source="--batch-size")
-    if args.output and args.output != "-" and args.input != "-" and Path(args.output).resolve() == \
-            Path(args.input).resolve():
+    if (
+        args.output
+        and args.output != "-"
+        and args.input != "-"
+        and Path(args.output).resolve() == Path(args.input).resolve()
+    ):
         raise UsageError("the output file is the input file; choose another -o")
     lines = _read_input(args.input)
     out, done = open_output(args.output, args.overwrite)
@@ -99,14 +128,18 @@ def run(args: argparse.Namespace) -> int:
             progress.update(items=1)
         if items:
             chat.load()
-            runner = Runner(chat, emit, batch_size=settings.batch.batch_size, save=args.save,
-                            progress=progress)
+            runner = Runner(
+                chat, emit, batch_size=settings.batch.batch_size, save=args.save, progress=progress
+            )
             runner.run(items)
     except KeyboardInterrupt:
         progress.close()
         served = runner.summary.served if runner else 0
-        print(f"chatkv: interrupted; {served + skipped} of {len(items) + skipped} lines answered are in the "
-              "output; run the same command again to finish", file=sys.stderr)
+        print(
+            f"chatkv: interrupted; {served + skipped} of {len(items) + skipped} lines answered are in the "
+            "output; run the same command again to finish",
+            file=sys.stderr,
+        )
         return 130
     finally:
         chat.close()  # waits for queued spills
@@ -115,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     progress.close()
     failed = len(errors) + (runner.summary.failed if runner else 0)
     if failed:
-        print(f"chatkv: {failed} line(s) could not be served; their error records are in the output",
-              file=sys.stderr)
+        print(
+            f"chatkv: {failed} line(s) could not be served; their error records are in the output",
+            file=sys.stderr,
+        )
     return 1 if failed else 0

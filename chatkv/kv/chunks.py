@@ -200,7 +200,8 @@ def read_chunk(
             k, v = out
             if tuple(k.shape) != shape or tuple(v.shape) != shape:
                 raise ValueError(f"holds {shape}, the cache expects {tuple(k.shape)}")
-            codec.decode_into(parts, k.flatten(0, 1), v.flatten(0, 1))  # views as (L*B, H, T, D)
+            # .view raises where .flatten would silently copy (and the cache stay empty)
+            codec.decode_into(parts, k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:]))  # (L*B, H, T, D)
         else:
             k, v = codec.decode(parts, (n_layers * b, *shape[2:]), dtype, device)
             k, v = k.view(shape), v.view(shape)

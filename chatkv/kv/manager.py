@@ -19,6 +19,7 @@ from chatkv.errors import CacheError, NotFoundError
 from chatkv.kv import live, maintenance
 from chatkv.kv.chunks import chain_keys, chunk_key, encode_chunk, read_chunk, relpath, write_atomic
 from chatkv.kv.codecs import get_codec
+from chatkv.kv.growable import GrowableLayer
 from chatkv.store.repo import ChunkRecord
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,15 @@ class KVManager:
         self.chunk_tokens = chunk_tokens
         self.disk_bytes = disk_bytes
         self.pool = LivePool(live_bytes)
+        # Chunks assume every layer caches every position; a model with sliding-window or
+        # other special layers keeps live caches only.
+        self.persist = all(isinstance(layer, GrowableLayer) for layer in live.new_cache(lm.model).layers)
+        if not self.persist:
+            log.warning("this model's cache layers are not plain attention; caches are kept in memory only")
         self.bytes_written = 0  # chunk bytes written by spills, for tests and stats
         self._q: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
-        self._errors: list[str] = []
+        self._worker_lock = threading.Lock()
 
     # -- attach --------------------------------------------------------------
 
@@ -136,16 +142,22 @@ class KVManager:
         limit = len(tokens) - 1
         item = self.pool.take(conv) if conv is not None else None
         mem = min(common_prefix(item.tokens, tokens), limit) if item else 0
-        disk_plan = self._disk_plan(tokens, limit, conv) if mem < limit else ([], 0)
-        if item and mem > 0 and mem >= disk_plan[1] - self.chunk_tokens:
+        problems: list[str] = []
+        # Disk is consulted only when it could give at least a chunk more than memory.
+        if self.persist and mem < limit - self.chunk_tokens:
+            try:
+                plan, disk = self._disk_plan(tokens, limit, conv)
+                if disk > (mem + self.chunk_tokens if mem else 0):  # worth reading over memory
+                    cache, n, problems = self._load(plan, tokens, limit)
+                    if n > mem:
+                        return Attached(cache, n, "disk", time.perf_counter() - t0, problems)
+            except Exception as e:  # never fail a turn for its cache: prefill instead
+                log.warning("could not read the saved KV cache (%s); recomputing it", e)
+                problems.append(str(e))
+        if item and mem > 0:
             live.crop_to(item.cache, mem)
-            return Attached(item.cache, mem, "memory", time.perf_counter() - t0)
-        if disk_plan[1] > 0:
-            cache, n, problems = self._load(disk_plan[0], tokens, limit)
-            if n > 0:
-                return Attached(cache, n, "disk", time.perf_counter() - t0, problems)
-            return Attached(live.new_cache(self.lm.model), 0, "none", time.perf_counter() - t0, problems)
-        return Attached(live.new_cache(self.lm.model), 0, "none", time.perf_counter() - t0)
+            return Attached(item.cache, mem, "memory", time.perf_counter() - t0, problems)
+        return Attached(live.new_cache(self.lm.model), 0, "none", time.perf_counter() - t0, problems)
 
     def _disk_plan(
         self, tokens: Sequence[int], limit: int, conv: object = None
@@ -250,6 +262,7 @@ class KVManager:
                 used += same > 0
                 if same < len(data.tokens):
                     break
+            ex.shutdown(cancel_futures=True)  # after a break: don't read chunks that won't be used
         if n == 0:
             return None, 0, problems
         self.store.touch_chunks([r.key for r in plan[:used]])
@@ -265,12 +278,15 @@ class KVManager:
 
     def spill(self, conv_id: int | None, tokens: Sequence[int], cache) -> None:
         """Queue writing what is new of `cache` to disk; returns at once."""
+        if not self.persist:
+            return
         n = live.seq_len(cache)
         snapshot = [(k[..., :n, :], v[..., :n, :]) for k, v in live.layers_of(cache)]
-        self._q.put((conv_id, list(tokens[:n]), snapshot))
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._run, name="chatkv-spill", daemon=True)
-            self._worker.start()
+        with self._worker_lock:
+            self._q.put((conv_id, list(tokens[:n]), snapshot))
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._run, name="chatkv-spill", daemon=True)
+                self._worker.start()
 
     def flush(self) -> None:
         """Wait until every queued spill is on disk."""
@@ -292,7 +308,6 @@ class KVManager:
                 self._spill(conv_id, tokens, layers)
             except Exception as e:  # a failed spill only costs a future prefill
                 log.warning("could not save the KV cache: %s", e)
-                self._errors.append(str(e))
             finally:
                 self._q.task_done()
 
@@ -374,8 +389,8 @@ class KVManager:
     def close(self) -> None:
         """Finish queued spills and stop the spill thread (a later spill starts a new one)."""
         self.flush()
-        worker = self._worker
-        if worker is not None and worker.is_alive():
-            self._q.put(None)
-            worker.join()
-        self._worker = None
+        with self._worker_lock:
+            worker, self._worker = self._worker, None
+            if worker is not None and worker.is_alive():
+                self._q.put(None)
+                worker.join()

@@ -206,8 +206,11 @@ class ChatScreen(Screen):
                 self.restore_input(text)
             return
         self.model_state = "ready"
-        self.status.show(model_state="ready", device=self.backend.device,
-                         context=(self.status.context[0], self.backend.context_limit))
+        self.status.show(
+            model_state="ready",
+            device=self.backend.device,
+            context=(self.status.context[0], self.backend.context_limit),
+        )
         if self.pending is not None and self.conversation_id is not None:
             widget, text = self.pending
             self.pending = None
