@@ -11,9 +11,15 @@ import pytest
 from chatkv.errors import ChatKVError
 
 SYSTEM = "You answer questions about licenses and caches. Keys and values of attention are kept. " * 2
-QUESTIONS = ["Hello!", "Summarise the GNU GPL in three bullet points.", "How does the Apache license differ?",
-             "Tell me a story about the sea and the stars.", "0123456789", "The quick brown fox.",
-             "How can I help you today?"]
+QUESTIONS = [
+    "Hello!",
+    "Summarise the GNU GPL in three bullet points.",
+    "How does the Apache license differ?",
+    "Tell me a story about the sea and the stars.",
+    "0123456789",
+    "The quick brown fox.",
+    "How can I help you today?",
+]
 
 
 @pytest.fixture
@@ -31,8 +37,21 @@ def cli(tiny_lm, tiny_model_dir, monkeypatch):
         common.add_argument("--debug", action="store_true")
         parser = argparse.ArgumentParser()
         batch.register(parser.add_subparsers(), common)
-        args = parser.parse_args(["batch", *argv, "--model", str(tiny_model_dir), "--device", "cpu",
-                                  "--temperature", "0", "--codec", "fp16", "--quiet"])
+        args = parser.parse_args(
+            [
+                "batch",
+                *argv,
+                "--model",
+                str(tiny_model_dir),
+                "--device",
+                "cpu",
+                "--temperature",
+                "0",
+                "--codec",
+                "fp16",
+                "--quiet",
+            ]
+        )
         try:
             return args.func(args)
         except ChatKVError as e:  # as chatkv.cli.main translates it
@@ -67,8 +86,11 @@ def test_batched_replies_equal_ask(cli, chat, tmp_path):
     assert set(first) == {x["id"] for x in lines}
     for line in lines:
         conv = chat.new_conversation(system_prompt=line.get("system", ""))
-        settings = chat.defaults if "max_new_tokens" not in line else \
-            type(chat.defaults)(**{**chat.defaults.__dict__, "max_new_tokens": line["max_new_tokens"]})
+        settings = (
+            chat.defaults
+            if "max_new_tokens" not in line
+            else type(chat.defaults)(**{**chat.defaults.__dict__, "max_new_tokens": line["max_new_tokens"]})
+        )
         turn = chat.send(conv.id, line["prompt"], settings)
         reply = "".join(turn)
         rec = first[line["id"]]
@@ -88,17 +110,20 @@ def test_batched_replies_equal_ask(cli, chat, tmp_path):
 
 def test_broken_lines_get_error_records_and_the_rest_is_served(cli, tmp_path):
     long = " ".join(f"word{i} fox dog sea star" for i in range(600))
-    src = _write(tmp_path / "in.jsonl", [
-        {"id": 1, "prompt": "Hello!"},
-        "{not json",
-        {"id": 3, "system": "x"},
-        {"id": 4, "prompt": "Hi", "conversation": 999},
-        {"id": 5, "prompt": long},
-        {"id": 6, "prompt": "Hello!", "temperature": "hot"},
-        {"id": 1, "prompt": "duplicate"},
-        "[1, 2]",
-        {"id": 9, "prompt": "The quick brown fox."},
-    ])
+    src = _write(
+        tmp_path / "in.jsonl",
+        [
+            {"id": 1, "prompt": "Hello!"},
+            "{not json",
+            {"id": 3, "system": "x"},
+            {"id": 4, "prompt": "Hi", "conversation": 999},
+            {"id": 5, "prompt": long},
+            {"id": 6, "prompt": "Hello!", "temperature": "hot"},
+            {"id": 1, "prompt": "duplicate"},
+            "[1, 2]",
+            {"id": 9, "prompt": "The quick brown fox."},
+        ],
+    )
     out = tmp_path / "out.jsonl"
     assert cli(src, "-o", str(out)) == 1
     recs = _records(out)
@@ -149,14 +174,22 @@ def test_save_and_continuation_write_expected_messages(cli, chat, tmp_path):
     "".join(turn)
     chat.kv.flush()
     before = len(chat.messages(conv.id))
-    src = _write(tmp_path / "in.jsonl", [
-        {"id": "new", "prompt": "The quick brown fox.", "system": "Be brief."},
-        {"id": "chat", "messages": [{"role": "user", "content": "Hi"},
-                                    {"role": "assistant", "content": "Hello"},
-                                    {"role": "user", "content": "How are you?"}]},
-        {"id": "cont", "prompt": "Tell me a story.", "conversation": conv.id},
-        {"id": "cont2", "prompt": "And another.", "conversation": conv.id},
-    ])
+    src = _write(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "new", "prompt": "The quick brown fox.", "system": "Be brief."},
+            {
+                "id": "chat",
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "How are you?"},
+                ],
+            },
+            {"id": "cont", "prompt": "Tell me a story.", "conversation": conv.id},
+            {"id": "cont2", "prompt": "And another.", "conversation": conv.id},
+        ],
+    )
     out = tmp_path / "out.jsonl"
     # Without --save only the continued conversation is written to.
     assert cli(src, "-o", str(out)) == 0
@@ -165,8 +198,12 @@ def test_save_and_continuation_write_expected_messages(cli, chat, tmp_path):
     assert len(store.list_conversations()) == 1
     msgs = store.messages(conv.id)
     assert [m.role for m in msgs[before:]] == ["user", "assistant", "user", "assistant"]
-    assert [m.content for m in msgs[before:]] == ["Tell me a story.", recs["cont"]["reply"], "And another.",
-                                                  recs["cont2"]["reply"]]
+    assert [m.content for m in msgs[before:]] == [
+        "Tell me a story.",
+        recs["cont"]["reply"],
+        "And another.",
+        recs["cont2"]["reply"],
+    ]
     assert recs["cont"]["usage"]["cached_tokens"] > 0  # the conversation's cache came from disk
     assert msgs[before + 1].stats.completion_tokens == recs["cont"]["usage"]["completion_tokens"]
     # --save: every line becomes (or extends) a conversation.
@@ -175,9 +212,15 @@ def test_save_and_continuation_write_expected_messages(cli, chat, tmp_path):
     new = store.get_conversation(recs["new"]["conversation_id"])
     assert new.system_prompt == "Be brief."
     assert [(m.role, m.content) for m in store.messages(new.id)] == [
-        ("user", "The quick brown fox."), ("assistant", recs["new"]["reply"])]
-    assert [m.role for m in store.messages(recs["chat"]["conversation_id"])] == ["user", "assistant", "user",
-                                                                                 "assistant"]
+        ("user", "The quick brown fox."),
+        ("assistant", recs["new"]["reply"]),
+    ]
+    assert [m.role for m in store.messages(recs["chat"]["conversation_id"])] == [
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     assert len(store.messages(conv.id)) == before + 8
     assert store.get_kv_head(new.id).tokens > 0  # its cache was spilled for the next turn
     # --no-save: nothing is written, not even to the continued conversation.
@@ -198,8 +241,13 @@ def test_stdin_and_usage_errors(cli, tmp_path, monkeypatch, capsys):
 
 
 def test_stop_strings_and_per_line_settings(cli, chat, tmp_path):
-    src = _write(tmp_path / "in.jsonl", [{"id": 1, "prompt": "Hello!", "max_new_tokens": 2},
-                                         {"id": 2, "prompt": "Hello!", "max_new_tokens": 20}])
+    src = _write(
+        tmp_path / "in.jsonl",
+        [
+            {"id": 1, "prompt": "Hello!", "max_new_tokens": 2},
+            {"id": 2, "prompt": "Hello!", "max_new_tokens": 20},
+        ],
+    )
     out = tmp_path / "out.jsonl"
     assert cli(src, "-o", str(out)) == 0
     recs = {r["id"]: r for r in _records(out)}

@@ -297,3 +297,14 @@ def test_a_damaged_chunk_is_reported_once(capsys, caplog):
     assert "truncated or corrupt" in about[0] and "recomputed" in about[0]
     code, _, err = run(capsys, "ask", "-C", str(first["conversation_id"]), "And the sea?")
     assert code == 0 and "warning" not in err
+
+
+def test_an_os_error_is_one_line_and_keeps_what_was_saved(capsys, tmp_path):
+    code, out, _ = run(capsys, "ask", "--json", "Hello!")
+    assert code == 0
+    cid = json.loads(out)["conversation_id"]
+    code, out, err = run(capsys, "export", str(cid), "-o", str(tmp_path / "missing-dir" / "chat.md"))
+    assert code == 1 and out == ""
+    line = one_error_line(err)
+    assert "No such file or directory" in line and "missing-dir" in line
+    assert [len(msgs) for _, msgs in saved()] == [2]

@@ -57,8 +57,11 @@ def fresh_reply(chat: Chat, conv_id: int, text: str) -> str:
     msgs = chat.render(conv_id) + [{"role": "user", "content": text}]
     ids, _ = chat.fit(msgs, GREEDY.max_new_tokens)
     lm = chat.lm
-    toks = [s.token for s in generate(lm.model, ids, live.new_cache(lm.model), 0, GREEDY, lm.eos_ids,
-                                      lm.context_limit) if s.token is not None]
+    toks = [
+        s.token
+        for s in generate(lm.model, ids, live.new_cache(lm.model), 0, GREEDY, lm.eos_ids, lm.context_limit)
+        if s.token is not None
+    ]
     return lm.tokenizer.decode(toks, skip_special_tokens=True)
 
 
@@ -119,17 +122,36 @@ def test_codec_quality_bounds_on_real_activations(real_lm):
 def test_chatkv_ask_command_on_the_embedded_model(real_home, real_lm, tmp_path):
     """What a new user types, in a separate process, with the converted model from the real home."""
     env = {**os.environ, "CHATKV_HOME": str(real_home), "CHATKV_GENERATION_TEMPERATURE": "0"}
-    run = subprocess.run([sys.executable, "-m", "chatkv", "ask", "--json", "-n", "16",
-                          "What is the capital of France?"], env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "chatkv", "ask", "--json", "-n", "16", "What is the capital of France?"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     import json
 
     out = json.loads(run.stdout)
     assert "Paris" in out["reply"] and out["stats"]["prompt_tokens"] > 0
-    again = subprocess.run([sys.executable, "-m", "chatkv", "ask", "--json", "-n", "16", "-C",
-                            str(out["conversation_id"]), "And of Italy?"], env=env, capture_output=True,
-                           text=True, timeout=300)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatkv",
+            "ask",
+            "--json",
+            "-n",
+            "16",
+            "-C",
+            str(out["conversation_id"]),
+            "And of Italy?",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
     stats = json.loads(again.stdout)["stats"]
     assert stats["cache_source"] == "disk" and stats["cached_tokens"] >= out["stats"]["prompt_tokens"]

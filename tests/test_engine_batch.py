@@ -11,14 +11,21 @@ from chatkv.engine.generate import generate, prefill
 from chatkv.kv import live
 
 SYSTEM = "Caches keep keys and values of attention for every token of the history. " * 3
-QUESTIONS = ["Hello!", "Summarise the GNU GPL in three bullet points.", "How does the Apache license differ?",
-             "Tell me a story about the sea and the stars.", "0123456789", "The quick brown fox."]
+QUESTIONS = [
+    "Hello!",
+    "Summarise the GNU GPL in three bullet points.",
+    "How does the Apache license differ?",
+    "Tell me a story about the sea and the stars.",
+    "0123456789",
+    "The quick brown fox.",
+]
 
 
 def _ids(lm, question: str, system: str = SYSTEM) -> list[int]:
     msgs = [{"role": "system", "content": system}] if system else []
-    out = lm.tokenizer.apply_chat_template(msgs + [{"role": "user", "content": question}],
-                                           add_generation_prompt=True, tokenize=True)
+    out = lm.tokenizer.apply_chat_template(
+        msgs + [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+    )
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
@@ -98,8 +105,10 @@ def test_rows_with_own_caches_of_different_lengths_equal_single(tiny_lm):
     or none, and are left-padded into one batch."""
     lm = tiny_lm
     s = GenerationSettings(max_new_tokens=12, temperature=0)
-    prompts = [_ids(lm, q, system=sys_) for q, sys_ in zip(QUESTIONS, ["", "Be brief.", SYSTEM, "", "x", ""],
-                                                            strict=True)]
+    prompts = [
+        _ids(lm, q, system=sys_)
+        for q, sys_ in zip(QUESTIONS, ["", "Be brief.", SYSTEM, "", "x", ""], strict=True)
+    ]
     rows = []
     for i, ids in enumerate(prompts):
         n = [0, 3, len(ids) - 1, 7, 0, len(ids) // 2][i]

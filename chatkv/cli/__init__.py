@@ -139,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["chat", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
+    from sqlalchemy.exc import OperationalError as DatabaseUnavailable
+
     debug = getattr(args, "debug", False)
     _quiet_libraries(debug)
     if not getattr(args, "func", None):
@@ -156,6 +158,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # disk full, permissions, a locked database: one line, not a traceback
+        if debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(
+            f"chatkv: error: {e.strerror or e}{where}; nothing was lost: what was saved before stays saved",
+            file=sys.stderr,
+        )
+        return 1
+    except DatabaseUnavailable as e:
+        if debug:
+            raise
+        print(
+            f"chatkv: error: the database is unavailable ({e}); close other chatkv processes or retry",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

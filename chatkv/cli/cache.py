@@ -99,5 +99,6 @@ def run_verify(args: argparse.Namespace) -> int:
         for key, problem in report.bad:
             print(f"bad chunk {key[:16]}: {problem}")
         action = "would remove" if args.dry_run else "removed"
-        print(f"checked {report.checked} chunks: {len(report.bad)} bad, {action} {len(report.bad)}")
+        count = len(report.bad) if args.dry_run else report.removed
+        print(f"checked {report.checked} chunks: {len(report.bad)} bad, {action} {count}")
     return 0

@@ -25,7 +25,11 @@ def register(sub, common) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_show)
 
-    p = sub.add_parser("rm", parents=[common], help="delete conversations (their cache chunks go with gc)")
+    p = sub.add_parser(
+        "rm",
+        parents=[common],
+        help="delete conversations (their cache chunks stay until evicted; see cache gc)",
+    )
     p.add_argument("ids", type=int, nargs="+", metavar="ID")
     p.set_defaults(func=run_rm)
 

@@ -107,18 +107,14 @@ def _file_identity(path: Path) -> str:
 
 
 def _dir_identity(path: Path) -> str:
-    """Identity of a local model directory: names, sizes and headers of its weight files."""
-    h = hashlib.sha256()
+    """Identity of a local model directory: the sha256 of each weight file (memoised by
+    path, size and mtime, so only the first load of new weights pays for hashing)."""
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     if not files:
         raise ModelError(
             f"no weights (*.safetensors, *.bin or *.gguf) in {path}; point --model at a model directory"
         )
-    for p in files:
-        h.update(f"{p.name}:{p.stat().st_size}".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(1 << 16))  # safetensors header / file start: changes with the weights' layout
-    return h.hexdigest()
+    return hashlib.sha256("|".join(f"{p.name}:{_file_identity(p)}" for p in files).encode()).hexdigest()
 
 
 def resolve(name: str) -> ModelSource:
