@@ -201,3 +201,17 @@ def test_ctrl_c_mid_reply_keeps_the_partial_reply_and_propagates(chat):
     last = chat.messages(conv.id)[-1]
     assert last.role == "assistant" and last.content.startswith(got)
     assert last.stats.finish_reason == "cancelled"
+
+
+def test_a_conversation_shorter_than_one_chunk_resumes_from_disk(chat, tiny_settings, tiny_lm):
+    tiny_settings.set("cache.chunk_tokens", 1024)  # every conversation here is a partial chunk
+    short = Chat(tiny_settings, store=chat.store, lm=tiny_lm)
+    short.load()
+    conv = short.new_conversation()
+    first, _ = send(short, conv.id, "Hello!")
+    short.close()
+    again = Chat(tiny_settings, store=Store(chat.store.path), lm=tiny_lm)
+    again.load()
+    turn, _ = send(again, conv.id, "And the stars?")
+    assert turn.stats.cache_source == "disk" and turn.stats.cached_tokens >= first.stats.prompt_tokens
+    again.close()

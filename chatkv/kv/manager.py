@@ -143,8 +143,8 @@ class KVManager:
         item = self.pool.take(conv) if conv is not None else None
         mem = min(common_prefix(item.tokens, tokens), limit) if item else 0
         problems: list[str] = []
-        # Disk is consulted only when it could give at least a chunk more than memory.
-        if self.persist and mem < limit - self.chunk_tokens:
+        # Disk is consulted when memory has nothing, or when disk could give a chunk more.
+        if self.persist and (mem == 0 or mem < limit - self.chunk_tokens):
             try:
                 plan, disk = self._disk_plan(tokens, limit, conv)
                 if disk > (mem + self.chunk_tokens if mem else 0):  # worth reading over memory
