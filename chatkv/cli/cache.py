@@ -38,7 +38,7 @@ def _open():
 
 def run_stats(args: argparse.Namespace) -> int:
     """Show what the chunk store holds."""
-    from chatkv.cli.manage import human_bytes
+    from chatkv.fmt import format_bytes
 
     store, kv = _open()
     stats = store.chunk_stats()
@@ -46,17 +46,17 @@ def run_stats(args: argparse.Namespace) -> int:
         json.dump(stats | {"kv_dir": str(kv)}, sys.stdout, indent=2, default=str)
         print()
         return 0
-    print(f"{stats['count']} chunks, {human_bytes(stats['bytes'])} in {kv}")
+    print(f"{stats['count']} chunks, {format_bytes(stats['bytes'])} in {kv}")
     for name, label in (("by_codec", "codec"), ("by_fingerprint", "model")):
         for k, v in (stats.get(name) or {}).items():
-            print(f"  {label} {k}: {v['count']} chunks, {human_bytes(v['bytes'])}")
+            print(f"  {label} {k}: {v['count']} chunks, {format_bytes(v['bytes'])}")
     return 0
 
 
 def run_gc(args: argparse.Namespace) -> int:
     """Trim the chunk store."""
     from chatkv.cli import settings_from
-    from chatkv.cli.manage import human_bytes
+    from chatkv.fmt import format_bytes
     from chatkv.kv.maintenance import gc
 
     if args.max_bytes is not None:
@@ -73,8 +73,8 @@ def run_gc(args: argparse.Namespace) -> int:
         print()
     else:
         print(
-            f"removed {report.removed} chunks ({human_bytes(report.freed)}), {report.orphan_files} orphan "
-            f"files, {report.missing_files} index rows without a file; budget {human_bytes(budget)}"
+            f"removed {report.removed} chunks ({format_bytes(report.freed)}), {report.orphan_files} orphan "
+            f"files, {report.missing_files} index rows without a file; budget {format_bytes(budget)}"
         )
     return 0
 

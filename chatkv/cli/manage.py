@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from chatkv.api import ConversationSummary
+from chatkv.fmt import format_bytes, relative_time
 
 
 def register(sub, common) -> None:
@@ -54,29 +55,6 @@ def _store():
     return Store(db_path())
 
 
-def ago(when: datetime, now: datetime | None = None) -> str:
-    """A short relative time: 'just now', '5m ago', '3h ago', '2d ago', or a date."""
-    now = now or datetime.now(UTC)
-    s = (now - when).total_seconds()
-    if s < 60:
-        return "just now"
-    if s < 3600:
-        return f"{int(s // 60)}m ago"
-    if s < 86400:
-        return f"{int(s // 3600)}h ago"
-    if s < 30 * 86400:
-        return f"{int(s // 86400)}d ago"
-    return f"{when:%Y-%m-%d}"
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def summary_dict(c: ConversationSummary) -> dict:
     return {
         "id": c.id,
@@ -101,11 +79,12 @@ def run_ls(args: argparse.Namespace) -> int:
     if not convs:
         print('no conversations yet; start one with: chatkv ask "Hello"', file=sys.stderr)
         return 0
+    now = datetime.now(UTC)
     for c in convs:
-        cache = f"disk {human_bytes(c.cache_bytes)}" if c.cache_state == "disk" else c.cache_state
+        cache = f"disk {format_bytes(c.cache_bytes)}" if c.cache_state == "disk" else c.cache_state
         print(
-            f"{c.id:>5}  {ago(c.updated_at):>9}  {c.message_count:>3} msgs  {c.token_count:>6} tok  "
-            f"{cache:<14}  {c.title or '(untitled)'}"
+            f"{c.id:>5}  {relative_time(c.updated_at, now):>9}  {c.message_count:>3} msgs  "
+            f"{c.token_count:>6} tok  {cache:<14}  {c.title or '(untitled)'}"
         )
     return 0
 
@@ -126,7 +105,9 @@ def run_show(args: argparse.Namespace) -> int:
         )
         print()
         return 0
-    print(f"# {c.title or '(untitled)'}  [{c.id}, {c.model}, {ago(c.updated_at)}]")
+    print(
+        f"# {c.title or '(untitled)'}  [{c.id}, {c.model}, {relative_time(c.updated_at, datetime.now(UTC))}]"
+    )
     if c.system_prompt:
         print(f"\nsystem: {c.system_prompt}")
     for m in msgs:

@@ -16,32 +16,7 @@ from textual.widgets import Input, Markdown, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
 from chatkv.api import ConversationSummary, MessageView, TurnStats
-
-
-def relative_time(then: datetime, now: datetime) -> str:
-    """Short age: 'now', '5m', '3h', '2d', then the date ('Mar 03', or '2023-11' in another year)."""
-    if (then.tzinfo is None) != (now.tzinfo is None):  # compare naive and aware as UTC
-        then, now = then.replace(tzinfo=UTC), now.replace(tzinfo=UTC)
-    seconds = (now - then).total_seconds()
-    if seconds < 60:
-        return "now"
-    if seconds < 3600:
-        return f"{int(seconds // 60)}m"
-    if seconds < 86400:
-        return f"{int(seconds // 3600)}h"
-    if seconds < 30 * 86400:
-        return f"{int(seconds // 86400)}d"
-    return then.strftime("%b %d" if then.year == now.year else "%Y-%m")
-
-
-def format_bytes(n: int) -> str:
-    """Bytes in binary units with one decimal: 512 B, 1.5 KiB, 34.2 MiB."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # unreachable
+from chatkv.fmt import format_bytes, relative_time
 
 
 def compact_count(n: int) -> str:

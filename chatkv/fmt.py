@@ -1,0 +1,31 @@
+"""Plain-text formatting shared by the CLI and the TUI (no Textual import: `chatkv ls` stays fast)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def relative_time(then: datetime, now: datetime) -> str:
+    """Short age: 'now', '5m', '3h', '2d', then the date ('Mar 03', or '2023-11' in another year)."""
+    if (then.tzinfo is None) != (now.tzinfo is None):  # compare naive and aware as UTC
+        then, now = then.replace(tzinfo=UTC), now.replace(tzinfo=UTC)
+    seconds = (now - then).total_seconds()
+    if seconds < 60:
+        return "now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)}h"
+    if seconds < 30 * 86400:
+        return f"{int(seconds // 86400)}d"
+    return then.strftime("%b %d" if then.year == now.year else "%Y-%m")
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in binary units with one decimal: 512 B, 1.5 KiB, 34.2 MiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # unreachable
