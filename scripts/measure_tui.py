@@ -1,3 +1,4 @@
+# ruff: noqa: E402, E501  (CHATKV_HOME must be set before chatkv is imported; report lines are long)
 """Real-model TUI numbers (issue 3): launch -> interactive, Enter -> first token on a
 resumed ~4k-token conversation (chunks on disk) vs the same with the chunk store
 emptied, and keystroke -> screen update while a reply streams. Headless, 120x36.
@@ -8,7 +9,12 @@ Works in a scratch CHATKV_HOME (the converted model is copied from $CHATKV_SOURC
 if given, else converted once there).
 """
 
-import asyncio, os, shutil, statistics, tempfile, time
+import asyncio
+import os
+import shutil
+import statistics
+import tempfile
+import time
 
 home = tempfile.mkdtemp(prefix="chatkv-tui-")
 source = os.environ.get("CHATKV_SOURCE_HOME")
@@ -16,6 +22,7 @@ if source and os.path.isdir(os.path.join(source, "models")):
     shutil.copytree(os.path.join(source, "models"), os.path.join(home, "models"))
 os.environ["CHATKV_HOME"] = home
 from textual import events
+
 from chatkv.api import GenerationSettings
 from chatkv.bench.common import history_messages
 from chatkv.config import load_settings
