@@ -18,6 +18,11 @@ from transformers.cache_utils import DynamicLayer
 GROW_TOKENS = 256  # capacity is rounded up to this many positions
 
 
+def capacity(n: int) -> int:
+    """Positions to allocate for `n`: a quarter more, rounded up to GROW_TOKENS."""
+    return (n * 5 // 4 + GROW_TOKENS - 1) // GROW_TOKENS * GROW_TOKENS
+
+
 class GrowableLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -34,25 +39,6 @@ class GrowableLayer(DynamicLayer):
             and self.keys.shape[:-2] == kb.shape[:-2]
             and self.keys.shape[-2] == self.values.shape[-2] == self._len
         )
-
-    def fill(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Set the layer to the concatenation of `parts` (each (B, H, T_i, D)) with one copy,
-        leaving room to grow."""
-        k0, v0 = parts[0]
-        self.lazy_initialization(k0, v0)
-        n = sum(k.shape[-2] for k, _ in parts)
-        cap = (n * 5 // 4 + GROW_TOKENS - 1) // GROW_TOKENS * GROW_TOKENS
-        b, h, _, d = k0.shape  # (B, H, T, D)
-        self._kbuf = k0.new_empty((b, h, cap, d))
-        self._vbuf = v0.new_empty((b, h, cap, v0.shape[-1]))
-        pos = 0
-        for k, v in parts:
-            t = k.shape[-2]
-            self._kbuf[..., pos : pos + t, :] = k
-            self._vbuf[..., pos : pos + t, :] = v
-            pos += t
-        self.keys, self.values = self._kbuf[..., :n, :], self._vbuf[..., :n, :]
-        self._len = n
 
     def adopt(self, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> None:
         """Take `kbuf`/`vbuf` (B, H, capacity, D), whose first `n` positions are filled, as
@@ -72,7 +58,7 @@ class GrowableLayer(DynamicLayer):
             or n + t > self._kbuf.shape[-2]
             or key_states.shape[:-2] != self._kbuf.shape[:-2]
         ):
-            cap = ((n + t) * 5 // 4 + GROW_TOKENS - 1) // GROW_TOKENS * GROW_TOKENS
+            cap = capacity(n + t)
             b, h, _, d = key_states.shape  # (B, H, T, D)
             kbuf = key_states.new_empty((b, h, cap, d))
             vbuf = value_states.new_empty((b, h, cap, value_states.shape[-1]))

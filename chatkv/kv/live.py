@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from chatkv.kv.growable import GROW_TOKENS, GrowableLayer
+from chatkv.kv.growable import GrowableLayer, capacity
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -30,7 +30,11 @@ def layers_of(cache: DynamicCache) -> Layers:
 
 
 def cache_from_layers(model, layers: Layers) -> DynamicCache:
-    return concat(model, [layers])
+    """A new cache holding a copy of `layers` (per layer (k, v), each (B, H, T, D))."""
+    cache = new_cache(model)
+    for layer, (k, v) in zip(cache.layers, layers, strict=True):
+        layer.update(k, v)
+    return cache
 
 
 def seq_len(cache: DynamicCache) -> int:
@@ -43,14 +47,6 @@ def crop_to(cache: DynamicCache, n: int) -> None:
         for layer in cache.layers:
             layer.keys = layer.keys[..., :n, :]
             layer.values = layer.values[..., :n, :]
-
-
-def fork(model, cache: DynamicCache, n: int | None = None) -> DynamicCache:
-    """A new cache sharing `cache`'s tensors (first `n` positions); extending one leaves the other as is."""
-    layers = layers_of(cache)
-    if n is not None:
-        layers = [(k[..., :n, :], v[..., :n, :]) for k, v in layers]
-    return cache_from_layers(model, layers)
 
 
 def nbytes(cache: DynamicCache) -> int:
@@ -72,8 +68,7 @@ def buffers(model, n: int, batch: int = 1, dtype=None, device=None) -> tuple[tor
     c = model.config
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    cap = (n * 5 // 4 + GROW_TOKENS - 1) // GROW_TOKENS * GROW_TOKENS
-    shape = (c.num_hidden_layers, batch, heads, cap, head_dim)
+    shape = (c.num_hidden_layers, batch, heads, capacity(n), head_dim)
     dtype, device = dtype or model.dtype, device or model.device
     return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
@@ -86,16 +81,4 @@ def cache_from_buffers(model, k: torch.Tensor, v: torch.Tensor, n: int) -> Dynam
             layer.adopt(k[i], v[i], n)
         else:
             layer.update(k[i][..., :n, :].clone(), v[i][..., :n, :].clone())
-    return cache
-
-
-def concat(model, parts: list[Layers]) -> DynamicCache:
-    """One cache from consecutive spans of layers, joined along the token axis."""
-    cache = new_cache(model)
-    for i, layer in enumerate(cache.layers):
-        spans = [p[i] for p in parts]
-        if isinstance(layer, GrowableLayer):
-            layer.fill(spans)
-        else:
-            layer.update(torch.cat([k for k, _ in spans], dim=-2), torch.cat([v for _, v in spans], dim=-2))
     return cache

@@ -292,11 +292,6 @@ class KVManager:
         """Wait until every queued spill is on disk."""
         self._q.join()
 
-    def spill_now(self, conv_id: int | None, tokens: Sequence[int], cache) -> int:
-        """Spill synchronously; returns the bytes written."""
-        n = live.seq_len(cache)
-        return self._spill(conv_id, list(tokens[:n]), live.layers_of(cache))
-
     def _run(self) -> None:
         while True:
             job = self._q.get()
