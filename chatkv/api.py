@@ -26,6 +26,19 @@ class GenerationSettings:
     seed: int = -1
     stop: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> GenerationSettings:
+        """The [generation] section of chatkv.config.Settings."""
+        g = settings.generation
+        return cls(
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=g.top_k,
+            seed=g.seed,
+            stop=list(g.stop),
+        )
+
 
 @dataclass
 class TurnStats:

@@ -351,19 +351,20 @@ class Runner:
         layers = live.layers_of(att.cache)
         for n, part in enumerate(self._batches(items, p)):
             rows = [BatchRow(i.ids, i.settings, None, p, keep_cache=self._saves(i)) for i in part]
-            stats = [
-                TurnStats(
-                    prompt_tokens=len(i.ids),
-                    cached_tokens=att.cached,
-                    prefilled_tokens=len(i.ids) - att.cached,
-                    cache_source=att.source,
-                    cache_load_s=att.load_s,
-                    dropped_messages=i.dropped,
-                    codec=self.kv.codec.name,
-                )
-                for i in part
-            ]
+            stats = [self._stats(i, att) for i in part]
             self._decode(part, rows, layers, stats, t0 if n == 0 else time.perf_counter())
+
+    def _stats(self, item: Item, att) -> TurnStats:
+        """A line's statistics before decoding: its prompt and where its cache came from."""
+        return TurnStats(
+            prompt_tokens=len(item.ids),
+            cached_tokens=att.cached,
+            prefilled_tokens=len(item.ids) - att.cached,
+            cache_source=att.source,
+            cache_load_s=att.load_s,
+            dropped_messages=item.dropped,
+            codec=self.kv.codec.name,
+        )
 
     def _own(self, items: list[Item]) -> None:
         """Lines with no prefix shared in this file: each attaches its own cache."""
@@ -382,17 +383,7 @@ class Runner:
                     keep_cache=self._saves(i),
                 )
             )
-            stats.append(
-                TurnStats(
-                    prompt_tokens=len(i.ids),
-                    cached_tokens=att.cached,
-                    prefilled_tokens=len(i.ids) - att.cached,
-                    cache_source=att.source,
-                    cache_load_s=att.load_s,
-                    dropped_messages=i.dropped,
-                    codec=self.kv.codec.name,
-                )
-            )
+            stats.append(self._stats(i, att))
         self._decode(items, rows, None, stats, t0)
 
     def _saves(self, item: Item) -> bool:

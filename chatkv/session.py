@@ -25,18 +25,6 @@ from chatkv.store import Store
 log = logging.getLogger(__name__)
 
 
-def generation_settings(settings: Settings) -> GenerationSettings:
-    g = settings.generation
-    return GenerationSettings(
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        seed=g.seed,
-        stop=list(g.stop),
-    )
-
-
 class Chat:
     """The session layer over a store, a model (loaded on demand) and the KV layer."""
 
@@ -49,7 +37,7 @@ class Chat:
         self.lm = None
         self.kv = None
         self._load_lock = threading.Lock()
-        self.defaults = generation_settings(settings)
+        self.defaults = GenerationSettings.from_settings(settings)
 
     # -- model ---------------------------------------------------------------
 

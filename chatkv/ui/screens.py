@@ -284,15 +284,7 @@ class ChatScreen(Screen):
     # -- sending and streaming ----------------------------------------------------
 
     def generation_settings(self) -> GenerationSettings:
-        g = self.settings.generation
-        return GenerationSettings(
-            max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature,
-            top_p=g.top_p,
-            top_k=g.top_k,
-            seed=g.seed,
-            stop=list(g.stop),
-        )
+        return GenerationSettings.from_settings(self.settings)
 
     def busy(self, what: str) -> bool:
         if self.generating or self.pending is not None:
