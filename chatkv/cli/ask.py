@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
         if conv is not None and args.system is not None:
             raise UsageError("--system applies to a new conversation; use it without -c/-C")
         chat.load()
-        if conv is None:
-            conv = chat.new_conversation(system_prompt=args.system)
-        turn = chat.send(conv.id, text)
+        # A new conversation is created together with the message, by the session: a
+        # refused or failed first turn leaves nothing behind.
+        turn = chat.send(conv.id if conv else None, text, system_prompt=args.system)
         out = sys.stdout
         # Ctrl-C: the turn saves what it generated, and main() exits with 130.
         for piece in turn:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             json.dump(
                 {
-                    "conversation_id": conv.id,
+                    "conversation_id": turn.conversation_id,
                     "message_id": msg.id if msg else None,
                     "reply": msg.content if msg else "",
                     "stats": turn.stats.to_dict(),
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         if args.stats:
             s = turn.stats
             print(
-                f"conversation {conv.id}: {s.prompt_tokens} prompt tokens, {s.cached_tokens} from "
+                f"conversation {turn.conversation_id}: {s.prompt_tokens} prompt tokens, {s.cached_tokens} from "
                 f"{s.cache_source} in {s.cache_load_s * 1000:.0f} ms, {s.prefilled_tokens} prefilled; "
                 f"first token {s.ttft_s * 1000:.0f} ms; {s.completion_tokens} tokens at "
                 f"{s.decode_tps:.1f}/s ({s.finish_reason})",
