@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         if args.stats:
             s = turn.stats
             print(
-                f"conversation {turn.conversation_id}: {s.prompt_tokens} prompt tokens, {s.cached_tokens} from "
+                f"conversation {turn.conversation_id}: {s.prompt_tokens} prompt tokens, "
+                f"{s.cached_tokens} from "
                 f"{s.cache_source} in {s.cache_load_s * 1000:.0f} ms, {s.prefilled_tokens} prefilled; "
                 f"first token {s.ttft_s * 1000:.0f} ms; {s.completion_tokens} tokens at "
                 f"{s.decode_tps:.1f}/s ({s.finish_reason})",

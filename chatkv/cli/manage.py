@@ -124,12 +124,15 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_rm(args: argparse.Namespace) -> int:
-    """Delete conversations."""
-    store = _store()
+    """Delete conversations, with every cache chunk only they used."""
+    from chatkv.config import load_settings
+    from chatkv.session import Chat
+
+    chat = Chat(load_settings(), store=_store())
     for cid in args.ids:
-        store.get_conversation(cid)  # all ids checked before any is deleted
+        chat.get_conversation(cid)  # all ids checked before any is deleted
     for cid in args.ids:
-        store.delete_conversation(cid)
+        chat.delete(cid)
         print(f"deleted conversation {cid}", file=sys.stderr)
     return 0
 
