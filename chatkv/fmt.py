@@ -29,3 +29,12 @@ def format_bytes(n: int) -> str:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # unreachable
+
+
+def display_title(title: str, width: int = 0) -> str:
+    """A conversation title for a listing: '(untitled)' when empty, and cut to `width`
+    characters (0: no limit) with a trailing '…' so a cut title reads as one."""
+    title = " ".join(title.split()) or "(untitled)"
+    if width and len(title) > width:
+        return title[: width - 1].rstrip() + "…"
+    return title

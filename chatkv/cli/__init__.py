@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from chatkv import __version__
+from chatkv.cli.args import INT64_MAX, NumberArg, Parser, conversation_id, count, seed
 from chatkv.config import CODEC_NAMES, Settings, load_settings
 from chatkv.errors import ChatKVError
 
@@ -31,16 +32,25 @@ def _model_flags(p: argparse.ArgumentParser, context: bool = True) -> None:
     )
     g.add_argument("--codec", choices=CODEC_NAMES, help="how KV caches are stored on disk")
     if context:
-        g.add_argument("--context", type=int, help="largest context in tokens (0: the model's maximum)")
+        g.add_argument(
+            "--context",
+            type=count(0, INT64_MAX, "a number of tokens"),
+            help="largest context in tokens (0: the model's maximum)",
+        )
 
 
 def _gen_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", "-n", dest="max_new_tokens", type=int)
-    g.add_argument("--temperature", "-t", type=float, help="0 for greedy decoding")
-    g.add_argument("--top-p", dest="top_p", type=float)
-    g.add_argument("--top-k", dest="top_k", type=int)
-    g.add_argument("--seed", type=int)
+    # Bounds as in chatkv.config.SCHEMA, checked here so that a bad flag is a usage error.
+    g.add_argument(
+        "--max-new-tokens", "-n", dest="max_new_tokens", type=count(1, 1_000_000, "a number of tokens")
+    )
+    g.add_argument(
+        "--temperature", "-t", type=NumberArg(0.0, 5.0, "a temperature"), help="0 for greedy decoding"
+    )
+    g.add_argument("--top-p", dest="top_p", type=NumberArg(0.0, 1.0, "a probability"))
+    g.add_argument("--top-k", dest="top_k", type=count(0, INT64_MAX, "a number of tokens"), help="0 disables")
+    g.add_argument("--seed", type=seed, help="-1 picks a fresh seed each turn")
     g.add_argument("--stop", action="append", help="a string that ends the reply (repeatable)")
 
 
@@ -65,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="chatkv",
         parents=[common],
         description="Chat with a local language model; every conversation's KV cache "
@@ -76,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("chat", parents=[common], help="open the chat UI (the default command)")
-    p.add_argument("id", nargs="?", type=int, help="conversation to open")
+    p.add_argument("id", nargs="?", type=conversation_id, help="conversation to open")
     _model_flags(p)
     _gen_flags(p)
     p.set_defaults(func=run_chat)
@@ -128,6 +138,30 @@ def _quiet_libraries(debug: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def database_error_line(e: Exception) -> str:
+    """One line for a database failure: what happened and what to do, never SQLAlchemy's
+    multi-line text with the statement in it. `e` is a sqlalchemy DBAPIError."""
+    orig = getattr(e, "orig", None) or e
+    name = getattr(orig, "sqlite_errorname", "") or ""  # Python 3.11+: "SQLITE_BUSY", ...
+    detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    from chatkv.paths import db_path
+
+    where = db_path()
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in detail:
+        return "the database is locked by another process (retry, or close the other chatkv)"
+    if name.startswith("SQLITE_FULL") or "disk is full" in detail:
+        return f"the disk holding {where} is full; free some space (e.g. chatkv cache gc) and retry"
+    if name.startswith("SQLITE_READONLY") or "readonly" in detail:
+        return f"the database {where} is read-only; make it and its directory writable, then retry"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in detail:
+        return f"the database {where} is damaged ({detail}); move it aside to start a new one"
+    if name.startswith("SQLITE_CANTOPEN"):
+        return f"cannot open the database {where} ({detail}); check that its directory exists and is yours"
+    if name.startswith("SQLITE_IOERR"):
+        return f"the database {where} could not be read or written ({detail}); check the disk and retry"
+    return f"database error ({detail}); retry, and report it if it persists"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.umask(0o077)  # everything chatkv writes is private to the user
@@ -138,8 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         argv = ["chat", *argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
-    from sqlalchemy.exc import OperationalError as DatabaseUnavailable
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, printed), -h or --version: a code, in process too
+        return e.code if isinstance(e.code, int) else 0
+    from sqlalchemy.exc import DBAPIError
 
     debug = getattr(args, "debug", False)
     _quiet_libraries(debug)
@@ -151,14 +188,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChatKVError as e:
         if debug:
             raise
-        print(f"chatkv: error: {e}", file=sys.stderr)
+        cause = e.__cause__
+        # The store names the file when it cannot open it; a locked or full disk is not a
+        # damaged database, so say which it is.
+        message = database_error_line(cause) if isinstance(cause, DBAPIError) else str(e)
+        print(f"chatkv: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("chatkv: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
-    except OSError as e:  # disk full, permissions, a locked database: one line, not a traceback
+    except OSError as e:  # disk full, permissions: one line, not a traceback
         if debug:
             raise
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -167,13 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except DatabaseUnavailable as e:
+    except DBAPIError as e:  # OperationalError, DatabaseError, IntegrityError...
         if debug:
             raise
-        print(
-            f"chatkv: error: the database is unavailable ({e}); close other chatkv processes or retry",
-            file=sys.stderr,
-        )
+        print(f"chatkv: error: {database_error_line(e)}", file=sys.stderr)
         return 1
 
 

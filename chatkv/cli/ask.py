@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from chatkv.cli.args import conversation_id
 from chatkv.errors import InputError, UsageError
 
 
@@ -24,7 +25,9 @@ def register(sub, common) -> None:
     g.add_argument(
         "-c", "--continue", dest="cont", action="store_true", help="continue the most recent conversation"
     )
-    g.add_argument("-C", "--conversation", type=int, metavar="ID", help="continue conversation ID")
+    g.add_argument(
+        "-C", "--conversation", type=conversation_id, metavar="ID", help="continue conversation ID"
+    )
     g.add_argument("--new", action="store_true", help="start a new conversation (the default)")
     p.add_argument("--system", "-s", help="system prompt for a new conversation")
     p.add_argument("--json", action="store_true", help="print one JSON object with the reply and statistics")

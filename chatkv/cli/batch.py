@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from chatkv.cli.args import PathArg, count
 from chatkv.errors import ChatKVError, UsageError
 
 EPILOG = """\
@@ -28,13 +29,22 @@ def register(sub, common) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="JSONL file of prompts; '-' reads standard input")
-    p.add_argument("-o", "--output", help="JSONL file for the answers (default: standard output)")
+    p.add_argument(
+        "input",
+        type=PathArg(output=False, stdin=True),
+        help="JSONL file of prompts; '-' reads standard input",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=PathArg(output=True, stdin=True),
+        help="JSONL file for the answers (default: standard output)",
+    )
     p.add_argument(
         "--batch-size",
         "-b",
         dest="batch_size",
-        type=int,
+        type=count(0, 4096, "a batch size"),
         help="sequences decoded together (default: per device)",
     )
     g = p.add_mutually_exclusive_group()
