@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sqlite3
 import stat
@@ -311,3 +312,57 @@ def test_long_titles_are_cut_with_an_ellipsis(capsys):
         store.create_conversation(title="word " * 12, model="m", system_prompt="", settings={})
     code, out, _ = run(capsys, "ls")
     assert code == 0 and out.splitlines()[1].endswith("…")
+
+
+# -- --model -------------------------------------------------------------------------------
+
+
+def test_model_paths_and_unknown_names_fail_at_once_in_one_line(
+    capsys, monkeypatch, tmp_path, tiny_model_dir
+):
+    """Issue 11.9: offline, an unknown name fails in about a second (no network is tried:
+    HF_HUB_OFFLINE-style lookups are the default) with one line listing what --model takes."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for model in (str(tmp_path / "missing-dir" / "m"), str(tmp_path), str(dangling), "smollm3"):
+        code, out, err = run(capsys, "ask", "--model", model, "hi")
+        assert code == 1 and out == "" and one_line(err), (model, err)
+    assert "did you mean 'smollm2'" in err and "a Hugging Face id already in the local cache" in err
+    assert "HF_HUB_OFFLINE=0" in err
+    assert not db_path().exists() or Store(db_path()).list_conversations() == []
+
+    # A hub model in the local cache is loaded from there (and listed as a choice).
+    repo = cache / "models--local--tiny"
+    commit = "ab" * 20
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code, out, err = run(capsys, "ask", "--json", "--model", "local/tiny", "hi")
+    assert code == 0, err
+    assert json.loads(out)["stats"]["completion_tokens"] > 0
+    code, out, err = run(capsys, "ask", "--model", "local/tinny", "hi")
+    assert code == 1 and "did you mean 'local/tiny'" in one_line(err)
+
+
+def test_resolve_keeps_a_hub_models_identity(monkeypatch, tmp_path, tiny_model_dir):
+    import shutil
+
+    import huggingface_hub.constants
+
+    from chatkv.engine.model import resolve
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--m"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / ("cd" * 20))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("cd" * 20)
+    src = resolve("org/m")
+    assert src.path == str(repo / "snapshots" / ("cd" * 20)) and src.identity == "hub:org/m"
+    assert src.commit == "cd" * 20
