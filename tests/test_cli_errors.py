@@ -366,3 +366,32 @@ def test_resolve_keeps_a_hub_models_identity(monkeypatch, tmp_path, tiny_model_d
     src = resolve("org/m")
     assert src.path == str(repo / "snapshots" / ("cd" * 20)) and src.identity == "hub:org/m"
     assert src.commit == "cd" * 20
+
+
+# -- Ctrl-C -------------------------------------------------------------------------------
+
+
+def test_ctrl_c_in_ask_ends_the_line_and_says_how_to_continue(capsys, monkeypatch):
+    from chatkv.engine import generate
+
+    real, calls = generate.decode_one, []
+
+    def interrupted(*a, **k):  # Ctrl-C while the model computes the second token
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "decode_one", interrupted)
+    code, out, err = run(capsys, "ask", "Tell me a story about the sea.")
+    assert code == 130 and calls
+    with Store(db_path()) as store:
+        (conv,) = store.list_conversations()
+        msgs = store.messages(conv.id)
+    assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].stats.finish_reason == "cancelled"
+    assert out == (msgs[1].content + "\n" if msgs[1].content else "")  # the reply's line is ended
+    assert err.strip().splitlines() == [
+        f"chatkv: interrupted; the partial reply is saved in conversation {conv.id} "
+        f"— continue with: chatkv ask -C {conv.id} ..."
+    ]
+    monkeypatch.setattr(generate, "decode_one", real)
+    code, out, err = run(capsys, "ask", "-C", str(conv.id), "Go on.")
+    assert code == 0

@@ -136,6 +136,10 @@ def _quiet_libraries(debug: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         for name in ("transformers", "accelerate", "alembic", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        if "transformers" in sys.modules:  # imported before main() (in process): the variable came late
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
 
 def database_error_line(e: Exception) -> str:

@@ -87,11 +87,23 @@ def run(args: argparse.Namespace) -> int:
             conv = chat.new_conversation(system_prompt=args.system)
         turn = chat.send(conv.id, text)
         out = sys.stdout
-        # Ctrl-C: the turn saves what it generated, and main() exits with 130.
-        for piece in turn:
-            if not args.json:
-                out.write(piece)
+        pieces = iter(turn)
+        streamed = False
+        try:
+            for piece in pieces:
+                if not args.json and piece:
+                    out.write(piece)
+                    out.flush()
+                    streamed = True
+        except KeyboardInterrupt:
+            # Interrupted between two pieces, the turn is still open: closing it saves what it
+            # made (interrupted inside it, it saved already and this does nothing).
+            pieces.close()
+            if streamed:
+                out.write("\n")  # end the reply's line before saying anything
                 out.flush()
+            _say_interrupted(conv.id, turn.message is not None)
+            return 130
         # turn.warnings (a cache chunk dropped and recomputed) were logged to stderr already
         # by the KV layer, once each; printing them again would report each twice.
         msg = turn.message
@@ -120,3 +132,18 @@ def run(args: argparse.Namespace) -> int:
     finally:
         chat.close()
     return 0
+
+
+def _say_interrupted(conversation_id: int, saved: bool) -> None:
+    if saved:
+        print(
+            f"chatkv: interrupted; the partial reply is saved in conversation {conversation_id} "
+            f"— continue with: chatkv ask -C {conversation_id} ...",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"chatkv: interrupted before the reply began; nothing was added to conversation "
+            f"{conversation_id}",
+            file=sys.stderr,
+        )
