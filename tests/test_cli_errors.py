@@ -395,3 +395,12 @@ def test_ctrl_c_in_ask_ends_the_line_and_says_how_to_continue(capsys, monkeypatc
     monkeypatch.setattr(generate, "decode_one", real)
     code, out, err = run(capsys, "ask", "-C", str(conv.id), "Go on.")
     assert code == 0
+
+
+def test_a_file_where_the_data_dir_should_be_is_one_line(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    monkeypatch.setenv("CHATKV_HOME", str(home))
+    code, out, err = run(capsys, "ls")
+    line = one_line(err)
+    assert code == 1 and "CHATKV_HOME" in line and "nothing was lost" not in line

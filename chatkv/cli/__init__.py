@@ -7,8 +7,10 @@ Exit codes: 0 success, 1 a user error (one line on stderr), 2 a usage error,
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -166,6 +168,19 @@ def database_error_line(e: Exception) -> str:
     return f"database error ({detail}); retry, and report it if it persists"
 
 
+def os_error_line(e: OSError) -> str:
+    """One line for a failed file operation, with what to do about it."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    what = f"{e.strerror or e}{where}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # mid-write: say what survived
+        return f"{what}; nothing was lost: what was saved before stays saved; free some space and retry"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}; chatkv needs to write there (CHATKV_HOME moves its data elsewhere)"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{what}; a file is where chatkv expects a directory (check CHATKV_HOME)"
+    return what
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.umask(0o077)  # everything chatkv writes is private to the user
@@ -206,13 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # disk full, permissions: one line, not a traceback
         if debug:
             raise
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(
-            f"chatkv: error: {e.strerror or e}{where}; nothing was lost: what was saved before stays saved",
-            file=sys.stderr,
-        )
+        print(f"chatkv: error: {os_error_line(e)}", file=sys.stderr)
         return 1
-    except DBAPIError as e:  # OperationalError, DatabaseError, IntegrityError...
+    except (DBAPIError, sqlite3.Error) as e:  # OperationalError, DatabaseError, IntegrityError...
         if debug:
             raise
         print(f"chatkv: error: {database_error_line(e)}", file=sys.stderr)
