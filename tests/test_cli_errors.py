@@ -404,3 +404,35 @@ def test_a_file_where_the_data_dir_should_be_is_one_line(capsys, monkeypatch, tm
     code, out, err = run(capsys, "ls")
     line = one_line(err)
     assert code == 1 and "CHATKV_HOME" in line and "nothing was lost" not in line
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        10**30,
+        10**400,
+        -(10**30),
+        1e400,
+        float("nan"),
+        True,
+        [],
+        [1],
+        {"a": 1},
+        "",
+        "x",
+        "9" * 5000,
+        "１２",
+        None,
+    ],
+    ids=lambda v: repr(v)[:20],
+)
+def test_every_config_key_takes_any_value_without_a_traceback(value):
+    """What a TOML file or an environment variable can hold is accepted or a ConfigError."""
+    from chatkv.config import SCHEMA, validate
+    from chatkv.errors import ConfigError
+
+    for key in SCHEMA:
+        try:
+            validate(key, value, "test")
+        except ConfigError as e:
+            assert key in str(e) and "\n" not in str(e)
