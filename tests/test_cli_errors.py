@@ -308,10 +308,16 @@ def test_long_titles_are_cut_with_an_ellipsis(capsys):
     assert display_title("") == "(untitled)"
     assert display_title("a  b\n c", 10) == "a b c"
     assert display_title("x" * 60, 20) == "x" * 19 + "…"
+    assert display_title("Summarise the", source="\n Summarise the GPL\nmore") == "Summarise the…"
+    assert display_title("Summarise the GPL", source="Summarise the GPL") == "Summarise the GPL"
     with Store(db_path()) as store:
         store.create_conversation(title="word " * 12, model="m", system_prompt="", settings={})
     code, out, _ = run(capsys, "ls")
     assert code == 0 and out.splitlines()[1].endswith("…")
+    long = "Tell me about the sea " * 5  # titled with its first 60 characters, unmarked
+    code, out, _ = run(capsys, "ask", "--json", long)
+    code, out, _ = run(capsys, "show", str(json.loads(out)["conversation_id"]))
+    assert code == 0 and out.splitlines()[0].startswith(f"# {long[:60].rstrip()}…  [")
 
 
 # -- --model -------------------------------------------------------------------------------

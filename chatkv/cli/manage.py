@@ -115,9 +115,9 @@ def run_show(args: argparse.Namespace) -> int:
         )
         print()
         return 0
-    print(
-        f"# {display_title(c.title)}  [{c.id}, {c.model}, {relative_time(c.updated_at, datetime.now(UTC))}]"
-    )
+    first_user = next((m.content for m in msgs if m.role == "user"), "")
+    age = relative_time(c.updated_at, datetime.now(UTC))
+    print(f"# {display_title(c.title, source=first_user)}  [{c.id}, {c.model}, {age}]")
     if c.system_prompt:
         print(f"\nsystem: {c.system_prompt}")
     for m in msgs:
