@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 
@@ -29,6 +30,9 @@ def cli(tiny_lm, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("CHATKV_CACHE_CHUNK_TOKENS", "32")
     monkeypatch.setenv("CHATKV_GENERATION_MAX_NEW_TOKENS", "12")
 
+    umask = os.umask(0o022)  # main() tightens it; put the test's back afterwards
+    os.umask(umask)
+
     def run(*argv: str) -> int:
         return main(
             [
@@ -46,7 +50,8 @@ def cli(tiny_lm, tiny_model_dir, monkeypatch):
             ]
         )
 
-    return run
+    yield run
+    os.umask(umask)
 
 
 def _write(path, lines) -> str:
