@@ -146,7 +146,7 @@ def _quiet_libraries(debug: bool) -> None:
 
 def database_error_line(e: Exception) -> str:
     """One line for a database failure: what happened and what to do, never SQLAlchemy's
-    multi-line text with the statement in it. `e` is a sqlalchemy DBAPIError."""
+    multi-line text with the statement in it. `e`: a sqlalchemy DBAPIError or a sqlite3.Error."""
     orig = getattr(e, "orig", None) or e
     name = getattr(orig, "sqlite_errorname", "") or ""  # Python 3.11+: "SQLITE_BUSY", ...
     detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__

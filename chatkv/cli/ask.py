@@ -134,16 +134,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_interrupted(conversation_id: int, saved: bool) -> None:
+def _say_interrupted(cid: int, saved: bool) -> None:
     if saved:
         print(
-            f"chatkv: interrupted; the partial reply is saved in conversation {conversation_id} "
-            f"— continue with: chatkv ask -C {conversation_id} ...",
+            f"chatkv: interrupted; the partial reply is saved in conversation {cid} "
+            f"— continue with: chatkv ask -C {cid} ...",
             file=sys.stderr,
         )
     else:
         print(
-            f"chatkv: interrupted before the reply began; nothing was added to conversation "
-            f"{conversation_id}",
+            f"chatkv: interrupted before the reply began; nothing was added to conversation {cid}",
             file=sys.stderr,
         )

@@ -13,7 +13,9 @@ from chatkv.errors import ChatKVError, UsageError
 EPILOG = """\
 input lines: {"id": ..., "prompt": ...} with optional "system", "messages" (a full chat),
 "conversation" (id of a saved conversation to continue) and generation settings
-("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop").
+("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"); no other field.
+output lines: one per input line, in input order, each with its "id" and "line": a "reply"
+with usage and timings, or an "error" saying what is wrong with that line.
 exit status: 0 every line served, 1 some failed (see their "error" records), 2 usage error."""
 
 
