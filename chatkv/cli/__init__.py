@@ -136,7 +136,7 @@ def _quiet_libraries(debug: bool) -> None:
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        for name in ("transformers", "accelerate", "alembic", "huggingface_hub"):
+        for name in ("transformers", "accelerate", "alembic", "huggingface_hub", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
         if "transformers" in sys.modules:  # imported before main() (in process): the variable came late
             from transformers.utils import logging as hf_logging
