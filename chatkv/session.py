@@ -13,14 +13,19 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from sqlalchemy import exc
+
+from chatkv import journal, lease
 from chatkv.api import ConversationSummary, GenerationSettings, MessageView, TurnStats
 from chatkv.config import Settings
-from chatkv.errors import InputError
+from chatkv.errors import ChatKVError, InputError
 from chatkv.paths import db_path, kv_dir
 from chatkv.store import Store
+from chatkv.store.db import describe_db_error
+from chatkv.store.repo import new_turn_id
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ class Chat:
         self.kv = None
         self._load_lock = threading.Lock()
         self.defaults = GenerationSettings.from_settings(settings)
+        journal.replay(self.store)  # replies an earlier run streamed but could not save
 
     # -- model ---------------------------------------------------------------
 
@@ -109,32 +115,94 @@ class Chat:
         self.store.rename(conversation_id, title.strip())
 
     def delete(self, conversation_id: int) -> None:
-        self.store.delete_conversation(conversation_id)
+        """Delete the conversation, its earlier versions, its journals, and every cache chunk
+        that only it used (chunk files hold token ids, which decode back to its text).
+        Chunks shared with other conversations stay. Raises NotFoundError, BusyError."""
+        self.store.get_conversation(conversation_id)
         if self.kv is not None:
-            self.kv.pool.drop(conversation_id)
+            self.kv.flush()  # a spill still queued for it would write its chunks again
+        with lease.acquire(conversation_id) as held:
+            try:
+                keys = self.store.private_chunks(conversation_id)
+            except exc.DatabaseError:  # a damaged chunk index: the files go by `cache gc`
+                keys = []
+            self.store.delete_conversation(conversation_id)
+            if self.kv is not None:
+                self.kv.pool.drop(conversation_id)
+            journal.discard(conversation_id)
+            if keys:
+                from chatkv.kv.maintenance import remove_keys
+
+                remove_keys(self.store, kv_dir(), keys)
+            held.release(forget=True)
 
     def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
         self.store.set_system_prompt(conversation_id, system_prompt)
 
     # -- turns ---------------------------------------------------------------
 
-    def send(self, conversation_id: int, text: str, settings: GenerationSettings | None = None) -> Turn:
+    def send(
+        self,
+        conversation_id: int | None,
+        text: str,
+        settings: GenerationSettings | None = None,
+        system_prompt: str | None = None,
+    ) -> Turn:
+        """Append a user message and return the turn that answers it.
+
+        `conversation_id` None starts a new conversation (with `system_prompt`, else the
+        configured one) together with the message, so nothing is created for a message that
+        is refused. The message is saved before this returns; if the turn then produces
+        nothing, it is removed again (and a new conversation with it) and the front end gives
+        the text back. Raises InputError, NotFoundError, BusyError.
+        """
         if not text.strip():
             raise InputError("the message is empty; type something to send")
+        if conversation_id is None:
+            prompt = self.settings.chat.system_prompt if system_prompt is None else system_prompt
+            conv, msg = self.store.start_conversation(
+                text, model=self.model_name, system_prompt=prompt, settings=asdict(self.defaults)
+            )
+            held = lease.acquire(conv.id)
+            return Turn(
+                self, conv.id, settings or self.defaults, held, new_user_message=msg, new_conversation=True
+            )
         self.store.get_conversation(conversation_id)  # raises NotFoundError before anything is written
-        msg = self.store.add_message(conversation_id, "user", text)
-        return Turn(self, conversation_id, settings or self.defaults, new_user_message=msg)
+        held = self._hold(conversation_id)
+        try:
+            msg = self.store.add_message(conversation_id, "user", text)
+        except BaseException:
+            held.release()
+            raise
+        return Turn(self, conversation_id, settings or self.defaults, held, new_user_message=msg)
+
+    def _hold(self, conversation_id: int) -> lease.Lease:
+        """Take the conversation for one turn, saving first any reply a dead turn left in its journal."""
+        held = lease.acquire(conversation_id)
+        journal.replay(self.store, conversation_id)
+        return held
 
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> Turn:
+        """Generate the last reply again. The old reply becomes an earlier version only when the
+        new one is saved; a stopped or failed regeneration leaves the conversation as it was."""
         msgs = self.store.messages(conversation_id)
         if not msgs or not any(m.role == "user" for m in msgs):
             raise InputError("there is no reply to regenerate yet; send a message first")
-        # The old reply is replaced only when the new one is saved: a failed or
-        # interrupted regeneration loses nothing.
-        start = msgs[-1].position if msgs[-1].role == "assistant" else None
-        return Turn(self, conversation_id, settings or self.defaults, replace=Replace(start))
+        last = msgs[-1]
+        old = [last.id] if last.role == "assistant" else []
+        change = Replace(
+            last.position if old else None,
+            set_aside=old,
+            reply_position=last.position if old else last.position + 1,
+        )
+        return Turn(
+            self, conversation_id, settings or self.defaults, self._hold(conversation_id), replace=change
+        )
 
     def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> Turn:
+        """Replace a user message and reply again. The old message and everything after it
+        become earlier versions when the new reply is saved (`later_messages` says how many
+        follow it, for the front end to warn about); a stopped or failed turn changes nothing."""
         if not text.strip():
             raise InputError("the edited message is empty; type something or cancel the edit")
         msg = self.store.get_message(message_id)
@@ -142,13 +210,43 @@ class Chat:
             raise InputError(
                 f"message {message_id} is an assistant reply; only your own messages can be edited"
             )
-        # Applied when the new reply is saved, so a failed turn leaves the conversation as it was.
-        return Turn(
-            self,
-            msg.conversation_id,
-            settings or self.defaults,
-            replace=Replace(msg.position + 1, message_id, text),
-        )
+        after = [m.id for m in self.store.messages(msg.conversation_id) if m.position >= msg.position]
+        change = Replace(msg.position + 1, message_id, text, set_aside=after, reply_position=msg.position + 1)
+        held = self._hold(msg.conversation_id)
+        return Turn(self, msg.conversation_id, settings or self.defaults, held, replace=change)
+
+    def later_messages(self, message_id: int) -> int:
+        """How many messages follow this one (an edit sets them aside)."""
+        msg = self.store.get_message(message_id)
+        return sum(1 for m in self.store.messages(msg.conversation_id) if m.position > msg.position)
+
+    def versions(self, message_id: int) -> list[MessageView]:
+        """Earlier versions of a message, oldest first (ids are version ids for `restore`)."""
+        return self.store.versions(message_id)
+
+    def restore(self, message_id: int, version_id: int) -> None:
+        """Make an earlier version current again (what it replaced becomes a version in turn)."""
+        msg = self.store.get_message(message_id)
+        with self._hold(msg.conversation_id):
+            self.store.restore(message_id, version_id)
+
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens `text` adds as a user message; None while the model is not loaded."""
+        if self.lm is None:
+            return None
+        from chatkv.engine.model import chat_ids
+
+        return len(chat_ids(self.lm.tokenizer, [{"role": "user", "content": text}], False))
+
+    @property
+    def default_system_prompt(self) -> str:
+        """The system prompt the model's template uses when a conversation has none ("" if
+        none, or before the model is loaded)."""
+        if self.lm is None:
+            return ""
+        from chatkv.engine.model import template_default_system_prompt
+
+        return template_default_system_prompt(self.lm.tokenizer)
 
     def render(self, conversation_id: int, replace: Replace | None = None) -> list[dict[str, str]]:
         """The conversation as chat-template messages, with a pending `replace` applied."""
@@ -251,34 +349,50 @@ def message_dict(m: MessageView) -> dict[str, Any]:
 
 @dataclass
 class Replace:
-    """A change to the transcript that takes effect when the new reply is saved: drop the
-    messages from `position` on (None: none), and give message `message_id` new `text`."""
+    """A change to the transcript that takes effect when the new reply is saved: the prompt
+    stops before `position` (None: nothing is cut), message `message_id` reads `text`, and
+    the messages `set_aside` (by id, never by position) become earlier versions."""
 
     position: int | None
     message_id: int | None = None
     text: str | None = None
+    set_aside: list[int] = field(default_factory=list)
+    reply_position: int | None = None  # where the reply goes (for a kept-aside stopped turn)
 
 
 class Turn:
-    """One assistant reply being generated (implements chatkv.api.TurnStream)."""
+    """One assistant reply being generated (implements chatkv.api.TurnStream).
+
+    Holds the conversation's lease from creation to the end of iteration, so no other turn
+    (in this process or another) interleaves with it. Every piece it yields is in its
+    journal before the consumer sees it; the reply and what it replaces are saved in one
+    transaction at the end (chatkv.store.Store.finish_turn).
+    """
 
     def __init__(
         self,
         chat: Chat,
         conversation_id: int,
         settings: GenerationSettings,
+        held: lease.Lease,
         new_user_message: MessageView | None = None,
         replace: Replace | None = None,
+        new_conversation: bool = False,
     ):
         self.replace = replace
         self.chat = chat
         self.conversation_id = conversation_id
         self.settings = settings
         self.new_user_message = new_user_message
+        self.new_conversation = new_conversation
         self.message: MessageView | None = None
+        self.kept_aside = False  # a stopped regenerate/edit: kept as an earlier version
         self.stats = TurnStats()
         self.warnings: list[str] = []
         self.tokens: list[int] = []  # what the cache covers after the turn: prompt and reply
+        self.turn_id = new_turn_id()
+        self._lease = held
+        self._journal: journal.Journal | None = None
         self._cancel = threading.Event()
         self._started = False
 
@@ -292,6 +406,14 @@ class Turn:
         return self._run()
 
     def _run(self) -> Iterator[str]:
+        try:
+            yield from self._generate()
+        finally:
+            if self._journal is not None:
+                self._journal.close(saved=False)
+            self._lease.release()
+
+    def _generate(self) -> Iterator[str]:
         from chatkv.engine.generate import TextStream, generate
 
         chat = self.chat
@@ -315,6 +437,7 @@ class Turn:
             dropped,
             kv.codec.name,
         )
+        self._journal = self._open_journal()
         text = TextStream(lm.tokenizer, self.settings.stop)
         gen: list[int] = []
         first = last = None
@@ -339,12 +462,14 @@ class Turn:
                 gen.append(step.token)
                 piece = text.push(step.token)
                 if piece:
+                    self._journal.piece(piece)
                     yield piece
                 if text.stopped:
                     reason = "stop"
                     break
             piece = text.finish()
             if piece:
+                self._journal.piece(piece)
                 yield piece
         except GeneratorExit:  # the consumer stopped iterating: keep what was made
             reason = "cancelled"
@@ -367,27 +492,84 @@ class Turn:
             return
         self._save(text.text, reason, ids, gen, att, first, last, t0)
 
+    def _open_journal(self) -> journal.Journal | None:
+        r = self.replace
+        kept_user = None
+        if r is not None and r.message_id is not None and r.text is not None and r.position is not None:
+            kept_user = (r.position - 1, r.text)
+        header = journal.Header(
+            conversation_id=self.conversation_id,
+            turn_id=self.turn_id,
+            set_aside=list(r.set_aside) if r else [],
+            edit=(r.message_id, r.text) if r and r.message_id is not None and r.text is not None else None,
+            kept_user=kept_user,
+            reply_position=r.reply_position if r else None,
+        )
+        try:
+            jr = journal.Journal(header)
+        except OSError as e:  # no journal (a full disk, say): the turn still runs
+            log.warning("could not open a reply journal: %s", e)
+            return None
+        jr.stats(self.stats)
+        return jr
+
     def _save(self, content: str, reason: str, ids, gen, att, first, last, t0) -> None:
         st = self.stats
         st.finish_reason = reason
         st.completion_tokens = len(gen)
         st.ttft_s = (first - t0) if first else time.perf_counter() - t0
         st.decode_tps = (len(gen) - 1) / (last - first) if first and last and last > first else 0.0
-        store, r = self.chat.store, self.replace
-        if r is not None:
-            if r.message_id is not None:
-                store.update_message(r.message_id, r.text)
-            if r.position is not None:
-                store.delete_messages_from(self.conversation_id, r.position)
-        self.message = store.add_message(self.conversation_id, "assistant", content, stats=st)
+        jr = self._journal
+        if jr is not None:
+            jr.end(reason, st)
+        r = self.replace
+        replaces = r is not None and (r.set_aside or r.message_id is not None)
         kv = self.chat.kv
         covered = self.tokens = list(ids) + gen
         kv.commit(self.conversation_id, covered, att.cache)
-        kv.spill(self.conversation_id, covered, att.cache)
+        try:
+            if replaces and reason in ("cancelled", "error"):
+                # A stopped regenerate or edit changes nothing; what it streamed is kept aside.
+                self._keep_aside(content)
+            else:
+                self.message = self.chat.store.finish_turn(
+                    self.conversation_id,
+                    content,
+                    st,
+                    self.turn_id,
+                    r.set_aside if r else (),
+                    (r.message_id, r.text) if r and r.message_id is not None and r.text is not None else None,
+                )
+        except exc.SQLAlchemyError as e:
+            where = f"; its text is kept in {jr.path} and will be saved when chatkv next starts" if jr else ""
+            raise ChatKVError(f"the reply could not be saved: {describe_db_error(e)}{where}") from e
+        if jr is not None:
+            jr.close(saved=True)
+            self._journal = None
+        if not self.kept_aside:
+            kv.spill(self.conversation_id, covered, att.cache)
+
+    def _keep_aside(self, content: str) -> None:
+        r = self.replace
+        assert r is not None
+        rows: list[tuple[int, str, str, TurnStats | None]] = []
+        if r.message_id is not None and r.text is not None and r.position is not None:
+            rows.append((r.position - 1, "user", r.text, None))
+        rows.append((r.reply_position or 0, "assistant", content, self.stats))
+        self.chat.store.keep_version(self.conversation_id, self.turn_id, rows)
+        self.kept_aside = True
 
     def _forget_user_message(self) -> None:
-        """A send that produced nothing leaves no trace: the front end gives the text back."""
+        """A send that produced nothing leaves no trace: the front end gives the text back.
+        Deleted by id: another process may have written to the conversation since."""
         m = self.new_user_message
-        if m is not None:
-            self.chat.store.delete_messages_from(m.conversation_id, m.position)
-            self.new_user_message = None
+        if m is None:
+            return
+        self.new_user_message = None
+        try:
+            if self.new_conversation:
+                self.chat.store.delete_conversation(m.conversation_id)
+            else:
+                self.chat.store.delete_message(m.id)
+        except Exception as e:  # the turn's own error is the one to report
+            log.warning("could not remove the unanswered message: %s", e)

@@ -18,7 +18,7 @@ import stat
 
 import pytest
 
-from chatkv.cli import build_parser, database_error_line, main, settings_from
+from chatkv.cli import build_parser, main, settings_from
 from chatkv.cli.args import INT64_MAX, IntArg, NumberArg, PathArg, SizeArg
 from chatkv.paths import db_path
 from chatkv.store import Store
@@ -211,7 +211,7 @@ def test_a_locked_database_is_one_line(capsys, monkeypatch):
         other.execute("ROLLBACK")
         other.close()
     line = one_line(err)
-    assert code == 1 and "locked by another process" in line and "[SQL" not in line
+    assert code == 1 and "locked by another chatkv process" in line and "[SQL" not in line
     code, _, err = run(capsys, "show", str(cid))
     assert code == 0  # nothing was deleted
 
@@ -240,7 +240,9 @@ def _sqlite_error(tmp_path, what: str) -> Exception:
 
 @pytest.mark.parametrize("what,says", [("readonly", "read-only"), ("full", "is full"), ("notadb", "damaged")])
 def test_database_errors_are_classified(tmp_path, what, says):
-    line = database_error_line(_sqlite_error(tmp_path, what))
+    from chatkv.store.db import describe_db_error
+
+    line = describe_db_error(_sqlite_error(tmp_path, what))
     assert says in line and "\n" not in line and "[SQL" not in line and "INSERT" not in line
 
 

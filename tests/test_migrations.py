@@ -57,10 +57,15 @@ def _seed_0001(db: sqlite3.Connection) -> None:
 
 
 def _check_0001(store: Store) -> None:
+    _check_transcript(store)
+    conv = store.get_conversation(7)
+    assert conv.token_count == 0 and conv.cache_state == "none"
+
+
+def _check_transcript(store: Store) -> None:
     conv = store.get_conversation(7)
     assert (conv.title, conv.model, conv.system_prompt) == ("old chat", "m", "be brief")
     assert conv.created_at == datetime.fromisoformat(CREATED + "+00:00")
-    assert conv.token_count == 0 and conv.cache_state == "none"
     assert store.conversation_settings(7) == {"temperature": 0.2}
     msgs = store.messages(7)
     assert [(m.position, m.role, m.content) for m in msgs] == [
@@ -72,10 +77,30 @@ def _check_0001(store: Store) -> None:
     assert msgs[1].stats.completion_tokens == 3 and msgs[1].stats.finish_reason == "stop"
 
 
+def _seed_0002(db: sqlite3.Connection) -> None:
+    _seed_0001(db)
+    db.execute(
+        "INSERT INTO kv_chunks (key, parent, fingerprint, codec, start, n_tokens, partial, path, nbytes, "
+        "checksum, created_at, last_used_at) VALUES (?, NULL, 'fp', 'int8', 0, 9, 1, ?, 123, 'c', ?, ?)",
+        ("ab" * 32, "ab/ab/" + "ab" * 32 + ".safetensors", CREATED, CREATED),
+    )
+    db.execute("UPDATE conversations SET kv_head = ?, kv_tokens = 9, kv_fingerprint = 'fp'", ("ab" * 32,))
+
+
+def _check_0002(store: Store) -> None:
+    _check_transcript(store)
+    conv = store.get_conversation(7)
+    assert (conv.token_count, conv.cache_state, conv.cache_bytes) == (9, "disk", 123)
+    # 0003: replies kept under their turn id, versions and chunk references start empty.
+    assert store.versions(store.messages(7)[1].id) == []
+    assert store.private_chunks(7) == []
+
+
 # For each earlier head: rows to write at that revision, and how to check them after
 # the upgrade to head. A new migration must add an entry for the head it supersedes.
 SEEDS: dict[str, tuple[Callable[[sqlite3.Connection], None], Callable[[Store], None]]] = {
     "0001": (_seed_0001, _check_0001),
+    "0002": (_seed_0002, _check_0002),
 }
 
 

@@ -144,30 +144,6 @@ def _quiet_libraries(debug: bool) -> None:
             hf_logging.disable_progress_bar()
 
 
-def database_error_line(e: Exception) -> str:
-    """One line for a database failure: what happened and what to do, never SQLAlchemy's
-    multi-line text with the statement in it. `e`: a sqlalchemy DBAPIError or a sqlite3.Error."""
-    orig = getattr(e, "orig", None) or e
-    name = getattr(orig, "sqlite_errorname", "") or ""  # Python 3.11+: "SQLITE_BUSY", ...
-    detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-    from chatkv.paths import db_path
-
-    where = db_path()
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in detail:
-        return "the database is locked by another process (retry, or close the other chatkv)"
-    if name.startswith("SQLITE_FULL") or "disk is full" in detail:
-        return f"the disk holding {where} is full; free some space (e.g. chatkv cache gc) and retry"
-    if name.startswith("SQLITE_READONLY") or "readonly" in detail:
-        return f"the database {where} is read-only; make it and its directory writable, then retry"
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in detail:
-        return f"the database {where} is damaged ({detail}); move it aside to start a new one"
-    if name.startswith("SQLITE_CANTOPEN"):
-        return f"cannot open the database {where} ({detail}); check that its directory exists and is yours"
-    if name.startswith("SQLITE_IOERR"):
-        return f"the database {where} could not be read or written ({detail}); check the disk and retry"
-    return f"database error ({detail}); retry, and report it if it persists"
-
-
 def os_error_line(e: OSError) -> str:
     """One line for a failed file operation, with what to do about it."""
     where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -207,11 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChatKVError as e:
         if debug:
             raise
-        cause = e.__cause__
-        # The store names the file when it cannot open it; a locked or full disk is not a
-        # damaged database, so say which it is.
-        message = database_error_line(cause) if isinstance(cause, DBAPIError) else str(e)
-        print(f"chatkv: error: {message}", file=sys.stderr)
+        print(f"chatkv: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("chatkv: interrupted", file=sys.stderr)
@@ -226,7 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DBAPIError, sqlite3.Error) as e:  # OperationalError, DatabaseError, IntegrityError...
         if debug:
             raise
-        print(f"chatkv: error: {database_error_line(e)}", file=sys.stderr)
+        from chatkv.paths import db_path
+        from chatkv.store.db import describe_db_error
+
+        # One line by the sqlite error's name (locked, full, read-only, damaged), never
+        # SQLAlchemy's text with the statement in it.
+        print(f"chatkv: error: {describe_db_error(e, db_path())}", file=sys.stderr)
         return 1
 
 

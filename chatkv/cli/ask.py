@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
         if conv is not None and args.system is not None:
             raise UsageError("--system applies to a new conversation; use it without -c/-C")
         chat.load()
-        if conv is None:
-            conv = chat.new_conversation(system_prompt=args.system)
-        turn = chat.send(conv.id, text)
+        # A new conversation is created together with the message, by the session: a
+        # refused or failed first turn leaves nothing behind.
+        turn = chat.send(conv.id if conv else None, text, system_prompt=args.system)
         out = sys.stdout
         pieces = iter(turn)
         streamed = False
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             if streamed:
                 out.write("\n")  # end the reply's line before saying anything
                 out.flush()
-            _say_interrupted(conv.id, turn.message is not None)
+            _say_interrupted(turn.conversation_id, turn.message is not None)
             return 130
         # turn.warnings (a cache chunk dropped and recomputed) were logged to stderr already
         # by the KV layer, once each; printing them again would report each twice.
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             json.dump(
                 {
-                    "conversation_id": conv.id,
+                    "conversation_id": turn.conversation_id,
                     "message_id": msg.id if msg else None,
                     "reply": msg.content if msg else "",
                     "stats": turn.stats.to_dict(),
@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         if args.stats:
             s = turn.stats
             print(
-                f"conversation {conv.id}: {s.prompt_tokens} prompt tokens, {s.cached_tokens} from "
+                f"conversation {turn.conversation_id}: {s.prompt_tokens} prompt tokens, "
+                f"{s.cached_tokens} from "
                 f"{s.cache_source} in {s.cache_load_s * 1000:.0f} ms, {s.prefilled_tokens} prefilled; "
                 f"first token {s.ttft_s * 1000:.0f} ms; {s.completion_tokens} tokens at "
                 f"{s.decode_tps:.1f}/s ({s.finish_reason})",
@@ -141,8 +142,5 @@ def _say_interrupted(cid: int, saved: bool) -> None:
             f"— continue with: chatkv ask -C {cid} ...",
             file=sys.stderr,
         )
-    else:
-        print(
-            f"chatkv: interrupted before the reply began; nothing was added to conversation {cid}",
-            file=sys.stderr,
-        )
+    else:  # the session removed the unanswered message (and a conversation it started)
+        print("chatkv: interrupted before the reply began; your message was not saved", file=sys.stderr)

@@ -134,7 +134,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_rm(args: argparse.Namespace) -> int:
-    """Delete conversations."""
+    """Delete conversations, with every cache chunk only they used."""
     from chatkv.config import load_settings
     from chatkv.errors import NotFoundError
     from chatkv.session import Chat
@@ -150,7 +150,7 @@ def run_rm(args: argparse.Namespace) -> int:
                 "(`chatkv ls` lists conversations)"
             )
         for cid in ids:
-            chat.delete(cid)  # the session also drops the conversation's own cache
+            chat.delete(cid)  # with the cache chunks only this conversation used
             print(f"deleted conversation {cid}", file=sys.stderr)
     finally:
         chat.close()

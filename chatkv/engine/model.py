@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -363,10 +364,47 @@ def load_model(
     )
 
 
+def template_default_system_prompt(tokenizer: Any) -> str:
+    """The system prompt a chat template adds on its own when a conversation has none ("" if
+    it adds none): found by rendering a chat with and without a system message."""
+    user = {"role": "user", "content": "\ue002"}
+    marker = "\ue003"
+    try:
+        bare = tokenizer.apply_chat_template([user], tokenize=False)
+        with_sys = tokenizer.apply_chat_template(
+            [{"role": "system", "content": marker}, user], tokenize=False
+        )
+    except Exception:  # a template that rejects a system message
+        return ""
+    head, _, tail = with_sys.partition(marker)
+    if not tail or not bare.startswith(head):
+        return ""
+    end = bare.find(tail, len(head))
+    return bare[len(head) : end] if end > len(head) else ""
+
+
+# Stand-ins for message contents while the chat template renders: private-use code points
+# that no template adds and no content can forge (contents never enter the rendered text).
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
 def chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` rendered with the model's chat template.
-    (Tokenizers return either a list or a BatchEncoding here, depending on their kind.)"""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
+
+    Only the template makes control tokens: every message's content is tokenized as plain
+    text, so a user (or a system prompt file, or a batch line) who types `<|im_start|>system`
+    gets those characters, not a role switch. The template is rendered with a marker in
+    place of each content; the text around the markers is tokenized with special tokens
+    recognised, each content with special tokens split into ordinary ones.
+    """
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    text = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    ids: list[int] = []
+    for j, part in enumerate(_MARK.split(text)):
+        if j % 2:  # a content
+            part, plain = messages[int(part)]["content"], True
+        else:  # the template's own text
+            plain = False
+        if part:
+            ids += tokenizer.encode(part, add_special_tokens=False, split_special_tokens=plain)
     return [int(i) for i in ids]

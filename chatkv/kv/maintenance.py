@@ -37,6 +37,23 @@ def remove(store, kv_dir: Path, recs) -> None:
             pass
 
 
+def remove_keys(store, kv_dir: Path, keys) -> int:
+    """Remove chunks by key: their index rows and their files, indexed or not (a file whose
+    row was lost still holds token ids). Returns how many files went."""
+    from chatkv.kv.chunks import relpath
+
+    keys = list(keys)
+    store.delete_chunks(keys)
+    gone = 0
+    for key in keys:
+        try:
+            (kv_dir / relpath(key)).unlink()
+            gone += 1
+        except OSError:
+            pass
+    return gone
+
+
 def evict_lru(
     store, kv_dir: Path, max_bytes: int, keep: frozenset[str] | set[str] = frozenset()
 ) -> tuple[int, int]:

@@ -316,6 +316,10 @@ class KVManager:
             else None
         )
         wanted = keys + ([tail_key] if tail_key else [])
+        if conv_id is not None:
+            # Recorded before the files exist, so `chatkv rm` finds every chunk that holds
+            # this conversation's tokens even if the process dies half-way through.
+            self.store.add_conversation_chunks(conv_id, wanted)
         on_disk = self.store.get_chunks(wanted)
         written = 0
         for i, key in enumerate(wanted):
@@ -332,8 +336,8 @@ class KVManager:
                 head = wanted[-1] if wanted else None
                 self.store.set_kv_head(conv_id, head, len(tokens), fp)
                 self._drop_superseded(old, head)
-            except NotFoundError:  # deleted while its spill was queued
-                pass
+            except NotFoundError:  # deleted while its spill was queued: take its chunks too
+                self._forget_orphans(wanted)
         self.bytes_written += written
         if self.disk_bytes and written:
             self.gc(self.disk_bytes, keep=set(wanted))
@@ -365,6 +369,13 @@ class KVManager:
             )
         )
         return len(blob)
+
+    def _forget_orphans(self, keys: list[str]) -> None:
+        """Remove chunks that no conversation uses any more (their conversation was deleted
+        while this spill ran)."""
+        orphans = self.store.unreferenced_chunks(keys)
+        if orphans:
+            maintenance.remove_keys(self.store, self.kv_dir, orphans)
 
     def _drop_superseded(self, old_head: str | None, new_head: str | None) -> None:
         """A conversation's previous partial tail chunk is replaced by the new head."""

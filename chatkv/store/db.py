@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # The newest revision in migrations/versions. A test checks that it matches
 # Alembic's head; bump it together with each new migration.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -84,6 +84,8 @@ def make_engine(path: Path, *, foreign_keys: bool = True, pooled: bool = True) -
         # and a message, unlike a cache chunk, cannot be rebuilt.
         dbapi_conn.execute("PRAGMA journal_mode = WAL")
         dbapi_conn.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+        # Deleted rows are overwritten, not left readable in free pages: `chatkv rm` means gone.
+        dbapi_conn.execute("PRAGMA secure_delete = ON")
         # Unicode-aware case folding for search (SQLite's lower() and LIKE fold ASCII only).
         dbapi_conn.create_function("chatkv_casefold", 1, _casefold, deterministic=True)
 
@@ -156,6 +158,43 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
+# sqlite3 error names (Python 3.11+: exception.sqlite_errorname) by what the user should do.
+_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
+_FULL = ("SQLITE_FULL",)
+_READONLY = ("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")
+_CANTOPEN = ("SQLITE_CANTOPEN",)
+_DAMAGED = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def describe_db_error(e: BaseException, path: Path | None = None) -> str:
+    """One line saying what a database error means and what to do about it.
+
+    Only a damaged file is told to be moved aside: a full disk, a read-only directory
+    or another process holding the lock leave a healthy database.
+    """
+    orig = getattr(e, "orig", None) or e
+    name = getattr(orig, "sqlite_errorname", "") or ""
+    text = str(orig).splitlines()[0] if str(orig) else type(orig).__name__
+    where = f" ({path})" if path else ""
+    if name.startswith(_BUSY) or "locked" in text:
+        return (
+            f"the database{where} is locked by another chatkv process; "
+            "wait for it to finish (or close it) and retry"
+        )
+    if name.startswith(_FULL) or "disk is full" in text:
+        return f"the disk holding the database{where} is full; free some space and retry"
+    if name.startswith(_READONLY) or "readonly" in text or "read-only" in text:
+        return f"the database{where} is read-only; check the permissions of the file and its directory"
+    if name.startswith(_CANTOPEN) or "unable to open" in text:
+        return f"cannot open the database{where}; check that its directory exists and is writable"
+    if name.startswith(_DAMAGED) or "malformed" in text or "not a database" in text:
+        return (
+            f"the database{where} is damaged ({text}); move it aside to start a new one "
+            "(the chunk cache can be rebuilt with `chatkv cache rebuild`)"
+        )
+    return f"database error{where}: {text}; retry, or run with --debug for details"
+
+
 def open_database(path: Path) -> Engine:
     """Open (creating if needed) the database at `path`, upgraded to the newest schema.
 
@@ -172,9 +211,7 @@ def open_database(path: Path) -> Engine:
             upgrade(path)
     except exc.DatabaseError as e:
         engine.dispose()
-        raise ChatKVError(
-            f"{path} is not a usable chatkv database ({e.orig}); move it aside to start a new one"
-        ) from e
+        raise ChatKVError(describe_db_error(e, path)) from e
     except BaseException:
         engine.dispose()
         raise

@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -117,8 +118,44 @@ class Message(Base):
     finish_reason: Mapped[str | None]
     dropped_messages: Mapped[int | None] = mapped_column(Integer)
     codec: Mapped[str | None]
+    # The turn that made this reply: a journaled reply is replayed at most once.
+    turn_id: Mapped[str | None] = mapped_column(index=True, unique=True)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+
+class MessageVersion(Base):
+    """A message set aside by a regenerate or an edit (or the partial reply of a stopped
+    one), kept so that nothing the user saw is lost and earlier versions can be restored.
+    Rows set aside together share `group_id` (the id of the turn that set them aside)."""
+
+    __tablename__ = "message_versions"
+    __table_args__ = (
+        Index("ix_message_versions_conversation_id_position", "conversation_id", "position"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    position: Mapped[int]
+    role: Mapped[str]
+    content: Mapped[str] = mapped_column(Text)
+    stats: Mapped[str | None] = mapped_column(Text)  # chatkv.api.TurnStats as JSON
+    turn_id: Mapped[str | None]
+    group_id: Mapped[str]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    archived_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ConversationChunk(Base):
+    """A chunk spilled for a conversation (shared chunks have one row per conversation)."""
+
+    __tablename__ = "conversation_chunks"
+
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(primary_key=True, index=True)
 
 
 class KVChunk(Base):
@@ -140,4 +177,14 @@ class KVChunk(Base):
     last_used_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
-__all__ = ["ROLES", "Base", "Conversation", "KVChunk", "Message", "UTCDateTime", "utcnow"]
+__all__ = [
+    "ROLES",
+    "Base",
+    "Conversation",
+    "ConversationChunk",
+    "KVChunk",
+    "Message",
+    "MessageVersion",
+    "UTCDateTime",
+    "utcnow",
+]

@@ -9,20 +9,30 @@ processes writing at once wait for each other instead of failing.
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, exc, func, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from chatkv.api import ConversationSummary, MessageView, TurnStats
 from chatkv.errors import NotFoundError
 from chatkv.store.db import open_database, writer
-from chatkv.store.models import ROLES, Conversation, KVChunk, Message, utcnow
+from chatkv.store.models import (
+    ROLES,
+    Conversation,
+    ConversationChunk,
+    KVChunk,
+    Message,
+    MessageVersion,
+    utcnow,
+)
 
 TITLE_CHARS = 60
 
@@ -30,6 +40,8 @@ TITLE_CHARS = 60
 _IN_BATCH = 900
 
 _STAT_FIELDS = tuple(f.name for f in fields(TurnStats))
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,6 +100,25 @@ def _batches(keys: Iterable[str]) -> Iterator[list[str]]:
         yield keys[i : i + _IN_BATCH]
 
 
+_index_warned = False
+
+
+def _warn_index_damaged(e: Exception) -> None:
+    global _index_warned
+    if not _index_warned:
+        _index_warned = True
+        log.warning(
+            "the KV chunk index is damaged (%s); conversations are unaffected; "
+            "run `chatkv cache rebuild` to rebuild it from the chunk files",
+            getattr(e, "orig", e),
+        )
+
+
+def new_turn_id() -> str:
+    """A fresh id for one turn (the reply it saves carries it)."""
+    return uuid.uuid4().hex
+
+
 def _message_view(m: Message) -> MessageView:
     values = {f: getattr(m, f) for f in _STAT_FIELDS}
     has_stats = any(v is not None for v in values.values())
@@ -106,6 +137,34 @@ def _message_view(m: Message) -> MessageView:
 def _set_stats(m: Message, stats: TurnStats) -> None:
     for f in _STAT_FIELDS:
         setattr(m, f, getattr(stats, f))
+
+
+def _version_of(m: Message, group_id: str, now: datetime) -> MessageVersion:
+    values = {f: getattr(m, f) for f in _STAT_FIELDS}
+    has_stats = any(v is not None for v in values.values())
+    return MessageVersion(
+        conversation_id=m.conversation_id,
+        position=m.position,
+        role=m.role,
+        content=m.content,
+        stats=json.dumps({k: v for k, v in values.items() if v is not None}) if has_stats else None,
+        turn_id=m.turn_id,
+        group_id=group_id,
+        created_at=m.created_at,
+        archived_at=now,
+    )
+
+
+def _version_view(v: MessageVersion) -> MessageView:
+    return MessageView(
+        id=v.id,
+        conversation_id=v.conversation_id,
+        position=v.position,
+        role=v.role,  # type: ignore[arg-type]
+        content=v.content,
+        created_at=v.created_at,
+        stats=TurnStats(**json.loads(v.stats)) if v.stats else None,
+    )
 
 
 def _chunk_record(c: KVChunk) -> ChunkRecord:
@@ -180,7 +239,13 @@ class Store:
         bytes_stmt = select(chain.c.conversation_id, func.sum(chain.c.nbytes)).group_by(
             chain.c.conversation_id
         )
-        on_disk: dict[int, int] = dict(s.execute(bytes_stmt).all())
+        try:
+            with s.begin_nested():
+                on_disk: dict[int, int] = dict(s.execute(bytes_stmt).all())
+        except exc.DatabaseError as e:
+            # The chunk index is derived data: damage to it never hides the transcript.
+            _warn_index_damaged(e)
+            on_disk = {}
         return [
             ConversationSummary(
                 id=c.id,
@@ -385,6 +450,244 @@ class Store:
             if result.rowcount:
                 conv.updated_at = utcnow()
             return result.rowcount
+
+    def start_conversation(
+        self,
+        text: str,
+        *,
+        title: str = "",
+        model: str = "",
+        system_prompt: str = "",
+        settings: dict[str, Any] | None = None,
+    ) -> tuple[ConversationSummary, MessageView]:
+        """Create a conversation together with its first user message, in one transaction
+        (so no empty conversation is ever left behind)."""
+        now = utcnow()
+        conv = Conversation(
+            title=title or _title_from(text),
+            model=model,
+            system_prompt=system_prompt,
+            settings=_settings_json(settings),
+            created_at=now,
+            updated_at=now,
+            kv_tokens=0,
+        )
+        with self._writer.begin() as s:
+            s.add(conv)
+            s.flush()
+            msg = Message(conversation_id=conv.id, position=0, role="user", content=text, created_at=now)
+            s.add(msg)
+            s.flush()
+            return self._summaries(s, [conv])[0], _message_view(msg)
+
+    def delete_message(self, message_id: int) -> bool:
+        """Delete one message by id (never by position: another process may have added
+        messages after it). Returns whether it was there."""
+        with self._writer.begin() as s:
+            return s.execute(delete(Message).where(Message.id == message_id)).rowcount > 0
+
+    def finish_turn(
+        self,
+        conversation_id: int,
+        content: str,
+        stats: TurnStats,
+        turn_id: str,
+        set_aside: Sequence[int] = (),
+        edit: tuple[int, str] | None = None,
+    ) -> MessageView:
+        """Save a turn's reply, in one transaction with what the turn changes.
+
+        Args:
+            set_aside: ids of messages the reply replaces (a regenerated reply; an edited
+                message and what followed it). They move to the earlier versions, grouped
+                under `turn_id`, never deleted.
+            edit: (id of a set-aside user message, its new text): the new text takes the
+                old message's place before the reply.
+
+        Idempotent: a reply already saved under `turn_id` is returned as it is (a journal
+        replayed after a crash saves nothing twice). Raises NotFoundError.
+        """
+        now = utcnow()
+        with self._writer.begin() as s:
+            done = s.scalar(select(Message).where(Message.turn_id == turn_id))
+            if done is not None:
+                return _message_view(done)
+            conv = self._get_conversation(s, conversation_id)
+            edited_position = None
+            if set_aside:
+                rows = s.scalars(
+                    select(Message)
+                    .where(Message.id.in_(list(set_aside)), Message.conversation_id == conversation_id)
+                    .order_by(Message.position)
+                ).all()
+                for m in rows:
+                    if edit is not None and m.id == edit[0]:
+                        edited_position = m.position
+                    s.add(_version_of(m, turn_id, now))
+                    s.delete(m)
+                s.flush()
+            last = s.scalar(
+                select(func.max(Message.position)).where(Message.conversation_id == conversation_id)
+            )
+            position = 0 if last is None else last + 1
+            if edit is not None:
+                if edited_position is None:
+                    raise _message_missing(edit[0])
+                s.add(
+                    Message(
+                        conversation_id=conversation_id,
+                        position=position,
+                        role="user",
+                        content=edit[1],
+                        created_at=now,
+                    )
+                )
+                position += 1
+            msg = Message(
+                conversation_id=conversation_id,
+                position=position,
+                role="assistant",
+                content=content,
+                created_at=now,
+                turn_id=turn_id,
+            )
+            _set_stats(msg, stats)
+            s.add(msg)
+            conv.updated_at = now
+            s.flush()
+            return _message_view(msg)
+
+    def keep_version(
+        self,
+        conversation_id: int,
+        turn_id: str,
+        rows: Sequence[tuple[int, str, str, TurnStats | None]],
+    ) -> None:
+        """Keep messages that never became current (the partial reply of a stopped
+        regenerate or edit, with the edited text) as earlier versions: (position, role,
+        content, stats) each, grouped under `turn_id`. Idempotent per turn."""
+        now = utcnow()
+        with self._writer.begin() as s:
+            self._get_conversation(s, conversation_id)
+            if s.scalar(select(MessageVersion.id).where(MessageVersion.group_id == turn_id).limit(1)):
+                return
+            for position, role, content, stats in rows:
+                s.add(
+                    MessageVersion(
+                        conversation_id=conversation_id,
+                        position=position,
+                        role=role,
+                        content=content,
+                        stats=json.dumps(stats.to_dict()) if stats else None,
+                        turn_id=turn_id if role == "assistant" else None,
+                        group_id=turn_id,
+                        created_at=now,
+                        archived_at=now,
+                    )
+                )
+
+    def versions(self, message_id: int) -> list[MessageView]:
+        """The earlier versions of a message (same conversation, position and role), oldest
+        first. Their ids are version ids, for `restore`. Raises NotFoundError."""
+        with self._reader() as s:
+            msg = s.get(Message, message_id)
+            if msg is None:
+                raise _message_missing(message_id)
+            rows = s.scalars(
+                select(MessageVersion)
+                .where(
+                    MessageVersion.conversation_id == msg.conversation_id,
+                    MessageVersion.position == msg.position,
+                    MessageVersion.role == msg.role,
+                )
+                .order_by(MessageVersion.created_at, MessageVersion.id)
+            )
+            return [_version_view(v) for v in rows]
+
+    def restore(self, message_id: int, version_id: int) -> None:
+        """Make an earlier version current again, with the messages set aside together with
+        it; the current message and everything after it become earlier versions in turn.
+        Raises NotFoundError."""
+        now = utcnow()
+        with self._writer.begin() as s:
+            msg = s.get(Message, message_id)
+            if msg is None:
+                raise _message_missing(message_id)
+            v = s.get(MessageVersion, version_id)
+            if v is None or v.conversation_id != msg.conversation_id or v.position != msg.position:
+                raise NotFoundError(
+                    f"version {version_id} is not an earlier version of message {message_id}; "
+                    "`chatkv show` lists a conversation's messages"
+                )
+            group = s.scalars(
+                select(MessageVersion)
+                .where(MessageVersion.group_id == v.group_id, MessageVersion.position >= v.position)
+                .order_by(MessageVersion.position, MessageVersion.id)
+            ).all()
+            current = s.scalars(
+                select(Message)
+                .where(Message.conversation_id == msg.conversation_id, Message.position >= msg.position)
+                .order_by(Message.position)
+            ).all()
+            aside = new_turn_id()
+            for m in current:
+                s.add(_version_of(m, aside, now))
+                s.delete(m)
+            s.flush()
+            for i, old in enumerate(group):
+                m = Message(
+                    conversation_id=old.conversation_id,
+                    position=msg.position + i,
+                    role=old.role,
+                    content=old.content,
+                    created_at=old.created_at,
+                    turn_id=old.turn_id,
+                )
+                if old.stats:
+                    _set_stats(m, TurnStats(**json.loads(old.stats)))
+                s.add(m)
+                s.delete(old)
+            s.get(Conversation, msg.conversation_id).updated_at = now
+
+    # -- which chunks each conversation made -------------------------------------
+
+    def add_conversation_chunks(self, conversation_id: int, keys: Sequence[str]) -> None:
+        """Record that these chunks hold (a prefix of) the conversation's tokens."""
+        if not keys:
+            return
+        with self._writer.begin() as s:
+            if s.get(Conversation, conversation_id) is None:
+                return  # deleted while its spill was queued
+            for batch in _batches(keys):
+                stmt = sqlite_insert(ConversationChunk).values(
+                    [{"conversation_id": conversation_id, "key": k} for k in batch]
+                )
+                s.execute(stmt.on_conflict_do_nothing())
+
+    def private_chunks(self, conversation_id: int) -> list[str]:
+        """Keys of the chunks made for this conversation that no other conversation uses."""
+        other = aliased(ConversationChunk)
+        shared = (
+            select(other.key)
+            .where(other.key == ConversationChunk.key, other.conversation_id != conversation_id)
+            .exists()
+        )
+        with self._reader() as s:
+            return list(
+                s.scalars(
+                    select(ConversationChunk.key).where(
+                        ConversationChunk.conversation_id == conversation_id, ~shared
+                    )
+                )
+            )
+
+    def unreferenced_chunks(self, keys: Sequence[str]) -> list[str]:
+        """Those of `keys` that no conversation records as its own."""
+        used: set[str] = set()
+        with self._reader() as s:
+            for batch in _batches(keys):
+                used.update(s.scalars(select(ConversationChunk.key).where(ConversationChunk.key.in_(batch))))
+        return [k for k in dict.fromkeys(keys) if k not in used]
 
     # -- chunk index -----------------------------------------------------------
 
