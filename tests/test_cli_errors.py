@@ -444,3 +444,27 @@ def test_every_config_key_takes_any_value_without_a_traceback(value):
             validate(key, value, "test")
         except ConfigError as e:
             assert key in str(e) and "\n" not in str(e)
+
+
+def test_an_unknown_model_fails_before_torch_is_imported(tmp_path):
+    """The check runs before the seconds of `import torch` (measured with -X importtime in
+    a fresh process: torch never appears)."""
+    import subprocess
+    import sys
+
+    from chatkv.engine import hub, model
+
+    assert hub.EMBEDDED == model.EMBEDDED
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env |= {"CHATKV_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "chatkv", "ask", "--model", "smollm3", "hi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if "import time:" in line]
+    said = [line for line in run.stderr.splitlines() if "import time:" not in line]
+    assert run.returncode == 1 and len(said) == 1 and "unknown model 'smollm3'" in said[0], run.stderr[-2000:]
+    assert "huggingface_hub" in imported and "torch" not in imported

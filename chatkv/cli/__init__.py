@@ -111,12 +111,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def check_model(settings: Settings) -> None:
+    """Fail at once for a --model that nothing can load (a mistyped name), before a command
+    spends seconds importing torch or opens a screen."""
+    from chatkv.engine.hub import precheck
+
+    precheck(settings.model.name)
+
+
 def run_chat(args: argparse.Namespace) -> int:
     """Open the chat UI."""
     from chatkv.session import Chat
     from chatkv.ui.app import create_app
 
     settings = settings_from(args)
+    check_model(settings)
     chat = Chat(settings)
     if args.id is not None:
         chat.get_conversation(args.id)  # unknown id: one line, before the screen opens

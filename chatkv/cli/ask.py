@@ -63,7 +63,7 @@ def read_prompt(parts: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Send one prompt and print the reply."""
-    from chatkv.cli import settings_from
+    from chatkv.cli import check_model, settings_from
     from chatkv.errors import NotFoundError
     from chatkv.session import Chat
 
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             conv = None
         if conv is not None and args.system is not None:
             raise UsageError("--system applies to a new conversation; use it without -c/-C")
+        check_model(settings)
         chat.load()
         # A new conversation is created together with the message, by the session: a
         # refused or failed first turn leaves nothing behind.

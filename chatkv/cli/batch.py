@@ -104,10 +104,11 @@ def run(args: argparse.Namespace) -> int:
         read_lines,
         sort_output,
     )
-    from chatkv.cli import settings_from
+    from chatkv.cli import check_model, settings_from
     from chatkv.session import Chat
 
     settings = settings_from(args)
+    check_model(settings)
     if args.batch_size is not None:
         settings.set("batch.batch_size", args.batch_size, source="--batch-size")
     to_file = bool(args.output) and args.output != "-"

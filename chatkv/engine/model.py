@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from chatkv.engine import hub
 from chatkv.errors import ModelError
 from chatkv.paths import ensure_private_dir, models_dir
 
@@ -119,47 +120,6 @@ def _dir_identity(path: Path) -> str:
     return hashlib.sha256("|".join(f"{p.name}:{_file_identity(p)}" for p in files).encode()).hexdigest()
 
 
-def hub_offline() -> bool:
-    """Whether hub ids are looked up in the local cache only: the default, as chatkv usually
-    runs with no hub reachable (transformers would spend ~50 s retrying one). HF_HUB_OFFLINE=0
-    (or false/no/off) lets it download."""
-    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _hub_snapshot(name: str) -> Path | None:
-    """The local snapshot directory of hub model `name` (its main revision), or None."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(name, "config.json", cache_dir=constants.HF_HUB_CACHE)
-    except ValueError:  # not a valid repo id (HFValidationError)
-        return None
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def _cached_hub_models() -> list[str]:
-    from huggingface_hub import constants, scan_cache_dir
-
-    try:
-        info = scan_cache_dir(constants.HF_HUB_CACHE)
-    except Exception:  # no cache directory, or one it cannot read: nothing is cached
-        return []
-    return sorted(r.repo_id for r in info.repos if r.repo_type == "model")
-
-
-def _unknown_model(name: str) -> ModelError:
-    import difflib
-
-    cached = _cached_hub_models()
-    hint = difflib.get_close_matches(name, [EMBEDDED, *cached], 1)
-    listed = f" (cached here: {', '.join(cached[:5])}{', ...' if len(cached) > 5 else ''})" if cached else ""
-    return ModelError(
-        f"unknown model {name!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}: --model takes "
-        f"{EMBEDDED!r} (the embedded model), a model directory, a .gguf file, or a Hugging Face id "
-        f"already in the local cache{listed}; set HF_HUB_OFFLINE=0 to download from the hub"
-    )
-
-
 def resolve(name: str) -> ModelSource:
     """Turn a --model value into a ModelSource, or raise ModelError saying what to do.
 
@@ -178,14 +138,14 @@ def resolve(name: str) -> ModelSource:
         if not (path / "config.json").exists():
             raise ModelError(f"{path} has no config.json; point --model at a Hugging Face model directory")
         return ModelSource(name, str(path), None, "dir:" + _dir_identity(path))
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+    if hub.looks_like_path(name):
         raise ModelError(f"model path {name} does not exist; give a directory, a .gguf file or a hub id")
     # A hub id: its identity is the resolved commit (added after loading).
-    snapshot = _hub_snapshot(name)
+    snapshot = hub.snapshot(name)
     if snapshot is not None:
         return ModelSource(name, str(snapshot), None, "hub:" + name, commit=snapshot.name)
-    if hub_offline():
-        raise _unknown_model(name)
+    if hub.hub_offline():
+        raise hub.unknown_model(name)
     return ModelSource(name, name, None, "hub:" + name)
 
 
@@ -275,7 +235,7 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, device: torch.device, load
         )
         kwargs["device_map"] = {"": device.index or 0}
     # A snapshot or directory is read as is; a hub id reaches the network only when allowed.
-    local = source.path != source.name or hub_offline()
+    local = source.path != source.name or hub.hub_offline()
     try:
         tok = AutoTokenizer.from_pretrained(source.path, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(source.path, local_files_only=local, **kwargs)
