@@ -337,3 +337,15 @@ def test_an_error_while_generating_or_saving_a_line_is_that_lines_record(cli, tm
     assert "reply" in recs[0] and "reply" in recs[3]
     assert recs[1]["error"] == "generating failed: RuntimeError: CUDA out of memory"
     assert recs[2]["error"] == "saving the reply failed: OperationalError: database or disk is full"
+
+
+def test_a_line_that_is_not_utf8_fails_alone(cli, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(
+        b'{"id": 1, "prompt": "Hello!"}\n{"id": 2, "prompt": "caf\xe9"}\n{"id": 3, "prompt": "Hi"}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    assert cli(str(src), "-o", str(out)) == 1
+    recs = _records(out)
+    assert [r["line"] for r in recs] == [1, 2, 3] and "reply" in recs[0] and "reply" in recs[2]
+    assert recs[1]["id"] is None and "not UTF-8" in recs[1]["error"]

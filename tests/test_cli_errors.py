@@ -468,3 +468,13 @@ def test_an_unknown_model_fails_before_torch_is_imported(tmp_path):
     said = [line for line in run.stderr.splitlines() if "import time:" not in line]
     assert run.returncode == 1 and len(said) == 1 and "unknown model 'smollm3'" in said[0], run.stderr[-2000:]
     assert "huggingface_hub" in imported and "torch" not in imported
+
+
+def test_the_chat_screen_does_not_open_for_an_unknown_model(capsys, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for argv in (["chat", "--model", "smollm3"], ["--model", "smollm3"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 1 and out == "" and "unknown model 'smollm3'" in one_line(err)

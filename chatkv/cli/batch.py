@@ -79,15 +79,22 @@ def register(sub, common) -> None:
 
 
 def _read_input(path: str) -> list[str]:
+    """The input's lines. Bytes that are not UTF-8 are kept as surrogates (surrogateescape),
+    so that only their line fails ("not UTF-8 text"), not the whole batch."""
     try:
         if path == "-":
-            return sys.stdin.readlines()
-        # "\n" only: str.splitlines would also split on U+2028 and friends, legal inside JSON strings
-        return Path(path).read_text(encoding="utf-8").split("\n")
+            stream = getattr(sys.stdin, "buffer", None)
+            if stream is None:  # a text stream without bytes underneath (tests, embedding)
+                return sys.stdin.readlines()
+            data = stream.read()
+        else:
+            data = Path(path).read_bytes()
     except FileNotFoundError:
         raise UsageError(f"input file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    # "\n" only: str.splitlines would also split on U+2028 and friends, legal inside JSON strings
+    return data.decode("utf-8", errors="surrogateescape").split("\n")
 
 
 def run(args: argparse.Namespace) -> int:
