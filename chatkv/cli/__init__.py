@@ -144,6 +144,9 @@ def _quiet_libraries(debug: bool) -> None:
     )
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # huggingface_hub sets its loggers' level from this when imported, after this function
+        # ran: without it each retry warning printed twice (its handler and ours).
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         for name in ("transformers", "accelerate", "alembic", "huggingface_hub", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
