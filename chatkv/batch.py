@@ -316,13 +316,21 @@ class Runner:
     def _failed(self, items: Iterable[Item], what: str, e: Exception) -> None:
         """An unexpected error while serving `items`: each of them not yet answered gets an
         error record (the other lines go on); the traceback is logged for --debug."""
+        import sqlite3
+
+        from sqlalchemy.exc import DBAPIError
+
+        from chatkv.store.db import describe_db_error
+
         log.debug("%s failed", what, exc_info=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if isinstance(e, (DBAPIError, sqlite3.Error)):  # locked, full, read-only: say which
+            why = describe_db_error(e)
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = f"{type(e).__name__}{': ' if first else ''}{first}"
         for item in items:
             if item.line not in self._recorded:
-                self.fail(
-                    item.line, item.id, f"{what} failed: {type(e).__name__}{': ' if first else ''}{first}"
-                )
+                self.fail(item.line, item.id, f"{what} failed: {why}")
 
     def _reply(self, item: Item, text: str, st: TurnStats, conversation_id: int | None) -> None:
         rec = {
