@@ -11,13 +11,18 @@ template, same context fitting, same sampler), then:
   disk; the group's lines then decode over that one shared prefix
   (`chatkv.engine.batch`).
 
-Output records are written as lines finish, one JSON object per input line, so
-an interrupted run can resume where it stopped.
+Output records are one JSON object per input line, in input order: a finished
+line's record is written as soon as every earlier line's is (`InOrder`), so an
+interrupted run keeps what is done and can resume where it stopped. Every failure of
+a line (not JSON, a bad field, a missing conversation, a prompt too long, an error
+while generating it) is that line's error record, with its id and line number.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import math
 import os
 import sys
@@ -31,11 +36,25 @@ from chatkv.api import GenerationSettings, TurnStats
 from chatkv.config import validate
 from chatkv.errors import ChatKVError, ConfigError, InputError
 
+log = logging.getLogger(__name__)
+
 # Tokens two prompts must share to decode over one prefix: well past the chat template's
 # own header (~5 tokens), which every prompt shares.
 MIN_SHARED = 32
 GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+KNOWN_KEYS = ("id", "prompt", "system", "messages", "conversation", *GEN_KEYS)
 ROLES = ("system", "user", "assistant")
+MAX_DEPTH = 16  # nesting of a line's JSON: "messages" needs 3; deeper is a mistake or an attack
+INT64_MAX = 2**63 - 1  # conversation ids are SQLite integers
+
+
+class BadLine(InputError):
+    """An input line that cannot be served; `id` is its id when the line got far enough to
+    have one (else None)."""
+
+    def __init__(self, message: str, id_: Any = None):
+        super().__init__(message)
+        self.id = id_
 
 
 @dataclass
@@ -60,14 +79,77 @@ def id_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
-def parse_line(n: int, text: str, defaults: GenerationSettings) -> Item:
-    """Parse input line `n` (1-based). Raises InputError with what is wrong."""
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion (a list of scalars is 1)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            d += 1
+            deepest = max(deepest, d)
+            if d > MAX_DEPTH:
+                break
+            stack.extend((x, d) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _load(text: str) -> Any:
     try:
-        obj = json.loads(text)
-    except ValueError as e:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable input bytes, kept as surrogates by the reader
+        raise InputError("the line is not UTF-8 text") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InputError(f"JSON nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:  # also integers of more digits than Python converts
         raise InputError(f"not JSON ({e})") from None
+
+
+def _storable(value: Any) -> bool:
+    """False for strings with lone surrogates ("\\ud800" escapes), which no file or database
+    can store."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_line(n: int, text: str, defaults: GenerationSettings) -> Item:
+    """Parse input line `n` (1-based). Raises InputError with what is wrong: a BadLine
+    carrying the line's id when the line is a JSON object with a usable one."""
+    obj = _load(text)
     if not isinstance(obj, dict):
         raise InputError('a line must be a JSON object with at least "prompt"')
+    id_ = obj.get("id", n)
+    usable = id_ is None or (isinstance(id_, (str, int, float)) and _storable(id_))
+    try:
+        if not usable:
+            raise InputError('"id" must be a string or a number')
+        if _depth(obj) > MAX_DEPTH:
+            raise InputError(f"JSON nested more than {MAX_DEPTH} levels deep")
+        if not _storable(obj):
+            raise InputError("a string holds an unpaired surrogate escape (\\ud800-\\udfff)")
+        return _item(n, obj, defaults)
+    except InputError as e:
+        raise BadLine(str(e), id_ if usable else None) from None
+
+
+def _item(n: int, obj: dict[str, Any], defaults: GenerationSettings) -> Item:
+    unknown = [k for k in obj if k not in KNOWN_KEYS]
+    if unknown:
+        hints = [
+            f"{k!r} (did you mean {close[0]!r}?)"
+            if (close := difflib.get_close_matches(k, KNOWN_KEYS, 1))
+            else repr(k)
+            for k in unknown
+        ]
+        raise InputError(f"unknown field {', '.join(hints)}; the fields are {', '.join(KNOWN_KEYS)}")
     prompt = obj.get("prompt")
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise InputError('"prompt" must be a non-empty string')
@@ -80,8 +162,10 @@ def parse_line(n: int, text: str, defaults: GenerationSettings) -> Item:
             raise InputError('"messages" must be a list of {"role": system|user|assistant, "content": str}')
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     conv = obj.get("conversation")
-    if conv is not None and (isinstance(conv, bool) or not isinstance(conv, int)):
-        raise InputError('"conversation" must be a conversation id (an integer)')
+    if conv is not None and (
+        isinstance(conv, bool) or not isinstance(conv, int) or not 1 <= conv <= INT64_MAX
+    ):
+        raise InputError('"conversation" must be a conversation id (an integer from 1 to 2**63-1)')
     system = obj.get("system")
     if system is not None and not isinstance(system, str):
         raise InputError('"system" must be a string')
@@ -219,17 +303,39 @@ class Runner:
         self.progress = progress or Progress(0, False)
         self.summary = Summary()
         self.t0 = time.perf_counter()
+        self._recorded: set[int] = set()  # lines whose record was emitted
 
     # -- records ---------------------------------------------------------------
 
     def fail(self, line: int, id_: Any, error: str) -> None:
         self.summary.failed += 1
+        self._recorded.add(line)
         self.emit({"id": id_, "line": line, "error": error})
         self.progress.update(items=1)
+
+    def _failed(self, items: Iterable[Item], what: str, e: Exception) -> None:
+        """An unexpected error while serving `items`: each of them not yet answered gets an
+        error record (the other lines go on); the traceback is logged for --debug."""
+        import sqlite3
+
+        from sqlalchemy.exc import DBAPIError
+
+        from chatkv.store.db import describe_db_error
+
+        log.debug("%s failed", what, exc_info=True)
+        if isinstance(e, (DBAPIError, sqlite3.Error)):  # locked, full, read-only: say which
+            why = describe_db_error(e)
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = f"{type(e).__name__}{': ' if first else ''}{first}"
+        for item in items:
+            if item.line not in self._recorded:
+                self.fail(item.line, item.id, f"{what} failed: {why}")
 
     def _reply(self, item: Item, text: str, st: TurnStats, conversation_id: int | None) -> None:
         rec = {
             "id": item.id,
+            "line": item.line,
             "reply": text,
             "usage": {
                 "prompt_tokens": st.prompt_tokens,
@@ -244,6 +350,7 @@ class Runner:
         if conversation_id is not None:
             rec["conversation_id"] = conversation_id
         self.summary.served += 1
+        self._recorded.add(item.line)
         self.summary.completion_tokens += st.completion_tokens
         if self.summary.first_reply_s is None:
             self.summary.first_reply_s = time.perf_counter() - self.t0
@@ -302,6 +409,9 @@ class Runner:
             except ChatKVError as e:
                 self.fail(item.line, item.id, str(e))
                 continue
+            except Exception as e:  # e.g. a chat template that rejects this message order
+                self._failed([item], "rendering the prompt", e)
+                continue
             ready.append(item)
         own = [i for i in ready if i.conversation is not None]
         fresh = sorted((i for i in ready if i.conversation is None), key=lambda i: i.ids)
@@ -316,9 +426,15 @@ class Runner:
                 own.extend(g)
                 continue
             p = min(min(common_prefix(g[0].ids, i.ids) for i in g), min(len(i.ids) for i in g) - 1)
-            self._shared(g, p)
+            try:
+                self._shared(g, p)
+            except Exception as e:  # out of memory, a model error: these lines fail, not the run
+                self._failed(g, "generating", e)
         for batch in self._batches(own, 0):
-            self._own(batch)
+            try:
+                self._own(batch)
+            except Exception as e:
+                self._failed(batch, "generating", e)
 
     def _batches(self, items: list[Item], shared: int) -> Iterable[list[Item]]:
         """Split into batches of at most batch_size rows whose padded per-row caches (beyond
@@ -417,7 +533,11 @@ class Runner:
             st.ttft_s = (first[r] or time.perf_counter()) - t0
             span = last[r] - first[r] if first[r] else 0.0
             st.decode_tps = (len(gens[r]) - 1) / span if span > 0 else 0.0
-            conv_id = self._save(items[r], texts[r].text, st, gens[r], step.cache)
+            try:
+                conv_id = self._save(items[r], texts[r].text, st, gens[r], step.cache)
+            except Exception as e:  # a full disk, a locked database: this line's record says so
+                self._failed([items[r]], "saving the reply", e)
+                continue
             self._reply(items[r], texts[r].text, st, conv_id)
 
     def _save(self, item: Item, text: str, st: TurnStats, gen: list[int], cache) -> int | None:
@@ -440,8 +560,33 @@ class Runner:
         return conv_id
 
 
+class InOrder:
+    """Writes records in input order: a record is held until the records of every earlier
+    line in `order` are written. `flush()` writes what is held, in order but with gaps
+    (Ctrl-C: finished work is kept; a resumed run puts the file back in order)."""
+
+    def __init__(self, write: Callable[[dict], None], order: Iterable[int]):
+        self.write = write
+        self.order = list(order)
+        self.next = 0
+        self.held: dict[int, dict] = {}
+
+    def emit(self, rec: dict) -> None:
+        self.held[rec["line"]] = rec
+        while self.next < len(self.order) and self.order[self.next] in self.held:
+            self.write(self.held.pop(self.order[self.next]))
+            self.next += 1
+
+    def flush(self) -> None:
+        for line in sorted(self.held):
+            self.write(self.held.pop(line))
+
+
 def open_output(path: str | None, overwrite: bool) -> tuple[TextIO, set[str]]:
-    """The output stream and the ids already answered in it (resume)."""
+    """The output stream and the ids already answered in it (resume). A file is opened
+    private and never through a symbolic link (chatkv.outfile)."""
+    from chatkv.outfile import open_private
+
     if path in (None, "-"):
         return sys.stdout, set()
     p = Path(path)
@@ -449,7 +594,34 @@ def open_output(path: str | None, overwrite: bool) -> tuple[TextIO, set[str]]:
     if p.exists() and not overwrite:
         done, keep = answered_ids(p)
         tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
+        with open_private(tmp) as f:
+            f.write("".join(keep))
         os.replace(tmp, p)
-        return open(p, "a", encoding="utf-8"), done
-    return open(p, "w", encoding="utf-8"), done
+        return open_private(p, append=True), done
+    return open_private(p), done
+
+
+def sort_output(path: str, id_lines: dict[str, int]) -> None:
+    """Rewrite a finished output file in input order: answers by their id's line in this
+    input (`id_lines`: id_key -> line), error records by their "line". Used after a resumed
+    run, whose earlier answers came first in the file."""
+    from chatkv.outfile import open_private
+
+    p = Path(path)
+    with open(p, encoding="utf-8") as f:
+        texts = [t if t.endswith("\n") else t + "\n" for t in f if t.strip()]
+
+    def where(text: str) -> int:
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            return INT64_MAX
+        if not isinstance(rec, dict):
+            return INT64_MAX
+        line = rec.get("line") if "error" in rec else id_lines.get(id_key(rec.get("id")), rec.get("line"))
+        return line if isinstance(line, int) else INT64_MAX
+
+    tmp = p.with_name(f".{p.name}.tmp")
+    with open_private(tmp) as f:
+        f.write("".join(sorted(texts, key=where)))
+    os.replace(tmp, p)

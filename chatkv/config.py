@@ -17,6 +17,9 @@ from typing import Any
 from chatkv.errors import ConfigError
 from chatkv.paths import config_file, package_file
 
+INT64_MAX = 2**63 - 1  # SQLite stores int64; no count or size chatkv keeps is larger
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
     "": 1,
@@ -41,17 +44,21 @@ _UNITS = {
 
 
 def parse_size(value: Any) -> int:
-    """Parse a byte size: an int, or a string like "512MiB" / "2GB". Raises ValueError."""
+    """Parse a byte size: an int, or a string like "512MiB" / "2GB", at most 2**63-1.
+    Raises ValueError."""
     if isinstance(value, bool):
         raise ValueError(f"not a size: {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"negative size: {value}")
+        if not 0 <= value <= INT64_MAX:
+            raise ValueError(f"size out of range: {value}")
         return value
     m = _SIZE.match(str(value))
     if not m or (m.group(2) or "").lower() not in _UNITS:
         raise ValueError(f"not a size: {value!r}")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    size = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if not size <= INT64_MAX:  # also "9" * 400, which float() makes infinite
+        raise ValueError(f"size out of range: {value!r}")
+    return int(size)
 
 
 def _choice(*options: str) -> tuple[Callable[[Any], Any], str]:
@@ -63,15 +70,15 @@ def _choice(*options: str) -> tuple[Callable[[Any], Any], str]:
     return check, "one of " + ", ".join(repr(o) for o in options)
 
 
-def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], Any], str]:
+def _int(lo: int, hi: int = INT64_MAX) -> tuple[Callable[[Any], Any], str]:
     def check(v: Any) -> int:
         if isinstance(v, str):
             v = int(v.strip())
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise ValueError
         return v
 
-    return check, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+    return check, f"an integer from {lo} to {hi}"
 
 
 def _float(lo: float, hi: float) -> tuple[Callable[[Any], Any], str]:
@@ -130,7 +137,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], str]] = {
     "generation.temperature": _float(0.0, 5.0),
     "generation.top_p": _float(0.0, 1.0),
     "generation.top_k": _int(0),
-    "generation.seed": _int(-1),
+    "generation.seed": _int(-1, SEED_MAX),  # -1: a fresh seed each turn
     "generation.stop": _strlist(),
     "cache.codec": _choice(*CODEC_NAMES),
     "cache.chunk_tokens": _int(16, 65536),
@@ -173,7 +180,7 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return _flatten(tomllib.load(f))
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # tomllib decodes UTF-8 itself
         raise ConfigError(f"{what} {path} is not valid TOML ({e}); fix or remove it") from None
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
@@ -186,7 +193,7 @@ def validate(key: str, value: Any, source: str) -> Any:
     check, allowed = SCHEMA[key]
     try:
         return check(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise ConfigError(f"invalid value for {key} in {source}: {value!r} (allowed: {allowed})") from None
 
 

@@ -29,3 +29,18 @@ def format_bytes(n: int) -> str:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # unreachable
+
+
+def display_title(title: str, width: int = 0, source: str = "") -> str:
+    """A conversation title for display: '(untitled)' when empty, and cut to `width`
+    characters (0: no limit) with a trailing '…' so a cut title reads as one.
+
+    `source`: the first user message, when known. The store titles a conversation with the
+    start of its first line, cut without a mark; a title that is a shorter prefix of that
+    line gets its '…' here."""
+    first = next((line.strip() for line in source.splitlines() if line.strip()), "")
+    cut = bool(title) and len(first) > len(title) and first.startswith(title)
+    title = " ".join(title.split()) or "(untitled)"
+    if width and len(title) > width:
+        return title[: width - 1].rstrip() + "…"
+    return title + "…" if cut else title

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
+import os
 
 import pytest
-
-from chatkv.errors import ChatKVError
 
 SYSTEM = "You answer questions about licenses and caches. Keys and values of attention are kept. " * 2
 QUESTIONS = [
@@ -26,18 +24,17 @@ QUESTIONS = [
 def cli(tiny_lm, tiny_model_dir, monkeypatch):
     """Run `chatkv batch ARGS` on the tiny model; returns (exit code, stderr text)."""
     import chatkv.engine.model
-    from chatkv.cli import batch
+    from chatkv.cli import main
 
     monkeypatch.setattr(chatkv.engine.model, "load_model", lambda *a, **k: tiny_lm)
     monkeypatch.setenv("CHATKV_CACHE_CHUNK_TOKENS", "32")
     monkeypatch.setenv("CHATKV_GENERATION_MAX_NEW_TOKENS", "12")
 
+    umask = os.umask(0o022)  # main() tightens it; put the test's back afterwards
+    os.umask(umask)
+
     def run(*argv: str) -> int:
-        common = argparse.ArgumentParser(add_help=False)
-        common.add_argument("--debug", action="store_true")
-        parser = argparse.ArgumentParser()
-        batch.register(parser.add_subparsers(), common)
-        args = parser.parse_args(
+        return main(
             [
                 "batch",
                 *argv,
@@ -52,12 +49,9 @@ def cli(tiny_lm, tiny_model_dir, monkeypatch):
                 "--quiet",
             ]
         )
-        try:
-            return args.func(args)
-        except ChatKVError as e:  # as chatkv.cli.main translates it
-            return e.exit_code
 
-    return run
+    yield run
+    os.umask(umask)
 
 
 def _write(path, lines) -> str:
@@ -82,6 +76,8 @@ def test_batched_replies_equal_ask(cli, chat, tmp_path):
     lines += [{"id": "alone", "prompt": "Hello!"}, {"id": "short", "prompt": "Hello!", "max_new_tokens": 3}]
     src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     assert cli(src, "-o", str(out), "--batch-size", "3") == 0
+    # in input order, though the shared-prefix group is decoded before the other lines
+    assert [(r["id"], r["line"]) for r in _records(out)] == [(x["id"], n) for n, x in enumerate(lines, 1)]
     first = {r["id"]: r for r in _records(out)}
     assert set(first) == {x["id"] for x in lines}
     for line in lines:
@@ -161,7 +157,8 @@ def test_resume_answers_each_id_exactly_once(cli, tmp_path, monkeypatch):
     assert cli(src, "-o", str(out)) == 1  # the bad line is still bad
     recs = _records(out)
     ids = [r["id"] for r in recs if "reply" in r]
-    assert sorted(ids) == list(range(len(QUESTIONS)))
+    assert ids == list(range(len(QUESTIONS)))  # each once, and in input order again after the resume
+    assert [r["line"] for r in recs] == list(range(1, len(lines) + 1))
     assert sum("error" in r for r in recs) == 1  # the earlier error record was replaced
     # --overwrite starts over; a complete output with --resume serves nothing new.
     assert cli(src, "-o", str(out), "--overwrite") == 1
@@ -261,3 +258,94 @@ def test_stop_strings_and_per_line_settings(cli, chat, tmp_path):
         rec = _records(out)[0]
         assert rec["reply"] == full[: full.find(stop)]
         assert rec["finish_reason"] == "stop"
+
+
+def test_every_bad_line_is_its_own_record_with_its_id_in_input_order(cli, tmp_path):
+    """Issue 7.13 and 11.10: no line aborts the batch; error records keep their ids."""
+    deep = "[" * 100_000 + "]" * 100_000
+    nested = json.dumps({"id": "n", "prompt": "x", "stop": [[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]})
+    src = _write(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "a", "prompt": "Hello!"},
+            deep,
+            {"id": "b", "prompt": "Hello!", "seed": 10**30},
+            {"id": "c", "prompt": "Hello!", "conversation": 10**30},
+            {"id": "d", "prompt": "Hello!", "max_tokens": 5},
+            '{"id": "e", "prompt": "Hello!", "temperature": NaN}',
+            {"id": "f", "prompt": "Hello!", "temperature": "hot"},
+            '{"id": "g", "prompt": "\\ud800 lone"}',
+            nested,
+            {"id": {"x": 1}, "prompt": "Hello!"},
+            {"id": "h", "prompt": "Hi", "conversation": 999},
+            {"id": "z", "prompt": "The quick brown fox."},
+        ],
+    )
+    out = tmp_path / "out.jsonl"
+    assert cli(src, "-o", str(out)) == 1
+    recs = _records(out)
+    assert [r["line"] for r in recs] == list(range(1, 13))
+    got = {r["line"]: (r["id"], r.get("error", "")) for r in recs}
+    assert got[1][0] == "a" and "reply" in recs[0]
+    assert got[2][0] is None and "nested" in got[2][1]
+    assert got[3][0] == "b" and "seed" in got[3][1]
+    assert got[4][0] == "c" and "conversation" in got[4][1]
+    assert got[5][0] == "d" and "'max_tokens' (did you mean 'max_new_tokens'?)" in got[5][1]
+    assert "prompt, system" in got[5][1]  # names the known fields
+    assert got[6][0] is None and "NaN" in got[6][1]
+    assert got[7][0] == "f" and "temperature" in got[7][1]
+    assert got[8][0] == "g" and "surrogate" in got[8][1]
+    assert got[9][0] == "n" and "nested" in got[9][1]
+    assert got[10][0] is None and '"id"' in got[10][1]
+    assert got[11][0] == "h" and "999" in got[11][1]
+    assert got[12][0] == "z" and "reply" in recs[11]
+
+
+def test_an_error_while_generating_or_saving_a_line_is_that_lines_record(cli, tmp_path, monkeypatch):
+    import sqlite3
+
+    from chatkv.engine import generate
+    from chatkv.store.repo import Store
+
+    real_init, real_add = generate.TextStream.__init__, Store.add_message
+
+    def text_stream(self, tok, stop=()):
+        if "BOOM" in stop:
+            raise RuntimeError("CUDA out of memory\nmore detail")
+        real_init(self, tok, stop)
+
+    def add_message(self, conversation_id, role, content, *a, **k):
+        if content == "Tell me a story about the sea.":
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_add(self, conversation_id, role, content, *a, **k)
+
+    monkeypatch.setattr(generate.TextStream, "__init__", text_stream)
+    monkeypatch.setattr(Store, "add_message", add_message)
+    src = _write(
+        tmp_path / "in.jsonl",
+        [
+            {"id": 1, "prompt": "Hello!"},
+            {"id": 2, "prompt": "How does the Apache license differ?", "stop": ["BOOM"]},
+            {"id": 3, "prompt": "Tell me a story about the sea."},
+            {"id": 4, "prompt": "The quick brown fox."},
+        ],
+    )
+    out = tmp_path / "out.jsonl"
+    assert cli(src, "-o", str(out), "--batch-size", "1", "--save") == 1
+    recs = _records(out)
+    assert [r["id"] for r in recs] == [1, 2, 3, 4]
+    assert "reply" in recs[0] and "reply" in recs[3]
+    assert recs[1]["error"] == "generating failed: RuntimeError: CUDA out of memory"
+    assert recs[2]["error"].startswith("saving the reply failed: the disk holding the database is full")
+
+
+def test_a_line_that_is_not_utf8_fails_alone(cli, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(
+        b'{"id": 1, "prompt": "Hello!"}\n{"id": 2, "prompt": "caf\xe9"}\n{"id": 3, "prompt": "Hi"}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    assert cli(str(src), "-o", str(out)) == 1
+    recs = _records(out)
+    assert [r["line"] for r in recs] == [1, 2, 3] and "reply" in recs[0] and "reply" in recs[2]
+    assert recs[1]["id"] is None and "not UTF-8" in recs[1]["error"]

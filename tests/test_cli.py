@@ -114,9 +114,12 @@ def test_ls_show_rm_export_and_config(capsys, tmp_path):
 
     code, out, err = run(capsys, "ls")
     assert code == 0
-    lines = out.splitlines()
+    header, *lines = out.splitlines()
+    assert header.split() == ["ID", "UPDATED", "MSGS", "TOKENS", "CACHE", "TITLE"]
     assert len(lines) == 2 and lines[0].split()[0] == str(b["conversation_id"])
     assert "Summarise the GNU GPL." in lines[1]
+    code, out, err = run(capsys, "ls", "-q", "no such words")
+    assert code == 0 and out == "" and "no conversations match 'no such words'" in err
     code, out, _ = run(capsys, "ls", "--json", "-q", "gnu gpl")
     listed = json.loads(out)
     assert [c["id"] for c in listed] == [a["conversation_id"]]
@@ -250,11 +253,14 @@ def test_user_errors_are_one_line_exit_1_and_write_nothing(capsys, monkeypatch, 
 
 
 def test_usage_errors_exit_2(capsys, monkeypatch):
+    # One line naming what was wrong and the -h to read (it was argparse's usage block).
     for args in (["ask", "-c", "-C", "1", "hi"], ["show"], ["show", "one"], ["cache"], ["nonsense"]):
-        with pytest.raises(SystemExit) as e:
-            main(args)
-        assert e.value.code == 2, args
-        assert "usage:" in capsys.readouterr().err
+        code, out, err = run(capsys, *args)
+        assert code == 2, args
+        command = "chatkv" if args[0] == "nonsense" else f"chatkv {args[0]}"
+        assert one_error_line(err).endswith(f"(see: {command} -h)")
+    code, _, err = run(capsys, "ask", "--bogus", "hi")  # the subcommand names it, not the top level
+    assert code == 2 and "unrecognized arguments: --bogus (see: chatkv ask -h)" in one_error_line(err)
     code, _, err = run(capsys, "cache", "gc", "--max-bytes", "lots")
     assert code == 2 and one_error_line(err)
     first = ask_json(capsys, "Hello!")
@@ -303,8 +309,9 @@ def test_an_os_error_is_one_line_and_keeps_what_was_saved(capsys, tmp_path):
     code, out, _ = run(capsys, "ask", "--json", "Hello!")
     assert code == 0
     cid = json.loads(out)["conversation_id"]
+    # A missing directory for -o is a usage mistake: said as one, not as a lost-data scare.
     code, out, err = run(capsys, "export", str(cid), "-o", str(tmp_path / "missing-dir" / "chat.md"))
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     line = one_error_line(err)
-    assert "No such file or directory" in line and "missing-dir" in line
+    assert "missing-dir does not exist" in line and "nothing was lost" not in line
     assert [len(msgs) for _, msgs in saved()] == [2]

@@ -7,12 +7,15 @@ Exit codes: 0 success, 1 a user error (one line on stderr), 2 a usage error,
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 
 from chatkv import __version__
+from chatkv.cli.args import INT64_MAX, NumberArg, Parser, conversation_id, count, seed
 from chatkv.config import CODEC_NAMES, Settings, load_settings
 from chatkv.errors import ChatKVError
 
@@ -31,16 +34,25 @@ def _model_flags(p: argparse.ArgumentParser, context: bool = True) -> None:
     )
     g.add_argument("--codec", choices=CODEC_NAMES, help="how KV caches are stored on disk")
     if context:
-        g.add_argument("--context", type=int, help="largest context in tokens (0: the model's maximum)")
+        g.add_argument(
+            "--context",
+            type=count(0, INT64_MAX, "a number of tokens"),
+            help="largest context in tokens (0: the model's maximum)",
+        )
 
 
 def _gen_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", "-n", dest="max_new_tokens", type=int)
-    g.add_argument("--temperature", "-t", type=float, help="0 for greedy decoding")
-    g.add_argument("--top-p", dest="top_p", type=float)
-    g.add_argument("--top-k", dest="top_k", type=int)
-    g.add_argument("--seed", type=int)
+    # Bounds as in chatkv.config.SCHEMA, checked here so that a bad flag is a usage error.
+    g.add_argument(
+        "--max-new-tokens", "-n", dest="max_new_tokens", type=count(1, 1_000_000, "a number of tokens")
+    )
+    g.add_argument(
+        "--temperature", "-t", type=NumberArg(0.0, 5.0, "a temperature"), help="0 for greedy decoding"
+    )
+    g.add_argument("--top-p", dest="top_p", type=NumberArg(0.0, 1.0, "a probability"))
+    g.add_argument("--top-k", dest="top_k", type=count(0, INT64_MAX, "a number of tokens"), help="0 disables")
+    g.add_argument("--seed", type=seed, help="-1 picks a fresh seed each turn")
     g.add_argument("--stop", action="append", help="a string that ends the reply (repeatable)")
 
 
@@ -65,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="chatkv",
         parents=[common],
         description="Chat with a local language model; every conversation's KV cache "
@@ -76,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("chat", parents=[common], help="open the chat UI (the default command)")
-    p.add_argument("id", nargs="?", type=int, help="conversation to open")
+    p.add_argument("id", nargs="?", type=conversation_id, help="conversation to open")
     _model_flags(p)
     _gen_flags(p)
     p.set_defaults(func=run_chat)
@@ -99,12 +111,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def check_model(settings: Settings) -> None:
+    """Fail at once for a --model that nothing can load (a mistyped name), before a command
+    spends seconds importing torch or opens a screen."""
+    from chatkv.engine.hub import precheck
+
+    precheck(settings.model.name)
+
+
 def run_chat(args: argparse.Namespace) -> int:
     """Open the chat UI."""
     from chatkv.session import Chat
     from chatkv.ui.app import create_app
 
     settings = settings_from(args)
+    check_model(settings)
     chat = Chat(settings)
     if args.id is not None:
         chat.get_conversation(args.id)  # unknown id: one line, before the screen opens
@@ -123,9 +144,29 @@ def _quiet_libraries(debug: bool) -> None:
     )
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # huggingface_hub sets its loggers' level from this when imported, after this function
+        # ran: without it each retry warning printed twice (its handler and ours).
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        for name in ("transformers", "accelerate", "alembic", "huggingface_hub"):
+        for name in ("transformers", "accelerate", "alembic", "huggingface_hub", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        if "transformers" in sys.modules:  # imported before main() (in process): the variable came late
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a failed file operation, with what to do about it."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    what = f"{e.strerror or e}{where}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # mid-write: say what survived
+        return f"{what}; nothing was lost: what was saved before stays saved; free some space and retry"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}; chatkv needs to write there (CHATKV_HOME moves its data elsewhere)"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{what}; a file is where chatkv expects a directory (check CHATKV_HOME)"
+    return what
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,8 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         argv = ["chat", *argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
-    from sqlalchemy.exc import OperationalError as DatabaseUnavailable
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, printed), -h or --version: a code, in process too
+        return e.code if isinstance(e.code, int) else 0
+    from sqlalchemy.exc import DBAPIError
 
     debug = getattr(args, "debug", False)
     _quiet_libraries(debug)
@@ -158,22 +202,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except OSError as e:  # disk full, permissions, a locked database: one line, not a traceback
+    except OSError as e:  # disk full, permissions: one line, not a traceback
         if debug:
             raise
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(
-            f"chatkv: error: {e.strerror or e}{where}; nothing was lost: what was saved before stays saved",
-            file=sys.stderr,
-        )
+        print(f"chatkv: error: {os_error_line(e)}", file=sys.stderr)
         return 1
-    except DatabaseUnavailable as e:
+    except (DBAPIError, sqlite3.Error) as e:  # OperationalError, DatabaseError, IntegrityError...
         if debug:
             raise
-        print(
-            f"chatkv: error: the database is unavailable ({e}); close other chatkv processes or retry",
-            file=sys.stderr,
-        )
+        from chatkv.paths import db_path
+        from chatkv.store.db import describe_db_error
+
+        # One line by the sqlite error's name (locked, full, read-only, damaged), never
+        # SQLAlchemy's text with the statement in it.
+        print(f"chatkv: error: {describe_db_error(e, db_path())}", file=sys.stderr)
         return 1
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from chatkv.cli.args import conversation_id
 from chatkv.errors import InputError, UsageError
 
 
@@ -24,7 +25,9 @@ def register(sub, common) -> None:
     g.add_argument(
         "-c", "--continue", dest="cont", action="store_true", help="continue the most recent conversation"
     )
-    g.add_argument("-C", "--conversation", type=int, metavar="ID", help="continue conversation ID")
+    g.add_argument(
+        "-C", "--conversation", type=conversation_id, metavar="ID", help="continue conversation ID"
+    )
     g.add_argument("--new", action="store_true", help="start a new conversation (the default)")
     p.add_argument("--system", "-s", help="system prompt for a new conversation")
     p.add_argument("--json", action="store_true", help="print one JSON object with the reply and statistics")
@@ -60,7 +63,7 @@ def read_prompt(parts: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Send one prompt and print the reply."""
-    from chatkv.cli import settings_from
+    from chatkv.cli import check_model, settings_from
     from chatkv.errors import NotFoundError
     from chatkv.session import Chat
 
@@ -79,16 +82,29 @@ def run(args: argparse.Namespace) -> int:
             conv = None
         if conv is not None and args.system is not None:
             raise UsageError("--system applies to a new conversation; use it without -c/-C")
+        check_model(settings)
         chat.load()
         # A new conversation is created together with the message, by the session: a
         # refused or failed first turn leaves nothing behind.
         turn = chat.send(conv.id if conv else None, text, system_prompt=args.system)
         out = sys.stdout
-        # Ctrl-C: the turn saves what it generated, and main() exits with 130.
-        for piece in turn:
-            if not args.json:
-                out.write(piece)
+        pieces = iter(turn)
+        streamed = False
+        try:
+            for piece in pieces:
+                if not args.json and piece:
+                    out.write(piece)
+                    out.flush()
+                    streamed = True
+        except KeyboardInterrupt:
+            # Interrupted between two pieces, the turn is still open: closing it saves what it
+            # made (interrupted inside it, it saved already and this does nothing).
+            pieces.close()
+            if streamed:
+                out.write("\n")  # end the reply's line before saying anything
                 out.flush()
+            _say_interrupted(turn.conversation_id, turn.message is not None)
+            return 130
         # turn.warnings (a cache chunk dropped and recomputed) were logged to stderr already
         # by the KV layer, once each; printing them again would report each twice.
         msg = turn.message
@@ -118,3 +134,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         chat.close()
     return 0
+
+
+def _say_interrupted(cid: int, saved: bool) -> None:
+    if saved:
+        print(
+            f"chatkv: interrupted; the partial reply is saved in conversation {cid} "
+            f"— continue with: chatkv ask -C {cid} ...",
+            file=sys.stderr,
+        )
+    else:  # the session removed the unanswered message (and a conversation it started)
+        print("chatkv: interrupted before the reply began; your message was not saved", file=sys.stderr)

@@ -7,12 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from chatkv.cli.args import PathArg, count
 from chatkv.errors import ChatKVError, UsageError
 
 EPILOG = """\
 input lines: {"id": ..., "prompt": ...} with optional "system", "messages" (a full chat),
 "conversation" (id of a saved conversation to continue) and generation settings
-("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop").
+("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"); no other field.
+output lines: one per input line, in input order, each with its "id" and "line": a "reply"
+with usage and timings, or an "error" saying what is wrong with that line.
 exit status: 0 every line served, 1 some failed (see their "error" records), 2 usage error."""
 
 
@@ -28,13 +31,22 @@ def register(sub, common) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="JSONL file of prompts; '-' reads standard input")
-    p.add_argument("-o", "--output", help="JSONL file for the answers (default: standard output)")
+    p.add_argument(
+        "input",
+        type=PathArg(output=False, stdin=True),
+        help="JSONL file of prompts; '-' reads standard input",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=PathArg(output=True, stdin=True),
+        help="JSONL file for the answers (default: standard output)",
+    )
     p.add_argument(
         "--batch-size",
         "-b",
         dest="batch_size",
-        type=int,
+        type=count(0, 4096, "a batch size"),
         help="sequences decoded together (default: per device)",
     )
     g = p.add_mutually_exclusive_group()
@@ -67,72 +79,94 @@ def register(sub, common) -> None:
 
 
 def _read_input(path: str) -> list[str]:
+    """The input's lines. Bytes that are not UTF-8 are kept as surrogates (surrogateescape),
+    so that only their line fails ("not UTF-8 text"), not the whole batch."""
     try:
         if path == "-":
-            return sys.stdin.readlines()
-        # "\n" only: str.splitlines would also split on U+2028 and friends, legal inside JSON strings
-        return Path(path).read_text(encoding="utf-8").split("\n")
+            stream = getattr(sys.stdin, "buffer", None)
+            if stream is None:  # a text stream without bytes underneath (tests, embedding)
+                return sys.stdin.readlines()
+            data = stream.read()
+        else:
+            data = Path(path).read_bytes()
     except FileNotFoundError:
         raise UsageError(f"input file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    # "\n" only: str.splitlines would also split on U+2028 and friends, legal inside JSON strings
+    return data.decode("utf-8", errors="surrogateescape").split("\n")
 
 
 def run(args: argparse.Namespace) -> int:
     """Answer a JSONL file of prompts."""
-    from chatkv.batch import Item, Progress, Runner, id_key, open_output, parse_line, read_lines
-    from chatkv.cli import settings_from
+    from chatkv.batch import (
+        BadLine,
+        InOrder,
+        Item,
+        Progress,
+        Runner,
+        id_key,
+        open_output,
+        parse_line,
+        read_lines,
+        sort_output,
+    )
+    from chatkv.cli import check_model, settings_from
     from chatkv.session import Chat
 
     settings = settings_from(args)
+    check_model(settings)
     if args.batch_size is not None:
         settings.set("batch.batch_size", args.batch_size, source="--batch-size")
-    if (
-        args.output
-        and args.output != "-"
-        and args.input != "-"
-        and Path(args.output).resolve() == Path(args.input).resolve()
-    ):
+    to_file = bool(args.output) and args.output != "-"
+    if to_file and args.input != "-" and Path(args.output).resolve() == Path(args.input).resolve():
         raise UsageError("the output file is the input file; choose another -o")
     lines = _read_input(args.input)
     out, done = open_output(args.output, args.overwrite)
     errors: list[dict] = []
     items: list[Item] = []
-    seen: set[str] = set()
+    order: list[int] = []  # the lines that get a record in this run, in input order
+    id_lines: dict[str, int] = {}
     skipped = 0
     chat = Chat(settings)
     for n, text in read_lines(lines):
         try:
             item = parse_line(n, text, chat.defaults)
         except ChatKVError as e:
-            errors.append({"id": None, "line": n, "error": str(e)})
+            errors.append({"id": e.id if isinstance(e, BadLine) else None, "line": n, "error": str(e)})
+            order.append(n)
             continue
         key = id_key(item.id)
         if key in done:
             skipped += 1
-        elif key in seen:
+            id_lines.setdefault(key, n)
+            continue
+        if key in id_lines:
             errors.append({"id": item.id, "line": n, "error": f"duplicate id {item.id!r}"})
         else:
-            seen.add(key)
+            id_lines[key] = n
             items.append(item)
+        order.append(n)
 
-    def emit(rec: dict) -> None:
+    def write(rec: dict) -> None:
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         out.flush()
 
+    ordered = InOrder(write, order)
     progress = Progress(len(items) + len(errors), enabled=not args.quiet and sys.stderr.isatty())
     runner = None
     try:
         for e in errors:
-            emit(e)
+            ordered.emit(e)
             progress.update(items=1)
         if items:
             chat.load()
             runner = Runner(
-                chat, emit, batch_size=settings.batch.batch_size, save=args.save, progress=progress
+                chat, ordered.emit, batch_size=settings.batch.batch_size, save=args.save, progress=progress
             )
             runner.run(items)
     except KeyboardInterrupt:
+        ordered.flush()  # what is finished is kept, even ahead of an unfinished earlier line
         progress.close()
         served = runner.summary.served if runner else 0
         print(
@@ -144,8 +178,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         chat.close()  # waits for queued spills
         if out is not sys.stdout:
+            ordered.flush()
             out.close()
     progress.close()
+    if to_file and done:  # a resumed run: the earlier answers came first; put all in input order
+        sort_output(args.output, id_lines)
     failed = len(errors) + (runner.summary.failed if runner else 0)
     if failed:
         print(

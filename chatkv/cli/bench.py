@@ -9,38 +9,57 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from chatkv.cli.args import PathArg, count
+
+TOKENS = count(1, 1_000_000, "a number of tokens")
+REPEAT = count(1, 1000, "a number of runs")
+PROMPTS = count(1, 100_000, "a number of prompts")
+
 
 def _resume(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--context",
         dest="history_tokens",
-        type=int,
+        type=TOKENS,
         default=4096,
         help="tokens of history to resume (default 4096)",
     )
-    p.add_argument("--repeat", type=int, default=3, help="resume measurements; the median is reported")
+    p.add_argument("--repeat", type=REPEAT, default=3, help="resume measurements; the median is reported")
 
 
 def _quality(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text", help="a UTF-8 text file to evaluate on (default: the bundled sample)")
-    p.add_argument("--prefix", type=int, default=2048, help="tokens of cached prefix (default 2048)")
-    p.add_argument("--eval", type=int, default=256, help="tokens evaluated after the prefix (default 256)")
+    p.add_argument(
+        "--text",
+        type=PathArg(output=False),
+        help="a UTF-8 text file to evaluate on (default: the bundled sample)",
+    )
+    p.add_argument("--prefix", type=TOKENS, default=2048, help="tokens of cached prefix (default 2048)")
+    p.add_argument("--eval", type=TOKENS, default=256, help="tokens evaluated after the prefix (default 256)")
     p.add_argument("--all", action="store_true", help="measure every codec")
 
 
 def _decode(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=128, help="tokens generated per run (default 128)")
-    p.add_argument("--repeat", type=int, default=3, help="runs of each, alternated; the median is reported")
+    p.add_argument("--tokens", type=TOKENS, default=128, help="tokens generated per run (default 128)")
+    p.add_argument(
+        "--repeat", type=REPEAT, default=3, help="runs of each, alternated; the median is reported"
+    )
 
 
 def _batch(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", type=int, default=32, help="prompts sharing the system prompt (default 32)")
-    p.add_argument("--system-tokens", type=int, default=1000, help="length of the shared system prompt")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
-    p.add_argument("--batch-size", type=int, default=0, help="sequences decoded together (0: default)")
+    p.add_argument(
+        "--prompts", type=PROMPTS, default=32, help="prompts sharing the system prompt (default 32)"
+    )
+    p.add_argument("--system-tokens", type=TOKENS, default=1000, help="length of the shared system prompt")
+    p.add_argument("--new-tokens", type=TOKENS, default=64, help="tokens generated per prompt (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=count(0, 4096, "a batch size"),
+        default=0,
+        help="sequences decoded together (0: default)",
+    )
     p.add_argument(
         "--baseline-prompts",
-        type=int,
+        type=count(0, 100_000, "a number of prompts"),
         default=0,
         help="prompts timed for the generate baseline (0: all); the rate is extrapolated",
     )

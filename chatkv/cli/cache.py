@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from chatkv.cli.args import byte_size
 from chatkv.config import parse_size
 from chatkv.errors import UsageError
 
@@ -20,7 +21,11 @@ def register(sub, common) -> None:
     g = csub.add_parser(
         "gc", parents=[common], help="remove orphans, then least recently used chunks down to the budget"
     )
-    g.add_argument("--max-bytes", help="budget, e.g. 500MiB (default: cache.disk_bytes); 0 empties the store")
+    g.add_argument(
+        "--max-bytes",
+        type=byte_size,
+        help="budget, e.g. 500MiB (default: cache.disk_bytes); 0 empties the store",
+    )
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=run_gc)
     v = csub.add_parser("verify", parents=[common], help="check every chunk's checksum; remove bad ones")

@@ -6,10 +6,14 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 from chatkv.api import ConversationSummary
-from chatkv.fmt import format_bytes, relative_time
+from chatkv.cli.args import INT64_MAX, PathArg, conversation_id, count
+from chatkv.fmt import display_title, format_bytes, relative_time
+
+# Titles are stored cut to 60 characters with no mark (store/repo.py); the listing cuts
+# them to this width with "…", so that a cut title reads as one.
+LS_TITLE_CHARS = 48
 
 
 def register(sub, common) -> None:
@@ -17,12 +21,12 @@ def register(sub, common) -> None:
     p.add_argument(
         "-q", "--query", default="", help="only conversations whose title or messages contain this"
     )
-    p.add_argument("-n", "--limit", type=int, default=50)
+    p.add_argument("-n", "--limit", type=count(1, INT64_MAX, "a number of conversations"), default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_ls)
 
     p = sub.add_parser("show", parents=[common], help="print a conversation with its turn statistics")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=conversation_id)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_show)
 
@@ -31,13 +35,15 @@ def register(sub, common) -> None:
         parents=[common],
         help="delete conversations (their cache chunks stay until evicted; see cache gc)",
     )
-    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+    p.add_argument("ids", type=conversation_id, nargs="+", metavar="ID")
     p.set_defaults(func=run_rm)
 
     p = sub.add_parser("export", parents=[common], help="write a conversation as Markdown or JSON")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=conversation_id)
     p.add_argument("--format", "-f", choices=["md", "json"], default="md")
-    p.add_argument("--output", "-o", help="file to write (default: standard output)")
+    p.add_argument(
+        "--output", "-o", type=PathArg(output=True), help="file to write (default: standard output)"
+    )
     p.set_defaults(func=run_export)
 
     p = sub.add_parser(
@@ -77,14 +83,18 @@ def run_ls(args: argparse.Namespace) -> int:
         print()
         return 0
     if not convs:
-        print('no conversations yet; start one with: chatkv ask "Hello"', file=sys.stderr)
+        if args.query:
+            print(f"no conversations match {args.query!r}; `chatkv ls` lists them all", file=sys.stderr)
+        else:
+            print('no conversations yet; start one with: chatkv ask "Hello"', file=sys.stderr)
         return 0
     now = datetime.now(UTC)
+    print(f"{'ID':>5}  {'UPDATED':>9}  {'MSGS':>4}  {'TOKENS':>6}  {'CACHE':<14}  TITLE")
     for c in convs:
         cache = f"disk {format_bytes(c.cache_bytes)}" if c.cache_state == "disk" else c.cache_state
         print(
-            f"{c.id:>5}  {relative_time(c.updated_at, now):>9}  {c.message_count:>3} msgs  "
-            f"{c.token_count:>6} tok  {cache:<14}  {c.title or '(untitled)'}"
+            f"{c.id:>5}  {relative_time(c.updated_at, now):>9}  {c.message_count:>4}  "
+            f"{c.token_count:>6}  {cache:<14}  {display_title(c.title, LS_TITLE_CHARS)}"
         )
     return 0
 
@@ -105,9 +115,9 @@ def run_show(args: argparse.Namespace) -> int:
         )
         print()
         return 0
-    print(
-        f"# {c.title or '(untitled)'}  [{c.id}, {c.model}, {relative_time(c.updated_at, datetime.now(UTC))}]"
-    )
+    first_user = next((m.content for m in msgs if m.role == "user"), "")
+    age = relative_time(c.updated_at, datetime.now(UTC))
+    print(f"# {display_title(c.title, source=first_user)}  [{c.id}, {c.model}, {age}]")
     if c.system_prompt:
         print(f"\nsystem: {c.system_prompt}")
     for m in msgs:
@@ -126,15 +136,35 @@ def run_show(args: argparse.Namespace) -> int:
 def run_rm(args: argparse.Namespace) -> int:
     """Delete conversations, with every cache chunk only they used."""
     from chatkv.config import load_settings
+    from chatkv.errors import NotFoundError
     from chatkv.session import Chat
 
+    ids = list(dict.fromkeys(args.ids))  # `rm 6 6` deletes 6 once
     chat = Chat(load_settings(), store=_store())
-    for cid in args.ids:
-        chat.get_conversation(cid)  # all ids checked before any is deleted
-    for cid in args.ids:
-        chat.delete(cid)
-        print(f"deleted conversation {cid}", file=sys.stderr)
+    try:
+        missing = [cid for cid in ids if not _exists(chat, cid)]
+        if missing:  # all ids are checked before any is deleted
+            which = ", ".join(map(str, missing))
+            raise NotFoundError(
+                f"conversation{'s' if len(missing) > 1 else ''} {which} not found; nothing was deleted "
+                "(`chatkv ls` lists conversations)"
+            )
+        for cid in ids:
+            chat.delete(cid)  # with the cache chunks only this conversation used
+            print(f"deleted conversation {cid}", file=sys.stderr)
+    finally:
+        chat.close()
     return 0
+
+
+def _exists(chat, cid: int) -> bool:
+    from chatkv.errors import NotFoundError
+
+    try:
+        chat.get_conversation(cid)
+    except NotFoundError:
+        return False
+    return True
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -144,7 +174,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     text = Chat(load_settings(), store=_store()).export(args.id, args.format)
     if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        from chatkv.outfile import open_private
+
+        with open_private(args.output) as f:
+            f.write(text + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text + "\n")
@@ -158,7 +191,13 @@ def run_config(args: argparse.Namespace) -> int:
     from chatkv.paths import config_file, data_dir
 
     if args.what == "path":
-        print(config_file())
+        path = config_file()
+        print(path)
+        if not path.exists():
+            print(
+                "chatkv: that file does not exist yet; create it to override config/default.toml",
+                file=sys.stderr,
+            )
         return 0
     values = settings_from(args).as_dict()
     if args.json:

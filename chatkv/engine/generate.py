@@ -26,12 +26,21 @@ class Step:
     finish_reason: str | None = None
 
 
+SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
 class Sampler:
-    """Greedy, or temperature / top-k / top-p sampling with an optional seed."""
+    """Greedy, or temperature / top-k / top-p sampling with an optional seed.
+
+    `settings.seed`: 0..2**64-1 makes sampling repeatable; a negative seed (the default
+    -1) draws a fresh one each turn. A larger seed raises ValueError (the config and the
+    CLI bound it first)."""
 
     def __init__(self, settings: GenerationSettings, device: torch.device):
         self.s = settings
         self.gen: torch.Generator | None = None
+        if settings.seed > SEED_MAX:
+            raise ValueError(f"seed {settings.seed} is larger than 2**64-1; use -1 for a fresh seed")
         if settings.temperature > 0:
             self.gen = torch.Generator(device="cpu")
             if settings.seed >= 0:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from chatkv.engine import hub
 from chatkv.errors import ModelError
 from chatkv.paths import ensure_private_dir, models_dir
 
@@ -42,6 +43,7 @@ class ModelSource:
     path: str  # directory or hub id handed to from_pretrained
     gguf_file: str | None = None
     identity: str = ""  # hash of what makes the weights these weights
+    commit: str | None = None  # a hub model's revision, when known before loading
 
 
 @dataclass
@@ -119,7 +121,13 @@ def _dir_identity(path: Path) -> str:
 
 
 def resolve(name: str) -> ModelSource:
-    """Turn a --model value into a ModelSource, or raise ModelError saying what to do."""
+    """Turn a --model value into a ModelSource, or raise ModelError saying what to do.
+
+    A name that is neither the embedded model nor a local path is a Hugging Face id, looked
+    up in the local hub cache first; unless HF_HUB_OFFLINE=0, one not there is an error at
+    once (no network is tried)."""
+    if "\0" in name:
+        raise ModelError("--model contains a NUL character; give a model name or path")
     if name == EMBEDDED:
         gguf = embedded_gguf()
         return ModelSource(name, str(gguf.parent), gguf.name, "gguf:" + _file_identity(gguf))
@@ -130,9 +138,14 @@ def resolve(name: str) -> ModelSource:
         if not (path / "config.json").exists():
             raise ModelError(f"{path} has no config.json; point --model at a Hugging Face model directory")
         return ModelSource(name, str(path), None, "dir:" + _dir_identity(path))
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+    if hub.looks_like_path(name):
         raise ModelError(f"model path {name} does not exist; give a directory, a .gguf file or a hub id")
-    # A hub id: its identity is the resolved commit (filled in after loading).
+    # A hub id: its identity is the resolved commit (added after loading).
+    snapshot = hub.snapshot(name)
+    if snapshot is not None:
+        return ModelSource(name, str(snapshot), None, "hub:" + name, commit=snapshot.name)
+    if hub.hub_offline():
+        raise hub.unknown_model(name)
     return ModelSource(name, name, None, "hub:" + name)
 
 
@@ -221,13 +234,15 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, device: torch.device, load
             )
         )
         kwargs["device_map"] = {"": device.index or 0}
+    # A snapshot or directory is read as is; a hub id reaches the network only when allowed.
+    local = source.path != source.name or hub.hub_offline()
     try:
-        tok = AutoTokenizer.from_pretrained(source.path)
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source.path, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(source.path, local_files_only=local, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model {source.name!r}: {first}") from None
-    commit = getattr(model.config, "_commit_hash", None)
+    commit = getattr(model.config, "_commit_hash", None) or source.commit
     if source.identity.startswith("hub:") and commit:
         source.identity += "@" + commit
     return model, tok
