@@ -17,7 +17,15 @@ from pathlib import Path
 
 from chatkv.errors import CacheError, NotFoundError
 from chatkv.kv import live, maintenance
-from chatkv.kv.chunks import chain_keys, chunk_key, encode_chunk, read_chunk, relpath, write_atomic
+from chatkv.kv.chunks import (
+    chain_keys,
+    chunk_key,
+    chunk_path,
+    encode_chunk,
+    read_chunk,
+    relpath,
+    write_atomic,
+)
 from chatkv.kv.codecs import get_codec
 from chatkv.kv.growable import GrowableLayer
 from chatkv.store.repo import ChunkRecord
@@ -222,13 +230,15 @@ class KVManager:
         out = (k_buf[..., offset : offset + t, :], v_buf[..., offset : offset + t, :])  # (L, B, H, t, D)
         try:
             data = read_chunk(
-                self.kv_dir / rec.path,
+                chunk_path(self.kv_dir, rec.key),  # never the row's path column: it is not trusted
                 self.codec,
                 self.lm.fingerprint,
                 rec.key,
                 self.lm.dtype,
                 self.lm.device,
                 out=out,
+                nbytes=rec.nbytes,
+                checksum=rec.checksum,
             )
         except CacheError as e:
             return e
@@ -252,8 +262,11 @@ class KVManager:
             for rec, data in zip(plan, results, strict=True):
                 if isinstance(data, CacheError):
                     problems.append(str(data))
-                    log.warning("dropping KV chunk: %s; its tokens will be recomputed", data)
-                    self._remove_chunks([rec])
+                    if data.damaged:
+                        log.warning("dropping KV chunk: %s; its tokens will be recomputed", data)
+                        self._remove_chunks([rec], {rec.key: data.file_id})
+                    else:  # a transient read error: the chunk may well be sound, keep it
+                        log.warning("could not read KV chunk: %s; its tokens will be recomputed", data)
                     break
                 # a chunk that only begins like the prompt (a reply re-tokenized differently):
                 # use that much, and nothing after it
@@ -319,7 +332,7 @@ class KVManager:
         on_disk = self.store.get_chunks(wanted)
         written = 0
         for i, key in enumerate(wanted):
-            if key in on_disk and (self.kv_dir / on_disk[key].path).exists():
+            if key in on_disk and chunk_path(self.kv_dir, key).exists():
                 continue
             start, end = i * c, min((i + 1) * c, len(tokens))
             part = [(k[..., start:end, :], v[..., start:end, :]) for k, v in layers]  # (B, H, end-start, D)
@@ -346,7 +359,7 @@ class KVManager:
             self.codec, self.lm.fingerprint, key, parent, start, tokens, layers, partial
         )
         rel = relpath(key)
-        write_atomic(self.kv_dir / rel, blob)
+        write_atomic(chunk_path(self.kv_dir, key), blob)
         now = datetime.now(UTC)
         self.store.add_chunk(
             ChunkRecord(
@@ -374,8 +387,8 @@ class KVManager:
         if rec and rec.partial and not self.store.chunk_is_head(old_head):
             self._remove_chunks([rec])
 
-    def _remove_chunks(self, recs: list[ChunkRecord]) -> None:
-        maintenance.remove(self.store, self.kv_dir, recs)
+    def _remove_chunks(self, recs: list[ChunkRecord], judged: dict | None = None) -> None:
+        maintenance.remove(self.store, self.kv_dir, recs, judged)
 
     def gc(self, max_bytes: int, keep: frozenset[str] | set[str] = frozenset()) -> tuple[int, int]:
         """Evict least recently used chunks down to `max_bytes`; returns (removed, bytes freed)."""
