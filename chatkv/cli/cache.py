@@ -1,4 +1,4 @@
-"""`chatkv cache stats | gc | verify`: the chunk store on disk."""
+"""`chatkv cache stats | gc | verify | rebuild`: the chunk store on disk."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def register(sub, common) -> None:
     v.add_argument("--dry-run", action="store_true", help="report only, remove nothing")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=run_verify)
+    r = csub.add_parser(
+        "rebuild", parents=[common], help="drop the chunk index and index again every sound chunk file"
+    )
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=run_rebuild)
 
 
 def _open():
@@ -39,9 +44,11 @@ def _open():
 def run_stats(args: argparse.Namespace) -> int:
     """Show what the chunk store holds."""
     from chatkv.fmt import format_bytes
+    from chatkv.kv.maintenance import temp_files
 
     store, kv = _open()
     stats = store.chunk_stats()
+    stats["temp_files"], stats["temp_bytes"] = temp_files(kv)
     if args.json:
         json.dump(stats | {"kv_dir": str(kv)}, sys.stdout, indent=2, default=str)
         print()
@@ -50,6 +57,11 @@ def run_stats(args: argparse.Namespace) -> int:
     for name, label in (("by_codec", "codec"), ("by_fingerprint", "model")):
         for k, v in (stats.get(name) or {}).items():
             print(f"  {label} {k}: {v['count']} chunks, {format_bytes(v['bytes'])}")
+    if stats["temp_files"]:
+        print(
+            f"  {stats['temp_files']} leftover temp files, {format_bytes(stats['temp_bytes'])} "
+            "(`chatkv cache gc` removes them)"
+        )
     return 0
 
 
@@ -101,4 +113,31 @@ def run_verify(args: argparse.Namespace) -> int:
         action = "would remove" if args.dry_run else "removed"
         count = len(report.bad) if args.dry_run else report.removed
         print(f"checked {report.checked} chunks: {len(report.bad)} bad, {action} {count}")
+    return 0
+
+
+def run_rebuild(args: argparse.Namespace) -> int:
+    """Drop the chunk index and rebuild it from the chunk files' own metadata."""
+    from chatkv.fmt import format_bytes
+    from chatkv.kv.maintenance import rebuild
+
+    store, kv = _open()
+    report = rebuild(store, kv)
+    if args.json:
+        json.dump(
+            {
+                "indexed": report.indexed,
+                "bytes": report.bytes,
+                "bad": [{"file": f, "problem": p} for f, p in report.bad],
+            },
+            sys.stdout,
+        )
+        print()
+    else:
+        for name, problem in report.bad:
+            print(f"skipped {name}: {problem}")
+        print(
+            f"indexed {report.indexed} chunks ({format_bytes(report.bytes)}); skipped {len(report.bad)} "
+            "files that failed verification (`chatkv cache gc` removes them later)"
+        )
     return 0
