@@ -576,3 +576,19 @@ def test_cache_rebuild_indexes_the_sound_files_again(capsys, damage):
         assert maintenance.verify(s, kv_dir(), fix=False).bad == []
     assert cli_main(["cache", "rebuild"]) == 0
     assert "indexed 3 chunks" in capsys.readouterr().out
+
+
+def test_cache_stats_counts_chunks_that_cannot_attach_and_leftover_temp_files(capsys):
+    with Store(db_path()) as s:
+        recs = index_chain(s, kv_dir(), 3)
+        s.delete_chunks([recs[0].key])
+    (kv_dir() / "ab").mkdir(exist_ok=True)
+    (kv_dir() / "ab" / ".tmp-1.part").write_bytes(b"z" * 7)
+    assert cli_main(["cache", "stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["count"] == 2 and stats["unreachable"] == 2 and stats["reachable_bytes"] == 0
+    assert stats["unreachable_bytes"] == recs[1].nbytes + recs[2].nbytes
+    assert (stats["temp_files"], stats["temp_bytes"]) == (1, 7)
+    assert cli_main(["cache", "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "2 chunks" in out and "cannot attach" in out and "1 leftover temp files" in out

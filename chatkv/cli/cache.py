@@ -44,10 +44,10 @@ def _open():
 def run_stats(args: argparse.Namespace) -> int:
     """Show what the chunk store holds."""
     from chatkv.fmt import format_bytes
-    from chatkv.kv.maintenance import temp_files
+    from chatkv.kv.maintenance import reachable_stats, temp_files
 
     store, kv = _open()
-    stats = store.chunk_stats()
+    stats = store.chunk_stats() | reachable_stats(store)
     stats["temp_files"], stats["temp_bytes"] = temp_files(kv)
     if args.json:
         json.dump(stats | {"kv_dir": str(kv)}, sys.stdout, indent=2, default=str)
@@ -57,6 +57,11 @@ def run_stats(args: argparse.Namespace) -> int:
     for name, label in (("by_codec", "codec"), ("by_fingerprint", "model")):
         for k, v in (stats.get(name) or {}).items():
             print(f"  {label} {k}: {v['count']} chunks, {format_bytes(v['bytes'])}")
+    if stats["unreachable"]:
+        print(
+            f"  {stats['unreachable']} chunks ({format_bytes(stats['unreachable_bytes'])}) cannot attach "
+            "(an earlier chunk of their chain is gone); evicted first"
+        )
     if stats["temp_files"]:
         print(
             f"  {stats['temp_files']} leftover temp files, {format_bytes(stats['temp_bytes'])} "

@@ -28,7 +28,6 @@ class GcReport:
     orphan_files: int = 0
     missing_files: int = 0
     damaged_rows: int = 0  # index rows with a malformed key (dropped, no file touched)
-    unreachable: int = 0  # chunks whose parent chain is not indexed: never usable
     temp_files: int = 0  # of the orphan files, leftover `.tmp-*.part` files of interrupted spills
 
 
@@ -116,6 +115,18 @@ def reachable(recs: Sequence) -> set[str]:
     return {k for k, ok in memo.items() if ok}
 
 
+def reachable_stats(store) -> dict[str, int]:
+    """{"reachable_bytes", "unreachable", "unreachable_bytes"} of the index."""
+    recs, _ = split_rows(store, store.all_chunks())
+    reach = reachable(recs)
+    lost = [r for r in recs if r.key not in reach]
+    return {
+        "reachable_bytes": sum(r.nbytes for r in recs if r.key in reach),
+        "unreachable": len(lost),
+        "unreachable_bytes": sum(r.nbytes for r in lost),
+    }
+
+
 def evict_lru(
     store, kv_dir: Path, max_bytes: int, keep: frozenset[str] | set[str] = frozenset()
 ) -> tuple[int, int]:
@@ -194,8 +205,9 @@ def clean_temp(kv_dir: Path, min_age_s: float = ORPHAN_MIN_AGE_S) -> int:
 
 def gc(store, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN_AGE_S) -> GcReport:
     """Temp files and files no row points at (older than `orphan_min_age_s`), rows with a
-    malformed key or without a file, chunks that can never be attached, then eviction
-    down to `max_bytes`."""
+    malformed key or without a file, then eviction down to `max_bytes` (chunks that cannot
+    attach first). Those are kept until then: when their missing ancestor is computed and
+    spilled again (same key), they attach again."""
     temps = clean_temp(kv_dir, orphan_min_age_s)
     report = GcReport(temp_files=temps, orphan_files=temps)
     young = time.time() - orphan_min_age_s
@@ -224,9 +236,6 @@ def gc(store, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN
         except OSError:
             continue
         report.orphan_files += 1
-    reach = reachable(recs)
-    stranded = [r for r in recs if r.key not in reach]
-    report.unreachable = remove(store, kv_dir, stranded) if stranded else 0
     report.removed, report.freed = evict_lru(store, kv_dir, max_bytes)
     return report
 
