@@ -58,7 +58,7 @@ def _stat_id(path: Path) -> FileId | None:
         return None
 
 
-def split_rows(store, recs: Sequence) -> tuple[list, list]:
+def split_rows(recs: Sequence) -> tuple[list, list]:
     """(rows with a well-formed key, the others). The others are damaged: never made into a path."""
     good = [r for r in recs if isinstance(r.key, str) and KEY_RE.fullmatch(r.key)]
     return good, [r for r in recs if not (isinstance(r.key, str) and KEY_RE.fullmatch(r.key))]
@@ -70,7 +70,7 @@ def remove(store, kv_dir: Path, recs, judged: dict[str, FileId | None] | None = 
     is still the one judged (`judged[key]`, its file id when it was found bad; else as
     found now, before the row goes). A crash in between leaves an orphan file, which gc
     removes. Returns how many rows went."""
-    good, damaged = split_rows(store, recs)
+    good, damaged = split_rows(recs)
     if damaged:
         store.delete_chunks([r.key for r in damaged])
     paths: dict[str, Path] = {}
@@ -117,7 +117,7 @@ def reachable(recs: Sequence) -> set[str]:
 
 def reachable_stats(store) -> dict[str, int]:
     """{"reachable_bytes", "unreachable", "unreachable_bytes"} of the index."""
-    recs, _ = split_rows(store, store.all_chunks())
+    recs, _ = split_rows(store.all_chunks())
     reach = reachable(recs)
     lost = [r for r in recs if r.key not in reach]
     return {
@@ -134,7 +134,7 @@ def evict_lru(
     attached (its parent chain is not indexed), then leaves (chunks no indexed chunk
     continues) by last use, repeatedly, so that chains shrink from their ends and every
     chunk left stays usable. Chunks in `keep` stay. Returns (chunks removed, bytes freed)."""
-    recs, damaged = split_rows(store, store.chunks_by_last_use())  # least recently used first
+    recs, damaged = split_rows(store.chunks_by_last_use())  # least recently used first
     if damaged:
         store.delete_chunks([r.key for r in damaged])
     total = sum(r.nbytes for r in recs)
@@ -211,7 +211,7 @@ def gc(store, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN
     temps = clean_temp(kv_dir, orphan_min_age_s)
     report = GcReport(temp_files=temps, orphan_files=temps)
     young = time.time() - orphan_min_age_s
-    recs, damaged = split_rows(store, store.all_chunks())
+    recs, damaged = split_rows(store.all_chunks())
     if damaged:
         store.delete_chunks([r.key for r in damaged])
     report.damaged_rows = len(damaged)
