@@ -260,7 +260,7 @@ def _read_checked(
                     got = str(meta.get(field))[:80]
                     raise CacheError(f"chunk {key[:12]} has {field} {got!r}, expected {want!r}")
             if nbytes is not None and st.st_size != nbytes:
-                what = "truncated" if st.st_size < nbytes else "oversized or replaced"
+                what = "truncated or corrupt" if st.st_size < nbytes else "oversized or replaced"
                 raise CacheError(f"chunk {key[:12]} is {st.st_size} bytes, the index says {nbytes} ({what})")
             if st.st_size > MAX_CHUNK_BYTES:
                 raise CacheError(f"chunk {key[:12]} is {st.st_size} bytes, too large")
