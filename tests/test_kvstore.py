@@ -174,6 +174,60 @@ def test_crafted_index_rows_never_touch_a_file_outside_the_kv_dir(tmp_path, stor
     assert not (kv / good.path).exists()
 
 
+def test_a_chunk_file_that_is_a_symlink_is_not_followed(tmp_path, store, kv):
+    sentinel = tmp_path / "sentinel.safetensors"
+    rec = index_chunk(store, kv, list(range(32)))
+    path = chunk_path(kv, rec.key)
+    os.replace(path, sentinel)  # a sound chunk, but outside, reached through a symlink
+    os.symlink(sentinel, path)
+    with pytest.raises(CacheError, match="outside") as err:
+        read(kv, rec)
+    assert err.value.damaged
+    with pytest.raises(CacheError, match="unreadable") as err:  # nor followed when opened
+        read_chunk(path, FP16, FP, rec.key, DTYPE, CPU)
+    assert err.value.damaged
+    report = maintenance.verify(store, kv, fix=True)
+    assert [k for k, _ in report.bad] == [rec.key] and store.all_chunks() == []
+    assert sentinel.exists()
+    maintenance.gc(store, kv, max_bytes=0, orphan_min_age_s=0)  # the link is an orphan: unlinked
+    assert sentinel.exists() and not path.is_symlink()
+
+
+def test_resuming_past_a_crafted_row_touches_nothing_outside(tmp_path, tiny_lm, store, kv):
+    from chatkv.kv import live
+
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("precious")
+    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16)
+    tokens = list(range(3, 60))
+    cache = live.new_cache(tiny_lm.model)
+    with torch.no_grad():
+        tiny_lm.model(torch.tensor([tokens[:48]]), past_key_values=cache, use_cache=True)
+    kvm.spill(None, tokens[:48], cache)  # three full chunks, no tail
+    kvm.flush()
+    last = max(store.all_chunks(), key=lambda r: r.start)
+    # a row claiming to continue the chain, newest of all, whose key is a path
+    crafted = ChunkRecord(
+        key="../../sentinel.txt",
+        parent=last.key,
+        fingerprint=tiny_lm.fingerprint,
+        codec="fp16",
+        start=48,
+        n_tokens=9,
+        partial=True,
+        path=str(sentinel),
+        nbytes=8,
+        checksum="0" * 64,
+        created_at=datetime.now(UTC) + timedelta(hours=1),
+    )
+    store.add_chunk(crafted)
+    att = kvm.attach(None, tokens + [7])
+    assert att.cached == 48 and any("64 lowercase hex" in p for p in att.problems)
+    assert sentinel.read_text() == "precious"
+    assert crafted.key not in store.get_chunks([crafted.key]) and len(store.all_chunks()) == 3
+    kvm.close()
+
+
 def test_malformed_key_never_becomes_a_path():
     for bad in ("../../x", "/etc/passwd", "A" * 64, "a" * 63, "a" * 65, "g" * 64, "a" * 62 + "/x"):
         with pytest.raises(CacheError, match="64 lowercase hex"):

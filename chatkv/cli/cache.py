@@ -91,7 +91,8 @@ def run_gc(args: argparse.Namespace) -> int:
     else:
         print(
             f"removed {report.removed} chunks ({format_bytes(report.freed)}), {report.orphan_files} orphan "
-            f"files, {report.missing_files} index rows without a file; budget {format_bytes(budget)}"
+            f"files, {report.missing_files} index rows without a file, {report.damaged_rows} damaged "
+            f"index rows; budget {format_bytes(budget)}"
         )
     return 0
 
@@ -107,6 +108,7 @@ def run_verify(args: argparse.Namespace) -> int:
             {
                 "checked": report.checked,
                 "removed": report.removed,
+                "unreadable": report.unreadable,
                 "bad": [{"key": k, "problem": p} for k, p in report.bad],
             },
             sys.stdout,
@@ -118,6 +120,8 @@ def run_verify(args: argparse.Namespace) -> int:
         action = "would remove" if args.dry_run else "removed"
         count = len(report.bad) if args.dry_run else report.removed
         print(f"checked {report.checked} chunks: {len(report.bad)} bad, {action} {count}")
+        if report.unreadable:
+            print(f"{report.unreadable} chunks could not be read this time (kept); run verify again later")
     return 0
 
 
