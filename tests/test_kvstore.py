@@ -346,6 +346,14 @@ def set_meta(**values):
     return lambda p, s, r: rewrite_header(p, s, r, fn)
 
 
+def nested_header(path: Path) -> bytes:
+    """The file with its header replaced by JSON nested deeper than Python's recursion limit."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = b"[" * 100_000 + b"]" * 100_000
+    return struct.pack("<Q", len(header)) + header + blob[8 + n :]
+
+
 def _nan(t, m):
     t["k.data"][0, 0, 3, 5] = float("nan")
 
@@ -389,6 +397,8 @@ DAMAGES = {
         "header",
     ),
     "huge-shape": (set_meta(layers="1000000"), "more than"),
+    "unicode-digit": (set_meta(head_dim="\u00b2"), "head_dim"),
+    "deeply-nested-header": (lambda p, s, r: p.write_bytes(nested_header(p)), "not a safetensors"),
 }
 
 

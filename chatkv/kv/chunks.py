@@ -280,7 +280,7 @@ def _metadata(raw: bytes, key: str) -> dict[str, str]:
     """The `__metadata__` of a safetensors header, with every REQUIRED_META entry."""
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." crafted
         raise CacheError(f"chunk {key[:12]} is not a safetensors file") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
@@ -293,7 +293,7 @@ def _metadata(raw: bytes, key: str) -> dict[str, str]:
 
 def _meta_int(meta: dict[str, str], name: str, key: str, least: int = 0) -> int:
     value = meta[name]
-    if not value.isdigit() or int(value) < least:
+    if not (value.isascii() and value.isdigit()) or int(value) < least:  # "²".isdigit() is True
         raise CacheError(f"chunk {key[:12]} has {name} {value[:40]!r}, not an integer >= {least}")
     return int(value)
 
