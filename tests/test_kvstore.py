@@ -397,6 +397,7 @@ DAMAGES = {
         "header",
     ),
     "huge-shape": (set_meta(layers="1000000"), "more than"),
+    "a-fifo": (lambda p, s, r: (p.unlink(), os.mkfifo(p)), "not a regular file"),
     "unicode-digit": (set_meta(head_dim="\u00b2"), "head_dim"),
     "deeply-nested-header": (lambda p, s, r: p.write_bytes(nested_header(p)), "not a safetensors"),
 }

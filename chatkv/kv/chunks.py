@@ -235,7 +235,8 @@ def _read_checked(
     `nbytes` (or MAX_CHUNK_BYTES); only then the rest, never more than that size."""
     try:
         # O_NOFOLLOW: a chunk file is never a symlink; one planted there is not followed.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: opening a FIFO planted there would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise _unreadable(key, e) from None
     fid = None
