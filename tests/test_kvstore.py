@@ -439,6 +439,27 @@ def test_a_transient_read_error_keeps_the_chunk(store, kv, monkeypatch):
     assert list(store.get_chunks([rec.key])) == [rec.key] and read(kv, rec).tokens == list(range(32))
 
 
+def test_gc_does_not_take_a_transient_error_for_a_missing_file(store, kv, monkeypatch):
+    rec = index_chunk(store, kv, list(range(32)))
+    real = {"stat": os.stat, "lstat": os.lstat}
+
+    def flaky(name):
+        def call(path, *args, **kwargs):
+            if str(path).endswith(".safetensors"):
+                raise OSError(errno.EIO, "Input/output error")
+            return real[name](path, *args, **kwargs)
+
+        return call
+
+    for name in real:
+        monkeypatch.setattr(os, name, flaky(name))
+    report = maintenance.gc(store, kv, max_bytes=1 << 30)
+    for name, fn in real.items():
+        monkeypatch.setattr(os, name, fn)
+    assert report.missing_files == 0 and list(store.get_chunks([rec.key])) == [rec.key]
+    assert read(kv, rec).tokens == list(range(32))
+
+
 def test_a_transient_read_error_while_resuming_removes_nothing(tiny_lm, store, kv, monkeypatch):
     kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16)
     tokens = list(range(3, 60))

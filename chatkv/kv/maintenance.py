@@ -8,8 +8,10 @@ No path is ever taken from the index: a chunk's file is derived from its key
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -203,6 +205,17 @@ def clean_temp(kv_dir: Path, min_age_s: float = ORPHAN_MIN_AGE_S) -> int:
     return removed
 
 
+def _file_missing(kv_dir: Path, key: str) -> bool:
+    """No regular file at the chunk's path (or the path leads outside kv_dir). A transient
+    error (EIO, EACCES...) says nothing about the file: not missing."""
+    try:
+        return not stat.S_ISREG(os.lstat(chunk_path(kv_dir, key)).st_mode)
+    except CacheError:
+        return True
+    except OSError as e:
+        return e.errno in (errno.ENOENT, errno.ENOTDIR)
+
+
 def gc(store, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN_AGE_S) -> GcReport:
     """Temp files and files no row points at (older than `orphan_min_age_s`), rows with a
     malformed key or without a file, then eviction down to `max_bytes` (chunks that cannot
@@ -215,13 +228,7 @@ def gc(store, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN
     if damaged:
         store.delete_chunks([r.key for r in damaged])
     report.damaged_rows = len(damaged)
-    missing = []
-    for r in recs:
-        try:
-            if not chunk_path(kv_dir, r.key).is_file():
-                missing.append(r)
-        except CacheError:
-            missing.append(r)
+    missing = [r for r in recs if _file_missing(kv_dir, r.key)]
     report.missing_files = len(store.delete_chunks_if(missing)) if missing else 0
     gone = {r.key for r in missing}
     recs = [r for r in recs if r.key not in gone]
