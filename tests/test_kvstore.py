@@ -678,3 +678,22 @@ def test_cache_stats_counts_chunks_that_cannot_attach_and_leftover_temp_files(ca
     assert cli_main(["cache", "stats"]) == 0
     out = capsys.readouterr().out
     assert "2 chunks" in out and "cannot attach" in out and "1 leftover temp files" in out
+
+
+def test_a_spill_marks_the_chunks_it_found_on_disk_as_used(tiny_lm, store, kv):
+    from chatkv.kv import live
+
+    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16)
+    tokens = list(range(3, 40))
+    cache = live.new_cache(tiny_lm.model)
+    with torch.no_grad():
+        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    kvm.spill(1, tokens[:32], cache)
+    kvm.flush()
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    for r in store.all_chunks():  # as if written a month ago and since served from memory only
+        store.add_chunk(ChunkRecord(**{**r.__dict__, "last_used_at": long_ago}))
+    kvm.spill(1, tokens, cache)  # the next turn's spill: the two full chunks are already on disk
+    kvm.close()
+    used = {r.key: r.last_used_at for r in store.all_chunks()}
+    assert len(used) == 3 and all(t > long_ago + timedelta(days=29) for t in used.values())
