@@ -36,4 +36,15 @@ class UsageError(ChatKVError):
 
 class CacheError(ChatKVError):
     """A KV chunk that cannot be trusted. Never reaches the user as a failure:
-    the caller drops the chunk and prefills its tokens again."""
+    the caller prefills its tokens again.
+
+    `damaged` says whether the chunk itself is bad (its content, header or index row:
+    remove it) or only could not be read this time (a transient I/O error such as EIO,
+    EMFILE or ENOMEM: keep it). `file_id` identifies the file that was judged, so that
+    removing it never deletes a file a concurrent spill has since put in its place.
+    """
+
+    def __init__(self, message: str, *, damaged: bool = True, file_id: tuple | None = None):
+        super().__init__(message)
+        self.damaged = damaged
+        self.file_id = file_id

@@ -1,4 +1,4 @@
-"""`chatkv cache stats | gc | verify`: the chunk store on disk."""
+"""`chatkv cache stats | gc | verify | rebuild`: the chunk store on disk."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ def register(sub, common) -> None:
     v.add_argument("--dry-run", action="store_true", help="report only, remove nothing")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=run_verify)
+    r = csub.add_parser(
+        "rebuild", parents=[common], help="drop the chunk index and index again every sound chunk file"
+    )
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=run_rebuild)
 
 
 def _open():
@@ -44,9 +49,11 @@ def _open():
 def run_stats(args: argparse.Namespace) -> int:
     """Show what the chunk store holds."""
     from chatkv.fmt import format_bytes
+    from chatkv.kv.maintenance import reachable_stats, temp_files
 
     store, kv = _open()
-    stats = store.chunk_stats()
+    stats = store.chunk_stats() | reachable_stats(store)
+    stats["temp_files"], stats["temp_bytes"] = temp_files(kv)
     if args.json:
         json.dump(stats | {"kv_dir": str(kv)}, sys.stdout, indent=2, default=str)
         print()
@@ -55,6 +62,16 @@ def run_stats(args: argparse.Namespace) -> int:
     for name, label in (("by_codec", "codec"), ("by_fingerprint", "model")):
         for k, v in (stats.get(name) or {}).items():
             print(f"  {label} {k}: {v['count']} chunks, {format_bytes(v['bytes'])}")
+    if stats["unreachable"]:
+        print(
+            f"  {stats['unreachable']} chunks ({format_bytes(stats['unreachable_bytes'])}) cannot attach "
+            "(an earlier chunk of their chain is gone); evicted first"
+        )
+    if stats["temp_files"]:
+        print(
+            f"  {stats['temp_files']} leftover temp files, {format_bytes(stats['temp_bytes'])} "
+            "(`chatkv cache gc` removes them)"
+        )
     return 0
 
 
@@ -79,7 +96,8 @@ def run_gc(args: argparse.Namespace) -> int:
     else:
         print(
             f"removed {report.removed} chunks ({format_bytes(report.freed)}), {report.orphan_files} orphan "
-            f"files, {report.missing_files} index rows without a file; budget {format_bytes(budget)}"
+            f"files, {report.missing_files} index rows without a file, {report.damaged_rows} damaged "
+            f"index rows; budget {format_bytes(budget)}"
         )
     return 0
 
@@ -95,6 +113,7 @@ def run_verify(args: argparse.Namespace) -> int:
             {
                 "checked": report.checked,
                 "removed": report.removed,
+                "unreadable": report.unreadable,
                 "bad": [{"key": k, "problem": p} for k, p in report.bad],
             },
             sys.stdout,
@@ -106,4 +125,33 @@ def run_verify(args: argparse.Namespace) -> int:
         action = "would remove" if args.dry_run else "removed"
         count = len(report.bad) if args.dry_run else report.removed
         print(f"checked {report.checked} chunks: {len(report.bad)} bad, {action} {count}")
+        if report.unreadable:
+            print(f"{report.unreadable} chunks could not be read this time (kept); run verify again later")
+    return 0
+
+
+def run_rebuild(args: argparse.Namespace) -> int:
+    """Drop the chunk index and rebuild it from the chunk files' own metadata."""
+    from chatkv.fmt import format_bytes
+    from chatkv.kv.maintenance import rebuild
+
+    store, kv = _open()
+    report = rebuild(store, kv)
+    if args.json:
+        json.dump(
+            {
+                "indexed": report.indexed,
+                "bytes": report.bytes,
+                "bad": [{"file": f, "problem": p} for f, p in report.bad],
+            },
+            sys.stdout,
+        )
+        print()
+    else:
+        for name, problem in report.bad:
+            print(f"skipped {name}: {problem}")
+        print(
+            f"indexed {report.indexed} chunks ({format_bytes(report.bytes)}); skipped {len(report.bad)} "
+            "files that failed verification (`chatkv cache gc` removes them later)"
+        )
     return 0

@@ -248,10 +248,53 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, device: torch.device, load
     return model, tok
 
 
-def fingerprint(source: ModelSource, model: Any, tok: Any, dtype: torch.dtype, load_in: str) -> str:
-    """Hash of everything that makes two KV caches interchangeable."""
+def _hub_files_identity(repo_id: str) -> str | None:
+    """For a hub id loaded without a commit hash: the hash of its weight files in the local
+    hub cache, or None when they cannot be found there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(repo_id, "config.json")
+        if not isinstance(config, str):
+            return None
+        return _dir_identity(Path(config).parent)
+    except Exception:  # no hub library, no cache, no weights: unidentifiable
+        return None
+
+
+def fingerprint(
+    source: ModelSource,
+    model: Any,
+    tok: Any,
+    dtype: torch.dtype,
+    load_in: str,
+    device: torch.device | str | None = None,
+) -> str:
+    """Hash of everything that makes two KV caches interchangeable: the weights' identity,
+    config, compute dtype, quantization, vocabulary, the device kind (CPU and CUDA kernels
+    round differently, so an fp16 cache is only bit-exact where it was made) and the
+    attention implementation.
+
+    Returns "" when the weights cannot be identified (a hub id with neither a commit hash
+    nor its files in the local cache): caches are then kept in memory only.
+    """
+    identity = source.identity
+    if identity.startswith("hub:") and "@" not in identity:
+        files = _hub_files_identity(source.path)
+        if files is None:
+            log.warning(
+                "cannot identify the weights of %s (no commit hash); KV caches stay in memory", source.name
+            )
+            return ""
+        identity += "#files:" + files
+    if device is None:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+    device = torch.device(device)
+    where = device.type
+    if device.type == "cuda" and torch.cuda.is_available():
+        where += ":" + torch.cuda.get_device_name(device)
     h = hashlib.sha256()
-    h.update(source.identity.encode())
+    h.update(identity.encode())
     cfg = model.config.to_dict()
     for k in (
         "_name_or_path",
@@ -265,6 +308,7 @@ def fingerprint(source: ModelSource, model: Any, tok: Any, dtype: torch.dtype, l
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(str(dtype).encode())
     h.update(load_in.encode())
+    h.update(f"|device={where}|attn={getattr(model.config, '_attn_implementation', None)}|".encode())
     vocab = tok.get_vocab()
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode())
     return h.hexdigest()[:32]
@@ -317,7 +361,7 @@ def load_model(
         tokenizer=tok,
         device=dev,
         dtype=dt,
-        fingerprint=fingerprint(source, model, tok, dt, load_in),
+        fingerprint=fingerprint(source, model, tok, dt, load_in, dev),
         context_limit=limit,
         eos_ids=eos_ids,
         load_s=time.perf_counter() - t0,

@@ -14,9 +14,13 @@ data. A reader refuses anything that does not match.
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
 from collections.abc import Sequence
@@ -28,7 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from chatkv.errors import CacheError
-from chatkv.kv.codecs import Codec
+from chatkv.kv.codecs import Codec, get_codec
 
 FORMAT = "chatkv-kv/1"
 
@@ -56,9 +60,31 @@ def chain_keys(fingerprint: str, codec: Codec, tokens: Sequence[int], chunk_toke
     return keys
 
 
+KEY_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def check_key(key: object) -> str:
+    """`key` if it is a chunk key (64 lowercase hex digits), else CacheError: a path is only
+    ever built from a key of this form, so no index row or file name can point outside."""
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+        raise CacheError(f"chunk key {str(key)[:80]!r} is not 64 lowercase hex digits (a damaged index row)")
+    return key
+
+
 def relpath(key: str) -> str:
     """Where a chunk lives under the kv dir: fan out on the key's first bytes."""
+    check_key(key)
     return f"{key[:2]}/{key[2:4]}/{key}.safetensors"
+
+
+def chunk_path(kv_dir: Path, key: str) -> Path:
+    """The file of chunk `key` under `kv_dir`, derived from the key alone (the index's
+    `path` column is never trusted). CacheError if the key is malformed or the path
+    resolves outside `kv_dir` (a fan-out directory replaced by a symlink)."""
+    path = kv_dir / relpath(key)
+    if not path.resolve().is_relative_to(kv_dir.resolve()):
+        raise CacheError(f"chunk {key[:12]} resolves outside {kv_dir}; remove the symlink there")
+    return path
 
 
 @dataclass
@@ -128,13 +154,58 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _header(blob: bytes) -> dict:
-    (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8 : 8 + n])
+# Metadata every chunk file must carry (DESIGN.md, "Chunk file").
+REQUIRED_META = (
+    "format",
+    "codec",
+    "codec_params",
+    "fingerprint",
+    "key",
+    "parent",
+    "start",
+    "n_tokens",
+    "partial",
+    "layers",
+    "batch",
+    "kv_heads",
+    "head_dim",
+    "dtype",
+    "checksum",
+)
+# Our headers list a handful of tensors: anything near safetensors' own 100 MB limit is crafted.
+MAX_HEADER_BYTES = 1 << 20
+# The bound on a read when the index gives no size (`cache rebuild`, a row without nbytes).
+MAX_CHUNK_BYTES = 4 << 30
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# An OSError that says the file is not there (or not a file): the index row is damaged.
+# Any other (EIO, EAGAIN, EMFILE, ENOMEM, EINTR, EACCES...) may pass: the chunk is kept.
+_GONE = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP}
+
+FileId = tuple[int, int, int, int]  # (st_dev, st_ino, st_mtime_ns, st_size)
+
+
+def file_id(st: os.stat_result) -> FileId:
+    """What identifies one version of a file: a rewrite under the same name changes it."""
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (POSIX); silently skipped where directories can't be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, blob: bytes) -> None:
-    """Write a file so that readers see all of it or none: temp file, fsync, rename."""
+    """Write a file so that readers see all of it or none: temp file, fsync, rename, fsync
+    of the directory (so that the rename itself survives a power cut)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
@@ -149,6 +220,195 @@ def write_atomic(path: Path, blob: bytes) -> None:
         except OSError:
             pass
         raise
+    _fsync_dir(path.parent)
+
+
+def _unreadable(key: str, e: OSError) -> CacheError:
+    return CacheError(f"chunk {key[:12]} unreadable: {e.strerror or e}", damaged=e.errno in _GONE)
+
+
+def _read_checked(
+    path: Path, key: str, nbytes: int | None, expect: dict[str, str]
+) -> tuple[bytes, dict[str, str], FileId]:
+    """The file's bytes and metadata. The header is read first (at most MAX_HEADER_BYTES) and
+    its identity checked (format, `expect`, key); then the file's size against the index's
+    `nbytes` (or MAX_CHUNK_BYTES); only then the rest, never more than that size."""
+    try:
+        # O_NOFOLLOW: a chunk file is never a symlink; one planted there is not followed.
+        # O_NONBLOCK: opening a FIFO planted there would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise _unreadable(key, e) from None
+    fid = None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            fid = file_id(st)
+            if not stat.S_ISREG(st.st_mode):
+                raise CacheError(f"chunk {key[:12]} is not a regular file")
+            head = f.read(8)
+            if len(head) < 8:
+                raise CacheError(f"chunk {key[:12]} is not a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > st.st_size:
+                raise CacheError(
+                    f"chunk {key[:12]} is truncated or not a safetensors file (header {n} bytes)"
+                )
+            raw = f.read(n)
+            meta = _metadata(raw, key)
+            for field, want in {"format": FORMAT, **expect, "key": key}.items():
+                if meta.get(field) != want:
+                    got = str(meta.get(field))[:80]
+                    raise CacheError(f"chunk {key[:12]} has {field} {got!r}, expected {want!r}")
+            if nbytes is not None and st.st_size != nbytes:
+                what = "truncated or corrupt" if st.st_size < nbytes else "oversized or replaced"
+                raise CacheError(f"chunk {key[:12]} is {st.st_size} bytes, the index says {nbytes} ({what})")
+            if st.st_size > MAX_CHUNK_BYTES:
+                raise CacheError(f"chunk {key[:12]} is {st.st_size} bytes, too large")
+            f.seek(0)  # one read of the whole file: measured 25x faster than appending the rest
+            blob = f.read(st.st_size + 1)
+    except OSError as e:
+        raise _unreadable(key, e) from None
+    except CacheError as e:
+        e.file_id = fid
+        raise
+    if len(blob) != st.st_size or blob[: 8 + n] != head + raw:  # changed while we read it: judge it later
+        raise CacheError(f"chunk {key[:12]} changed while being read", damaged=False)
+    return blob, meta, fid
+
+
+def _metadata(raw: bytes, key: str) -> dict[str, str]:
+    """The `__metadata__` of a safetensors header, with every REQUIRED_META entry."""
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." crafted
+        raise CacheError(f"chunk {key[:12]} is not a safetensors file") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CacheError(f"chunk {key[:12]} has no valid metadata")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CacheError(f"chunk {key[:12]} lacks metadata {', '.join(missing)}")
+    return meta
+
+
+def _meta_int(meta: dict[str, str], name: str, key: str, least: int = 0) -> int:
+    value = meta[name]
+    if not (value.isascii() and value.isdigit()) or int(value) < least:  # "²".isdigit() is True
+        raise CacheError(f"chunk {key[:12]} has {name} {value[:40]!r}, not an integer >= {least}")
+    return int(value)
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_tensors(
+    codec: Codec, params: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of what `codec` writes for K and V of `shape` (L*B, H, T, D):
+    found by encoding zeros, so every codec is checked without code of its own. Zeros on the
+    meta device cost no memory; a codec whose encode needs real values gets real zeros."""
+    try:
+        zeros = torch.zeros(shape, dtype=dtype, device="meta")  # (L*B, H, T, D)
+        parts = codec.encode(zeros, zeros)
+    except Exception:  # an op without a meta kernel
+        zeros = torch.zeros(shape, dtype=dtype)
+        parts = codec.encode(zeros, zeros)
+    return {name: (tuple(t.shape), t.dtype) for name, t in parts.items()}
+
+
+def _check_structure(
+    meta: dict[str, str],
+    tensors: dict[str, torch.Tensor],
+    codec: Codec,
+    key: str,
+    data_bytes: int,
+    want_shape: tuple[int, ...] | None = None,
+) -> tuple[int, ...]:
+    """Check every tensor's name, shape and dtype against what `codec` writes for the header's
+    shape, the token ids, and that no float is NaN or infinite. Returns the shape (L, B, H, T, D)."""
+    dims = [
+        _meta_int(meta, name, key, least=1)
+        for name in ("layers", "batch", "kv_heads", "n_tokens", "head_dim")
+    ]
+    _meta_int(meta, "start", key)
+    shape = tuple(dims)  # (L, B, H, T, D)
+    if meta["partial"] not in ("0", "1"):
+        raise CacheError(f"chunk {key[:12]} has partial {meta['partial'][:40]!r}")
+    if meta["parent"]:
+        check_key(meta["parent"])
+    dtype = FLOAT_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise CacheError(f"chunk {key[:12]} has dtype {meta['dtype'][:40]!r}")
+    if want_shape is not None and shape != want_shape:
+        raise CacheError(f"chunk {key[:12]} holds {shape}, the cache expects {want_shape}")
+    numel = 2 * dims[0] * dims[1] * dims[2] * dims[3] * dims[4]
+    if numel > 16 * data_bytes + 4096:  # no codec packs more than 4 values a byte: a crafted header
+        raise CacheError(f"chunk {key[:12]} claims shape {shape}, more than its {data_bytes} bytes can hold")
+    tok = tensors.get("tokens")
+    if tok is None or tok.dtype != torch.int32 or tuple(tok.shape) != (dims[3],):
+        found = "none" if tok is None else f"{tuple(tok.shape)} {tok.dtype}"
+        raise CacheError(f"chunk {key[:12]} tokens are {found}, expected ({dims[3]},) int32")
+    expected = _expected_tensors(codec, meta["codec_params"], (dims[0] * dims[1], *dims[2:]), dtype)
+    names = set(tensors) - {"tokens"}
+    if names != set(expected):
+        raise CacheError(
+            f"chunk {key[:12]} holds tensors {sorted(names)}, codec {codec.name} writes {sorted(expected)}"
+        )
+    for name, (want, want_dtype) in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != want or t.dtype != want_dtype:
+            raise CacheError(
+                f"chunk {key[:12]} tensor {name} is {tuple(t.shape)} {t.dtype}, expected {want} {want_dtype}"
+            )
+    for name, t in tensors.items():
+        # NaN and infinity survive a sum, and summing is 50x faster than isfinite().all() on
+        # one CPU thread. A float32 sum overflows only past 3e38: such a chunk is refused too.
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+            raise CacheError(f"chunk {key[:12]} tensor {name} holds NaN or infinity")
+    return shape
+
+
+def inspect_chunk(
+    path: Path,
+    key: str,
+    nbytes: int | None = None,
+    checksum: str | None = None,
+    codec: Codec | None = None,
+    want_shape: tuple[int, ...] | None = None,
+    expect: dict[str, str] | None = None,
+) -> tuple[dict[str, str], dict[str, torch.Tensor], FileId]:
+    """Read and check a chunk file without decoding it: its header and key, the metadata
+    fields in `expect`, its size against the index (`nbytes`), its checksum against the
+    index (`checksum`) and its own data, and every tensor's name, shape and dtype against
+    what the codec writes (and `want_shape`, (L, B, H, T, D), when given).
+    Returns (metadata, tensors, file id).
+
+    Raises CacheError (`damaged` False only for a transient read error); its `file_id` names
+    the file judged.
+    """
+    check_key(key)
+    blob, meta, fid = _read_checked(path, key, nbytes, expect or {})
+    try:
+        if checksum is not None and meta["checksum"] != checksum:
+            raise CacheError(f"chunk {key[:12]} has checksum {meta['checksum'][:16]!r}, the index another")
+        try:
+            tensors = st_load(blob)
+        except Exception:  # safetensors raises its own error type for a truncated file
+            raise CacheError(f"chunk {key[:12]} is truncated or corrupt") from None
+        if codec is None:
+            try:
+                codec = get_codec(meta["codec"])
+            except ValueError:
+                raise CacheError(f"chunk {key[:12]} has codec {meta['codec'][:40]!r}, unknown") from None
+        params = json.dumps(codec.params(), sort_keys=True)
+        if meta["codec"] != codec.name or meta["codec_params"] != params:
+            raise CacheError(f"chunk {key[:12]} has codec {meta['codec']!r}, expected {codec.name!r}")
+        _check_structure(meta, tensors, codec, key, len(blob), want_shape)
+        if tensors_checksum(tensors) != meta["checksum"]:
+            raise CacheError(f"chunk {key[:12]} fails its checksum (corrupt)")
+    except CacheError as e:
+        e.file_id = fid
+        raise
+    return meta, tensors, fid
 
 
 def read_chunk(
@@ -159,21 +419,16 @@ def read_chunk(
     dtype: torch.dtype,
     device: torch.device,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    nbytes: int | None = None,
+    checksum: str | None = None,
 ) -> ChunkData:
     """Read, verify and decode a chunk file. Raises CacheError if it cannot be trusted.
 
     With `out` — key and value storage of shape (L, B, H, n_tokens, D), e.g. views of a
     preallocated cache — the chunk is decoded straight into it and the returned
-    ChunkData's `k` and `v` are those views.
+    ChunkData's `k` and `v` are those views. `nbytes` and `checksum`, the index's, must
+    match the file when given.
     """
-    try:
-        blob = path.read_bytes()
-    except OSError as e:
-        raise CacheError(f"chunk {key[:12]} unreadable: {e.strerror or e}") from None
-    try:
-        meta = _header(blob).get("__metadata__") or {}
-    except (ValueError, struct.error, UnicodeDecodeError):
-        raise CacheError(f"chunk {key[:12]} is not a safetensors file") from None
     expect = {
         "format": FORMAT,
         "fingerprint": fingerprint,
@@ -182,15 +437,8 @@ def read_chunk(
         "codec_params": json.dumps(codec.params(), sort_keys=True),
         "dtype": str(dtype).removeprefix("torch."),
     }
-    for field, want in expect.items():
-        if meta.get(field) != want:
-            raise CacheError(f"chunk {key[:12]} has {field} {meta.get(field)!r}, expected {want!r}")
-    try:
-        tensors = st_load(blob)
-    except Exception:  # safetensors raises its own error type for a truncated file
-        raise CacheError(f"chunk {key[:12]} is truncated or corrupt") from None
-    if tensors_checksum(tensors) != meta.get("checksum"):
-        raise CacheError(f"chunk {key[:12]} fails its checksum (corrupt)")
+    want_shape = tuple(out[0].shape) if out is not None else None
+    meta, tensors, fid = inspect_chunk(path, key, nbytes, checksum, codec, want_shape, expect)
     try:
         n = int(meta["n_tokens"])
         n_layers, b = int(meta["layers"]), int(meta["batch"])
@@ -207,35 +455,33 @@ def read_chunk(
             k, v = k.view(shape), v.view(shape)
         tokens = tensors["tokens"].tolist()
     except (KeyError, ValueError, IndexError, RuntimeError) as e:
-        raise CacheError(f"chunk {key[:12]} is malformed: {e}") from None
-    if len(tokens) != n:
-        raise CacheError(f"chunk {key[:12]} holds {len(tokens)} tokens, header says {n}")
+        raise CacheError(f"chunk {key[:12]} is malformed: {e}", file_id=fid) from None
     return ChunkData(key, meta["parent"] or None, int(meta["start"]), tokens, meta["partial"] == "1", k, v)
+
+
+def verify_chunk(path: Path, rec) -> FileId:
+    """Check a chunk file against its index record (everything `inspect_chunk` checks, plus the
+    record's fingerprint, codec, start, n_tokens and parent) without decoding it.
+    Returns the file's id; raises CacheError."""
+    meta, _, fid = inspect_chunk(path, rec.key, rec.nbytes, rec.checksum)
+    for field, want in (
+        ("fingerprint", rec.fingerprint),
+        ("codec", rec.codec),
+        ("n_tokens", str(rec.n_tokens)),
+        ("start", str(rec.start)),
+        ("parent", rec.parent or ""),
+        ("partial", "1" if rec.partial else "0"),
+    ):
+        if meta.get(field) != want:
+            raise CacheError(f"{field} {meta.get(field)!r} does not match the index ({want!r})", file_id=fid)
+    return fid
 
 
 def verify_file(path: Path, rec) -> str | None:
     """Check a chunk file against its index record without decoding it.
     Returns what is wrong, or None if the file is sound."""
     try:
-        blob = path.read_bytes()
-    except OSError as e:
-        return f"unreadable: {e.strerror or e}"
-    try:
-        meta = _header(blob).get("__metadata__") or {}
-        tensors = st_load(blob)
-    except Exception:
-        return "truncated or not a safetensors file"
-    if meta.get("format") != FORMAT:
-        return f"format {meta.get('format')!r}, expected {FORMAT!r}"
-    for field, want in (
-        ("key", rec.key),
-        ("fingerprint", rec.fingerprint),
-        ("codec", rec.codec),
-        ("n_tokens", str(rec.n_tokens)),
-        ("start", str(rec.start)),
-    ):
-        if meta.get(field) != want:
-            return f"{field} {meta.get(field)!r} does not match the index ({want!r})"
-    if tensors_checksum(tensors) != meta.get("checksum"):
-        return "checksum mismatch (corrupt)"
+        verify_chunk(path, rec)
+    except CacheError as e:
+        return str(e)
     return None

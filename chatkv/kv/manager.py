@@ -17,7 +17,15 @@ from pathlib import Path
 
 from chatkv.errors import CacheError, NotFoundError
 from chatkv.kv import live, maintenance
-from chatkv.kv.chunks import chain_keys, chunk_key, encode_chunk, read_chunk, relpath, write_atomic
+from chatkv.kv.chunks import (
+    chain_keys,
+    chunk_key,
+    chunk_path,
+    encode_chunk,
+    read_chunk,
+    relpath,
+    write_atomic,
+)
 from chatkv.kv.codecs import get_codec
 from chatkv.kv.growable import GrowableLayer
 from chatkv.store.repo import ChunkRecord
@@ -52,6 +60,10 @@ class LivePool:
     def __init__(self, budget: int):
         self.budget = budget
         self._items: OrderedDict[object, _Live] = OrderedDict()
+        # Snapshots queued for spilling: ticket -> (conversation, bytes). They are views of
+        # the live cache, so they cost memory of their own only once that cache has left
+        # the pool (evicted, or taken and grown into new storage); then they count here.
+        self._held: dict[object, tuple[object, int]] = {}
         self._lock = threading.Lock()
 
     def take(self, key: object) -> _Live | None:
@@ -71,8 +83,17 @@ class LivePool:
             if item.nbytes > self.budget:  # a single cache over budget is not kept at all
                 return
             self._items[key] = item
-            while self.bytes > self.budget:
+            while self._bytes() > self.budget and self._items:
                 self._items.popitem(last=False)
+
+    def hold(self, ticket: object, key: object, nbytes: int) -> None:
+        """Count a snapshot of `key`'s cache (queued for spilling) until `release(ticket)`."""
+        with self._lock:
+            self._held[ticket] = (key, nbytes)
+
+    def release(self, ticket: object) -> None:
+        with self._lock:
+            self._held.pop(ticket, None)
 
     def drop(self, key: object) -> None:
         with self._lock:
@@ -84,7 +105,13 @@ class LivePool:
 
     @property
     def bytes(self) -> int:
-        return sum(i.nbytes for i in self._items.values())
+        """Live caches plus the snapshots queued for spilling whose cache is no longer live."""
+        with self._lock:
+            return self._bytes()
+
+    def _bytes(self) -> int:
+        held = sum(n for key, n in self._held.values() if key not in self._items)
+        return sum(i.nbytes for i in self._items.values()) + held
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -125,13 +152,23 @@ class KVManager:
         self.pool = LivePool(live_bytes)
         # Chunks assume every layer caches every position; a model with sliding-window or
         # other special layers keeps live caches only.
-        self.persist = all(isinstance(layer, GrowableLayer) for layer in live.new_cache(lm.model).layers)
-        if not self.persist:
+        # A model whose weights could not be identified has no fingerprint: nothing it
+        # computes may be saved (chatkv.engine.model.fingerprint said so once).
+        self.persist = bool(lm.fingerprint) and all(
+            isinstance(layer, GrowableLayer) for layer in live.new_cache(lm.model).layers
+        )
+        if lm.fingerprint and not self.persist:
             log.warning("this model's cache layers are not plain attention; caches are kept in memory only")
         self.bytes_written = 0  # chunk bytes written by spills, for tests and stats
+        # The spill queue holds slots (a conversation, or a batch prefix); `_pending` the
+        # newest snapshot of each slot not yet started. A newer snapshot of a conversation
+        # covers the older one, so it replaces it: at most one queued and one being
+        # written per conversation, however fast turns come.
         self._q: queue.Queue = queue.Queue()
+        self._pending: dict[object, tuple] = {}
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
+        self._temp_cleaned = False
 
     # -- attach --------------------------------------------------------------
 
@@ -222,13 +259,15 @@ class KVManager:
         out = (k_buf[..., offset : offset + t, :], v_buf[..., offset : offset + t, :])  # (L, B, H, t, D)
         try:
             data = read_chunk(
-                self.kv_dir / rec.path,
+                chunk_path(self.kv_dir, rec.key),  # never the row's path column: it is not trusted
                 self.codec,
                 self.lm.fingerprint,
                 rec.key,
                 self.lm.dtype,
                 self.lm.device,
                 out=out,
+                nbytes=rec.nbytes,
+                checksum=rec.checksum,
             )
         except CacheError as e:
             return e
@@ -252,8 +291,11 @@ class KVManager:
             for rec, data in zip(plan, results, strict=True):
                 if isinstance(data, CacheError):
                     problems.append(str(data))
-                    log.warning("dropping KV chunk: %s; its tokens will be recomputed", data)
-                    self._remove_chunks([rec])
+                    if data.damaged:
+                        log.warning("dropping KV chunk: %s; its tokens will be recomputed", data)
+                        self._remove_chunks([rec], {rec.key: data.file_id})
+                    else:  # a transient read error: the chunk may well be sound, keep it
+                        log.warning("could not read KV chunk: %s; its tokens will be recomputed", data)
                     break
                 # a chunk that only begins like the prompt (a reply re-tokenized differently):
                 # use that much, and nothing after it
@@ -281,9 +323,17 @@ class KVManager:
         if not self.persist:
             return
         n = live.seq_len(cache)
-        snapshot = [(k[..., :n, :], v[..., :n, :]) for k, v in live.layers_of(cache)]
+        snapshot = [(k[..., :n, :], v[..., :n, :]) for k, v in live.layers_of(cache)]  # (B, H, n, D)
+        slot = conv_id if conv_id is not None else ("prefix", hash(tuple(tokens[:n])))
+        ticket = object()
+        self.pool.hold(ticket, conv_id, sum(k.nbytes + v.nbytes for k, v in snapshot))
         with self._worker_lock:
-            self._q.put((conv_id, list(tokens[:n]), snapshot))
+            older = self._pending.get(slot)
+            self._pending[slot] = (conv_id, list(tokens[:n]), snapshot, ticket)
+            if older is not None:  # superseded before it started
+                self.pool.release(older[3])
+            else:
+                self._q.put(slot)
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._run, name="chatkv-spill", daemon=True)
                 self._worker.start()
@@ -294,19 +344,24 @@ class KVManager:
 
     def _run(self) -> None:
         while True:
-            job = self._q.get()
-            if job is None:  # close(): leave no thread behind at interpreter exit
+            slot = self._q.get()
+            if slot is None:  # close(): leave no thread behind at interpreter exit
                 self._q.task_done()
                 return
-            conv_id, tokens, layers = job
+            with self._worker_lock:
+                conv_id, tokens, layers, ticket = self._pending.pop(slot)
             try:
                 self._spill(conv_id, tokens, layers)
             except Exception as e:  # a failed spill only costs a future prefill
                 log.warning("could not save the KV cache: %s", e)
             finally:
+                self.pool.release(ticket)
                 self._q.task_done()
 
     def _spill(self, conv_id: int | None, tokens: list[int], layers) -> int:
+        if not self._temp_cleaned:  # temp files of spills killed half-way, once a process
+            self._temp_cleaned = True
+            maintenance.clean_temp(self.kv_dir)
         fp, c = self.lm.fingerprint, self.chunk_tokens
         keys = chain_keys(fp, self.codec, tokens, c)
         tail = len(keys) * c
@@ -321,9 +376,11 @@ class KVManager:
             # this conversation's tokens even if the process dies half-way through.
             self.store.add_conversation_chunks(conv_id, wanted)
         on_disk = self.store.get_chunks(wanted)
+        if on_disk:  # served from memory this turn, but used all the same: not the next to evict
+            self.store.touch_chunks(list(on_disk))
         written = 0
         for i, key in enumerate(wanted):
-            if key in on_disk and (self.kv_dir / on_disk[key].path).exists():
+            if key in on_disk and chunk_path(self.kv_dir, key).exists():
                 continue
             start, end = i * c, min((i + 1) * c, len(tokens))
             part = [(k[..., start:end, :], v[..., start:end, :]) for k, v in layers]  # (B, H, end-start, D)
@@ -350,7 +407,7 @@ class KVManager:
             self.codec, self.lm.fingerprint, key, parent, start, tokens, layers, partial
         )
         rel = relpath(key)
-        write_atomic(self.kv_dir / rel, blob)
+        write_atomic(chunk_path(self.kv_dir, key), blob)
         now = datetime.now(UTC)
         self.store.add_chunk(
             ChunkRecord(
@@ -385,8 +442,8 @@ class KVManager:
         if rec and rec.partial and not self.store.chunk_is_head(old_head):
             self._remove_chunks([rec])
 
-    def _remove_chunks(self, recs: list[ChunkRecord]) -> None:
-        maintenance.remove(self.store, self.kv_dir, recs)
+    def _remove_chunks(self, recs: list[ChunkRecord], judged: dict | None = None) -> None:
+        maintenance.remove(self.store, self.kv_dir, recs, judged)
 
     def gc(self, max_bytes: int, keep: frozenset[str] | set[str] = frozenset()) -> tuple[int, int]:
         """Evict least recently used chunks down to `max_bytes`; returns (removed, bytes freed)."""

@@ -744,6 +744,39 @@ class Store:
                 deleted += s.execute(delete(KVChunk).where(KVChunk.key.in_(batch))).rowcount
         return deleted
 
+    def delete_chunks_if(self, recs: Sequence[ChunkRecord]) -> set[str]:
+        """Remove chunks' rows only where a row still has the record's checksum and size
+        (compare and delete): a row a concurrent spill has just rewritten stays.
+        Returns the keys whose rows went."""
+        gone: set[str] = set()
+        with self._writer.begin() as s:
+            for rec in recs:
+                stmt = (
+                    delete(KVChunk)
+                    .where(KVChunk.key == rec.key)
+                    .where(KVChunk.checksum == rec.checksum, KVChunk.nbytes == rec.nbytes)
+                )
+                if s.execute(stmt).rowcount:
+                    gone.add(rec.key)
+        return gone
+
+    def replace_chunk_index(self, recs: Sequence[ChunkRecord]) -> None:
+        """Drop the chunk index (whatever state its table is in), recreate it from the ORM
+        model and fill it with `recs`, in one transaction (`chatkv cache rebuild`)."""
+        with self._writer.begin() as s:
+            conn = s.connection()
+            conn.exec_driver_sql("DROP TABLE IF EXISTS kv_chunks")
+            KVChunk.__table__.create(conn)
+            now = utcnow()
+            rows = [
+                asdict(r) | {"created_at": r.created_at or now, "last_used_at": r.last_used_at or now}
+                for r in recs
+            ]
+            for i in range(0, len(rows), _IN_BATCH // 16):  # 12 columns a row: under 999 parameters
+                s.execute(
+                    sqlite_insert(KVChunk).values(rows[i : i + _IN_BATCH // 16]).on_conflict_do_nothing()
+                )
+
     def chunk_chain(self, head_key: str) -> list[ChunkRecord]:
         """The chunk `head_key` and its ancestors, root first.
 
