@@ -304,10 +304,17 @@ class Runner:
         self.summary = Summary()
         self.t0 = time.perf_counter()
         self._recorded: set[int] = set()  # lines whose record was emitted
+        self._held: dict[int, Any] = {}  # line -> lease on the conversation it continues
 
     # -- records ---------------------------------------------------------------
 
+    def _release(self, line: int) -> None:
+        held = self._held.pop(line, None)
+        if held is not None:
+            held.release()
+
     def fail(self, line: int, id_: Any, error: str) -> None:
+        self._release(line)
         self.summary.failed += 1
         self._recorded.add(line)
         self.emit({"id": id_, "line": line, "error": error})
@@ -349,6 +356,7 @@ class Runner:
         }
         if conversation_id is not None:
             rec["conversation_id"] = conversation_id
+        self._release(item.line)
         self.summary.served += 1
         self._recorded.add(item.line)
         self.summary.completion_tokens += st.completion_tokens
@@ -400,11 +408,22 @@ class Runner:
         return self.summary
 
     def _round(self, items: list[Item]) -> None:
+        try:
+            self._serve_round(items)
+        finally:
+            for line in list(self._held):
+                self._release(line)
+
+    def _serve_round(self, items: list[Item]) -> None:
         from chatkv.kv.manager import common_prefix
 
         ready: list[Item] = []
         for item in items:
             try:
+                if item.conversation is not None and self._saves(item):
+                    # No other turn may run in it from now until this line's reply is saved.
+                    self.chat.get_conversation(item.conversation)
+                    self._held[item.line] = self.chat.hold(item.conversation)
                 self.render(item)
             except ChatKVError as e:
                 self.fail(item.line, item.id, str(e))
@@ -541,23 +560,16 @@ class Runner:
             self._reply(items[r], texts[r].text, st, conv_id)
 
     def _save(self, item: Item, text: str, st: TurnStats, gen: list[int], cache) -> int | None:
-        """Write the line's messages (when saving) and spill its cache. Returns the conversation id."""
+        """Save the line's question and reply through the session (when saving) and spill its
+        cache. Returns the conversation id."""
         if not self._saves(item):
             return None
-        store = self.chat.store
         if item.conversation is not None:
-            conv_id = item.conversation
-            store.add_message(conv_id, "user", item.prompt)
+            new = [{"role": "user", "content": item.prompt or ""}]
         else:
-            msgs = item.chat
-            system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else ""
-            conv_id = self.chat.new_conversation(system_prompt=system).id
-            for m in msgs[1 if system else 0 :]:
-                store.add_message(conv_id, m["role"], m["content"])
-        store.add_message(conv_id, "assistant", text, stats=st)
-        if cache is not None:
-            self.kv.spill(conv_id, list(item.ids) + gen, cache)
-        return conv_id
+            new = list(item.chat)
+        tokens = list(item.ids) + gen
+        return self.chat.save_exchange(item.conversation, new, text, st, tokens, cache)
 
 
 class InOrder:

@@ -176,11 +176,53 @@ class Chat:
             raise
         return Turn(self, conversation_id, settings or self.defaults, held, new_user_message=msg)
 
-    def _hold(self, conversation_id: int) -> lease.Lease:
-        """Take the conversation for one turn, saving first any reply a dead turn left in its journal."""
+    def hold(self, conversation_id: int) -> lease.Lease:
+        """Take the conversation for one turn (no other turn, in this process or another, runs
+        in it until the lease is released), saving first any reply that a dead turn left in
+        its journal. Raises BusyError."""
         held = lease.acquire(conversation_id)
-        journal.replay(self.store, conversation_id)
+        try:
+            journal.replay(self.store, conversation_id)
+        except BaseException:
+            held.release()
+            raise
         return held
+
+    _hold = hold
+
+    def save_exchange(
+        self,
+        conversation_id: int | None,
+        messages: list[dict[str, str]],
+        reply: str,
+        stats: TurnStats,
+        tokens: list[int],
+        cache: object | None,
+    ) -> int:
+        """Save a turn that batch decoded itself: `messages` (a continued conversation's new
+        question, or every message of a new conversation, its system prompt first) and the
+        reply, in one transaction; then keep its cache for spilling. A continued conversation
+        must be held (`hold`). Returns the conversation id."""
+        turn_id = new_turn_id()
+        if conversation_id is None:
+            system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+            rest = [(m["role"], m["content"]) for m in messages[1 if system else 0 :]]
+            conv, _ = self.store.save_new_conversation(
+                rest,
+                reply,
+                stats,
+                turn_id,
+                model=self.model_name,
+                system_prompt=system,
+                settings=asdict(self.defaults),
+            )
+            conversation_id = conv.id
+        else:
+            pairs = [(m["role"], m["content"]) for m in messages]
+            self.store.finish_turn(conversation_id, reply, stats, turn_id, add=pairs)
+        if cache is not None and self.kv is not None:
+            self.kv.spill(conversation_id, tokens, cache)
+        return conversation_id
 
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> Turn:
         """Generate the last reply again. The old reply becomes an earlier version only when the

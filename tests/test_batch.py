@@ -304,23 +304,23 @@ def test_every_bad_line_is_its_own_record_with_its_id_in_input_order(cli, tmp_pa
 def test_an_error_while_generating_or_saving_a_line_is_that_lines_record(cli, tmp_path, monkeypatch):
     import sqlite3
 
+    import chatkv.store.repo as repo
     from chatkv.engine import generate
-    from chatkv.store.repo import Store
 
-    real_init, real_add = generate.TextStream.__init__, Store.add_message
+    real_init, real_new = generate.TextStream.__init__, repo._new_message
 
     def text_stream(self, tok, stop=()):
         if "BOOM" in stop:
             raise RuntimeError("CUDA out of memory\nmore detail")
         real_init(self, tok, stop)
 
-    def add_message(self, conversation_id, role, content, *a, **k):
+    def new_message(conversation_id, position, role, content, *a, **k):  # every message written
         if content == "Tell me a story about the sea.":
             raise sqlite3.OperationalError("database or disk is full")
-        return real_add(self, conversation_id, role, content, *a, **k)
+        return real_new(conversation_id, position, role, content, *a, **k)
 
     monkeypatch.setattr(generate.TextStream, "__init__", text_stream)
-    monkeypatch.setattr(Store, "add_message", add_message)
+    monkeypatch.setattr(repo, "_new_message", new_message)
     src = _write(
         tmp_path / "in.jsonl",
         [
@@ -349,3 +349,80 @@ def test_a_line_that_is_not_utf8_fails_alone(cli, tmp_path):
     recs = _records(out)
     assert [r["line"] for r in recs] == [1, 2, 3] and "reply" in recs[0] and "reply" in recs[2]
     assert recs[1]["id"] is None and "not UTF-8" in recs[1]["error"]
+
+
+HOLDER = (
+    "import sys, time\n"
+    "from chatkv import lease\n"
+    "held = lease.acquire(int(sys.argv[1]))\n"
+    "print('held', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_line_continuing_a_conversation_busy_elsewhere_fails_alone(cli, chat, tmp_path, monkeypatch):
+    """One turn at a time per conversation, batch included: a line whose conversation is
+    being answered by another process gets a one-line error record; the others are served."""
+    import subprocess
+    import sys
+
+    from chatkv import lease
+
+    monkeypatch.setattr(lease, "WAIT_S", 0.2)
+    conv = chat.new_conversation()
+    other = chat.new_conversation()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(conv.id)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lines = [
+            {"id": "busy", "prompt": "Hello!", "conversation": conv.id},
+            {"id": "free", "prompt": "Hello!", "conversation": other.id},
+        ]
+        src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+        assert cli(src, "-o", str(out)) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    busy, free = _records(out)
+    assert busy["id"] == "busy" and f"conversation {conv.id} is busy" in busy["error"]
+    assert "\n" not in busy["error"]
+    assert free["id"] == "free" and "reply" in free
+    assert _store().messages(conv.id) == []
+    assert [m.role for m in _store().messages(other.id)] == ["user", "assistant"]
+
+
+def test_a_saved_line_is_written_with_its_reply_in_one_transaction(cli, tmp_path, monkeypatch):
+    """--save: a line becomes a conversation holding its messages and reply, or nothing."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    import chatkv.store.repo as repo
+
+    real = repo._new_message
+
+    def full_disk_on_the_reply(conversation_id, position, role, content, now, *rest):
+        if role == "assistant":
+            raise OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+        return real(conversation_id, position, role, content, now, *rest)
+
+    monkeypatch.setattr(repo, "_new_message", full_disk_on_the_reply)
+    lines = [
+        {
+            "id": "a",
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Tell me a story."},
+            ],
+        }
+    ]
+    src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    assert cli(src, "-o", str(out), "--save") == 1
+    assert "is full" in _records(out)[0]["error"]
+    assert _store().list_conversations() == []
+    monkeypatch.setattr(repo, "_new_message", real)
+    assert cli(src, "-o", str(out), "--save", "--overwrite") == 0
+    (conv,) = _store().list_conversations()
+    assert [m.role for m in _store().messages(conv.id)] == ["user", "assistant", "user", "assistant"]
+    assert conv.title == "Hi"

@@ -688,12 +688,13 @@ def test_a_spill_marks_the_chunks_it_found_on_disk_as_used(tiny_lm, store, kv):
     cache = live.new_cache(tiny_lm.model)
     with torch.no_grad():
         tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
-    kvm.spill(1, tokens[:32], cache)
+    conv = store.create_conversation().id  # a spill for a deleted conversation keeps no chunks
+    kvm.spill(conv, tokens[:32], cache)
     kvm.flush()
     long_ago = datetime.now(UTC) - timedelta(days=30)
     for r in store.all_chunks():  # as if written a month ago and since served from memory only
         store.add_chunk(ChunkRecord(**{**r.__dict__, "last_used_at": long_ago}))
-    kvm.spill(1, tokens, cache)  # the next turn's spill: the two full chunks are already on disk
+    kvm.spill(conv, tokens, cache)  # the next turn's spill: the two full chunks are already on disk
     kvm.close()
     used = {r.key: r.last_used_at for r in store.all_chunks()}
     assert len(used) == 3 and all(t > long_ago + timedelta(days=29) for t in used.values())

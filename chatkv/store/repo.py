@@ -139,6 +139,30 @@ def _set_stats(m: Message, stats: TurnStats) -> None:
         setattr(m, f, getattr(stats, f))
 
 
+def _new_message(
+    conversation_id: int,
+    position: int,
+    role: str,
+    content: str,
+    now: datetime,
+    stats: TurnStats | None = None,
+    turn_id: str | None = None,
+) -> Message:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    msg = Message(
+        conversation_id=conversation_id,
+        position=position,
+        role=role,
+        content=content,
+        created_at=now,
+        turn_id=turn_id,
+    )
+    if stats is not None:
+        _set_stats(msg, stats)
+    return msg
+
+
 def _version_of(m: Message, group_id: str, now: datetime) -> MessageVersion:
     values = {f: getattr(m, f) for f in _STAT_FIELDS}
     has_stats = any(v is not None for v in values.values())
@@ -494,6 +518,7 @@ class Store:
         turn_id: str,
         set_aside: Sequence[int] = (),
         edit: tuple[int, str] | None = None,
+        add: Sequence[tuple[str, str]] = (),
     ) -> MessageView:
         """Save a turn's reply, in one transaction with what the turn changes.
 
@@ -503,59 +528,98 @@ class Store:
                 under `turn_id`, never deleted.
             edit: (id of a set-aside user message, its new text): the new text takes the
                 old message's place before the reply.
+            add: (role, content) of messages to append before the reply (a batch line's
+                question, saved only with its answer).
 
         Idempotent: a reply already saved under `turn_id` is returned as it is (a journal
         replayed after a crash saves nothing twice). Raises NotFoundError.
         """
-        now = utcnow()
         with self._writer.begin() as s:
-            done = s.scalar(select(Message).where(Message.turn_id == turn_id))
-            if done is not None:
-                return _message_view(done)
-            conv = self._get_conversation(s, conversation_id)
-            edited_position = None
-            if set_aside:
-                rows = s.scalars(
-                    select(Message)
-                    .where(Message.id.in_(list(set_aside)), Message.conversation_id == conversation_id)
-                    .order_by(Message.position)
-                ).all()
-                for m in rows:
-                    if edit is not None and m.id == edit[0]:
-                        edited_position = m.position
-                    s.add(_version_of(m, turn_id, now))
-                    s.delete(m)
-                s.flush()
-            last = s.scalar(
-                select(func.max(Message.position)).where(Message.conversation_id == conversation_id)
-            )
-            position = 0 if last is None else last + 1
-            if edit is not None:
-                if edited_position is None:
-                    raise _message_missing(edit[0])
-                s.add(
-                    Message(
-                        conversation_id=conversation_id,
-                        position=position,
-                        role="user",
-                        content=edit[1],
-                        created_at=now,
-                    )
-                )
-                position += 1
-            msg = Message(
-                conversation_id=conversation_id,
-                position=position,
-                role="assistant",
-                content=content,
-                created_at=now,
-                turn_id=turn_id,
-            )
-            _set_stats(msg, stats)
-            s.add(msg)
-            conv.updated_at = now
+            return self._finish(s, conversation_id, content, stats, turn_id, set_aside, edit, add)
+
+    def _finish(
+        self,
+        s: Session,
+        conversation_id: int,
+        content: str,
+        stats: TurnStats,
+        turn_id: str,
+        set_aside: Sequence[int],
+        edit: tuple[int, str] | None,
+        add: Sequence[tuple[str, str]],
+    ) -> MessageView:
+        now = utcnow()
+        done = s.scalar(select(Message).where(Message.turn_id == turn_id))
+        if done is not None:
+            return _message_view(done)
+        conv = self._get_conversation(s, conversation_id)
+        edited_position = None
+        if set_aside:
+            rows = s.scalars(
+                select(Message)
+                .where(Message.id.in_(list(set_aside)), Message.conversation_id == conversation_id)
+                .order_by(Message.position)
+            ).all()
+            for m in rows:
+                if edit is not None and m.id == edit[0]:
+                    edited_position = m.position
+                s.add(_version_of(m, turn_id, now))
+                s.delete(m)
             s.flush()
-            return _message_view(msg)
+        last = s.scalar(select(func.max(Message.position)).where(Message.conversation_id == conversation_id))
+        position = 0 if last is None else last + 1
+        if edit is not None:
+            if edited_position is None:
+                raise _message_missing(edit[0])
+            s.add(
+                Message(
+                    conversation_id=conversation_id,
+                    position=position,
+                    role="user",
+                    content=edit[1],
+                    created_at=now,
+                )
+            )
+            position += 1
+        for role, text in add:
+            s.add(_new_message(conversation_id, position, role, text, now))
+            position += 1
+        msg = _new_message(conversation_id, position, "assistant", content, now, stats, turn_id)
+        s.add(msg)
+        conv.updated_at = now
+        if not conv.title:
+            conv.title = next((_title_from(t) for r, t in add if r == "user"), "")
+        s.flush()
+        return _message_view(msg)
+
+    def save_new_conversation(
+        self,
+        messages: Sequence[tuple[str, str]],
+        reply: str,
+        stats: TurnStats,
+        turn_id: str,
+        *,
+        model: str = "",
+        system_prompt: str = "",
+        settings: dict[str, Any] | None = None,
+    ) -> tuple[ConversationSummary, MessageView]:
+        """Create a conversation holding `messages` ((role, content) each) and the reply to
+        them, in one transaction (a batch line saved as a conversation)."""
+        now = utcnow()
+        conv = Conversation(
+            title="",
+            model=model,
+            system_prompt=system_prompt,
+            settings=_settings_json(settings),
+            created_at=now,
+            updated_at=now,
+            kv_tokens=0,
+        )
+        with self._writer.begin() as s:
+            s.add(conv)
+            s.flush()
+            msg = self._finish(s, conv.id, reply, stats, turn_id, (), None, messages)
+            return self._summaries(s, [conv])[0], msg
 
     def keep_version(
         self,
