@@ -18,7 +18,8 @@ from textual.widgets import Input, TextArea
 from textual.widgets._markdown import MarkdownFence
 
 from chatkv.errors import ModelError
-from chatkv.ui.screens import ChatScreen, ConfirmScreen, HelpScreen, TextPromptScreen
+from chatkv.ui.chat_screen import ChatScreen
+from chatkv.ui.dialogs import ConfirmScreen, HelpScreen, TextPromptScreen
 from chatkv.ui.widgets import ChatMessage, relative_time, turn_summary
 from tests.ui.fake_backend import FIXED_NOW, FakeBackend, make_app
 
@@ -90,13 +91,17 @@ async def test_message_typed_while_loading_is_sent_once_ready():
         async with app.run_test(size=SIZE) as pilot:
             await send(pilot, "queued question")
             await pilot.pause()
-            assert ("send", (2, "queued question")) not in backend.calls
+            assert not any(c[0] == "send" for c in backend.calls)
+            assert len(backend.list_conversations()) == 1  # a draft: nothing saved yet
             pending = chat(app).log_view.messages[-1]
             assert pending.has_class("-pending") and pending.content == "queued question"
+            assert "waiting for the model to load" in str(pending.query_one(".stats").render())
             assert chat(app).prompt.text == ""
             backend.release_load()
             await finished(pilot, backend)
-            assert ("send", (2, "queued question")) in backend.calls
+            # the draft's first message creates the conversation
+            assert ("send", (None, "queued question")) in backend.calls
+            assert chat(app).conversation_id == 2
             assert roles_and_text(app) == [("user", "queued question"), ("assistant", "Ready now.")]
             assert not pending.has_class("-pending")
     finally:
@@ -179,7 +184,8 @@ async def test_newline_key_and_paste_make_multiline_message():
         assert prompt.text == "a\nb" + long
         await pilot.press("enter")
         await finished(pilot, backend)
-        assert ("send", (1, "a\nb" + long)) in backend.calls
+        assert ("send", (None, "a\nb" + long)) in backend.calls
+        assert backend.messages(1)[0].content == "a\nb" + long
 
 
 async def test_stop_keeps_partial_reply():
@@ -227,16 +233,41 @@ async def test_send_failure_with_unexpected_error_is_reported_briefly():
 # -- actions --------------------------------------------------------------------------------
 
 
-async def test_new_conversation():
+async def test_new_conversation_is_a_draft_until_its_first_message():
     backend = FakeBackend(conversations=2, ready=True)
     app = make_app(backend, conversation_id=1)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+n")
         await pilot.pause()
-        assert chat(app).conversation_id == 3
+        await pilot.press("ctrl+n")  # on an empty draft: nothing new
+        await pilot.pause()
+        assert chat(app).conversation_id is None
         assert roles_and_text(app) == []
-        assert chat(app).sidebar.option_list.option_count == 3
         assert chat(app).prompt.has_focus
+        # nothing is saved for a draft: no "(untitled)" entries pile up in the list
+        assert chat(app).sidebar.option_list.option_count == 2 and len(backend.list_conversations()) == 2
+        await send(pilot, "first words")
+        await finished(pilot, backend)
+        assert chat(app).conversation_id == 3
+        assert backend.get_conversation(3).title == "first words"
+        assert chat(app).sidebar.option_list.option_count == 3
+
+
+async def test_refused_first_message_creates_nothing():
+    backend = FakeBackend(conversations=1, ready=True)
+    backend.context_limit = 10
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "far too many words for this very small context window")
+        await wait_for(pilot, lambda: not chat(app).generating)
+        assert any("context holds 10" in n for n in notes(app))
+        assert chat(app).conversation_id is None and roles_and_text(app) == []
+        assert len(backend.list_conversations()) == 1
+        assert chat(app).prompt.text.startswith("far too many words")
+        backend.context_limit = 8192
+        await pilot.press("enter")
+        await finished(pilot, backend)
+        assert backend.get_conversation(2).title.startswith("far too many words")
 
 
 async def test_open_conversation_from_list_and_filter():
@@ -251,7 +282,8 @@ async def test_open_conversation_from_list_and_filter():
         await pilot.pause()
         assert chat(app).conversation_id == 4
         assert roles_and_text(app)[0] == ("user", "Tell me about trip to lisbon.")
-        assert "◆ on disk 52.7 MiB" in str(chat(app).status.status_text())
+        # at 120 columns the status bar takes its compact form rather than wrap
+        assert "◆ 4.8k tok 52.7MiB" in str(chat(app).status.status_text())
         # typing on the list filters it
         options.focus()
         await pilot.press(*"lisbon")
@@ -363,26 +395,36 @@ async def test_copy_message(monkeypatch):
         assert any("Copied" in n for n in notes(app))
 
 
-async def test_export_markdown(tmp_path, monkeypatch):
+async def test_export_markdown_into_the_export_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    exports = tmp_path / "exports" / "chatkv"
     backend = FakeBackend(conversations=1, ready=True)
-    app = make_app(backend, conversation_id=1)
+    app = make_app(backend, conversation_id=1, **{"ui.export_dir": str(exports)})
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+o")
         await pilot.press("ctrl+o")
         await pilot.pause()
-    first, second = tmp_path / "rust-lifetimes-explained.md", tmp_path / "rust-lifetimes-explained-2.md"
+    first, second = exports / "rust-lifetimes-explained.md", exports / "rust-lifetimes-explained-2.md"
     assert first.read_text() == backend.export(1, "md") and second.exists()
-    assert any(str(first) in n for n in notes(app))
+    assert list(tmp_path.glob("*.md")) == []  # never into the current directory
+    assert exports.stat().st_mode & 0o777 == 0o700 and first.stat().st_mode & 0o777 == 0o600
+    assert any(str(first) in n for n in notes(app))  # the notification says the full path
+
+
+async def test_export_default_directory_is_in_the_data_dir(chatkv_home):
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+    assert (chatkv_home / "exports" / "rust-lifetimes-explained.md").exists()
 
 
 async def test_export_disk_full_is_reported(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
-
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr("chatkv.ui.export.write_private", full)
     backend = FakeBackend(conversations=1, ready=True)
     app = make_app(backend, conversation_id=1)
     async with app.run_test(size=SIZE) as pilot:
@@ -392,13 +434,25 @@ async def test_export_disk_full_is_reported(tmp_path, monkeypatch):
         assert len(roles_and_text(app)) == 2
 
 
-async def test_switch_theme_and_unknown_theme_falls_back():
+async def test_switch_theme_is_remembered_and_unknown_theme_falls_back(chatkv_home):
     app = make_app(**{"ui.theme": "nord"})
     async with app.run_test(size=SIZE) as pilot:
         assert app.theme == "nord"
         await pilot.press("ctrl+t")
-        assert app.theme != "nord"
+        await pilot.pause()
+        chosen = app.theme
+        assert chosen != "nord"
+    state = chatkv_home / "ui-state.json"
+    assert state.stat().st_mode & 0o777 == 0o600
+    app = make_app(**{"ui.theme": "nord"})  # relaunch: the chosen theme, not the config's
+    async with app.run_test(size=SIZE):
+        assert app.theme == chosen
+    state.unlink()
     app = make_app(**{"ui.theme": "no-such-theme"})
+    async with app.run_test(size=SIZE):
+        assert app.theme == "textual-dark"
+    state.write_text("not json")  # a damaged state file never stops the app
+    app = make_app()
     async with app.run_test(size=SIZE):
         assert app.theme == "textual-dark"
 
@@ -410,7 +464,8 @@ async def test_help_screen_lists_actions_with_current_keys():
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
         text = html.unescape(app.export_screenshot()).replace("\xa0", " ")
-        assert "Export the conversation" in text and "^x" in text
+        # the help's own row (the footer no longer lists every action)
+        assert "Export the conversation" in text and "ctrl+x" in text
         await pilot.press("escape")
         assert isinstance(app.screen, ChatScreen)
 
@@ -424,10 +479,11 @@ async def test_key_bindings_come_from_config():
         assert chat(app).conversation_id == 1
         await pilot.press("ctrl+b")
         await pilot.pause()
-        assert chat(app).conversation_id == 2
+        assert chat(app).conversation_id is None
+        await chat(app).open_conversation(1)
         await pilot.press("f5")
         await pilot.pause()
-        assert chat(app).conversation_id == 3
+        assert chat(app).conversation_id is None
 
 
 async def test_actions_are_in_the_command_palette():
@@ -438,7 +494,7 @@ async def test_actions_are_in_the_command_palette():
         for title in [
             "Start a new conversation",
             "Rename the open conversation",
-            "Export the conversation to a Markdown file here",
+            "Export the conversation to a Markdown file in the export directory",
             "Stop the reply being generated, keeping what it wrote",
             "Switch to the next theme",
             "Edit the conversation's system prompt",
@@ -446,7 +502,7 @@ async def test_actions_are_in_the_command_palette():
             assert title in commands, title
         await commands["Start a new conversation"].callback()
         await pilot.pause()
-        assert chat(app).conversation_id == 2
+        assert chat(app).conversation_id is None
 
 
 async def test_quit_while_streaming_saves_partial_reply_and_closes():
@@ -497,7 +553,7 @@ def test_relative_time_and_turn_summary():
 
 
 def test_model_error_is_a_chatkv_error():
-    from chatkv.ui.screens import error_text
+    from chatkv.ui.chat_screen import error_text
 
     assert error_text(ModelError("weights missing; run chatkv pull")) == "weights missing; run chatkv pull"
     assert error_text(ValueError("bad")) == "Something went wrong: ValueError: bad"

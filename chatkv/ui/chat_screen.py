@@ -1,54 +1,51 @@
-"""Screens: the chat screen (which owns the conversation flow and its workers) and the
-modal dialogs it opens."""
+"""The chat screen: it owns the flow of a conversation and its workers.
+
+It calls the fast backend methods directly and runs `load()` and the iteration of a
+TurnStream in thread workers. A new conversation is a *draft* (no id, nothing saved)
+until its first message is sent: `send(None, …)` creates it together with that message.
+"""
 
 from __future__ import annotations
 
-import re
+import inspect
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.table import Table
-from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.keys import format_key
+from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
+from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Button, Footer, Header, Input, Label, Static, TextArea
+from textual.widgets import Footer, Header
 from textual.worker import Worker, get_current_worker
 
 from chatkv.api import ChatBackend, GenerationSettings, MessageView, TurnStream
 from chatkv.config import Settings
 from chatkv.errors import ChatKVError
+from chatkv.ui.actions import ACTIONS, FOOTER_ACTIONS
+from chatkv.ui.chat_actions import ConversationActions
+from chatkv.ui.dialogs import TextPromptScreen
 from chatkv.ui.widgets import ChatLog, ChatMessage, ConversationList, PromptInput, StatusBar, turn_summary
 
 if TYPE_CHECKING:
     from chatkv.ui.app import ChatKVApp
 
-#: (config key under ui.keys, action of ChatScreen, footer label, help text)
-ACTIONS: list[tuple[str, str, str, str]] = [
-    ("new", "new_conversation", "New", "Start a new conversation"),
-    ("rename", "rename", "Rename", "Rename the open conversation"),
-    ("delete", "delete", "Delete", "Delete the open conversation (asks first)"),
-    ("stop", "stop", "Stop", "Stop the reply being generated, keeping what it wrote"),
-    ("regenerate", "regenerate", "Regenerate", "Generate the last reply again"),
-    ("edit", "edit_message", "Edit", "Edit the focused (or last) user message and continue from there"),
-    ("system_prompt", "system_prompt", "System", "Edit the conversation's system prompt"),
-    ("copy", "copy_message", "Copy", "Copy the focused (or last) message to the clipboard"),
-    ("export", "export", "Export", "Export the conversation to a Markdown file here"),
-    ("theme", "next_theme", "Theme", "Switch to the next theme"),
-    ("help", "help", "Help", "Show this help"),
-]
-
 #: Cadence of UI updates while a reply streams: pieces are batched for this long.
 FLUSH_S = 0.05
+
+#: How often the screen asks the backend what it is doing while the user waits.
+ACTIVITY_S = 0.25
+
+#: Waits shorter than this show no seconds counter (most never get there).
+SHOW_SECONDS_AFTER = 3.0
+
+#: Sidebar width by terminal width; below the last step the sidebar hides (F2 shows it).
+SIDEBAR_WIDTHS = ((120, 34), (90, 28), (70, 24))
 
 FAILED = "Something went wrong"
 
@@ -62,9 +59,27 @@ def error_text(exc: BaseException) -> str:
     return f"{FAILED}: {type(exc).__name__}: {exc}"
 
 
-def key_label(keys: str) -> str:
-    """'shift+enter,ctrl+j' -> 'shift+enter / ctrl+j' in Textual's key notation."""
-    return " / ".join(format_key(k.strip()) for k in keys.split(",") if k.strip())
+def sidebar_width(terminal_width: int) -> int | None:
+    """The sidebar's width for a terminal this wide; None: too narrow to show it by default."""
+    for at_least, width in SIDEBAR_WIDTHS:
+        if terminal_width >= at_least:
+            return width
+    return None
+
+
+def send_new(
+    backend: ChatBackend, text: str, settings: GenerationSettings, system_prompt: str | None
+) -> tuple[TurnStream, int]:
+    """Start the first turn of a draft: the conversation is created with its message.
+
+    A backend whose `send` does not yet take `system_prompt` (the older contract) gets the
+    conversation created first, then the message."""
+    if "system_prompt" in inspect.signature(backend.send).parameters:
+        stream = backend.send(None, text, settings, system_prompt=system_prompt)
+        return stream, stream.conversation_id
+    conv = backend.new_conversation(system_prompt=system_prompt or None)
+    stream = backend.send(conv.id, text, settings)
+    return stream, conv.id
 
 
 class ReplyBuffer:
@@ -87,6 +102,13 @@ class ReplyBuffer:
 
 
 @dataclass
+class TurnStarted(Message):
+    """The backend accepted the turn; a draft now has its conversation id."""
+
+    conversation_id: int
+
+
+@dataclass
 class TurnEnded(Message):
     """The generation worker finished: the saved reply, or the error that stopped it."""
 
@@ -104,30 +126,35 @@ class ModelLoaded(Message):
     error: BaseException | None
 
 
-class ChatScreen(Screen):
-    """The main screen: conversation list, conversation, input, status bar and footer.
+#: A turn's starter: makes the stream in the worker thread, returns it and its conversation.
+Starter = Callable[[], tuple[TurnStream, int]]
 
-    It owns the flow of a turn: it calls the fast backend methods directly and runs
-    `load()` and the iteration of a TurnStream in thread workers.
-    """
+
+class ChatScreen(ConversationActions, Screen):
+    """The main screen: conversation list, conversation, input, status bar and footer."""
 
     def __init__(self, backend: ChatBackend, settings: Settings, conversation_id: int | None = None):
         super().__init__()
         self.backend = backend
         self.settings = settings
-        self.conversation_id: int | None = None
+        self.conversation_id: int | None = None  # None: a draft, not saved yet
+        self.draft_system_prompt = settings.chat.system_prompt
         self._initial_id = conversation_id
         self.pending: tuple[ChatMessage, str] | None = None  # sent before the model was ready
         self.stream: TurnStream | None = None
         self.generating = False
         self._stop_requested = False
         self._drain_timer: Timer | None = None
+        self._reply_widget: ChatMessage | None = None  # the reply being generated
+        self._wait_started = time.monotonic()
+        self.sidebar_shown: bool | None = None  # None: by terminal width; F2 decides otherwise
         self.model_state = "ready" if backend.ready else "loading"
         keys = settings.ui.keys
         for name, action, label, _ in ACTIONS:
             alternatives = [k.strip() for k in getattr(keys, name).split(",") if k.strip()]
             for i, key in enumerate(alternatives):
-                self._bindings.bind(key, action, label, show=i == 0, priority=True)
+                show = i == 0 and action in FOOTER_ACTIONS
+                self._bindings.bind(key, action, label, show=show, priority=True)
 
     @property
     def chat_app(self) -> ChatKVApp:
@@ -136,7 +163,8 @@ class ChatScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="body"):
-            yield ConversationList(id="sidebar")
+            heading = f"Conversations  {self.settings.ui.keys.conversations.split(',')[0]}"
+            yield ConversationList(heading, id="sidebar")
             with Vertical(id="main"):
                 yield ChatLog(id="log")
                 yield PromptInput(self.settings.ui.keys.newline, id="prompt")
@@ -167,16 +195,44 @@ class ChatScreen(Screen):
             context=(0, self.backend.context_limit),
         )
         self.refresh_list()
-        if self._initial_id is not None:
-            await self.open_conversation(self._initial_id)
-        else:
-            self.sub_title = "new conversation"
+        initial = self._initial_id
+        if initial is None:
+            initial = self.chat_app.remembered_conversation()
+        await self.open_conversation(initial)
         self.prompt.focus()
+        self.set_interval(ACTIVITY_S, self.show_activity)
         if not self.backend.ready:
+            self._wait_started = time.monotonic()
             self.load_model()
 
     def on_resize(self) -> None:
-        self.set_class(self.size.width < 100, "-narrow")
+        self.layout_sidebar()
+
+    def layout_sidebar(self) -> None:
+        """Size the sidebar to the terminal; hide it where the chat would be too narrow."""
+        width = sidebar_width(self.size.width)
+        shown = self.sidebar_shown if self.sidebar_shown is not None else width is not None
+        self.sidebar.display = shown
+        self.sidebar.styles.width = width or 24
+
+    # -- what the user is waiting for ----------------------------------------------
+
+    def waited(self) -> str:
+        seconds = time.monotonic() - self._wait_started
+        return f" · {seconds:.0f}s" if seconds >= SHOW_SECONDS_AFTER else ""
+
+    def show_activity(self) -> None:
+        """Tell the user what loading or the coming first token waits for (backend.activity)."""
+        activity = getattr(self.backend, "activity", "") or ""
+        if self.model_state == "loading":
+            self.status.show(activity=activity + self.waited())
+            if self.pending is not None:
+                self.pending[0].set_waiting(f"waiting for the model to load…{self.waited()}")
+            return
+        widget = self._reply_widget
+        if widget is not None and self.generating and not widget.content and not self._stop_requested:
+            what = activity or "reading the conversation into the model"
+            widget.set_waiting(f"waiting for the first token: {what}{self.waited()}")
 
     # -- model loading ------------------------------------------------------------
 
@@ -192,7 +248,7 @@ class ChatScreen(Screen):
     async def on_model_loaded(self, event: ModelLoaded) -> None:
         if event.error is not None:
             self.model_state = "failed"
-            self.status.show(model_state="failed")
+            self.status.show(model_state="failed", activity="")
             self.notify(
                 f"The model could not be loaded: {error_text(event.error)}",
                 title="Model",
@@ -206,18 +262,15 @@ class ChatScreen(Screen):
                 self.restore_input(text)
             return
         self.model_state = "ready"
-        self.status.show(
-            model_state="ready",
-            device=self.backend.device,
-            context=(self.status.context[0], self.backend.context_limit),
-        )
-        if self.pending is not None and self.conversation_id is not None:
+        self.status.show(model_state="ready", activity="", device=self.backend.device)
+        self.update_context()
+        self.update_draft_count()
+        if self.pending is not None:
             widget, text = self.pending
             self.pending = None
             widget.remove_class("-pending")
-            widget.set_stats()
-            cid = self.conversation_id
-            await self.start_turn(lambda: self.backend.send(cid, text, self.generation_settings()), text)
+            widget.set_waiting("")
+            await self.start_turn(self.send_starter(text), text)
 
     # -- the conversation list ----------------------------------------------------
 
@@ -236,19 +289,22 @@ class ChatScreen(Screen):
 
     @on(ConversationList.Selected)
     async def _selected(self, event: ConversationList.Selected) -> None:
-        if event.conversation_id == self.conversation_id:
-            self.prompt.focus()
-            return
-        if self.busy("switch conversations"):
-            return
-        await self.open_conversation(event.conversation_id)
+        await self.switch_to(event.conversation_id)
+
+    async def switch_to(self, conversation_id: int) -> None:
+        """Open a conversation from the list, the palette or next/previous; focus the input."""
+        if conversation_id != self.conversation_id:
+            if self.busy("switch conversations"):
+                return
+            await self.open_conversation(conversation_id)
         self.prompt.focus()
 
     async def open_conversation(self, conversation_id: int | None) -> None:
-        """Show a saved conversation (or an empty screen for None)."""
+        """Show a saved conversation, or an empty draft for None."""
         log = self.log_view
         if conversation_id is None:
             self.conversation_id = None
+            self.draft_system_prompt = self.settings.chat.system_prompt
             await log.remove_children()
             self.sub_title = "new conversation"
             self.status.show(context=(0, self.backend.context_limit), turn="", cache=None)
@@ -262,11 +318,13 @@ class ChatScreen(Screen):
             self.report(exc, "open the conversation")
             return
         self.conversation_id = conversation_id
+        self.chat_app.remember(last_conversation=conversation_id)
         self.sub_title = conv.title
         await log.remove_children()
         await log.mount_all([ChatMessage(m.role, m.content, m) for m in messages])
         log.anchor()
         last = next((m.stats for m in reversed(messages) if m.stats is not None), None)
+        log.mark_dropped(last.dropped_messages if last else 0)
         self.status.show(turn=turn_summary(last) if last else "", cache=conv)
         self.update_context()
         self.refresh_list()
@@ -280,6 +338,27 @@ class ChatScreen(Screen):
             except Exception:  # an estimate only; never worth an error
                 used = 0
         self.status.show(context=(used, self.backend.context_limit))
+
+    @on(PromptInput.Changed, "#prompt")
+    def update_draft_count(self) -> None:
+        """Tokens of the message being typed (an estimate, marked '~', until the model loads)."""
+        text = self.prompt.text
+        if not text.strip():
+            self.status.show(draft=None)
+            return
+        counter = getattr(self.backend, "count_tokens", None)
+        try:
+            count = counter(text) if counter is not None else None
+        except Exception:  # a count is a hint; never worth an error
+            count = None
+        self.status.show(draft=(len(text) // 4 + 1, True) if count is None else (count, False))
+
+    @on(PromptInput.ScrollRequest)
+    def _scroll_log(self, event: PromptInput.ScrollRequest) -> None:
+        if event.pages < 0:
+            self.log_view.scroll_page_up()
+        else:
+            self.log_view.scroll_page_down()
 
     # -- sending and streaming ----------------------------------------------------
 
@@ -296,43 +375,47 @@ class ChatScreen(Screen):
     async def _submitted(self, event: PromptInput.Submitted) -> None:
         await self.send(event.text)
 
+    def send_starter(self, text: str) -> Starter:
+        """How to start the turn for `text`: into the open conversation, or a draft's first."""
+        cid = self.conversation_id
+        settings = self.generation_settings()
+        if cid is None:
+            system = self.draft_system_prompt or None
+            return lambda: send_new(self.backend, text, settings, system)
+        return lambda: (self.backend.send(cid, text, settings), cid)
+
     async def send(self, text: str) -> None:
         """Send `text` as the next user message (queued while the model loads)."""
         if not text.strip():
             return
         if self.busy("send another message"):
             return
-        if self.conversation_id is None:
-            try:
-                system = self.settings.chat.system_prompt or None
-                conv = self.backend.new_conversation(system_prompt=system)
-            except Exception as exc:
-                self.report(exc, "create a conversation")
-                return
-            self.conversation_id = conv.id
-            self.sub_title = conv.title
         self.prompt.clear()
         log = self.log_view
         if not self.backend.ready:
             widget = ChatMessage("user", text, pending=True)
             await log.mount(widget)
+            widget.set_waiting("waiting for the model to load…")
             log.anchor()
             self.pending = (widget, text)
             if self.model_state == "failed":
                 self.model_state = "loading"
                 self.status.show(model_state="loading")
+                self._wait_started = time.monotonic()
                 self.load_model()
             self.refresh_bindings()
             return
         await log.mount(ChatMessage("user", text))
-        cid = self.conversation_id
-        await self.start_turn(lambda: self.backend.send(cid, text, self.generation_settings()), text)
+        await self.start_turn(self.send_starter(text), text)
 
-    async def start_turn(self, starter: Callable[[], TurnStream], restore_text: str | None) -> None:
+    async def start_turn(self, starter: Starter, restore_text: str | None) -> None:
         """Mount an empty reply and stream into it from a worker; `starter` makes the stream."""
         widget = ChatMessage("assistant")
         await self.log_view.mount(widget)
         widget.streaming = True
+        self._reply_widget = widget
+        self._wait_started = time.monotonic()
+        self.show_activity()
         self.log_view.anchor()
         self.generating = True
         self._stop_requested = False
@@ -351,7 +434,7 @@ class ChatScreen(Screen):
     @work(thread=True, exclusive=True, group="generate")
     def generate(
         self,
-        starter: Callable[[], TurnStream],
+        starter: Starter,
         buffer: ReplyBuffer,
         widget: ChatMessage,
         restore_text: str | None,
@@ -360,8 +443,9 @@ class ChatScreen(Screen):
         stream: TurnStream | None = None
         error: BaseException | None = None
         try:
-            stream = starter()
+            stream, cid = starter()
             self.stream = stream
+            self.post_message(TurnStarted(cid))
             if self._stop_requested or worker.is_cancelled:
                 stream.cancel()
             for piece in stream:
@@ -375,25 +459,37 @@ class ChatScreen(Screen):
             self.stream = None
             self.post_message(TurnEnded(widget, buffer, message, error, restore_text if error else None))
 
+    def on_turn_started(self, event: TurnStarted) -> None:
+        if self.conversation_id is None:  # the draft is saved now
+            self.conversation_id = event.conversation_id
+            self.chat_app.remember(last_conversation=event.conversation_id)
+            self.refresh_list()
+            self.refresh_bindings()
+
     async def on_turn_ended(self, event: TurnEnded) -> None:
         if self._drain_timer is not None:
             self._drain_timer.stop()
         await self.drain(event.buffer, event.widget)
         self.generating = False
         self.stream = None
+        self._reply_widget = None
         widget = event.widget
         if event.error is not None:
             self.notify(error_text(event.error), title="Generation failed", severity="error", timeout=10)
+            # Show what was saved, nothing more: the transcript is the source of truth
+            # (a refused first message leaves the draft empty).
+            system = self.draft_system_prompt
+            await self.open_conversation(self.conversation_id)
+            if self.conversation_id is None:
+                self.draft_system_prompt = system
             if event.restore_text is not None:
                 self.restore_input(event.restore_text)
-            # Show what was saved, nothing more: the transcript is the source of truth.
-            if self.conversation_id is not None:
-                await self.open_conversation(self.conversation_id)
             self.status.show(turn="last turn failed")
         else:
             widget.finish(event.message)
             if event.message is not None and event.message.stats is not None:
                 self.status.show(turn=turn_summary(event.message.stats))
+                self.log_view.mark_dropped(event.message.stats.dropped_messages)
             self.sync_messages()
             self.update_context()
             self.refresh_list()
@@ -425,26 +521,53 @@ class ChatScreen(Screen):
     def report(self, exc: BaseException, what: str) -> None:
         self.notify(error_text(exc), title=f"Could not {what}", severity="error", timeout=10)
 
+    def nothing(self, what: str) -> None:
+        """Say why a key did nothing (a key that does nothing silently looks broken)."""
+        self.notify(what, severity="warning", timeout=3)
+
     # -- actions ------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "stop":
             return self.generating or self.pending is not None
-        if action in ("rename", "delete", "export", "regenerate", "edit_message", "copy_message"):
-            return self.conversation_id is not None or None
         return True
 
     async def action_new_conversation(self) -> None:
         if self.busy("start a new conversation"):
             return
-        try:
-            conv = self.backend.new_conversation(system_prompt=self.settings.chat.system_prompt or None)
-        except Exception as exc:
-            self.report(exc, "create a conversation")
-            return
         self.sidebar.filter_input.value = ""
-        await self.open_conversation(conv.id)
+        if self.conversation_id is not None or self.log_view.messages:
+            await self.open_conversation(None)
         self.prompt.focus()
+
+    def action_focus_list(self) -> None:
+        if not self.sidebar.display:
+            self.sidebar_shown = True
+            self.layout_sidebar()
+        self.sidebar.focus_list()
+
+    async def action_next_conversation(self) -> None:
+        await self._step_conversation(1)
+
+    async def action_previous_conversation(self) -> None:
+        await self._step_conversation(-1)
+
+    async def _step_conversation(self, step: int) -> None:
+        target = self.sidebar.neighbour(self.conversation_id, step)
+        if target is None:
+            self.nothing(
+                "No more conversations in that direction."
+                if self.sidebar.conversations
+                else "No saved conversations yet."
+            )
+            return
+        await self.switch_to(target)
+
+    def action_toggle_sidebar(self) -> None:
+        self.sidebar_shown = not self.sidebar.display
+        self.layout_sidebar()
+        if not self.sidebar.display and self.sidebar.has_focus_within:
+            self.prompt.focus()
 
     async def action_stop(self) -> None:
         if self.pending is not None:
@@ -458,63 +581,25 @@ class ChatScreen(Screen):
             self._stop_requested = True
             if self.stream is not None:
                 self.stream.cancel()
+            if self._reply_widget is not None and self._reply_widget.waiting:
+                self._reply_widget.set_waiting("stopping…")
             self.status.show(turn="stopping…")
-
-    def action_rename(self) -> None:
-        cid = self.conversation_id
-        if cid is None:
-            return
-        title = self.backend.get_conversation(cid).title
-
-        def done(new: str | None) -> None:
-            if new is None or not new.strip() or new.strip() == title:
-                return
-            try:
-                self.backend.rename(cid, new.strip())
-            except Exception as exc:
-                self.report(exc, "rename the conversation")
-                return
-            if cid == self.conversation_id:
-                self.sub_title = new.strip()
-            self.refresh_list()
-
-        self.app.push_screen(TextPromptScreen("Rename conversation", title), done)
-
-    def action_delete(self) -> None:
-        cid = self.conversation_id
-        if cid is None or self.busy("delete this conversation"):
-            return
-        title = self.backend.get_conversation(cid).title
-
-        async def done(confirmed: bool | None) -> None:
-            if not confirmed:
-                return
-            try:
-                self.backend.delete(cid)
-            except Exception as exc:
-                self.report(exc, "delete the conversation")
-                return
-            self.notify(f"Deleted “{title}”.")
-            await self.open_conversation(None)
-            self.prompt.focus()
-
-        self.app.push_screen(ConfirmScreen(f"Delete “{title}” and its cache?", "Delete"), done)
 
     async def action_regenerate(self) -> None:
         cid = self.conversation_id
-        if cid is None or self.busy("regenerate"):
-            return
-        if not self.backend.ready:
-            self.notify("The model is still loading.", severity="warning")
+        if self.busy("regenerate"):
             return
         messages = self.log_view.messages
-        if not messages or messages[-1].role != "assistant":
-            if not any(m.role == "user" for m in messages):
-                self.notify("Nothing to regenerate yet.", severity="warning")
-                return
-        else:
+        if cid is None or not any(m.role == "user" for m in messages):
+            self.nothing("Nothing to regenerate yet; send a message first.")
+            return
+        if not self.backend.ready:
+            self.nothing("The model is still loading; regenerate when it is ready.")
+            return
+        if messages[-1].role == "assistant":
             await messages[-1].remove()
-        await self.start_turn(lambda: self.backend.regenerate(cid, self.generation_settings()), None)
+        settings = self.generation_settings()
+        await self.start_turn(lambda: (self.backend.regenerate(cid, settings), cid), None)
 
     def target_message(self, role: str | None) -> ChatMessage | None:
         """The focused message if it fits `role`, else the last message with that role."""
@@ -527,87 +612,33 @@ class ChatScreen(Screen):
         return None
 
     def action_edit_message(self) -> None:
-        if self.conversation_id is None or self.busy("edit a message"):
+        if self.busy("edit a message"):
             return
         target = self.target_message("user")
-        if target is None or target.message is None:
-            self.notify("No saved user message to edit.", severity="warning")
+        if self.conversation_id is None or target is None or target.message is None:
+            self.nothing("No saved message of yours to edit yet; send one first.")
             return
         if not self.backend.ready:
-            self.notify("The model is still loading.", severity="warning")
+            self.nothing("The model is still loading; edit when it is ready.")
             return
         message = target.message
+        cid = self.conversation_id
 
         async def done(text: str | None) -> None:
+            self.prompt.focus()
             if text is None or not text.strip() or text == message.content:
                 return
             widgets = self.log_view.messages
             index = widgets.index(target) if target in widgets else len(widgets)
             await self.log_view.remove_children(widgets[index:])
             await self.log_view.mount(ChatMessage("user", text))
-            await self.start_turn(
-                lambda: self.backend.edit(message.id, text, self.generation_settings()), None
-            )
+            settings = self.generation_settings()
+            await self.start_turn(lambda: (self.backend.edit(message.id, text, settings), cid), None)
 
         self.app.push_screen(
             TextPromptScreen("Edit message (the reply is generated again)", message.content, multiline=True),
             done,
         )
-
-    async def action_system_prompt(self) -> None:
-        if self.busy("change the system prompt"):
-            return
-        if self.conversation_id is None:
-            current = self.settings.chat.system_prompt
-        else:
-            current = self.backend.get_conversation(self.conversation_id).system_prompt
-
-        async def done(text: str | None) -> None:
-            if text is None or text == current:
-                return
-            try:
-                if self.conversation_id is None:
-                    conv = self.backend.new_conversation(system_prompt=text or None)
-                    await self.open_conversation(conv.id)
-                else:
-                    self.backend.set_system_prompt(self.conversation_id, text)
-            except Exception as exc:
-                self.report(exc, "set the system prompt")
-                return
-            self.update_context()
-            self.notify("System prompt saved.")
-
-        self.app.push_screen(TextPromptScreen("System prompt", current, multiline=True), done)
-
-    def action_copy_message(self) -> None:
-        target = self.target_message(None)
-        if isinstance(self.focused, ChatMessage) is False:
-            target = self.target_message("assistant") or target
-        if target is None or not target.content:
-            self.notify("No message to copy.", severity="warning")
-            return
-        self.app.copy_to_clipboard(target.content)
-        self.notify(f"Copied {len(target.content):,} characters.")
-
-    def action_export(self) -> None:
-        cid = self.conversation_id
-        if cid is None:
-            return
-        try:
-            conv = self.backend.get_conversation(cid)
-            text = self.backend.export(cid, "md")
-            path = unique_path(Path.cwd(), slug(conv.title) or f"conversation-{cid}", ".md")
-            path.write_text(text, encoding="utf-8")
-        except Exception as exc:
-            self.report(exc, "export the conversation")
-            return
-        self.notify(f"Exported to {path}", title="Export")
-
-    def action_next_theme(self) -> None:
-        self.chat_app.next_theme()
-
-    def action_help(self) -> None:
-        self.app.push_screen(HelpScreen(self.settings))
 
     # -- shutdown -----------------------------------------------------------------
 
@@ -625,122 +656,3 @@ class ChatScreen(Screen):
         self._stop_requested = True
         if self.stream is not None:
             self.stream.cancel()
-
-
-def slug(title: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:60]
-
-
-def unique_path(directory: Path, stem: str, suffix: str) -> Path:
-    path = directory / f"{stem}{suffix}"
-    n = 2
-    while path.exists():
-        path = directory / f"{stem}-{n}{suffix}"
-        n += 1
-    return path
-
-
-class HelpScreen(ModalScreen[None]):
-    """Every action with its current key (from the config file)."""
-
-    BINDINGS = [Binding("escape,f1,q", "dismiss", "Close")]
-
-    def __init__(self, settings: Settings):
-        super().__init__()
-        self.settings = settings
-
-    def compose(self) -> ComposeResult:
-        keys = self.settings.ui.keys
-        table = Table(box=None, expand=True, show_header=True, header_style="bold", pad_edge=False)
-        table.add_column("Key", style="bold", no_wrap=True)
-        table.add_column("Action", ratio=1)
-        rows = [(key_label(getattr(keys, name)), text) for name, _, _, text in ACTIONS]
-        rows += [
-            ("enter", "Send the message"),
-            (key_label(keys.newline), "Insert a newline in the message"),
-            ("tab / shift+tab", "Move focus (conversation list, messages, input)"),
-            ("type in the list", "Filter conversations"),
-            (format_key("ctrl+p"), "Command palette (every action is there too)"),
-            (format_key("ctrl+q"), "Quit (a streaming reply is stopped and saved)"),
-        ]
-        for key, text in rows:
-            table.add_row(Text(key), text)
-        with Vertical(id="dialog"):
-            yield Label("chatkv — keys", classes="title")
-            with VerticalScroll():
-                yield Static(table)
-            yield Label(
-                "Change keys in the [ui.keys] section of the config file.  Esc closes.", classes="hint"
-            )
-
-
-class ConfirmScreen(ModalScreen[bool]):
-    """A yes/no question."""
-
-    BINDINGS = [Binding("escape,n", "answer(False)", "Cancel"), Binding("y", "answer(True)", "Yes")]
-
-    def __init__(self, question: str, yes: str = "Yes"):
-        super().__init__()
-        self.question = question
-        self.yes = yes
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(self.question, classes="title")
-            with Horizontal(classes="buttons"):
-                yield Button(self.yes, variant="error", id="yes")
-                yield Button("Cancel", id="no")
-
-    def on_mount(self) -> None:
-        self.query_one("#no", Button).focus()
-
-    def action_answer(self, answer: bool) -> None:
-        self.dismiss(answer)
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
-
-class TextPromptScreen(ModalScreen[str | None]):
-    """Ask for a line (Enter saves) or a block of text (ctrl+s saves); Esc cancels."""
-
-    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save", priority=True)]
-
-    def __init__(self, title: str, value: str = "", *, multiline: bool = False):
-        super().__init__()
-        self.title_text = title
-        self.value = value
-        self.multiline = multiline
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog", classes="-multiline" if self.multiline else ""):
-            yield Label(self.title_text, classes="title")
-            if self.multiline:
-                yield TextArea(self.value, id="value", soft_wrap=True, tab_behavior="focus")
-            else:
-                yield Input(self.value, id="value")
-            with Horizontal(classes="buttons"):
-                yield Button("Save", variant="primary", id="save")
-                yield Button("Cancel", id="cancel")
-
-    def on_mount(self) -> None:
-        self.query_one("#value").focus()
-
-    def current(self) -> str:
-        widget = self.query_one("#value")
-        return widget.text if isinstance(widget, TextArea) else widget.value  # type: ignore[attr-defined]
-
-    def action_save(self) -> None:
-        self.dismiss(self.current())
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-    @on(Input.Submitted)
-    def _submitted(self) -> None:
-        self.action_save()
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(self.current() if event.button.id == "save" else None)
