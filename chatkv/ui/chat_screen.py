@@ -207,6 +207,8 @@ class ChatScreen(ConversationActions, Screen):
 
     def on_resize(self) -> None:
         self.layout_sidebar()
+        # A short terminal gives the header's row and the input's spare lines to the chat.
+        self.set_class(self.size.height < 20, "-short")
 
     def layout_sidebar(self) -> None:
         """Size the sidebar to the terminal; hide it where the chat would be too narrow."""
@@ -307,7 +309,7 @@ class ChatScreen(ConversationActions, Screen):
             self.draft_system_prompt = self.settings.chat.system_prompt
             await log.remove_children()
             self.sub_title = "new conversation"
-            self.status.show(context=(0, self.backend.context_limit), turn="", cache=None)
+            self.status.show(context=(0, self.backend.context_limit), turn="", turn_stats=None, cache=None)
             self.refresh_list()
             self.refresh_bindings()
             return
@@ -325,7 +327,7 @@ class ChatScreen(ConversationActions, Screen):
         log.anchor()
         last = next((m.stats for m in reversed(messages) if m.stats is not None), None)
         log.mark_dropped(last.dropped_messages if last else 0)
-        self.status.show(turn=turn_summary(last) if last else "", cache=conv)
+        self.status.show(turn=turn_summary(last) if last else "", turn_stats=last, cache=conv)
         self.update_context()
         self.refresh_list()
         self.refresh_bindings()
@@ -419,7 +421,7 @@ class ChatScreen(ConversationActions, Screen):
         self.log_view.anchor()
         self.generating = True
         self._stop_requested = False
-        self.status.show(turn="generating…")
+        self.status.show(turn="generating…", turn_stats=None)
         self.refresh_bindings()
         buffer = ReplyBuffer()
         self._drain_timer = self.set_interval(FLUSH_S, partial(self.drain, buffer, widget))
@@ -484,11 +486,11 @@ class ChatScreen(ConversationActions, Screen):
                 self.draft_system_prompt = system
             if event.restore_text is not None:
                 self.restore_input(event.restore_text)
-            self.status.show(turn="last turn failed")
+            self.status.show(turn="last turn failed", turn_stats=None)
         else:
             widget.finish(event.message)
             if event.message is not None and event.message.stats is not None:
-                self.status.show(turn=turn_summary(event.message.stats))
+                self.status.show(turn=turn_summary(event.message.stats), turn_stats=event.message.stats)
                 self.log_view.mark_dropped(event.message.stats.dropped_messages)
             self.sync_messages()
             self.update_context()

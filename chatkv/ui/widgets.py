@@ -344,7 +344,7 @@ class PromptInput(TextArea):
             show_line_numbers=False,
             tab_behavior="focus",
             compact=True,
-            placeholder="Message… (Enter sends, F1 lists the keys)",
+            placeholder="Message… (Enter sends · F1 keys)",
         )
         keys = [k.strip() for k in newline_keys.split(",") if k.strip()]
         self.newline_keys = keys
@@ -407,7 +407,8 @@ class StatusBar(Static):
         self.context = (0, 0)
         self.draft: tuple[int, bool] | None = None  # tokens of the message being typed, estimated?
         self.cache: ConversationSummary | None = None  # the open conversation's cache state
-        self.turn = ""
+        self.turn = ""  # the last turn's summary, or what the current one is doing
+        self.turn_stats: TurnStats | None = None  # the last turn's, when `turn` summarises it
 
     def show(self, **values: object) -> None:
         for key, value in values.items():
@@ -424,9 +425,11 @@ class StatusBar(Static):
         text = self._text(compact=False)
         if width and text.cell_len > width:
             text = self._text(compact=True)
+        if width and text.cell_len > width * 2:  # a small terminal: the message lines have the rest
+            text = self._text(compact=True, minimal=True)
         return text
 
-    def _text(self, *, compact: bool) -> Text:
+    def _text(self, *, compact: bool, minimal: bool = False) -> Text:
         sep = " │ "
         text = Text(overflow="fold")
         if self.model_state == "loading":
@@ -444,10 +447,15 @@ class StatusBar(Static):
         draft, estimated = self.draft if self.draft is not None else (None, False)
         text.append(sep)
         text.append_text(context_text(used, limit, draft, estimated))
-        if self.cache is not None:
+        if self.cache is not None and not minimal:
             text.append(sep)
             text.append_text(cache_label(self.cache, short=compact))
-        if self.turn:
+        turn = self.turn_outcome if minimal and self.turn_stats is not None else self.turn
+        if turn:
             text.append(sep)
-            text.append(self.turn, style="dim" if self.turn.startswith("generating") else "")
+            text.append(turn, style="dim" if turn.startswith("generating") else "")
         return text
+
+    @property
+    def turn_outcome(self) -> str:
+        return " · ".join(turn_outcome(self.turn_stats)) if self.turn_stats is not None else ""

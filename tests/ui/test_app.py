@@ -535,6 +535,292 @@ async def test_busy_while_generating_blocks_switching():
         await finished(pilot, backend)
 
 
+# -- the first ten minutes: keyboard, focus, small screens, what the app is doing ----------------
+
+
+async def test_relaunch_opens_the_last_conversation():
+    backend = FakeBackend(conversations=3, ready=True)
+    async with make_app(backend, conversation_id=2).run_test(size=SIZE) as pilot:
+        await pilot.pause()
+    app = make_app(backend)  # no id: what was open last time
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).conversation_id == 2 and len(roles_and_text(app)) == 2
+        assert chat(app).sidebar.option_list.highlighted == 1
+    backend.delete(2)
+    app = make_app(backend)  # deleted since: a draft, no error
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).conversation_id is None and not notes(app)
+
+
+async def test_switch_conversations_by_keyboard_alone():
+    backend = FakeBackend(conversations=4, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).prompt.has_focus
+        await pilot.press("ctrl+l")  # the list, with the open conversation highlighted
+        options = chat(app).sidebar.option_list
+        assert options.has_focus and options.highlighted == 0
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert chat(app).conversation_id == 2 and chat(app).prompt.has_focus
+        await pilot.press("ctrl+down")
+        await pilot.pause()
+        assert chat(app).conversation_id == 3
+        await pilot.press("ctrl+up", "ctrl+up")
+        await pilot.pause()
+        assert chat(app).conversation_id == 1
+        await pilot.press("ctrl+up")  # already the first: it says so
+        await pilot.pause()
+        assert chat(app).conversation_id == 1 and any("No more conversations" in n for n in notes(app))
+        # Down from the filter box goes to the list
+        chat(app).sidebar.filter_input.focus()
+        await pilot.press("down")
+        assert options.has_focus
+
+
+async def test_list_from_a_draft_highlights_the_first_so_enter_opens_it():
+    backend = FakeBackend(conversations=2, ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).conversation_id is None
+        await pilot.press("tab", "tab", "tab")  # filter box, then the list
+        await pilot.pause()
+        if not chat(app).sidebar.option_list.has_focus:
+            await pilot.press("ctrl+l")
+        assert chat(app).sidebar.option_list.highlighted == 0
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chat(app).conversation_id == 1
+
+
+async def test_command_palette_opens_a_conversation():
+    from chatkv.ui.commands import ConversationCommands
+
+    backend = FakeBackend(conversations=4, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        provider = ConversationCommands(app.screen)
+        hits = [hit async for hit in provider.search("lisbon")]
+        assert [hit.text for hit in hits] == ["Open: Trip to Lisbon"]
+        await hits[0].command()
+        await pilot.pause()
+        assert chat(app).conversation_id == 4
+
+
+async def test_after_an_edit_the_input_has_focus():
+    backend = FakeBackend(replies=["r1", "r2"], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "first")
+        await finished(pilot, backend)
+        await pilot.press("ctrl+e")
+        await pilot.pause()
+        area = app.screen.query_one(TextArea)
+        assert area.cursor_location == (0, len("first"))  # the cursor starts at the end
+        await pilot.press("!", "ctrl+s")
+        await finished(pilot, backend, 2)
+        assert ("edit", (1, "first!")) in backend.calls
+        await pilot.press("x")  # the next keystroke lands in the input
+        assert chat(app).prompt.has_focus and chat(app).prompt.text == "x"
+
+
+async def test_dialogs_say_their_keys_and_show_their_own_footer():
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        hints = " ".join(str(w.render()) for w in app.screen.query(".hint"))
+        assert "Ctrl+S saves" in hints and "Esc cancels" in hints
+        footer_keys = {b.action for _, b, _, _ in app.screen.active_bindings.values()}
+        assert "save" in footer_keys and "new_conversation" not in footer_keys
+        await pilot.press("escape")
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        hints = " ".join(str(w.render()) for w in app.screen.query(".hint"))
+        assert "y delete" in hints and "Esc cancel" in hints
+        await pilot.press("n")
+        await pilot.pause()
+        assert not any(c[0] == "delete" for c in backend.calls) and chat(app).prompt.has_focus
+
+
+async def test_keys_with_nothing_to_act_on_say_so(monkeypatch):
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend)
+    copied: list[str] = []
+    monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
+    async with app.run_test(size=SIZE) as pilot:
+        for key in ["ctrl+g", "ctrl+e", "ctrl+y", "alt+y", "ctrl+o", "ctrl+r", "ctrl+d"]:
+            before = len(app._notifications)
+            await pilot.press(key)
+            await pilot.pause()
+            assert len(app._notifications) == before + 1, key
+            assert isinstance(app.screen, ChatScreen), key
+        assert copied == [] and len(backend.calls) == 1  # only the seeded conversation
+
+
+async def test_sidebar_follows_the_terminal_width_and_f2_toggles_it():
+    backend = FakeBackend(conversations=3, ready=True)
+    for size, width in [((120, 40), 34), ((80, 24), 24)]:
+        app = make_app(backend, conversation_id=1)
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            assert chat(app).sidebar.display and chat(app).sidebar.outer_size.width == width
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=(60, 15)) as pilot:
+        await pilot.pause()
+        assert not chat(app).sidebar.display
+        assert chat(app).log_view.outer_size.width == 60  # the whole width for the chat
+        await pilot.press("f2")
+        await pilot.pause()
+        assert chat(app).sidebar.display
+        await pilot.press("f2")
+        await pilot.pause()
+        assert not chat(app).sidebar.display
+        await pilot.press("ctrl+l")  # jumping to the list shows it
+        await pilot.pause()
+        assert chat(app).sidebar.display and chat(app).sidebar.option_list.has_focus
+
+
+async def test_messages_left_out_of_the_prompt_are_marked():
+    backend = FakeBackend(conversations=1, ready=True)
+    backend.dropped_messages = 2
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "one more")
+        await finished(pilot, backend)
+        widgets = chat(app).log_view.messages
+        assert [w.has_class("-dropped") for w in widgets] == [True, True, False, False]
+        assert ChatMessage.DROPPED_NOTE in str(widgets[0].query_one(".note").render())
+        assert widgets[0].query_one(".note").display
+        assert "2 old messages left out" in str(chat(app).status.status_text())
+        # and when the conversation is opened again
+        await chat(app).open_conversation(1)
+        assert [w.has_class("-dropped") for w in chat(app).log_view.messages] == [True, True, False, False]
+
+
+def test_context_never_shows_more_than_the_context():
+    from chatkv.ui.widgets import context_text
+
+    assert str(context_text(9006, 8192, None, False)) == "ctx full 8,192"
+    assert str(context_text(133, 0, None, False)) == "ctx ~133"  # limit unknown while loading
+    assert str(context_text(100, 1000, 12, False)) == "ctx 100 / 1,000 · msg 12 of 900 left"
+    assert str(context_text(100, 0, 12, True)) == "ctx ~100 · msg ~12"
+
+
+async def test_message_being_typed_is_counted_against_what_is_left():
+    backend = FakeBackend(conversations=1)
+    backend.block_load = True
+    app = make_app(backend, conversation_id=1)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            chat(app).prompt.focus()
+            await pilot.press(*"hello world")
+            await pilot.pause()
+            assert "msg ~3" in str(chat(app).status.status_text())  # an estimate before the model loads
+            backend.release_load()
+            await wait_for(pilot, lambda: chat(app).model_state == "ready")
+            used = backend.context_used(1)
+            assert f"msg 4 of {8192 - used:,} left" in str(chat(app).status.status_text())
+    finally:
+        backend.release_load()
+
+
+async def test_loading_and_the_first_token_say_what_they_wait_for():
+    backend = FakeBackend(conversations=1)
+    backend.block_load = True
+    backend.load_activity = "converting weights 40%"
+    app = make_app(backend, conversation_id=1)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "converting weights 40%" in str(chat(app).status.status_text()))
+            backend.release_load()
+            await wait_for(pilot, lambda: chat(app).model_state == "ready")
+            backend.pause_after = 0  # hold the turn before its first token
+            backend.activity = "prefilling 1,024 / 4,096 tokens"
+            await send(pilot, "hi")
+            reply = chat(app).log_view.messages[-1]
+            await wait_for(
+                pilot, lambda: "prefilling 1,024 / 4,096" in str(reply.query_one(".stats").render())
+            )
+            assert "waiting for the first token" in str(reply.query_one(".stats").render())
+            backend.activity = ""
+            backend.pause_release.set()
+            await finished(pilot, backend)
+            assert "waiting" not in str(reply.query_one(".stats").render())
+    finally:
+        backend.release_load()
+
+
+async def test_copy_code_block(monkeypatch):
+    reply = "Two blocks:\n\n```sh\nls -l\n```\n\nand\n\n```python\nprint(1)\nprint(2)\n```\n"
+    backend = FakeBackend(conversations=1, replies=[reply], ready=True)
+    app = make_app(backend, conversation_id=1)
+    copied: list[str] = []
+    monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "code please")
+        await finished(pilot, backend)
+        await pilot.press("alt+y")  # the last block of the last reply
+        assert copied == ["print(1)\nprint(2)\n"]
+        chat(app).log_view.messages[1].focus()  # the seeded reply: its own block
+        await pilot.press("alt+y")
+        assert copied[-1] == "print('hello')\n"
+
+
+async def test_page_keys_scroll_the_conversation_from_the_input():
+    reply = "\n\n".join(f"paragraph {i}" for i in range(60))
+    backend = FakeBackend(replies=[reply], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await send(pilot, "long")
+        await finished(pilot, backend)
+        await pilot.pause()
+        log = chat(app).log_view
+        await wait_for(pilot, lambda: log.max_scroll_y > 20 and log.scroll_y == log.max_scroll_y)
+        bottom = log.scroll_y
+        assert chat(app).prompt.has_focus
+        await pilot.press("pageup")
+        await wait_for(pilot, lambda: log.scroll_y < bottom)
+        await pilot.press("pagedown")
+        await wait_for(pilot, lambda: log.scroll_y == bottom)
+
+
+async def test_system_prompt_dialog_shows_the_model_default_and_a_draft_keeps_its_prompt():
+    backend = FakeBackend(ready=True)
+    backend.builtin_system_prompt = "You are SmolLM, a helpful assistant."
+    app = make_app(backend, **{"chat.system_prompt": ""})
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        note = str(app.screen.query_one("#note").render())
+        assert "You are SmolLM, a helpful assistant." in note
+        app.screen.query_one(TextArea).load_text("Answer in French.")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert backend.list_conversations() == []  # still a draft
+        await send(pilot, "bonjour")
+        await finished(pilot, backend)
+        assert backend.get_conversation(1).system_prompt == "Answer in French."
+
+
+async def test_long_titles_are_cut_with_an_ellipsis_to_the_sidebar():
+    backend = FakeBackend(conversations=1, ready=True)
+    backend.rename(1, "A very long conversation title that cannot possibly fit in the sidebar")
+    for size in [(120, 40), (80, 24)]:
+        app = make_app(backend, conversation_id=1)
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            sidebar = chat(app).sidebar
+            title = str(sidebar.option_list.get_option_at_index(0).prompt).split("\n")[0]
+            assert title.endswith("…")
+            assert len(title) < sidebar.option_list.scrollable_content_region.width
+
+
 # -- helpers and invariants -------------------------------------------------------------------
 
 
