@@ -262,6 +262,7 @@ class ChatScreen(ConversationActions, Screen):
                 self.pending = None
                 await widget.remove()
                 self.restore_input(text)
+            self.refresh_bindings()  # nothing left to stop: Esc leaves the footer
             return
         self.model_state = "ready"
         self.status.show(model_state="ready", activity="", device=self.backend.device)

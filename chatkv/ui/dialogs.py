@@ -71,8 +71,8 @@ class ConfirmScreen(ModalScreen[bool]):
             yield Label(self.question, classes="title")
             yield Label(f"y {self.yes.lower()} · n or Esc cancel", classes="hint")
             with Horizontal(classes="buttons"):
-                yield Button(f"{self.yes} (y)", variant="error", id="yes")
-                yield Button("Cancel (n)", id="no")
+                yield Button(f"{self.yes} (y)", variant="error", id="yes", compact=True)
+                yield Button("Cancel (n)", id="no", compact=True)
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -111,8 +111,8 @@ class TextPromptScreen(ModalScreen[str | None]):
             keys = "Ctrl+S saves" if self.multiline else "Enter or Ctrl+S saves"
             yield Label(f"{keys} · Esc cancels", classes="hint")
             with Horizontal(classes="buttons"):
-                yield Button("Save", variant="primary", id="save")
-                yield Button("Cancel", id="cancel")
+                yield Button("Save", variant="primary", id="save", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
         yield Footer(compact=True)
 
     def on_mount(self) -> None:

@@ -62,15 +62,18 @@ def turn_outcome(stats: TurnStats) -> list[str]:
     return parts
 
 
-def turn_summary(stats: TurnStats) -> str:
+def turn_summary(stats: TurnStats, *, brief: bool = False) -> str:
     """Where a turn's cache came from and what it saved, outcome first, e.g.
-    'stopped · resumed 3,812 tokens from disk in 48 ms · prefilled 14 · first token 61 ms · 48.5 tok/s'."""
+    'stopped · resumed 3,812 tokens from disk in 48 ms · prefilled 14 · first token 61 ms · 48.5 tok/s'.
+    `brief`: the outcome and where the cache came from only."""
     if stats.cache_source == "disk" and stats.cached_tokens:
         head = f"resumed {stats.cached_tokens:,} tokens from disk in {stats.cache_load_s * 1000:.0f} ms"
     elif stats.cache_source == "memory" and stats.cached_tokens:
         head = f"reused {stats.cached_tokens:,} tokens from memory"
     else:
         head = "no cache"
+    if brief:
+        return " · ".join(turn_outcome(stats) + [head])
     parts = turn_outcome(stats) + [
         head,
         f"prefilled {stats.prefilled_tokens:,}",
@@ -161,7 +164,9 @@ class ConversationList(Vertical):
             self._render_options()
 
     def _render_item(self, conv: ConversationSummary) -> Text:
-        line = Text(cut(conv.title or "Untitled", self.title_width()), style="bold")
+        # The open conversation keeps a mark while the highlight moves through the list.
+        mark = "▸ " if conv.id == self.selected else ""
+        line = Text(mark + cut(conv.title or "Untitled", self.title_width() - len(mark)), style="bold")
         line.append("\n")
         line.append(f"{relative_time(conv.updated_at, self.now)} · ", style="dim")
         line.append_text(cache_label(conv, short=True))
@@ -422,14 +427,18 @@ class StatusBar(Static):
         """The whole line; where it is wider than the bar, the compact form (no device, the
         sidebar's cache label), which still wraps rather than cut anything off."""
         width = self.content_size.width
-        text = self._text(compact=False)
-        if width and text.cell_len > width:
-            text = self._text(compact=True)
-        if width and text.cell_len > width * 2:  # a small terminal: the message lines have the rest
-            text = self._text(compact=True, minimal=True)
+        # From the most to the least said; the first that fits one line, else the least (wrapped).
+        # The message lines keep the details the shorter forms leave out.
+        for level in range(4):
+            text = self._text(level)
+            if not width or text.cell_len <= width:
+                break
         return text
 
-    def _text(self, *, compact: bool, minimal: bool = False) -> Text:
+    def _text(self, level: int) -> Text:
+        """level 0: everything; 1: no device, short cache label; 2: the last turn's outcome
+        and cache only; 3: no cache label either."""
+        compact = level >= 1
         sep = " │ "
         text = Text(overflow="fold")
         if self.model_state == "loading":
@@ -447,10 +456,12 @@ class StatusBar(Static):
         draft, estimated = self.draft if self.draft is not None else (None, False)
         text.append(sep)
         text.append_text(context_text(used, limit, draft, estimated))
-        if self.cache is not None and not minimal:
+        if self.cache is not None and level < 3:
             text.append(sep)
             text.append_text(cache_label(self.cache, short=compact))
-        turn = self.turn_outcome if minimal and self.turn_stats is not None else self.turn
+        turn = self.turn
+        if level >= 2 and self.turn_stats is not None:
+            turn = turn_summary(self.turn_stats, brief=True) if level == 2 else self.turn_outcome
         if turn:
             text.append(sep)
             text.append(turn, style="dim" if turn.startswith("generating") else "")

@@ -120,6 +120,8 @@ async def test_model_load_failure_notifies_and_restores_text():
             await wait_for(pilot, lambda: chat(app).status.model_state == "failed")
             assert any("model 'nope' not found" in n for n in notes(app))
             assert chat(app).prompt.text == "will it load?"
+            await pilot.pause()
+            assert "Stop" not in [key.description for key in app.screen.query("FooterKey")]
             assert [r for r, _ in roles_and_text(app)] == ["user", "assistant"]  # saved ones kept
             # sending again retries the load
             backend.fail_load = None
@@ -146,7 +148,10 @@ async def test_send_streams_markdown_reply_with_stats():
         assert last.message is not None and last.message.stats is not None
         status = str(chat(app).status.status_text())
         assert "reused 3,812 tokens from memory" in status or "resumed 3,812 tokens from disk" in status
-        assert "48.5 tok/s" in status and "first token 61 ms" in status
+        # the whole line is on the message; the status bar keeps what fits one line at 120 columns
+        line = str(last.query_one(".stats").render())
+        assert "48.5 tok/s" in line and "first token 61 ms" in line and "3,812 tokens" in line
+        assert len(status) <= SIZE[0] - 2
         # the user message got its saved id, so it can be edited later
         assert chat(app).log_view.messages[-2].message is not None
 
@@ -566,6 +571,8 @@ async def test_switch_conversations_by_keyboard_alone():
         await pilot.press("down", "enter")
         await pilot.pause()
         assert chat(app).conversation_id == 2 and chat(app).prompt.has_focus
+        prompts = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert [p.startswith("▸ ") for p in prompts] == [False, True, False, False]  # the open one
         await pilot.press("ctrl+down")
         await pilot.pause()
         assert chat(app).conversation_id == 3
