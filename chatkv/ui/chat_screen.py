@@ -7,29 +7,25 @@ until its first message is sent: `send(None, …)` creates it together with that
 
 from __future__ import annotations
 
-import inspect
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Header
 from textual.worker import Worker, get_current_worker
 
-from chatkv.api import ChatBackend, GenerationSettings, MessageView, TurnStream
+from chatkv.api import ChatBackend, GenerationSettings, TurnStream
 from chatkv.config import Settings
 from chatkv.errors import ChatKVError
 from chatkv.ui.actions import ACTIONS, FOOTER_ACTIONS
 from chatkv.ui.chat_actions import ConversationActions
 from chatkv.ui.dialogs import TextPromptScreen
+from chatkv.ui.turns import ModelLoaded, ReplyBuffer, Starter, TurnEnded, TurnStarted, send_new
 from chatkv.ui.widgets import ChatLog, ChatMessage, ConversationList, PromptInput, StatusBar, turn_summary
 
 if TYPE_CHECKING:
@@ -67,69 +63,6 @@ def sidebar_width(terminal_width: int) -> int | None:
     return None
 
 
-def send_new(
-    backend: ChatBackend, text: str, settings: GenerationSettings, system_prompt: str | None
-) -> tuple[TurnStream, int]:
-    """Start the first turn of a draft: the conversation is created with its message.
-
-    A backend whose `send` does not yet take `system_prompt` (the older contract) gets the
-    conversation created first, then the message."""
-    if "system_prompt" in inspect.signature(backend.send).parameters:
-        stream = backend.send(None, text, settings, system_prompt=system_prompt)
-        return stream, stream.conversation_id
-    conv = backend.new_conversation(system_prompt=system_prompt or None)
-    stream = backend.send(conv.id, text, settings)
-    return stream, conv.id
-
-
-class ReplyBuffer:
-    """Pieces handed from the generation thread to the UI, which drains them on a timer:
-    one screen update per FLUSH_S however fast the engine runs, and none held back
-    while the engine pauses."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pieces: list[str] = []
-
-    def push(self, piece: str) -> None:
-        with self._lock:
-            self._pieces.append(piece)
-
-    def take(self) -> str:
-        with self._lock:
-            pieces, self._pieces = self._pieces, []
-        return "".join(pieces)
-
-
-@dataclass
-class TurnStarted(Message):
-    """The backend accepted the turn; a draft now has its conversation id."""
-
-    conversation_id: int
-
-
-@dataclass
-class TurnEnded(Message):
-    """The generation worker finished: the saved reply, or the error that stopped it."""
-
-    widget: ChatMessage
-    buffer: ReplyBuffer
-    message: MessageView | None
-    error: BaseException | None
-    restore_text: str | None
-
-
-@dataclass
-class ModelLoaded(Message):
-    """The background model load ended (error is None on success)."""
-
-    error: BaseException | None
-
-
-#: A turn's starter: makes the stream in the worker thread, returns it and its conversation.
-Starter = Callable[[], tuple[TurnStream, int]]
-
-
 class ChatScreen(ConversationActions, Screen):
     """The main screen: conversation list, conversation, input, status bar and footer."""
 
@@ -147,6 +80,7 @@ class ChatScreen(ConversationActions, Screen):
         self._drain_timer: Timer | None = None
         self._reply_widget: ChatMessage | None = None  # the reply being generated
         self._wait_started = time.monotonic()
+        self.turns_done = 0  # turns that ended since launch
         self.sidebar_shown: bool | None = None  # None: by terminal width; F2 decides otherwise
         self.model_state = "ready" if backend.ready else "loading"
         keys = settings.ui.keys
@@ -233,7 +167,12 @@ class ChatScreen(ConversationActions, Screen):
             return
         widget = self._reply_widget
         if widget is not None and self.generating and not widget.content and not self._stop_requested:
-            what = activity or "reading the conversation into the model"
+            if activity:
+                what = activity
+            elif not self.turns_done:  # the first turn of a run also warms the model up
+                what = "warming up the model (the first turn is the slowest)"
+            else:
+                what = "reading the conversation into the model"
             widget.set_waiting(f"waiting for the first token: {what}{self.waited()}")
 
     # -- model loading ------------------------------------------------------------
@@ -476,6 +415,7 @@ class ChatScreen(ConversationActions, Screen):
         self.generating = False
         self.stream = None
         self._reply_widget = None
+        self.turns_done += 1
         widget = event.widget
         if event.error is not None:
             self.notify(error_text(event.error), title="Generation failed", severity="error", timeout=10)

@@ -32,7 +32,9 @@ def cache_label(conv: ConversationSummary, *, short: bool = False) -> Text:
     """The cache state of a conversation as a coloured label; the token count is what its
     cache covers (which can lag the context by the newest message). `short` is the sidebar's."""
     if short:
-        tokens = f" {compact_count(conv.token_count)} tok" if conv.token_count else ""
+        # "cached", not "tok": the count is what the cache covers, which is not the context the
+        # status bar shows ("ctx"): that adds the reply's opening and any message since.
+        tokens = f" {compact_count(conv.token_count)} cached" if conv.token_count else ""
         if conv.cache_state == "live":
             return Text(f"● live{tokens}", style="green")
         if conv.cache_state == "disk":

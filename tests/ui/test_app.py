@@ -288,7 +288,7 @@ async def test_open_conversation_from_list_and_filter():
         assert chat(app).conversation_id == 4
         assert roles_and_text(app)[0] == ("user", "Tell me about trip to lisbon.")
         # at 120 columns the status bar takes its compact form rather than wrap
-        assert "◆ 4.8k tok 52.7MiB" in str(chat(app).status.status_text())
+        assert "◆ 4.8k cached 52.7MiB" in str(chat(app).status.status_text())
         # typing on the list filters it
         options.focus()
         await pilot.press(*"lisbon")
@@ -748,9 +748,10 @@ async def test_loading_and_the_first_token_say_what_they_wait_for():
             backend.release_load()
             await wait_for(pilot, lambda: chat(app).model_state == "ready")
             backend.pause_after = 0  # hold the turn before its first token
-            backend.activity = "prefilling 1,024 / 4,096 tokens"
             await send(pilot, "hi")
             reply = chat(app).log_view.messages[-1]
+            await wait_for(pilot, lambda: "warming up the model" in str(reply.query_one(".stats").render()))
+            backend.activity = "prefilling 1,024 / 4,096 tokens"
             await wait_for(
                 pilot, lambda: "prefilling 1,024 / 4,096" in str(reply.query_one(".stats").render())
             )
