@@ -159,6 +159,7 @@ UI_KEYS = (
     "previous_conversation",
     "sidebar",
     "copy_code",
+    "versions",
 )
 for _k in UI_KEYS:
     SCHEMA[f"ui.keys.{_k}"] = _nonempty()

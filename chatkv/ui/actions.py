@@ -20,6 +20,7 @@ ACTIONS: list[tuple[str, str, str, str]] = [
     ("system_prompt", "system_prompt", "System", "Edit the conversation's system prompt"),
     ("copy", "copy_message", "Copy", "Copy the focused (or last) message to the clipboard"),
     ("copy_code", "copy_code", "Code", "Copy the last code block of the focused (or last) reply"),
+    ("versions", "versions", "Versions", "Earlier versions of the focused (or last) reply: restore one"),
     ("export", "export", "Export", "Export the conversation to a Markdown file in the export directory"),
     ("theme", "next_theme", "Theme", "Switch to the next theme (remembered)"),
     ("help", "help", "Help", "Show this help"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from chatkv.ui.dialogs import ConfirmScreen, HelpScreen, TextPromptScreen
+from chatkv.ui.dialogs import ConfirmScreen, HelpScreen, TextPromptScreen, VersionsScreen
 from chatkv.ui.export import export_dir, write_export
 from chatkv.ui.widgets import ChatMessage
 
@@ -144,3 +144,39 @@ class ConversationActions:
 
     def action_help(self: ChatScreen) -> None:
         self.app.push_screen(HelpScreen(self.settings))
+
+    async def action_versions(self: ChatScreen) -> None:
+        if self.busy("restore an earlier version"):
+            return
+        focused = self.focused
+        target = focused if isinstance(focused, ChatMessage) else self.target_message("assistant")
+        if self.conversation_id is None or target is None or target.message is None:
+            self.nothing("No saved reply with earlier versions yet.")
+            return
+        lister = getattr(self.backend, "versions", None)
+        if lister is None:
+            self.nothing("This backend keeps no earlier versions.")
+            return
+        message, cid = target.message, self.conversation_id
+        try:
+            versions = lister(message.id)
+        except Exception as exc:
+            self.report(exc, "list the earlier versions")
+            return
+        if not versions:
+            self.nothing("This message has no earlier versions; regenerate (or edit) keeps them.")
+            return
+
+        async def done(version_id: int | None) -> None:
+            self.prompt.focus()
+            if version_id is None:
+                return
+            try:
+                self.backend.restore(message.id, version_id)
+            except Exception as exc:
+                self.report(exc, "restore the version")
+                return
+            await self.open_conversation(cid)
+            self.notify("Restored an earlier version.")
+
+        self.app.push_screen(VersionsScreen(message.content, versions), done)

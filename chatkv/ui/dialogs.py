@@ -13,8 +13,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.keys import format_key
 from textual.screen import ModalScreen
-from textual.widgets import Button, Footer, Input, Label, Static, TextArea
+from textual.widgets import Button, Footer, Input, Label, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
 
+from chatkv.api import MessageView
 from chatkv.config import Settings
 from chatkv.ui.actions import ACTIONS, key_label
 
@@ -140,3 +142,37 @@ class TextPromptScreen(ModalScreen[str | None]):
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
         self.dismiss(self.current() if event.button.id == "save" else None)
+
+
+class VersionsScreen(ModalScreen[int | None]):
+    """Earlier versions of a message (regenerated replies, edited messages), newest first;
+    Enter restores the highlighted one, Esc keeps the current."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, current: str, versions: list[MessageView]):
+        super().__init__()
+        self.current = current
+        self.versions = versions
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(f"Earlier versions ({len(self.versions)}) of this message", classes="title")
+            options = []
+            for n, version in reversed(list(enumerate(self.versions, 1))):
+                text = Text(f"{n}. ", style="bold")
+                text.append(" ".join(version.content.split())[:200] or "(empty)")
+                options.append(Option(text, id=str(version.id)))
+            yield OptionList(*options, id="versions")
+            yield Label("Enter makes it the current version · Esc cancels", classes="hint")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(int(event.option.id) if event.option.id is not None else None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -137,6 +137,7 @@ class FakeBackend:
         self.activity = ""  # what the backend says it is doing
         self.load_activity = ""  # `activity` while load() blocks
         self.builtin_system_prompt = "You are a helpful AI assistant named SmolLM."
+        self._versions: dict[tuple[int, int], list[MessageView]] = {}  # replaced messages, oldest first
         self.calls: list[tuple[str, tuple]] = []
         self.streams: list[FakeStream] = []
         self.streams_finished = 0
@@ -332,7 +333,8 @@ class FakeBackend:
         self.calls.append(("regenerate", (conversation_id,)))
         msgs = self._msgs[self._conv(conversation_id).id]
         if msgs and msgs[-1].role == "assistant":
-            msgs.pop()
+            old = msgs.pop()
+            self._versions.setdefault((conversation_id, old.position), []).append(old)
         return self._start(conversation_id)
 
     def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> FakeStream:
@@ -341,7 +343,9 @@ class FakeBackend:
             for i, m in enumerate(msgs):
                 if m.id == message_id:
                     del msgs[i + 1 :]
-                    msgs[i] = replace(m, content=text)
+                    self._versions.setdefault((cid, m.position), []).append(m)
+                    msgs[i] = replace(m, id=self._next_msg, content=text)
+                    self._next_msg += 1
                     return self._start(cid)
         raise NotFoundError(f"no message {message_id}")
 
@@ -354,6 +358,31 @@ class FakeBackend:
     @property
     def default_system_prompt(self) -> str:
         return self.builtin_system_prompt if self._ready else ""
+
+    def _find(self, message_id: int) -> tuple[int, int]:
+        for cid, msgs in self._msgs.items():
+            for i, m in enumerate(msgs):
+                if m.id == message_id:
+                    return cid, i
+        raise NotFoundError(f"no message {message_id}")
+
+    def versions(self, message_id: int) -> list[MessageView]:
+        cid, i = self._find(message_id)
+        return list(self._versions.get((cid, self._msgs[cid][i].position), []))
+
+    def restore(self, message_id: int, version_id: int) -> None:
+        """The version replaces the message (which becomes a version); later messages go."""
+        self.calls.append(("restore", (message_id, version_id)))
+        cid, i = self._find(message_id)
+        msgs = self._msgs[cid]
+        kept = self._versions.setdefault((cid, msgs[i].position), [])
+        chosen = next((v for v in kept if v.id == version_id), None)
+        if chosen is None:
+            raise NotFoundError(f"message {message_id} has no version {version_id}")
+        kept.remove(chosen)
+        kept.append(msgs[i])
+        del msgs[i:]
+        msgs.append(chosen)
 
     def export(self, conversation_id: int, fmt: Literal["md", "json"] = "md") -> str:
         conv = self._conv(conversation_id)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from textual import events
-from textual.widgets import Input, TextArea
+from textual.widgets import Input, OptionList, TextArea
 from textual.widgets._markdown import MarkdownFence
 
 from chatkv.errors import ModelError
@@ -661,7 +661,7 @@ async def test_keys_with_nothing_to_act_on_say_so(monkeypatch):
     copied: list[str] = []
     monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
     async with app.run_test(size=SIZE) as pilot:
-        for key in ["ctrl+g", "ctrl+e", "ctrl+y", "alt+y", "ctrl+o", "ctrl+r", "ctrl+d"]:
+        for key in ["ctrl+g", "ctrl+e", "ctrl+y", "alt+y", "alt+v", "ctrl+o", "ctrl+r", "ctrl+d"]:
             before = len(app._notifications)
             await pilot.press(key)
             await pilot.pause()
@@ -827,6 +827,37 @@ async def test_long_titles_are_cut_with_an_ellipsis_to_the_sidebar():
             title = str(sidebar.option_list.get_option_at_index(0).prompt).split("\n")[0]
             assert title.endswith("…")
             assert len(title) < sidebar.option_list.scrollable_content_region.width
+
+
+async def test_regenerated_replies_are_kept_and_one_can_be_restored():
+    from chatkv.ui.dialogs import VersionsScreen
+
+    backend = FakeBackend(replies=["first answer", "second answer", "third answer"], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "q")
+        await finished(pilot, backend)
+        await pilot.press("alt+v")  # nothing regenerated yet: it says so
+        await pilot.pause()
+        assert any("no earlier versions" in n for n in notes(app))
+        await pilot.press("ctrl+g")
+        await finished(pilot, backend, 2)
+        await pilot.press("ctrl+g")
+        await finished(pilot, backend, 3)
+        assert roles_and_text(app)[-1] == ("assistant", "third answer")
+        await pilot.press("alt+v")
+        await pilot.pause()
+        assert isinstance(app.screen, VersionsScreen)
+        listed = app.screen.query_one(OptionList)
+        assert [str(listed.get_option_at_index(i).prompt) for i in range(2)] == [
+            "2. second answer",
+            "1. first answer",
+        ]
+        await pilot.press("down", "enter")  # the first answer
+        await pilot.pause()
+        assert roles_and_text(app) == [("user", "q"), ("assistant", "first answer")]
+        assert [m.content for m in backend.messages(1)] == ["q", "first answer"]
+        assert chat(app).prompt.has_focus
 
 
 # -- helpers and invariants -------------------------------------------------------------------

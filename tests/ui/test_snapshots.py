@@ -142,6 +142,22 @@ def test_delete_dialog(snap_compare, size):
 
 
 @pytest.mark.parametrize("size", SIZES)
+def test_versions_dialog(snap_compare, size):
+    backend = _backend(replies=["A second answer.", "A third answer, after two regenerations."])
+    app = make_app(backend, conversation_id=1)
+
+    async def run_before(pilot) -> None:
+        await pilot.pause()
+        for n in (1, 2):
+            await pilot.press("ctrl+g")
+            await _until(pilot, lambda n=n: backend.streams_finished == n and not app.screen.generating)
+        await pilot.press("alt+v")
+        await _settle(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_help_screen(snap_compare, size):
     app = make_app(_backend(), conversation_id=1)
     assert snap_compare(app, terminal_size=size, press=["f1"], run_before=_settle)
