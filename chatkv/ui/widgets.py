@@ -105,7 +105,7 @@ class ConversationList(Vertical):
     DEFAULT_CSS = """
     ConversationList { width: 34; }
     ConversationList > .heading { height: 1; padding: 0 1; color: $text-muted; text-style: bold; }
-    ConversationList:focus-within > .heading { color: $accent; background: $accent 15%; }
+    ConversationList > .heading.-focused { color: $text; background: $accent 40%; }
     ConversationList > OptionList { padding: 0 1 0 0; }
     ConversationList > Input { margin: 0; }
     ConversationList > OptionList { height: 1fr; }
@@ -208,10 +208,19 @@ class ConversationList(Vertical):
         self.focus_list()
 
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        # Where the focus is must show: the heading lights up while the list or filter has it.
+        # (A ':focus-within' rule on the heading is not re-applied when focus moves.)
+        self.query_one(".heading").add_class("-focused")
         # Tab into the list also highlights an entry: Enter then always opens something.
         if event.widget is self.option_list and self.option_list.highlighted is None:
             if self.option_list.option_count:
                 self.option_list.highlighted = 0
+
+    def on_descendant_blur(self, event: events.DescendantBlur) -> None:
+        self.call_after_refresh(self._blurred)
+
+    def _blurred(self) -> None:
+        self.query_one(".heading").set_class(self.has_focus_within, "-focused")
 
     def on_key(self, event: events.Key) -> None:
         if self.filter_input.has_focus and event.key == "down":

@@ -565,12 +565,17 @@ async def test_switch_conversations_by_keyboard_alone():
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert chat(app).prompt.has_focus
+        heading = chat(app).sidebar.query_one(".heading")
+        assert not heading.has_class("-focused")
         await pilot.press("ctrl+l")  # the list, with the open conversation highlighted
         options = chat(app).sidebar.option_list
         assert options.has_focus and options.highlighted == 0
+        assert heading.has_class("-focused")  # where the focus is shows
         await pilot.press("down", "enter")
         await pilot.pause()
         assert chat(app).conversation_id == 2 and chat(app).prompt.has_focus
+        await pilot.pause()
+        assert not heading.has_class("-focused")
         prompts = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
         assert [p.startswith("▸ ") for p in prompts] == [False, True, False, False]  # the open one
         await pilot.press("ctrl+down")

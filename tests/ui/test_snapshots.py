@@ -175,7 +175,9 @@ def test_error_state(snap_compare, size):
         app.screen.prompt.load_text("Is the model there?")
         await pilot.press("enter")
         backend.release_load()
-        await _until(pilot, lambda: app.screen.status.model_state == "failed")
+        # failed, and the queued text is back in the input (which has the focus)
+        await _until(pilot, lambda: app.screen.pending is None and app.screen.prompt.text)
+        await _until(pilot, lambda: app.screen.prompt.has_focus)
         await _settle(pilot)
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
