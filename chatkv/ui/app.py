@@ -62,8 +62,15 @@ class ChatKVApp(App):
         else:
             self.theme = DEFAULT_THEME
             self.notify(f"Unknown theme {wanted!r} in the config; using {DEFAULT_THEME}.", severity="warning")
-        # However the theme changes (Ctrl+T or the palette's own theme picker), remember it.
-        self.theme_changed_signal.subscribe(self, lambda theme: self.remember(theme=theme.name))
+        # However the theme changes (Ctrl+T or the palette's own theme picker), remember it; but
+        # not the one set here, or a theme later set in the config file would never apply.
+        launch_theme = self.theme
+
+        def changed(theme) -> None:
+            if theme.name != launch_theme or self.state.theme is not None:
+                self.remember(theme=theme.name)
+
+        self.theme_changed_signal.subscribe(self, changed)
 
     def next_theme(self) -> None:
         """Switch to the next of Textual's themes (alphabetical order) and say which."""

@@ -440,7 +440,10 @@ async def test_export_disk_full_is_reported(tmp_path, monkeypatch):
 
 
 async def test_switch_theme_is_remembered_and_unknown_theme_falls_back(chatkv_home):
-    app = make_app(**{"ui.theme": "nord"})
+    app = make_app(**{"ui.theme": "gruvbox"})
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+    app = make_app(**{"ui.theme": "nord"})  # nothing chosen in the app: the config's theme applies
     async with app.run_test(size=SIZE) as pilot:
         assert app.theme == "nord"
         await pilot.press("ctrl+t")
