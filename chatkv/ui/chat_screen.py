@@ -143,6 +143,8 @@ class ChatScreen(ConversationActions, Screen):
         self.layout_sidebar()
         # A short terminal gives the header's row and the input's spare lines to the chat.
         self.set_class(self.size.height < 20, "-short")
+        # A narrow one gives the palette's corner of the footer to the keys (Ctrl+P still works).
+        self.query_one(Footer).show_command_palette = self.size.width >= 60
 
     def layout_sidebar(self) -> None:
         """Size the sidebar to the terminal; hide it where the chat would be too narrow."""
