@@ -94,6 +94,7 @@ class TurnStream(Protocol):
     """
 
     message: MessageView | None
+    conversation_id: int  # set before iteration starts (also for a conversation `send` created)
 
     def __iter__(self) -> Iterator[str]: ...
 
@@ -129,9 +130,19 @@ class ChatBackend(Protocol):
 
     def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None: ...
 
-    def send(self, conversation_id: int, text: str, settings: GenerationSettings | None = None) -> TurnStream:
+    def send(
+        self,
+        conversation_id: int | None,
+        text: str,
+        settings: GenerationSettings | None = None,
+        system_prompt: str | None = None,
+    ) -> TurnStream:
         """Append a user message and start the reply. The user message is saved before
-        this returns, so it survives any failure of generation."""
+        this returns, so it survives any failure of generation.
+
+        `conversation_id=None` creates the conversation (with `system_prompt`, titled from
+        `text`) together with the message; a refused message creates nothing. The stream's
+        `conversation_id` is set before iteration starts."""
 
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> TurnStream:
         """Drop the last assistant reply and generate it again (the prefix comes from cache)."""
@@ -141,6 +152,28 @@ class ChatBackend(Protocol):
 
     def context_used(self, conversation_id: int) -> int:
         """Tokens the conversation currently occupies (estimate before the model loads)."""
+
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens `text` would add as a user message; None while the model is not loaded."""
+
+    @property
+    def default_system_prompt(self) -> str:
+        """The model's built-in system prompt, used when a conversation's own is "" ("" before load)."""
+        ...
+
+    @property
+    def activity(self) -> str:
+        """What the backend is doing right now, for the UI to show while it waits, e.g.
+        "converting weights 40%", "prefilling 1,024 / 4,096 tokens"; "" when idle or unknown.
+        Read from the UI thread while `load()` or a turn runs in a worker: keep it a plain str."""
+        ...
+
+    def versions(self, message_id: int) -> list[MessageView]:
+        """Earlier versions of a message replaced by regenerate or edit, oldest first."""
+        ...
+
+    def restore(self, message_id: int, version_id: int) -> None:
+        """Make an earlier version current again."""
 
     def export(self, conversation_id: int, fmt: Literal["md", "json"] = "md") -> str: ...
 

@@ -146,6 +146,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], str]] = {
     "chat.system_prompt": _str(),
     "batch.batch_size": _int(0, 4096),
     "ui.theme": _nonempty(),
+    "ui.export_dir": _str(),
 }
 UI_KEYS = (
     "new",
@@ -160,6 +161,12 @@ UI_KEYS = (
     "theme",
     "help",
     "newline",
+    "conversations",
+    "next_conversation",
+    "previous_conversation",
+    "sidebar",
+    "copy_code",
+    "versions",
 )
 for _k in UI_KEYS:
     SCHEMA[f"ui.keys.{_k}"] = _nonempty()

@@ -3,6 +3,7 @@
 Replies are scripted and streamed piece by piece (optionally with a delay per piece).
 The backend can be told to fail loading, to fail a generation, to block in `load()`
 until released, or to pause a stream after some pieces until released or cancelled.
+`activity` is what it says it is doing (the UI shows it while it waits).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Literal
 
 from chatkv.api import ConversationSummary, GenerationSettings, MessageView, TurnStats
 from chatkv.config import Settings, load_settings
-from chatkv.errors import ModelError, NotFoundError
+from chatkv.errors import InputError, ModelError, NotFoundError
 
 #: The "now" of every fake timestamp; tests pass it as the app's clock.
 FIXED_NOW = datetime(2025, 6, 1, 12, 0, 0)
@@ -42,6 +43,7 @@ class FakeStream:
 
     def __init__(self, backend: FakeBackend, conversation_id: int, reply: str, cache_source: str):
         self.message: MessageView | None = None
+        self.conversation_id = conversation_id
         self._backend = backend
         self._conversation_id = conversation_id
         self._reply = reply
@@ -96,6 +98,7 @@ class FakeStream:
                     ttft_s=b.fixed_ttft if b.fixed_ttft is not None else ttft,
                     decode_tps=b.fixed_tps,
                     finish_reason=finish,  # type: ignore[arg-type]
+                    dropped_messages=b.dropped_messages,
                     codec="int8",
                 )
                 self.message = b._append(self._conversation_id, "assistant", text, stats)
@@ -130,6 +133,11 @@ class FakeBackend:
         self.prefilled_tokens = 14
         self.fixed_ttft: float | None = 0.061
         self.fixed_tps = 48.5
+        self.dropped_messages = 0  # what each new turn's stats report as left out
+        self.activity = ""  # what the backend says it is doing
+        self.load_activity = ""  # `activity` while load() blocks
+        self.builtin_system_prompt = "You are a helpful AI assistant named SmolLM."
+        self._versions: dict[tuple[int, int], list[MessageView]] = {}  # replaced messages, oldest first
         self.calls: list[tuple[str, tuple]] = []
         self.streams: list[FakeStream] = []
         self.streams_finished = 0
@@ -239,7 +247,9 @@ class FakeBackend:
     def load(self) -> None:
         self.calls.append(("load", ()))
         if self.block_load:
+            self.activity = self.load_activity
             self._load_gate.wait(timeout=30)
+            self.activity = ""
         if self.fail_load:
             raise ModelError(self.fail_load)
         self._ready = True
@@ -294,10 +304,25 @@ class FakeBackend:
         self._convs[conversation_id] = replace(self._conv(conversation_id), system_prompt=system_prompt)
         self.calls.append(("set_system_prompt", (conversation_id, system_prompt)))
 
-    def send(self, conversation_id: int, text: str, settings: GenerationSettings | None = None) -> FakeStream:
+    def send(
+        self,
+        conversation_id: int | None,
+        text: str,
+        settings: GenerationSettings | None = None,
+        system_prompt: str | None = None,
+    ) -> FakeStream:
+        """As the real Chat: None creates the conversation with the message; a refused
+        message (longer than the context) creates and saves nothing."""
         self.calls.append(("send", (conversation_id, text)))
         if self.fail_send is not None:
             raise self.fail_send
+        tokens = self.count_tokens(text) or 0
+        if tokens > self.context_limit:
+            raise InputError(
+                f"the message is {tokens:,} tokens but the context holds {self.context_limit:,}; shorten it"
+            )
+        if conversation_id is None:
+            conversation_id = self.new_conversation(system_prompt=system_prompt).id
         conv = self._conv(conversation_id)
         self._append(conversation_id, "user", text, None)
         if conv.title == "New conversation":
@@ -308,7 +333,8 @@ class FakeBackend:
         self.calls.append(("regenerate", (conversation_id,)))
         msgs = self._msgs[self._conv(conversation_id).id]
         if msgs and msgs[-1].role == "assistant":
-            msgs.pop()
+            old = msgs.pop()
+            self._versions.setdefault((conversation_id, old.position), []).append(old)
         return self._start(conversation_id)
 
     def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> FakeStream:
@@ -317,12 +343,46 @@ class FakeBackend:
             for i, m in enumerate(msgs):
                 if m.id == message_id:
                     del msgs[i + 1 :]
-                    msgs[i] = replace(m, content=text)
+                    self._versions.setdefault((cid, m.position), []).append(m)
+                    msgs[i] = replace(m, id=self._next_msg, content=text)
+                    self._next_msg += 1
                     return self._start(cid)
         raise NotFoundError(f"no message {message_id}")
 
     def context_used(self, conversation_id: int) -> int:
         return sum(len(m.content.split()) * 2 for m in self._msgs.get(conversation_id, []))
+
+    def count_tokens(self, text: str) -> int | None:
+        return len(text.split()) * 2 if self._ready else None
+
+    @property
+    def default_system_prompt(self) -> str:
+        return self.builtin_system_prompt if self._ready else ""
+
+    def _find(self, message_id: int) -> tuple[int, int]:
+        for cid, msgs in self._msgs.items():
+            for i, m in enumerate(msgs):
+                if m.id == message_id:
+                    return cid, i
+        raise NotFoundError(f"no message {message_id}")
+
+    def versions(self, message_id: int) -> list[MessageView]:
+        cid, i = self._find(message_id)
+        return list(self._versions.get((cid, self._msgs[cid][i].position), []))
+
+    def restore(self, message_id: int, version_id: int) -> None:
+        """The version replaces the message (which becomes a version); later messages go."""
+        self.calls.append(("restore", (message_id, version_id)))
+        cid, i = self._find(message_id)
+        msgs = self._msgs[cid]
+        kept = self._versions.setdefault((cid, msgs[i].position), [])
+        chosen = next((v for v in kept if v.id == version_id), None)
+        if chosen is None:
+            raise NotFoundError(f"message {message_id} has no version {version_id}")
+        kept.remove(chosen)
+        kept.append(msgs[i])
+        del msgs[i:]
+        msgs.append(chosen)
 
     def export(self, conversation_id: int, fmt: Literal["md", "json"] = "md") -> str:
         conv = self._conv(conversation_id)

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from textual import events
-from textual.widgets import Input, TextArea
+from textual.widgets import Input, OptionList, TextArea
 from textual.widgets._markdown import MarkdownFence
 
 from chatkv.errors import ModelError
-from chatkv.ui.screens import ChatScreen, ConfirmScreen, HelpScreen, TextPromptScreen
+from chatkv.ui.chat_screen import ChatScreen
+from chatkv.ui.dialogs import ConfirmScreen, HelpScreen, TextPromptScreen
 from chatkv.ui.widgets import ChatMessage, relative_time, turn_summary
 from tests.ui.fake_backend import FIXED_NOW, FakeBackend, make_app
 
@@ -90,13 +91,17 @@ async def test_message_typed_while_loading_is_sent_once_ready():
         async with app.run_test(size=SIZE) as pilot:
             await send(pilot, "queued question")
             await pilot.pause()
-            assert ("send", (2, "queued question")) not in backend.calls
+            assert not any(c[0] == "send" for c in backend.calls)
+            assert len(backend.list_conversations()) == 1  # a draft: nothing saved yet
             pending = chat(app).log_view.messages[-1]
             assert pending.has_class("-pending") and pending.content == "queued question"
+            assert "waiting for the model to load" in str(pending.query_one(".stats").render())
             assert chat(app).prompt.text == ""
             backend.release_load()
             await finished(pilot, backend)
-            assert ("send", (2, "queued question")) in backend.calls
+            # the draft's first message creates the conversation
+            assert ("send", (None, "queued question")) in backend.calls
+            assert chat(app).conversation_id == 2
             assert roles_and_text(app) == [("user", "queued question"), ("assistant", "Ready now.")]
             assert not pending.has_class("-pending")
     finally:
@@ -115,6 +120,8 @@ async def test_model_load_failure_notifies_and_restores_text():
             await wait_for(pilot, lambda: chat(app).status.model_state == "failed")
             assert any("model 'nope' not found" in n for n in notes(app))
             assert chat(app).prompt.text == "will it load?"
+            await pilot.pause()
+            assert "Stop" not in [key.description for key in app.screen.query("FooterKey")]
             assert [r for r, _ in roles_and_text(app)] == ["user", "assistant"]  # saved ones kept
             # sending again retries the load
             backend.fail_load = None
@@ -141,7 +148,10 @@ async def test_send_streams_markdown_reply_with_stats():
         assert last.message is not None and last.message.stats is not None
         status = str(chat(app).status.status_text())
         assert "reused 3,812 tokens from memory" in status or "resumed 3,812 tokens from disk" in status
-        assert "48.5 tok/s" in status and "first token 61 ms" in status
+        # the whole line is on the message; the status bar keeps what fits one line at 120 columns
+        line = str(last.query_one(".stats").render())
+        assert "48.5 tok/s" in line and "first token 61 ms" in line and "3,812 tokens" in line
+        assert len(status) <= SIZE[0] - 2
         # the user message got its saved id, so it can be edited later
         assert chat(app).log_view.messages[-2].message is not None
 
@@ -179,7 +189,8 @@ async def test_newline_key_and_paste_make_multiline_message():
         assert prompt.text == "a\nb" + long
         await pilot.press("enter")
         await finished(pilot, backend)
-        assert ("send", (1, "a\nb" + long)) in backend.calls
+        assert ("send", (None, "a\nb" + long)) in backend.calls
+        assert backend.messages(1)[0].content == "a\nb" + long
 
 
 async def test_stop_keeps_partial_reply():
@@ -227,16 +238,41 @@ async def test_send_failure_with_unexpected_error_is_reported_briefly():
 # -- actions --------------------------------------------------------------------------------
 
 
-async def test_new_conversation():
+async def test_new_conversation_is_a_draft_until_its_first_message():
     backend = FakeBackend(conversations=2, ready=True)
     app = make_app(backend, conversation_id=1)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+n")
         await pilot.pause()
-        assert chat(app).conversation_id == 3
+        await pilot.press("ctrl+n")  # on an empty draft: nothing new
+        await pilot.pause()
+        assert chat(app).conversation_id is None
         assert roles_and_text(app) == []
-        assert chat(app).sidebar.option_list.option_count == 3
         assert chat(app).prompt.has_focus
+        # nothing is saved for a draft: no "(untitled)" entries pile up in the list
+        assert chat(app).sidebar.option_list.option_count == 2 and len(backend.list_conversations()) == 2
+        await send(pilot, "first words")
+        await finished(pilot, backend)
+        assert chat(app).conversation_id == 3
+        assert backend.get_conversation(3).title == "first words"
+        assert chat(app).sidebar.option_list.option_count == 3
+
+
+async def test_refused_first_message_creates_nothing():
+    backend = FakeBackend(conversations=1, ready=True)
+    backend.context_limit = 10
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "far too many words for this very small context window")
+        await wait_for(pilot, lambda: not chat(app).generating)
+        assert any("context holds 10" in n for n in notes(app))
+        assert chat(app).conversation_id is None and roles_and_text(app) == []
+        assert len(backend.list_conversations()) == 1
+        assert chat(app).prompt.text.startswith("far too many words")
+        backend.context_limit = 8192
+        await pilot.press("enter")
+        await finished(pilot, backend)
+        assert backend.get_conversation(2).title.startswith("far too many words")
 
 
 async def test_open_conversation_from_list_and_filter():
@@ -251,7 +287,8 @@ async def test_open_conversation_from_list_and_filter():
         await pilot.pause()
         assert chat(app).conversation_id == 4
         assert roles_and_text(app)[0] == ("user", "Tell me about trip to lisbon.")
-        assert "◆ on disk 52.7 MiB" in str(chat(app).status.status_text())
+        # at 120 columns the status bar takes its compact form rather than wrap
+        assert "◆ 4.8k cached 52.7MiB" in str(chat(app).status.status_text())
         # typing on the list filters it
         options.focus()
         await pilot.press(*"lisbon")
@@ -363,26 +400,36 @@ async def test_copy_message(monkeypatch):
         assert any("Copied" in n for n in notes(app))
 
 
-async def test_export_markdown(tmp_path, monkeypatch):
+async def test_export_markdown_into_the_export_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    exports = tmp_path / "exports" / "chatkv"
     backend = FakeBackend(conversations=1, ready=True)
-    app = make_app(backend, conversation_id=1)
+    app = make_app(backend, conversation_id=1, **{"ui.export_dir": str(exports)})
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+o")
         await pilot.press("ctrl+o")
         await pilot.pause()
-    first, second = tmp_path / "rust-lifetimes-explained.md", tmp_path / "rust-lifetimes-explained-2.md"
+    first, second = exports / "rust-lifetimes-explained.md", exports / "rust-lifetimes-explained-2.md"
     assert first.read_text() == backend.export(1, "md") and second.exists()
-    assert any(str(first) in n for n in notes(app))
+    assert list(tmp_path.glob("*.md")) == []  # never into the current directory
+    assert exports.stat().st_mode & 0o777 == 0o700 and first.stat().st_mode & 0o777 == 0o600
+    assert any(str(first) in n for n in notes(app))  # the notification says the full path
+
+
+async def test_export_default_directory_is_in_the_data_dir(chatkv_home):
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+    assert (chatkv_home / "exports" / "rust-lifetimes-explained.md").exists()
 
 
 async def test_export_disk_full_is_reported(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
-
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr("chatkv.ui.export.write_private", full)
     backend = FakeBackend(conversations=1, ready=True)
     app = make_app(backend, conversation_id=1)
     async with app.run_test(size=SIZE) as pilot:
@@ -392,13 +439,28 @@ async def test_export_disk_full_is_reported(tmp_path, monkeypatch):
         assert len(roles_and_text(app)) == 2
 
 
-async def test_switch_theme_and_unknown_theme_falls_back():
-    app = make_app(**{"ui.theme": "nord"})
+async def test_switch_theme_is_remembered_and_unknown_theme_falls_back(chatkv_home):
+    app = make_app(**{"ui.theme": "gruvbox"})
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+    app = make_app(**{"ui.theme": "nord"})  # nothing chosen in the app: the config's theme applies
     async with app.run_test(size=SIZE) as pilot:
         assert app.theme == "nord"
         await pilot.press("ctrl+t")
-        assert app.theme != "nord"
+        await pilot.pause()
+        chosen = app.theme
+        assert chosen != "nord"
+    state = chatkv_home / "ui-state.json"
+    assert state.stat().st_mode & 0o777 == 0o600
+    app = make_app(**{"ui.theme": "nord"})  # relaunch: the chosen theme, not the config's
+    async with app.run_test(size=SIZE):
+        assert app.theme == chosen
+    state.unlink()
     app = make_app(**{"ui.theme": "no-such-theme"})
+    async with app.run_test(size=SIZE):
+        assert app.theme == "textual-dark"
+    state.write_text("not json")  # a damaged state file never stops the app
+    app = make_app()
     async with app.run_test(size=SIZE):
         assert app.theme == "textual-dark"
 
@@ -410,7 +472,8 @@ async def test_help_screen_lists_actions_with_current_keys():
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
         text = html.unescape(app.export_screenshot()).replace("\xa0", " ")
-        assert "Export the conversation" in text and "^x" in text
+        # the help's own row (the footer no longer lists every action)
+        assert "Export the conversation" in text and "ctrl+x" in text
         await pilot.press("escape")
         assert isinstance(app.screen, ChatScreen)
 
@@ -424,10 +487,11 @@ async def test_key_bindings_come_from_config():
         assert chat(app).conversation_id == 1
         await pilot.press("ctrl+b")
         await pilot.pause()
-        assert chat(app).conversation_id == 2
+        assert chat(app).conversation_id is None
+        await chat(app).open_conversation(1)
         await pilot.press("f5")
         await pilot.pause()
-        assert chat(app).conversation_id == 3
+        assert chat(app).conversation_id is None
 
 
 async def test_actions_are_in_the_command_palette():
@@ -438,7 +502,7 @@ async def test_actions_are_in_the_command_palette():
         for title in [
             "Start a new conversation",
             "Rename the open conversation",
-            "Export the conversation to a Markdown file here",
+            "Export the conversation to a Markdown file in the export directory",
             "Stop the reply being generated, keeping what it wrote",
             "Switch to the next theme",
             "Edit the conversation's system prompt",
@@ -446,7 +510,7 @@ async def test_actions_are_in_the_command_palette():
             assert title in commands, title
         await commands["Start a new conversation"].callback()
         await pilot.pause()
-        assert chat(app).conversation_id == 2
+        assert chat(app).conversation_id is None
 
 
 async def test_quit_while_streaming_saves_partial_reply_and_closes():
@@ -479,6 +543,331 @@ async def test_busy_while_generating_blocks_switching():
         await finished(pilot, backend)
 
 
+# -- the first ten minutes: keyboard, focus, small screens, what the app is doing ----------------
+
+
+async def test_relaunch_opens_the_last_conversation():
+    backend = FakeBackend(conversations=3, ready=True)
+    async with make_app(backend, conversation_id=2).run_test(size=SIZE) as pilot:
+        await pilot.pause()
+    app = make_app(backend)  # no id: what was open last time
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).conversation_id == 2 and len(roles_and_text(app)) == 2
+        assert chat(app).sidebar.option_list.highlighted == 1
+    backend.delete(2)
+    app = make_app(backend)  # deleted since: a draft, no error
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).conversation_id is None and not notes(app)
+
+
+async def test_switch_conversations_by_keyboard_alone():
+    backend = FakeBackend(conversations=4, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).prompt.has_focus
+        heading = chat(app).sidebar.query_one(".heading")
+        assert not heading.has_class("-focused")
+        await pilot.press("ctrl+l")  # the list, with the open conversation highlighted
+        options = chat(app).sidebar.option_list
+        assert options.has_focus and options.highlighted == 0
+        assert heading.has_class("-focused")  # where the focus is shows
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert chat(app).conversation_id == 2 and chat(app).prompt.has_focus
+        await pilot.pause()
+        assert not heading.has_class("-focused")
+        prompts = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert [p.startswith("▸ ") for p in prompts] == [False, True, False, False]  # the open one
+        await pilot.press("ctrl+down")
+        await pilot.pause()
+        assert chat(app).conversation_id == 3
+        await pilot.press("ctrl+up", "ctrl+up")
+        await pilot.pause()
+        assert chat(app).conversation_id == 1
+        await pilot.press("ctrl+up")  # already the first: it says so
+        await pilot.pause()
+        assert chat(app).conversation_id == 1 and any("No more conversations" in n for n in notes(app))
+        # Down from the filter box goes to the list
+        chat(app).sidebar.filter_input.focus()
+        await pilot.press("down")
+        assert options.has_focus
+
+
+async def test_list_from_a_draft_highlights_the_first_so_enter_opens_it():
+    backend = FakeBackend(conversations=2, ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).conversation_id is None
+        await pilot.press("tab", "tab", "tab")  # filter box, then the list
+        await pilot.pause()
+        if not chat(app).sidebar.option_list.has_focus:
+            await pilot.press("ctrl+l")
+        assert chat(app).sidebar.option_list.highlighted == 0
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chat(app).conversation_id == 1
+
+
+async def test_command_palette_opens_a_conversation():
+    from chatkv.ui.commands import ConversationCommands
+
+    backend = FakeBackend(conversations=4, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        provider = ConversationCommands(app.screen)
+        hits = [hit async for hit in provider.search("lisbon")]
+        assert [hit.text for hit in hits] == ["Open: Trip to Lisbon"]
+        await hits[0].command()
+        await pilot.pause()
+        assert chat(app).conversation_id == 4
+
+
+async def test_after_an_edit_the_input_has_focus():
+    backend = FakeBackend(replies=["r1", "r2"], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "first")
+        await finished(pilot, backend)
+        await pilot.press("ctrl+e")
+        await pilot.pause()
+        area = app.screen.query_one(TextArea)
+        assert area.cursor_location == (0, len("first"))  # the cursor starts at the end
+        await pilot.press("!", "ctrl+s")
+        await finished(pilot, backend, 2)
+        assert ("edit", (1, "first!")) in backend.calls
+        await pilot.press("x")  # the next keystroke lands in the input
+        assert chat(app).prompt.has_focus and chat(app).prompt.text == "x"
+
+
+async def test_dialogs_say_their_keys_and_show_their_own_footer():
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        hints = " ".join(str(w.render()) for w in app.screen.query(".hint"))
+        assert "Ctrl+S saves" in hints and "Esc cancels" in hints
+        footer_keys = {b.action for _, b, _, _ in app.screen.active_bindings.values()}
+        assert "save" in footer_keys and "new_conversation" not in footer_keys
+        await pilot.press("escape")
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        hints = " ".join(str(w.render()) for w in app.screen.query(".hint"))
+        assert "y delete" in hints and "Esc cancel" in hints
+        await pilot.press("n")
+        await pilot.pause()
+        assert not any(c[0] == "delete" for c in backend.calls) and chat(app).prompt.has_focus
+
+
+async def test_keys_with_nothing_to_act_on_say_so(monkeypatch):
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend)
+    copied: list[str] = []
+    monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
+    async with app.run_test(size=SIZE) as pilot:
+        for key in ["ctrl+g", "ctrl+e", "ctrl+y", "alt+y", "alt+v", "ctrl+o", "ctrl+r", "ctrl+d"]:
+            before = len(app._notifications)
+            await pilot.press(key)
+            await pilot.pause()
+            assert len(app._notifications) == before + 1, key
+            assert isinstance(app.screen, ChatScreen), key
+        assert copied == [] and len(backend.calls) == 1  # only the seeded conversation
+
+
+async def test_sidebar_follows_the_terminal_width_and_f2_toggles_it():
+    backend = FakeBackend(conversations=3, ready=True)
+    for size, width in [((120, 40), 34), ((80, 24), 24)]:
+        app = make_app(backend, conversation_id=1)
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            assert chat(app).sidebar.display and chat(app).sidebar.outer_size.width == width
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=(60, 15)) as pilot:
+        await pilot.pause()
+        assert not chat(app).sidebar.display
+        assert chat(app).log_view.outer_size.width == 60  # the whole width for the chat
+        await pilot.press("f2")
+        await pilot.pause()
+        assert chat(app).sidebar.display
+        await pilot.press("f2")
+        await pilot.pause()
+        assert not chat(app).sidebar.display
+        await pilot.press("ctrl+l")  # jumping to the list shows it
+        await pilot.pause()
+        assert chat(app).sidebar.display and chat(app).sidebar.option_list.has_focus
+
+
+async def test_messages_left_out_of_the_prompt_are_marked():
+    backend = FakeBackend(conversations=1, ready=True)
+    backend.dropped_messages = 2
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "one more")
+        await finished(pilot, backend)
+        widgets = chat(app).log_view.messages
+        assert [w.has_class("-dropped") for w in widgets] == [True, True, False, False]
+        assert ChatMessage.DROPPED_NOTE in str(widgets[0].query_one(".note").render())
+        assert widgets[0].query_one(".note").display
+        assert "2 old messages left out" in str(chat(app).status.status_text())
+        # and when the conversation is opened again
+        await chat(app).open_conversation(1)
+        assert [w.has_class("-dropped") for w in chat(app).log_view.messages] == [True, True, False, False]
+
+
+def test_context_never_shows_more_than_the_context():
+    from chatkv.ui.widgets import context_text
+
+    assert str(context_text(9006, 8192, None, False)) == "ctx full 8,192"
+    assert str(context_text(133, 0, None, False)) == "ctx ~133"  # limit unknown while loading
+    assert str(context_text(100, 1000, 12, False)) == "ctx 100 / 1,000 · msg 12 of 900 left"
+    assert str(context_text(100, 0, 12, True)) == "ctx ~100 · msg ~12"
+
+
+async def test_message_being_typed_is_counted_against_what_is_left():
+    backend = FakeBackend(conversations=1)
+    backend.block_load = True
+    app = make_app(backend, conversation_id=1)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            chat(app).prompt.focus()
+            await pilot.press(*"hello world")
+            await pilot.pause()
+            assert "msg ~3" in str(chat(app).status.status_text())  # an estimate before the model loads
+            backend.release_load()
+            await wait_for(pilot, lambda: chat(app).model_state == "ready")
+            used = backend.context_used(1)
+            assert f"msg 4 of {8192 - used:,} left" in str(chat(app).status.status_text())
+    finally:
+        backend.release_load()
+
+
+async def test_loading_and_the_first_token_say_what_they_wait_for():
+    backend = FakeBackend(conversations=1)
+    backend.block_load = True
+    backend.load_activity = "converting weights 40%"
+    app = make_app(backend, conversation_id=1)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "converting weights 40%" in str(chat(app).status.status_text()))
+            backend.release_load()
+            await wait_for(pilot, lambda: chat(app).model_state == "ready")
+            backend.pause_after = 0  # hold the turn before its first token
+            await send(pilot, "hi")
+            reply = chat(app).log_view.messages[-1]
+            await wait_for(pilot, lambda: "warming up the model" in str(reply.query_one(".stats").render()))
+            backend.activity = "prefilling 1,024 / 4,096 tokens"
+            await wait_for(
+                pilot, lambda: "prefilling 1,024 / 4,096" in str(reply.query_one(".stats").render())
+            )
+            assert "waiting for the first token" in str(reply.query_one(".stats").render())
+            backend.activity = ""
+            backend.pause_release.set()
+            await finished(pilot, backend)
+            assert "waiting" not in str(reply.query_one(".stats").render())
+    finally:
+        backend.release_load()
+
+
+async def test_copy_code_block(monkeypatch):
+    reply = "Two blocks:\n\n```sh\nls -l\n```\n\nand\n\n```python\nprint(1)\nprint(2)\n```\n"
+    backend = FakeBackend(conversations=1, replies=[reply], ready=True)
+    app = make_app(backend, conversation_id=1)
+    copied: list[str] = []
+    monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "code please")
+        await finished(pilot, backend)
+        await pilot.press("alt+y")  # the last block of the last reply
+        assert copied == ["print(1)\nprint(2)\n"]
+        chat(app).log_view.messages[1].focus()  # the seeded reply: its own block
+        await pilot.press("alt+y")
+        assert copied[-1] == "print('hello')\n"
+
+
+async def test_page_keys_scroll_the_conversation_from_the_input():
+    reply = "\n\n".join(f"paragraph {i}" for i in range(60))
+    backend = FakeBackend(replies=[reply], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await send(pilot, "long")
+        await finished(pilot, backend)
+        await pilot.pause()
+        log = chat(app).log_view
+        await wait_for(pilot, lambda: log.max_scroll_y > 20 and log.scroll_y == log.max_scroll_y)
+        bottom = log.scroll_y
+        assert chat(app).prompt.has_focus
+        await pilot.press("pageup")
+        await wait_for(pilot, lambda: log.scroll_y < bottom)
+        await pilot.press("pagedown")
+        await wait_for(pilot, lambda: log.scroll_y == bottom)
+
+
+async def test_system_prompt_dialog_shows_the_model_default_and_a_draft_keeps_its_prompt():
+    backend = FakeBackend(ready=True)
+    backend.builtin_system_prompt = "You are SmolLM, a helpful assistant."
+    app = make_app(backend, **{"chat.system_prompt": ""})
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        note = str(app.screen.query_one("#note").render())
+        assert "You are SmolLM, a helpful assistant." in note
+        app.screen.query_one(TextArea).load_text("Answer in French.")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert backend.list_conversations() == []  # still a draft
+        await send(pilot, "bonjour")
+        await finished(pilot, backend)
+        assert backend.get_conversation(1).system_prompt == "Answer in French."
+
+
+async def test_long_titles_are_cut_with_an_ellipsis_to_the_sidebar():
+    backend = FakeBackend(conversations=1, ready=True)
+    backend.rename(1, "A very long conversation title that cannot possibly fit in the sidebar")
+    for size in [(120, 40), (80, 24)]:
+        app = make_app(backend, conversation_id=1)
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            sidebar = chat(app).sidebar
+            title = str(sidebar.option_list.get_option_at_index(0).prompt).split("\n")[0]
+            assert title.endswith("…")
+            assert len(title) < sidebar.option_list.scrollable_content_region.width
+
+
+async def test_regenerated_replies_are_kept_and_one_can_be_restored():
+    from chatkv.ui.dialogs import VersionsScreen
+
+    backend = FakeBackend(replies=["first answer", "second answer", "third answer"], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "q")
+        await finished(pilot, backend)
+        await pilot.press("alt+v")  # nothing regenerated yet: it says so
+        await pilot.pause()
+        assert any("no earlier versions" in n for n in notes(app))
+        await pilot.press("ctrl+g")
+        await finished(pilot, backend, 2)
+        await pilot.press("ctrl+g")
+        await finished(pilot, backend, 3)
+        assert roles_and_text(app)[-1] == ("assistant", "third answer")
+        await pilot.press("alt+v")
+        await pilot.pause()
+        assert isinstance(app.screen, VersionsScreen)
+        listed = app.screen.query_one(OptionList)
+        assert [str(listed.get_option_at_index(i).prompt) for i in range(2)] == [
+            "2. second answer",
+            "1. first answer",
+        ]
+        await pilot.press("down", "enter")  # the first answer
+        await pilot.pause()
+        assert roles_and_text(app) == [("user", "q"), ("assistant", "first answer")]
+        assert [m.content for m in backend.messages(1)] == ["q", "first answer"]
+        assert chat(app).prompt.has_focus
+
+
 # -- helpers and invariants -------------------------------------------------------------------
 
 
@@ -497,7 +886,7 @@ def test_relative_time_and_turn_summary():
 
 
 def test_model_error_is_a_chatkv_error():
-    from chatkv.ui.screens import error_text
+    from chatkv.ui.chat_screen import error_text
 
     assert error_text(ModelError("weights missing; run chatkv pull")) == "weights missing; run chatkv pull"
     assert error_text(ValueError("bad")) == "Something went wrong: ValueError: bad"

@@ -10,7 +10,7 @@ from chatkv.paths import db_path
 from chatkv.session import Chat
 from chatkv.store import Store
 from chatkv.ui import create_app
-from chatkv.ui.screens import ChatScreen
+from chatkv.ui.chat_screen import ChatScreen
 
 
 async def _until(pilot, cond, timeout=30.0):
