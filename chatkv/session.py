@@ -43,6 +43,9 @@ class Chat:
         self.kv = None
         self._load_lock = threading.Lock()
         self.defaults = GenerationSettings.from_settings(settings)
+        # What the backend is doing, for a front end to show while it waits (a plain str,
+        # read from the UI thread); "" when idle.
+        self.activity = ""
         journal.replay(self.store)  # replies an earlier run streamed but could not save
 
     # -- model ---------------------------------------------------------------
@@ -68,6 +71,7 @@ class Chat:
             from chatkv.kv.manager import KVManager
 
             m, c = self.settings.model, self.settings.cache
+            self.activity = f"loading {m.name}"
             lm = self._preloaded or load_model(
                 m.name, device=m.device, dtype=m.dtype, load_in=m.load_in, context=m.context
             )
@@ -81,6 +85,7 @@ class Chat:
                 disk_bytes=c.disk_bytes,
             )
             self.lm = lm
+            self.activity = ""
 
     # -- conversations -------------------------------------------------------
 
@@ -451,6 +456,7 @@ class Turn:
         try:
             yield from self._generate()
         finally:
+            self.chat.activity = ""
             if self._journal is not None:
                 self._journal.close(saved=False)
             self._lease.release()
@@ -469,8 +475,10 @@ class Turn:
         except BaseException:
             self._forget_user_message()
             raise
+        chat.activity = f"reading the cache of {len(ids):,} tokens"
         att = kv.attach(self.conversation_id, ids)
         self.warnings += att.problems
+        chat.activity = f"prefilling {len(ids) - att.cached:,} tokens" if len(ids) - att.cached > 1 else ""
         st = self.stats
         st.prompt_tokens, st.cached_tokens, st.prefilled_tokens = len(ids), att.cached, len(ids) - att.cached
         st.cache_source, st.cache_load_s, st.dropped_messages, st.codec = (
@@ -501,6 +509,7 @@ class Turn:
                 last = time.perf_counter()
                 if first is None:
                     first = last
+                    chat.activity = ""
                 gen.append(step.token)
                 piece = text.push(step.token)
                 if piece:
