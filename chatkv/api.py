@@ -105,8 +105,16 @@ class ChatBackend(Protocol):
     """What a front end needs. `chatkv.session.Chat` implements it."""
 
     model_name: str
-    device: str  # e.g. "cpu float32", "cuda bfloat16"
-    context_limit: int  # tokens
+
+    @property
+    def device(self) -> str:
+        """e.g. "cpu float32", "cuda bfloat16"; "loading" before the model is loaded."""
+        ...
+
+    @property
+    def context_limit(self) -> int:
+        """The model's context in tokens (the configured one, or 0, before it is loaded)."""
+        ...
 
     def load(self) -> None:
         """Load the model (blocking; call from a worker thread). Idempotent."""

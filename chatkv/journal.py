@@ -24,13 +24,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc
 
 from chatkv.api import TurnStats
 from chatkv.errors import NotFoundError
 from chatkv.paths import data_dir, ensure_private_dir
+
+if TYPE_CHECKING:
+    from chatkv.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +155,14 @@ def read(path: Path) -> Replayed | None:
     return Replayed(header, "".join(pieces), stats, ended)
 
 
-def save(store, r: Replayed) -> None:
+def save(store: Store, r: Replayed) -> None:
     """Put a journaled reply where its turn would have: a send or a finished regenerate
     or edit saves it as the reply; a stopped (or killed) regenerate or edit keeps it as an
     earlier version, leaving the conversation as it was."""
     h = r.header
     replaces = bool(h.set_aside or h.edit)
     if replaces and r.ended in (None, "cancelled"):
-        rows = []
+        rows: list[tuple[int, str, str, TurnStats | None]] = []
         if h.kept_user is not None:
             rows.append((h.kept_user[0], "user", h.kept_user[1], None))
         rows.append((h.reply_position or 0, "assistant", r.text, r.stats))
@@ -171,7 +174,7 @@ def save(store, r: Replayed) -> None:
         store.finish_turn(h.conversation_id, r.text, stats, h.turn_id, h.set_aside, h.edit)
 
 
-def replay(store, conversation_id: int | None = None) -> int:
+def replay(store: Store, conversation_id: int | None = None) -> int:
     """Save the replies of journals that no live turn holds (all, or one conversation's);
     returns how many were saved. A journal whose save fails again stays for the next try."""
     pattern = "*.jsonl" if conversation_id is None else f"{int(conversation_id)}-*.jsonl"

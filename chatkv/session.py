@@ -14,12 +14,19 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import exc
 
 from chatkv import journal, lease
-from chatkv.api import ConversationSummary, GenerationSettings, MessageView, TurnStats
+from chatkv.api import (
+    ChatBackend,
+    ConversationSummary,
+    FinishReason,
+    GenerationSettings,
+    MessageView,
+    TurnStats,
+)
 from chatkv.config import Settings
 from chatkv.errors import ChatKVError, InputError
 from chatkv.paths import db_path, kv_dir
@@ -27,20 +34,24 @@ from chatkv.store import Store
 from chatkv.store.db import describe_db_error
 from chatkv.store.repo import new_turn_id
 
+if TYPE_CHECKING:
+    from chatkv.engine.model import LoadedModel
+    from chatkv.kv.manager import Attached, KVManager
+
 log = logging.getLogger(__name__)
 
 
 class Chat:
     """The session layer over a store, a model (loaded on demand) and the KV layer."""
 
-    def __init__(self, settings: Settings, store: Store | None = None, lm=None):
+    def __init__(self, settings: Settings, store: Store | None = None, lm: LoadedModel | None = None):
         """`lm`: an already loaded model (tests and benchmarks share one); else loaded by `load()`."""
         self.settings = settings
         self.store = store or Store(db_path())
         self.model_name = settings.model.name
         self._preloaded = lm
-        self.lm = None
-        self.kv = None
+        self.lm: LoadedModel | None = None
+        self.kv: KVManager | None = None
         self._load_lock = threading.Lock()
         self.defaults = GenerationSettings.from_settings(settings)
         # What the backend is doing, for a front end to show while it waits (a plain str,
@@ -61,6 +72,12 @@ class Chat:
     @property
     def context_limit(self) -> int:
         return self.lm.context_limit if self.lm else (self.settings.model.context or 0)
+
+    def loaded(self) -> tuple[LoadedModel, KVManager]:
+        """The model and the KV layer, loading them first if needed."""
+        self.load()
+        assert self.lm is not None and self.kv is not None
+        return self.lm, self.kv
 
     def load(self) -> None:
         """Load the model and the KV layer (blocking; idempotent; thread-safe)."""
@@ -302,14 +319,16 @@ class Chat:
         for m in self.store.messages(conversation_id):
             if replace is not None and replace.position is not None and m.position >= replace.position:
                 break
-            edited = replace is not None and m.id == replace.message_id
-            out.append({"role": m.role, "content": replace.text if edited else m.content})
+            content = m.content
+            if replace is not None and m.id == replace.message_id and replace.text is not None:
+                content = replace.text
+            out.append({"role": m.role, "content": content})
         return out
 
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         from chatkv.engine.model import chat_ids
 
-        return chat_ids(self.lm.tokenizer, messages)
+        return chat_ids(self.loaded()[0].tokenizer, messages)
 
     def fit(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
         """Token ids of the prompt, dropping the oldest turns after the system prompt
@@ -319,7 +338,7 @@ class Chat:
         Returns (ids, number of messages dropped). Raises InputError when even the
         last message alone does not fit.
         """
-        limit = self.lm.context_limit
+        limit = self.loaded()[0].context_limit
         room = min(max_new_tokens, limit // 4)
         ids = self.tokenize(messages)
         dropped = 0
@@ -382,7 +401,7 @@ class Chat:
 
 
 def message_dict(m: MessageView) -> dict[str, Any]:
-    d = {
+    d: dict[str, Any] = {
         "id": m.id,
         "position": m.position,
         "role": m.role,
@@ -467,8 +486,7 @@ class Turn:
         chat = self.chat
         t0 = time.perf_counter()
         try:
-            chat.load()
-            lm, kv = chat.lm, chat.kv
+            lm, kv = chat.loaded()
             ids, dropped = chat.fit(
                 chat.render(self.conversation_id, self.replace), self.settings.max_new_tokens
             )
@@ -491,7 +509,7 @@ class Turn:
         text = TextStream(lm.tokenizer, self.settings.stop)
         gen: list[int] = []
         first = last = None
-        reason = "error"
+        reason: FinishReason = "error"
         try:
             for step in generate(
                 lm.model,
@@ -504,7 +522,7 @@ class Turn:
                 self._cancel,
             ):
                 if step.token is None:
-                    reason = step.finish_reason
+                    reason = step.finish_reason or "stop"
                     break
                 last = time.perf_counter()
                 if first is None:
@@ -513,14 +531,16 @@ class Turn:
                 gen.append(step.token)
                 piece = text.push(step.token)
                 if piece:
-                    self._journal.piece(piece)
+                    if self._journal is not None:
+                        self._journal.piece(piece)
                     yield piece
                 if text.stopped:
                     reason = "stop"
                     break
             piece = text.finish()
             if piece:
-                self._journal.piece(piece)
+                if self._journal is not None:
+                    self._journal.piece(piece)
                 yield piece
         except GeneratorExit:  # the consumer stopped iterating: keep what was made
             reason = "cancelled"
@@ -539,7 +559,7 @@ class Turn:
         if not gen and reason == "cancelled":
             # Stopped before the first token: no empty reply is saved and a pending edit or
             # regeneration is not applied; what was prefilled stays live for the next turn.
-            self.chat.kv.commit(self.conversation_id, ids, att.cache)
+            kv.commit(self.conversation_id, ids, att.cache)
             return
         self._save(text.text, reason, ids, gen, att, first, last, t0)
 
@@ -564,7 +584,17 @@ class Turn:
         jr.stats(self.stats)
         return jr
 
-    def _save(self, content: str, reason: str, ids, gen, att, first, last, t0) -> None:
+    def _save(
+        self,
+        content: str,
+        reason: FinishReason,
+        ids: list[int],
+        gen: list[int],
+        att: Attached,
+        first: float | None,
+        last: float | None,
+        t0: float,
+    ) -> None:
         st = self.stats
         st.finish_reason = reason
         st.completion_tokens = len(gen)
@@ -575,7 +605,7 @@ class Turn:
             jr.end(reason, st)
         r = self.replace
         replaces = r is not None and (r.set_aside or r.message_id is not None)
-        kv = self.chat.kv
+        _, kv = self.chat.loaded()
         covered = self.tokens = list(ids) + gen
         kv.commit(self.conversation_id, covered, att.cache)
         try:
@@ -624,3 +654,9 @@ class Turn:
                 self.chat.store.delete_message(m.id)
         except Exception as e:  # the turn's own error is the one to report
             log.warning("could not remove the unanswered message: %s", e)
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_front_ends_contract(chat: Chat) -> ChatBackend:
+        return chat  # the type checker fails here when Chat drifts from chatkv.api.ChatBackend

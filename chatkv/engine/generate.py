@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chatkv.api import GenerationSettings
+from chatkv.api import FinishReason, GenerationSettings
 
 PREFILL_STEP = 512  # tokens per forward pass during prefill: bounds activation memory
 
@@ -23,7 +23,7 @@ class Step:
     """One generated token, or the reason generation ended (token is None)."""
 
     token: int | None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed accepts

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from chatkv.api import CacheSource
 from chatkv.errors import CacheError, NotFoundError
 from chatkv.kv import live, maintenance
 from chatkv.kv.chunks import (
@@ -41,7 +42,7 @@ class Attached:
 
     cache: object
     cached: int
-    source: str  # "memory" | "disk" | "none"
+    source: CacheSource
     load_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 

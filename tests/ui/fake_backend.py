@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from chatkv.api import ConversationSummary, GenerationSettings, MessageView, TurnStats
+from chatkv.api import ChatBackend, ConversationSummary, GenerationSettings, MessageView, TurnStats
 from chatkv.config import Settings, load_settings
 from chatkv.errors import InputError, ModelError, NotFoundError
 
@@ -138,7 +138,7 @@ class FakeBackend:
         self.load_activity = ""  # `activity` while load() blocks
         self.builtin_system_prompt = "You are a helpful AI assistant named SmolLM."
         self._versions: dict[tuple[int, int], list[MessageView]] = {}  # replaced messages, oldest first
-        self.calls: list[tuple[str, tuple]] = []
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
         self.streams: list[FakeStream] = []
         self.streams_finished = 0
         self.closed = 0
@@ -186,7 +186,8 @@ class FakeBackend:
             stats,
             at=t + timedelta(seconds=20),
         )
-        state: Literal["live", "disk", "none"] = ("disk", "none", "live")[i % 3]  # type: ignore[assignment]
+        states: tuple[Literal["live", "disk", "none"], ...] = ("disk", "none", "live")
+        state = states[i % 3]
         self._convs[conv.id] = replace(
             self._convs[conv.id],
             created_at=t,
@@ -405,9 +406,18 @@ def make_settings(**overrides: object) -> Settings:
     return settings
 
 
-def make_app(backend: FakeBackend | None = None, conversation_id: int | None = None, **overrides: object):
+def make_app(
+    backend: FakeBackend | None = None, conversation_id: int | None = None, **overrides: object
+) -> ChatKVApp:
     """The real app over a fake backend, with the fake's fixed clock."""
     from chatkv.ui import create_app
 
     backend = backend if backend is not None else FakeBackend(conversations=4, ready=True)
     return create_app(backend, make_settings(**overrides), conversation_id, now=lambda: FIXED_NOW)
+
+
+if TYPE_CHECKING:
+    from chatkv.ui.app import ChatKVApp
+
+    def _implements_the_front_ends_contract(backend: FakeBackend) -> ChatBackend:
+        return backend  # the type checker fails here when the fake drifts from ChatBackend
