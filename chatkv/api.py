@@ -94,6 +94,9 @@ class TurnStream(Protocol):
     """
 
     message: MessageView | None
+    # A regenerate or edit that was stopped (or failed) changes nothing: `message` is None
+    # and what it streamed is kept as an earlier version of the reply it would replace.
+    kept_aside: bool
     conversation_id: int  # set before iteration starts (also for a conversation `send` created)
 
     def __iter__(self) -> Iterator[str]: ...

@@ -88,7 +88,7 @@ class Chat:
             from chatkv.kv.manager import KVManager
 
             m, c = self.settings.model, self.settings.cache
-            self.activity = f"loading {m.name}"
+            # (the front end says "loading"; activity carries detail when there is some)
             lm = self._preloaded or load_model(
                 m.name, device=m.device, dtype=m.dtype, load_in=m.load_in, context=m.context
             )

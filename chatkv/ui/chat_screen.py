@@ -400,8 +400,11 @@ class ChatScreen(ConversationActions, Screen):
             error = exc
         finally:
             message = stream.message if stream is not None else None
+            kept_aside = bool(getattr(stream, "kept_aside", False))
             self.stream = None
-            self.post_message(TurnEnded(widget, buffer, message, error, restore_text if error else None))
+            self.post_message(
+                TurnEnded(widget, buffer, message, error, restore_text if error else None, kept_aside)
+            )
 
     def on_turn_started(self, event: TurnStarted) -> None:
         if self.conversation_id is None:  # the draft is saved now
@@ -430,6 +433,15 @@ class ChatScreen(ConversationActions, Screen):
             if event.restore_text is not None:
                 self.restore_input(event.restore_text)
             self.status.show(turn="last turn failed", turn_stats=None)
+        elif event.kept_aside:
+            # A stopped regenerate or edit changes nothing: show the conversation as saved.
+            await self.open_conversation(self.conversation_id)
+            self.notify(
+                "Stopped: the previous reply is kept; the partial one is saved as an earlier version "
+                "(Alt+V).",
+                timeout=6,
+            )
+            self.status.show(turn="stopped; nothing changed", turn_stats=None)
         else:
             widget.finish(event.message)
             if event.message is not None and event.message.stats is not None:

@@ -64,6 +64,7 @@ class TurnEnded(Message):
     message: MessageView | None
     error: BaseException | None
     restore_text: str | None
+    kept_aside: bool = False  # a stopped regenerate/edit: nothing changed, its partial reply kept aside
 
 
 @dataclass

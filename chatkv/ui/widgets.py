@@ -461,7 +461,7 @@ class StatusBar(Static):
         else:
             text.append("● ", style="green")
             text.append(self.model)
-        if self.device and not compact:
+        if self.device and not compact and self.model_state == "ready":
             text.append(f" · {self.device}", style="dim")
         used, limit = self.context
         draft, estimated = self.draft if self.draft is not None else (None, False)

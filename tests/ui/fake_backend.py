@@ -50,6 +50,10 @@ class FakeStream:
         self._cache_source = cache_source
         self._cancelled = threading.Event()
         self.pieces_sent = 0
+        # A regenerate or edit, as the real session does it: applied only when the reply is
+        # saved; a stopped or failed one changes nothing and keeps its partial reply aside.
+        self.replaces: tuple[int, int, str | None] | None = None  # (index, position, edited text)
+        self.kept_aside = False
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -101,7 +105,13 @@ class FakeStream:
                     dropped_messages=b.dropped_messages,
                     codec="int8",
                 )
-                self.message = b._append(self._conversation_id, "assistant", text, stats)
+                if self.replaces is not None and finish in ("cancelled", "error"):
+                    b._keep_aside(self._conversation_id, self.replaces, text, stats)
+                    self.kept_aside = True
+                else:
+                    if self.replaces is not None:
+                        b._replace(self._conversation_id, self.replaces)
+                    self.message = b._append(self._conversation_id, "assistant", text, stats)
             b.streams_finished += 1
 
 
@@ -333,22 +343,45 @@ class FakeBackend:
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> FakeStream:
         self.calls.append(("regenerate", (conversation_id,)))
         msgs = self._msgs[self._conv(conversation_id).id]
+        stream = self._start(conversation_id)
         if msgs and msgs[-1].role == "assistant":
-            old = msgs.pop()
-            self._versions.setdefault((conversation_id, old.position), []).append(old)
-        return self._start(conversation_id)
+            stream.replaces = (len(msgs) - 1, msgs[-1].position, None)
+        return stream
 
     def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> FakeStream:
         self.calls.append(("edit", (message_id, text)))
         for cid, msgs in self._msgs.items():
             for i, m in enumerate(msgs):
                 if m.id == message_id:
-                    del msgs[i + 1 :]
-                    self._versions.setdefault((cid, m.position), []).append(m)
-                    msgs[i] = replace(m, id=self._next_msg, content=text)
-                    self._next_msg += 1
-                    return self._start(cid)
+                    stream = self._start(cid)
+                    stream.replaces = (i, m.position, text)
+                    return stream
         raise NotFoundError(f"no message {message_id}")
+
+    def _replace(self, cid: int, replaces: tuple[int, int, str | None]) -> None:
+        """Apply a regenerate (drop the reply) or an edit (new text, later messages go);
+        what goes is kept as an earlier version."""
+        i, position, text = replaces
+        msgs = self._msgs[cid]
+        with self._lock:
+            self._versions.setdefault((cid, position), []).append(msgs[i])
+            if text is None:
+                del msgs[i:]
+            else:
+                msgs[i] = replace(msgs[i], id=self._next_msg, content=text)
+                self._next_msg += 1
+                del msgs[i + 1 :]
+
+    def _keep_aside(
+        self, cid: int, replaces: tuple[int, int, str | None], text: str, stats: TurnStats
+    ) -> None:
+        """A stopped regenerate or edit: the partial reply becomes an earlier version."""
+        i, position, edited = replaces
+        reply_position = position if edited is None else position + 1
+        with self._lock:
+            kept = MessageView(self._next_msg, cid, reply_position, "assistant", text, FIXED_NOW, stats)
+            self._next_msg += 1
+            self._versions.setdefault((cid, reply_position), []).append(kept)
 
     def context_used(self, conversation_id: int) -> int:
         return sum(len(m.content.split()) * 2 for m in self._msgs.get(conversation_id, []))

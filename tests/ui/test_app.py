@@ -210,6 +210,24 @@ async def test_stop_keeps_partial_reply():
         assert last.content == "one two three" and "stopped" in str(last.query_one(".stats").render())
 
 
+async def test_a_stopped_regenerate_shows_the_previous_reply_and_keeps_the_partial_one():
+    backend = FakeBackend(replies=["first reply here", "one two three four five six seven"], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "count")
+        await finished(pilot, backend)
+        backend.pause_after = 3
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: backend.paused.is_set())
+        await pilot.press("escape")
+        await finished(pilot, backend, 2)
+        await wait_for(pilot, lambda: roles_and_text(app)[-1] == ("assistant", "first reply here"))
+        assert backend.streams[-1].kept_aside and backend.streams[-1].message is None
+        assert any("previous reply is kept" in n for n in notes(app))
+        (kept,) = backend.versions(backend.messages(1)[-1].id)
+        assert kept.content == "one two three"
+
+
 async def test_generation_failure_notifies_restores_text_and_keeps_saved():
     backend = FakeBackend(conversations=1, replies=["a b c d e"], ready=True)
     backend.fail_generation_after = 2
