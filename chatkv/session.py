@@ -21,6 +21,7 @@ from sqlalchemy import exc
 from chatkv import journal, lease
 from chatkv.api import ConversationSummary, GenerationSettings, MessageView, TurnStats
 from chatkv.config import Settings
+from chatkv.engine.defaults import generation_defaults
 from chatkv.errors import ChatKVError, InputError
 from chatkv.paths import db_path, kv_dir
 from chatkv.store import Store
@@ -42,7 +43,8 @@ class Chat:
         self.lm = None
         self.kv = None
         self._load_lock = threading.Lock()
-        self.defaults = GenerationSettings.from_settings(settings)
+        # The model's recommended sampling where the user set none (chatkv.engine.defaults).
+        self.defaults = generation_defaults(settings)
         journal.replay(self.store)  # replies an earlier run streamed but could not save
 
     # -- model ---------------------------------------------------------------
