@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -45,6 +45,10 @@ class Chat:
         self._load_lock = threading.Lock()
         # The model's recommended sampling where the user set none (chatkv.engine.defaults).
         self.defaults = generation_defaults(settings)
+        # Told (label, done, total) while the model converts or loads (total 0: unknown) and
+        # while a long prompt prefills (tokens); done is -1 or total at the end. Called from
+        # the thread doing the work. chatkv.progress has adapters for it.
+        self.on_progress: Callable[[str, int, int], None] | None = None
         journal.replay(self.store)  # replies an earlier run streamed but could not save
 
     # -- model ---------------------------------------------------------------
@@ -68,10 +72,17 @@ class Chat:
                 return
             from chatkv.engine.model import load_model
             from chatkv.kv.manager import KVManager
+            from chatkv.progress import CallbackProgress
 
             m, c = self.settings.model, self.settings.cache
+            progress = CallbackProgress(self.on_progress) if self.on_progress else None
             lm = self._preloaded or load_model(
-                m.name, device=m.device, dtype=m.dtype, load_in=m.load_in, context=m.context
+                m.name,
+                device=m.device,
+                dtype=m.dtype,
+                load_in=m.load_in,
+                context=m.context,
+                progress=progress,
             )
             self.kv = KVManager(
                 self.store,
@@ -454,6 +465,7 @@ class Turn:
                 lm.eos_ids,
                 lm.context_limit,
                 self._cancel,
+                on_prefill=self._prefill_reporter(st.prefilled_tokens),
             ):
                 if step.token is None:
                     reason = step.finish_reason
@@ -493,6 +505,16 @@ class Turn:
             self.chat.kv.commit(self.conversation_id, ids, att.cache)
             return
         self._save(text.text, reason, ids, gen, att, first, last, t0)
+
+    def _prefill_reporter(self, tokens: int):
+        """An on_prefill callback for a prefill long enough to be worth showing (more than one
+        engine step), reporting to the chat's on_progress; else None."""
+        from chatkv.engine.generate import PREFILL_STEP
+
+        report = self.chat.on_progress
+        if report is None or tokens <= PREFILL_STEP:
+            return None
+        return lambda done, total: report("prefill", done, total)
 
     def _open_journal(self) -> journal.Journal | None:
         r = self.replace
