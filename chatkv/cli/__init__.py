@@ -86,7 +86,7 @@ FLAG_KEYS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chatkv.cli import ask, batch, bench, cache, manage, models
+    from chatkv.cli import ask, batch, bench, cache, imports, manage, models
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub, common)
     batch.register(sub, common)
     models.register(sub, common)
+    imports.register(sub, common)
     return parser
 
 

@@ -956,3 +956,69 @@ class Store:
             for m, title in rows
         ]
         return hits[:limit]
+
+    # -- import (chatkv import) ----------------------------------------------------
+
+    def imported_sources(self) -> set[str]:
+        """The source ids of every conversation imported so far ("llm:01J…", "chatgpt:…")."""
+        with self._reader() as s:
+            rows = s.execute(
+                text(
+                    "SELECT json_extract(settings, '$.imported_from') FROM conversations "
+                    "WHERE json_valid(settings) AND json_extract(settings, '$.imported_from') IS NOT NULL"
+                )
+            ).scalars()
+            return {str(r) for r in rows}
+
+    def import_conversation(
+        self,
+        source: str,
+        title: str,
+        model: str,
+        system_prompt: str,
+        messages: Sequence[tuple[str, str, datetime | None]],
+        created_at: datetime | None = None,
+    ) -> ConversationSummary | None:
+        """Create a conversation with all its messages ((role, content, created_at) each) in one
+        transaction, remembering `source` in its settings so that importing it again does
+        nothing: returns None then. Raises ValueError for a role other than system/user/assistant."""
+        for role, _, _ in messages:
+            if role not in ROLES:
+                raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        now = utcnow()
+        start = created_at or now
+        last = max([start, *(t for _, _, t in messages if t is not None)])
+        first_user = next((c for r, c, _ in messages if r == "user"), "")
+        with self._writer.begin() as s:
+            taken = s.execute(
+                text(
+                    "SELECT 1 FROM conversations WHERE json_valid(settings) "
+                    "AND json_extract(settings, '$.imported_from') = :source LIMIT 1"
+                ),
+                {"source": source},
+            ).first()
+            if taken is not None:
+                return None
+            conv = Conversation(
+                title=(title.strip()[:TITLE_CHARS].rstrip() if title.strip() else _title_from(first_user)),
+                model=model,
+                system_prompt=system_prompt,
+                settings=_settings_json({"imported_from": source}),
+                created_at=start,
+                updated_at=last,
+                kv_tokens=0,
+            )
+            s.add(conv)
+            s.flush()
+            for position, (role, content, at) in enumerate(messages):
+                s.add(
+                    Message(
+                        conversation_id=conv.id,
+                        position=position,
+                        role=role,
+                        content=content,
+                        created_at=at or start,
+                    )
+                )
+            s.flush()
+            return self._summaries(s, [conv])[0]
