@@ -34,7 +34,7 @@ def test_settings_know_which_keys_the_user_set(tmp_path):
 
 def test_embedded_model_uses_the_table_not_the_shipped_default():
     g = generation_defaults(_settings("smollm2"))
-    assert (g.temperature, g.top_p, g.top_k) == (0.2, 0.9, 50)
+    assert (g.temperature, g.top_p, g.top_k) == (0.2, 0.5, 50)
     shipped = load_settings(environ={}).generation
     assert g.temperature != shipped.temperature  # the shipped 0.7 is what made it ramble
     assert g.max_new_tokens == shipped.max_new_tokens  # keys the table has no say in stay
@@ -48,10 +48,10 @@ def test_table_matches_the_gguf_file_and_hub_id():
 
 def test_user_values_win_over_the_model(tmp_path):
     g = generation_defaults(_settings("smollm2", "[generation]\ntemperature = 0.5\n", tmp_path))
-    assert (g.temperature, g.top_p) == (0.5, 0.9)
+    assert (g.temperature, g.top_p) == (0.5, 0.5)
     s = _settings("smollm2")
-    s.set("generation.top_p", 0.5, source="--top-p")
-    assert generation_defaults(s).top_p == 0.5
+    s.set("generation.top_p", 0.95, source="--top-p")
+    assert generation_defaults(s).top_p == 0.95
 
 
 def test_generation_config_of_a_model_dir_is_used(tmp_path, tiny_model_dir):
@@ -93,16 +93,26 @@ def test_chat_defaults_follow_the_model(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_embedded_model_answers_the_capital_of_france(tmp_path):
-    """Under the defaults (no user settings), the embedded model says Paris."""
+    """A first question at first launch, under the defaults (no user settings): the embedded
+    model says Paris, whatever the seed. Each conversation is deleted after its reply, so
+    each question is a first one (no cached prefix). With the model card's top_p 0.9 on the
+    Q4_1 file, seeds 3, 5 and 6 opened in French ("L'Étoile, …") when measured."""
+    from dataclasses import replace
+
     from chatkv.session import Chat
 
     s = load_settings(environ={})
     s.set("model.device", "cpu")
-    s.set("generation.seed", 1)
     chat = Chat(s)
+    replies = []
     try:
-        assert chat.defaults.temperature == 0.2
-        reply = "".join(chat.send(None, "What is the capital of France?"))
+        assert (chat.defaults.temperature, chat.defaults.top_p) == (0.2, 0.5)
+        for seed in range(1, 7):
+            turn = chat.send(None, "What is the capital of France?", replace(chat.defaults, seed=seed))
+            replies.append("".join(turn))
+            assert turn.stats.cached_tokens == 0
+            chat.kv.flush()
+            chat.delete(turn.conversation_id)
     finally:
         chat.close()
-    assert "Paris" in reply
+    assert all("Paris" in r for r in replies), replies
