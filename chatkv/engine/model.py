@@ -180,7 +180,7 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: Progress = NUL
         finally:
             progress.done()
     # Seconds of work the first time only: each step says so, since nothing else moves.
-    progress.start(f"converting {source.gguf_file} to safetensors (first start only)")
+    progress.start(f"converting {source.gguf_file} (first start only)")
     try:
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(
