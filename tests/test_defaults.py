@@ -91,6 +91,24 @@ def test_chat_defaults_follow_the_model(tmp_path, tiny_model_dir):
         chat.close()
 
 
+def test_config_show_says_which_values_come_from_the_model(capsys, monkeypatch):
+    from chatkv.cli import main
+
+    monkeypatch.setenv("CHATKV_GENERATION_TOP_K", "5")
+    assert main(["config", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["settings"]["generation.temperature"] == 0.2
+    assert shown["settings"]["generation.top_k"] == 5  # the user's own value
+    assert shown["from_model"] == {
+        "generation.temperature": "chatkv's model table",
+        "generation.top_p": "chatkv's model table",
+    }
+    assert main(["config"]) == 0
+    assert "generation.temperature = 0.2    # CHATKV_GENERATION_TEMPERATURE; from the model" in (
+        capsys.readouterr().out
+    )
+
+
 @pytest.mark.slow
 def test_embedded_model_answers_the_capital_of_france(tmp_path):
     """A first question at first launch, under the defaults (no user settings): the embedded

@@ -219,10 +219,27 @@ def run_config(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 0
-    values = settings_from(args).as_dict()
+    from dataclasses import asdict
+
+    from chatkv.engine.defaults import generation_defaults, recommended
+
+    settings = settings_from(args)
+    values = settings.as_dict()
+    # Sampling the user did not set comes from the model: show what will be used, and why.
+    _, source = recommended(settings.model.name)
+    from_model = {}
+    for k, v in asdict(generation_defaults(settings)).items():
+        key = f"generation.{k}"
+        if key in values and values[key] != v:
+            values[key], from_model[key] = v, source
     if args.json:
         json.dump(
-            {"config_file": str(config_file()), "data_dir": str(data_dir()), "settings": values},
+            {
+                "config_file": str(config_file()),
+                "data_dir": str(data_dir()),
+                "settings": values,
+                "from_model": from_model,
+            },
             sys.stdout,
             indent=2,
         )
@@ -230,5 +247,6 @@ def run_config(args: argparse.Namespace) -> int:
         return 0
     print(f"# config file: {config_file()}\n# data dir:    {data_dir()}")
     for key, value in values.items():
-        print(f"{key} = {json.dumps(value)}    # {env_name(key)}")
+        why = f"; from the model ({from_model[key]})" if key in from_model else ""
+        print(f"{key} = {json.dumps(value)}    # {env_name(key)}{why}")
     return 0
