@@ -85,6 +85,23 @@ class ConversationSummary:
     cache_bytes: int = 0  # bytes of its chunks on disk
 
 
+@dataclass
+class ModelInfo:
+    """A model chatkv can use offline (`chatkv models`, the TUI's model picker)."""
+
+    name: str  # what --model / model.name takes
+    kind: Literal["embedded", "gguf", "dir", "hub", "converted"]
+    path: str  # its weights ("" when not installed)
+    available: bool  # usable now (installed, files still there)
+    size_bytes: int = 0  # its weights on disk
+    converted_bytes: int = 0  # the converted safetensors copy of a GGUF, when kept
+    chunk_count: int = 0  # KV chunks on disk made with it
+    chunk_bytes: int = 0
+    fingerprints: list[str] = field(default_factory=list)
+    last_loaded: str = ""  # ISO time, "" when never loaded
+    note: str = ""  # e.g. how to install it
+
+
 class TurnStream(Protocol):
     """One assistant reply being generated. Iterate it for text pieces as they come.
 
@@ -160,6 +177,9 @@ class ChatBackend(Protocol):
 
     def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> TurnStream:
         """Replace a user message, drop everything after it, and reply again."""
+
+    def models(self) -> list[ModelInfo]:
+        """The models that can be used offline, with their cache chunks on disk."""
 
     def context_used(self, conversation_id: int) -> int:
         """Tokens the conversation currently occupies (estimate before the model loads)."""

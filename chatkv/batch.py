@@ -23,7 +23,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -222,37 +221,47 @@ def answered_ids(path: Path) -> tuple[set[str], list[str]]:
 
 
 class Progress:
-    """One status line on stderr: items, tokens per second, time left."""
+    """Lines answered of the total, tokens per second and time left: a `rich` bar on stderr
+    (drawn only when `enabled`: a terminal, and no --quiet). The bar appears at `start()`,
+    after the model has loaded (its own progress is another bar: rich draws one at a time)."""
 
     def __init__(self, total: int, enabled: bool, stream: TextIO = sys.stderr):
-        self.total, self.enabled, self.stream = total, enabled, stream
+        self.total, self.enabled = total, enabled
         self.done = self.tokens = 0
         self.t0 = time.perf_counter()
-        self._last = 0.0
+        self._bar: Any = None
+        self.stream = stream
+
+    def start(self) -> None:
+        if self.enabled and self._bar is None:
+            import rich.progress as rp
+            from rich.console import Console
+
+            self._bar = rp.Progress(
+                rp.TextColumn("batch"),
+                rp.BarColumn(),
+                rp.MofNCompleteColumn(),
+                rp.TextColumn("lines · {task.fields[rate]}"),
+                rp.TimeRemainingColumn(),
+                console=Console(file=self.stream),
+            )
+            self._task = self._bar.add_task("batch", total=self.total or None, completed=self.done, rate="")
+            self._bar.start()
 
     def update(self, items: int = 0, tokens: int = 0) -> None:
         self.done += items
         self.tokens += tokens
-        now = time.perf_counter()
-        if self.enabled and (items or now - self._last > 0.25):
-            self._last = now
-            self._draw(now - self.t0)
-
-    def _draw(self, elapsed: float) -> None:
-        width = 24
-        frac = self.done / self.total if self.total else 1.0
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        tps = self.tokens / elapsed if elapsed > 0 else 0.0
-        left = elapsed / self.done * (self.total - self.done) if self.done else math.nan
-        eta = "--:--" if math.isnan(left) else f"{int(left) // 60}:{int(left) % 60:02d}"
-        self.stream.write(f"\r[{bar}] {self.done}/{self.total} · {tps:.1f} tok/s · {eta} left ")
-        self.stream.flush()
+        if self._bar is not None:
+            elapsed = time.perf_counter() - self.t0
+            rate = f"{self.tokens / elapsed:.1f} tok/s" if elapsed > 0 else ""
+            self._bar.update(self._task, completed=self.done, rate=rate)
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter() - self.t0)
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.enabled and self._bar is None and self.done:  # only bad lines: still show the count
+            self.start()
+        if self._bar is not None:
+            self._bar.stop()  # leaves the final bar on screen, with the totals
+            self._bar = None
 
 
 # -- the runner -----------------------------------------------------------------

@@ -205,19 +205,28 @@ def validate(key: str, value: Any, source: str) -> Any:
 
 
 class Settings:
-    """Validated settings. Read with `settings.get("cache.codec")` or `settings.cache.codec`."""
+    """Validated settings. Read with `settings.get("cache.codec")` or `settings.cache.codec`.
 
-    def __init__(self, values: dict[str, Any]):
+    Remembers which keys the user set (config file, environment, flag or `set`) as opposed
+    to the shipped defaults: a model's recommended sampling replaces only the latter."""
+
+    def __init__(self, values: dict[str, Any], user_keys: set[str] | frozenset[str] = frozenset()):
         self._values = dict(values)
+        self._user_keys = set(user_keys)
 
     def get(self, key: str) -> Any:
         return self._values[key]
 
     def set(self, key: str, value: Any, source: str = "command line") -> None:
         self._values[key] = validate(key, value, source)
+        self._user_keys.add(key)
+
+    def is_user_set(self, key: str) -> bool:
+        """Whether `key` comes from the user (file, environment, flag), not the shipped defaults."""
+        return key in self._user_keys
 
     def copy(self) -> Settings:
-        return Settings(self._values)
+        return Settings(self._values, self._user_keys)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
@@ -252,12 +261,15 @@ def load_settings(user_file: Path | None = None, environ: Mapping[str, str] | No
     environ = os.environ if environ is None else environ
     defaults = _read_toml(package_file("config/default.toml"), "default config")
     values = {k: validate(k, v, "default config") for k, v in defaults.items()}
+    user: set[str] = set()
     path = user_file or config_file()
     if path.exists():
         for key, value in _read_toml(path, "config file").items():
             values[key] = validate(key, value, str(path))
+            user.add(key)
     for key in SCHEMA:
         name = env_name(key)
         if name in environ:
             values[key] = validate(key, environ[name], f"environment variable {name}")
-    return Settings(values)
+            user.add(key)
+    return Settings(values, user)

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,9 +25,11 @@ from chatkv.api import (
     FinishReason,
     GenerationSettings,
     MessageView,
+    ModelInfo,
     TurnStats,
 )
 from chatkv.config import Settings
+from chatkv.engine.defaults import generation_defaults
 from chatkv.errors import ChatKVError, InputError
 from chatkv.paths import db_path, kv_dir
 from chatkv.store import Store
@@ -53,10 +55,15 @@ class Chat:
         self.lm: LoadedModel | None = None
         self.kv: KVManager | None = None
         self._load_lock = threading.Lock()
-        self.defaults = GenerationSettings.from_settings(settings)
+        # The model's recommended sampling where the user set none (chatkv.engine.defaults).
+        self.defaults = generation_defaults(settings)
         # What the backend is doing, for a front end to show while it waits (a plain str,
         # read from the UI thread); "" when idle.
         self.activity = ""
+        # Told (label, done, total) while the model converts or loads (total 0: unknown) and
+        # while a long prompt prefills (tokens); done is -1 or total at the end. Called from
+        # the thread doing the work. chatkv.progress has adapters for it.
+        self.on_progress: Callable[[str, int, int], None] | None = None
         journal.replay(self.store)  # replies an earlier run streamed but could not save
 
     # -- model ---------------------------------------------------------------
@@ -73,6 +80,14 @@ class Chat:
     def context_limit(self) -> int:
         return self.lm.context_limit if self.lm else (self.settings.model.context or 0)
 
+    def progress(self, label: str, done: int, total: int) -> None:
+        """Long work reports here: `activity` says it ("prefill 1,024 / 4,096"), and
+        `on_progress`, when a front end set it, is told (label, done, total)."""
+        finished = done < 0 or (total > 0 and done >= total)
+        self.activity = "" if finished else (f"{label} {done:,} / {total:,}" if total else label)
+        if self.on_progress is not None:
+            self.on_progress(label, done, total)
+
     def loaded(self) -> tuple[LoadedModel, KVManager]:
         """The model and the KV layer, loading them first if needed."""
         self.load()
@@ -86,11 +101,17 @@ class Chat:
                 return
             from chatkv.engine.model import load_model
             from chatkv.kv.manager import KVManager
+            from chatkv.progress import CallbackProgress
 
             m, c = self.settings.model, self.settings.cache
-            # (the front end says "loading"; activity carries detail when there is some)
+            progress = CallbackProgress(self.progress)
             lm = self._preloaded or load_model(
-                m.name, device=m.device, dtype=m.dtype, load_in=m.load_in, context=m.context
+                m.name,
+                device=m.device,
+                dtype=m.dtype,
+                load_in=m.load_in,
+                context=m.context,
+                progress=progress,
             )
             self.kv = KVManager(
                 self.store,
@@ -157,6 +178,12 @@ class Chat:
 
                 remove_keys(self.store, kv_dir(), keys)
             held.release(forget=True)
+
+    def models(self) -> list[ModelInfo]:
+        """The models usable offline, with their KV chunks on disk (chatkv.catalog)."""
+        from chatkv.catalog import list_models
+
+        return list_models(self.store.chunk_stats())
 
     def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
         self.store.set_system_prompt(conversation_id, system_prompt)
@@ -520,6 +547,7 @@ class Turn:
                 lm.eos_ids,
                 lm.context_limit,
                 self._cancel,
+                on_prefill=self._prefill_reporter(st.prefilled_tokens),
             ):
                 if step.token is None:
                     reason = step.finish_reason or "stop"
@@ -562,6 +590,16 @@ class Turn:
             kv.commit(self.conversation_id, ids, att.cache)
             return
         self._save(text.text, reason, ids, gen, att, first, last, t0)
+
+    def _prefill_reporter(self, tokens: int) -> Callable[[int, int], None] | None:
+        """An on_prefill callback for a prefill long enough to be worth showing (more than one
+        engine step), reporting to the chat's on_progress; else None."""
+        from chatkv.engine.generate import PREFILL_STEP
+
+        if tokens <= PREFILL_STEP:
+            return None
+        report = self.chat.progress
+        return lambda done, total: report("prefilling", done, total)
 
     def _open_journal(self) -> journal.Journal | None:
         r = self.replace

@@ -14,6 +14,7 @@ from alembic import context
 
 from chatkv.store.db import make_engine
 from chatkv.store.models import Base
+from chatkv.store.search import include_object
 
 config = context.config
 target_metadata = Base.metadata
@@ -26,6 +27,8 @@ def _run(connection) -> None:
         # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
         render_as_batch=True,
         compare_type=True,
+        # The FTS5 tables (migration 0004) have no ORM model: leave them out of autogenerate.
+        include_object=include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -84,7 +84,7 @@ def test_every_numeric_or_path_argument_has_a_checked_type():
             if action.dest in ("output", "input", "text", "id", "ids", "conversation", "limit"):
                 assert action.type is not None, (words, action.dest)
     walked = {w[0] for w, _ in TYPED}
-    assert walked == {"chat", "ask", "ls", "show", "rm", "export", "batch", "bench", "cache"}
+    assert walked == {"chat", "ask", "ls", "show", "rm", "export", "batch", "bench", "cache", "import"}
 
 
 def _argv(words, action, value: str, jsonl: str) -> list[str]:

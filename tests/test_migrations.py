@@ -19,6 +19,7 @@ from chatkv.errors import ChatKVError
 from chatkv.store import Store
 from chatkv.store import db as store_db
 from chatkv.store.models import Base
+from chatkv.store.search import include_object
 
 CREATED = "2024-05-01 12:00:00.000000"
 
@@ -96,11 +97,35 @@ def _check_0002(store: Store) -> None:
     assert store.private_chunks(7) == []
 
 
+def _seed_0003(db: sqlite3.Connection) -> None:
+    _seed_0002(db)
+    db.execute("UPDATE messages SET turn_id = 't1' WHERE position = 1")
+    db.execute(
+        "INSERT INTO message_versions (conversation_id, position, role, content, stats, turn_id, group_id, "
+        "created_at, archived_at) VALUES (7, 1, 'assistant', 'an older reply', NULL, 't0', 'g', ?, ?)",
+        (CREATED, CREATED),
+    )
+    db.execute("INSERT INTO conversation_chunks (conversation_id, key) VALUES (7, ?)", ("ab" * 32,))
+
+
+def _check_0003(store: Store) -> None:
+    _check_transcript(store)
+    reply = store.messages(7)[1]
+    assert [v.content for v in store.versions(reply.id)] == ["an older reply"]
+    assert store.private_chunks(7) == ["ab" * 32]
+    # 0004: messages and titles written before the index existed are found through it.
+    assert store.has_fts()
+    hits = store.search("hi ther")
+    assert [(h.conversation_id, h.message_id, h.snippet) for h in hits] == [(7, reply.id, "[hi ther]e")]
+    assert [c.id for c in store.list_conversations("OLD CHAT")] == [7]
+
+
 # For each earlier head: rows to write at that revision, and how to check them after
 # the upgrade to head. A new migration must add an entry for the head it supersedes.
 SEEDS: dict[str, tuple[Callable[[sqlite3.Connection], None], Callable[[Store], None]]] = {
     "0001": (_seed_0001, _check_0001),
     "0002": (_seed_0002, _check_0002),
+    "0003": (_seed_0003, _check_0003),
 }
 
 
@@ -145,7 +170,12 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(
-                conn, opts={"compare_type": True, "compare_server_default": True}
+                conn,
+                opts={
+                    "compare_type": True,
+                    "compare_server_default": True,
+                    "include_object": include_object,  # the FTS5 tables have no ORM model
+                },
             )
             assert compare_metadata(ctx, Base.metadata) == []
     finally:

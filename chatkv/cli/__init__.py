@@ -19,7 +19,20 @@ from chatkv.cli.args import INT64_MAX, NumberArg, Parser, conversation_id, count
 from chatkv.config import CODEC_NAMES, Settings, load_settings
 from chatkv.errors import ChatKVError
 
-COMMANDS = ("chat", "ask", "ls", "show", "rm", "export", "cache", "bench", "batch", "config")
+COMMANDS = (
+    "chat",
+    "ask",
+    "ls",
+    "show",
+    "rm",
+    "export",
+    "cache",
+    "bench",
+    "batch",
+    "config",
+    "models",
+    "import",
+)
 
 
 def _model_flags(p: argparse.ArgumentParser, context: bool = True) -> None:
@@ -73,7 +86,7 @@ FLAG_KEYS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chatkv.cli import ask, batch, bench, cache, manage
+    from chatkv.cli import ask, batch, bench, cache, imports, manage, models
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
@@ -98,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.register(sub, common)
     bench.register(sub, common)
     batch.register(sub, common)
+    models.register(sub, common)
+    imports.register(sub, common)
     return parser
 
 

@@ -83,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         if conv is not None and args.system is not None:
             raise UsageError("--system applies to a new conversation; use it without -c/-C")
         check_model(settings)
+        from chatkv.progress import RichProgress, driver
+
+        # Conversion, loading and a long prefill show a bar on stderr (a terminal only).
+        chat.on_progress = driver(RichProgress())
         chat.load()
         # A new conversation is created together with the message, by the session: a
         # refused or failed first turn leaves nothing behind.

@@ -160,7 +160,12 @@ def run(args: argparse.Namespace) -> int:
             ordered.emit(e)
             progress.update(items=1)
         if items:
+            if progress.enabled:  # converting or loading the model shows too
+                from chatkv.progress import RichProgress, driver
+
+                chat.on_progress = driver(RichProgress())
             chat.load()
+            progress.start()
             runner = Runner(
                 chat, ordered.emit, batch_size=settings.batch.batch_size, save=args.save, progress=progress
             )

@@ -48,20 +48,26 @@ def _open():
 
 def run_stats(args: argparse.Namespace) -> int:
     """Show what the chunk store holds."""
+    from chatkv.engine import seen
     from chatkv.fmt import format_bytes
     from chatkv.kv.maintenance import reachable_stats, temp_files
 
     store, kv = _open()
     stats = store.chunk_stats() | reachable_stats(store)
     stats["temp_files"], stats["temp_bytes"] = temp_files(kv)
+    names = seen.names_by_fingerprint()  # models are recorded by name as they load
+    for fp, entry in (stats.get("by_fingerprint") or {}).items():
+        entry["model"] = names.get(fp)
     if args.json:
         json.dump(stats | {"kv_dir": str(kv)}, sys.stdout, indent=2, default=str)
         print()
         return 0
     print(f"{stats['count']} chunks, {format_bytes(stats['bytes'])} in {kv}")
-    for name, label in (("by_codec", "codec"), ("by_fingerprint", "model")):
-        for k, v in (stats.get(name) or {}).items():
-            print(f"  {label} {k}: {v['count']} chunks, {format_bytes(v['bytes'])}")
+    for k, v in (stats.get("by_codec") or {}).items():
+        print(f"  codec {k}: {v['count']} chunks, {format_bytes(v['bytes'])}")
+    for k, v in (stats.get("by_fingerprint") or {}).items():
+        who = f"{v['model']} ({k[:12]})" if v.get("model") else f"{k} (not loaded since chatkv kept names)"
+        print(f"  model {who}: {v['count']} chunks, {format_bytes(v['bytes'])}")
     if stats["unreachable"]:
         print(
             f"  {stats['unreachable']} chunks ({format_bytes(stats['unreachable_bytes'])}) cannot attach "

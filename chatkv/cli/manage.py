@@ -77,9 +77,13 @@ def summary_dict(c: ConversationSummary) -> dict:
 
 def run_ls(args: argparse.Namespace) -> int:
     """List saved conversations."""
-    convs = _store().list_conversations(query=args.query, limit=args.limit)
+    store = _store()
+    convs = store.list_conversations(query=args.query, limit=args.limit)
+    color = sys.stdout.isatty() and not args.json
+    matches = _matches(store, args.query, convs, ("\x1b[1m", "\x1b[22m") if color else ("[", "]"))
     if args.json:
-        json.dump([summary_dict(c) for c in convs], sys.stdout, indent=2)
+        rows = [summary_dict(c) | ({"match": matches.get(c.id)} if args.query else {}) for c in convs]
+        json.dump(rows, sys.stdout, indent=2, ensure_ascii=False)
         print()
         return 0
     if not convs:
@@ -96,7 +100,23 @@ def run_ls(args: argparse.Namespace) -> int:
             f"{c.id:>5}  {relative_time(c.updated_at, now):>9}  {c.message_count:>4}  "
             f"{c.token_count:>6}  {cache:<14}  {display_title(c.title, LS_TITLE_CHARS)}"
         )
+        if c.id in matches:
+            print(f"{'':>5}  {matches[c.id]}")
     return 0
+
+
+def _matches(store, query: str, convs: list[ConversationSummary], mark: tuple[str, str]) -> dict[int, str]:
+    """Each listed conversation's best match for `query`, in context on one line
+    ("assistant: …the [capital] of…"), as `llm logs -q` shows it."""
+    if not query or not convs:
+        return {}
+    wanted = {c.id for c in convs}
+    out: dict[int, str] = {}
+    hits = store.search(query, limit=100 * len(convs), mark=mark, conversation_ids=list(wanted))
+    for hit in sorted(hits, key=lambda h: h.message_id is None):  # a message says more than its title
+        if hit.conversation_id in wanted and hit.conversation_id not in out:
+            out[hit.conversation_id] = f"{hit.role}: " + " ".join(hit.snippet.split())
+    return out
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -199,10 +219,27 @@ def run_config(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 0
-    values = settings_from(args).as_dict()
+    from dataclasses import asdict
+
+    from chatkv.engine.defaults import generation_defaults, recommended
+
+    settings = settings_from(args)
+    values = settings.as_dict()
+    # Sampling the user did not set comes from the model: show what will be used, and why.
+    _, source = recommended(settings.model.name)
+    from_model = {}
+    for k, v in asdict(generation_defaults(settings)).items():
+        key = f"generation.{k}"
+        if key in values and values[key] != v:
+            values[key], from_model[key] = v, source
     if args.json:
         json.dump(
-            {"config_file": str(config_file()), "data_dir": str(data_dir()), "settings": values},
+            {
+                "config_file": str(config_file()),
+                "data_dir": str(data_dir()),
+                "settings": values,
+                "from_model": from_model,
+            },
             sys.stdout,
             indent=2,
         )
@@ -210,5 +247,6 @@ def run_config(args: argparse.Namespace) -> int:
         return 0
     print(f"# config file: {config_file()}\n# data dir:    {data_dir()}")
     for key, value in values.items():
-        print(f"{key} = {json.dumps(value)}    # {env_name(key)}")
+        why = f"; from the model ({from_model[key]})" if key in from_model else ""
+        print(f"{key} = {json.dumps(value)}    # {env_name(key)}{why}")
     return 0

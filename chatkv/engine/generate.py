@@ -8,7 +8,7 @@ faster kernel for either can be dropped in without restructuring.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,17 +75,21 @@ def prefill(
     start: int,
     step: int = PREFILL_STEP,
     cancel: threading.Event | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor | None:
     """Run `ids` (the tokens after the cached `start`) through the model, extending `cache`.
 
     Returns the logits of the last position, (1, V), or None when `cancel` was set
     between two steps. Only the last position's logits
     are computed: a 4k-token prompt would otherwise allocate 4k x vocab floats.
+    `on_prefill(done, total)` is called before the first step (done 0) and after each.
     """
     if not ids:
         raise ValueError("prefill needs at least one token")
     device = model.device
     logits = None
+    if on_prefill is not None:
+        on_prefill(0, len(ids))
     for i in range(0, len(ids), step):
         if cancel is not None and cancel.is_set():
             return None  # stopped between steps; the cache covers ids[:i]
@@ -100,6 +104,8 @@ def prefill(
             logits_to_keep=1,
         )
         logits = out.logits[:, -1, :]
+        if on_prefill is not None:
+            on_prefill(i + piece.shape[1], len(ids))
     return logits
 
 
@@ -127,6 +133,7 @@ def generate(
     eos_ids: Sequence[int],
     max_positions: int,
     cancel: threading.Event | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
 ) -> Iterator[Step]:
     """Yield generated tokens one at a time, then a final Step with the finish reason.
 
@@ -134,11 +141,13 @@ def generate(
         ids: the whole prompt's token ids; `cache` already covers `ids[:cached]`.
         max_positions: the model's context limit; generation stops with "length" there.
         cancel: set from any thread to stop before the next token ("cancelled").
+        on_prefill: told (done, total) prompt tokens as the prefill goes (not called while
+            decoding: the per-token loop stays as it is).
     The cache covers every fed token afterwards: the prompt and all generated tokens
     but the last one.
     """
     sampler = Sampler(settings, model.device)
-    logits = prefill(model, ids[cached:], cache, cached, cancel=cancel)
+    logits = prefill(model, ids[cached:], cache, cached, cancel=cancel, on_prefill=on_prefill)
     if logits is None:
         yield Step(None, "cancelled")
         return

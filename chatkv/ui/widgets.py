@@ -454,7 +454,7 @@ class StatusBar(Static):
         text = Text(overflow="fold")
         if self.model_state == "loading":
             text.append(f"◌ loading {self.model}…", style="yellow")
-            if self.activity:
+            if self.activity and not self.activity.startswith("loading"):  # said already
                 text.append(f" {self.activity}", style="yellow")
         elif self.model_state == "failed":
             text.append(f"✗ {self.model} failed to load", style="red")

@@ -16,7 +16,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from chatkv.api import ChatBackend, ConversationSummary, GenerationSettings, MessageView, TurnStats
+from chatkv.api import (
+    ChatBackend,
+    ConversationSummary,
+    GenerationSettings,
+    MessageView,
+    ModelInfo,
+    TurnStats,
+)
 from chatkv.config import Settings, load_settings
 from chatkv.errors import InputError, ModelError, NotFoundError
 
@@ -399,6 +406,9 @@ class FakeBackend:
                 if m.id == message_id:
                     return cid, i
         raise NotFoundError(f"no message {message_id}")
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name=self.model_name, kind="embedded", path="/fake/model.gguf", available=True)]
 
     def versions(self, message_id: int) -> list[MessageView]:
         cid, i = self._find(message_id)

@@ -1,0 +1,69 @@
+"""`chatkv import llm PATH | chatgpt FILE`: bring conversations from elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from chatkv.cli.args import PathArg
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("import", parents=[common], help="import conversations from llm or a ChatGPT export")
+    isub = p.add_subparsers(dest="import_kind", metavar="SOURCE", required=True)
+    for kind, what, help_ in (
+        ("llm", "path", "simonw/llm's logs.db (`llm logs path` prints where it is)"),
+        ("chatgpt", "file", "conversations.json of a ChatGPT data export (or the export's .zip)"),
+    ):
+        q = isub.add_parser(kind, parents=[common], help=f"import {help_}")
+        q.add_argument(what, type=PathArg(output=False), help=help_)
+        q.add_argument("--dry-run", action="store_true", help="say what would be imported; write nothing")
+        q.add_argument("--json", action="store_true")
+        q.set_defaults(func=run, kind=kind, source_path_attr=what)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Import conversations; those imported before are skipped."""
+    from chatkv.imports import import_all
+    from chatkv.paths import db_path
+    from chatkv.store import Store
+
+    path = getattr(args, args.source_path_attr)
+    with Store(db_path()) as store:
+        report = import_all(store, args.kind, path, dry_run=args.dry_run)
+    if args.json:
+        json.dump(
+            {
+                "source": args.kind,
+                "dry_run": args.dry_run,
+                "imported": len(report.imported),
+                "messages": report.messages,
+                "skipped": report.skipped,
+                "empty": report.empty,
+                "conversations": [
+                    {"id": cid, "source": c.source, "title": c.title, "messages": len(c.messages)}
+                    for c, cid in report.imported
+                ],
+            },
+            sys.stdout,
+            indent=2,
+            ensure_ascii=False,
+        )
+        print()
+        return 0
+    verb = "would import" if args.dry_run else "imported"
+    for c, cid in report.imported:
+        where = f"#{cid}" if cid is not None else "-"
+        print(f"{where:>6}  {len(c.messages):>4} messages  {c.title or '(untitled)'}")
+    extra = []
+    if report.skipped:
+        extra.append(f"{report.skipped} already imported")
+    if report.empty:
+        extra.append(f"{report.empty} with no text")
+    print(
+        f"{verb} {len(report.imported)} conversations ({report.messages} messages)"
+        + (f"; skipped {', '.join(extra)}" if extra else ""),
+        file=sys.stderr,
+    )
+    return 0
