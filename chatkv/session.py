@@ -38,7 +38,10 @@ from chatkv.store.repo import new_turn_id
 
 if TYPE_CHECKING:
     from chatkv.engine.model import LoadedModel
+    from chatkv.imports import ImportReport
+    from chatkv.kv.maintenance import GcReport, RebuildReport, VerifyReport
     from chatkv.kv.manager import Attached, KVManager
+    from chatkv.store.search import SearchHit
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,11 @@ class Chat:
         convs = self.store.list_conversations(query=query, limit=limit)
         return [self._mark_live(c) for c in convs]
 
+    def latest_conversation(self) -> ConversationSummary | None:
+        """The most recently updated conversation (None when there is none)."""
+        found = self.list_conversations(limit=1)
+        return found[0] if found else None
+
     def get_conversation(self, conversation_id: int) -> ConversationSummary:
         return self._mark_live(self.store.get_conversation(conversation_id))
 
@@ -187,6 +195,56 @@ class Chat:
 
     def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
         self.store.set_system_prompt(conversation_id, system_prompt)
+
+    def search(
+        self,
+        query: str,
+        limit: int = 100,
+        mark: tuple[str, str] = ("[", "]"),
+        conversation_ids: list[int] | None = None,
+    ) -> list[SearchHit]:
+        """Messages and titles matching `query`, each with the match in context."""
+        return self.store.search(query, limit=limit, mark=mark, conversation_ids=conversation_ids)
+
+    def import_from(self, kind: str, path: str, dry_run: bool = False) -> ImportReport:
+        """Bring in conversations from another tool ("llm", "chatgpt"); those imported before
+        are skipped (chatkv.imports)."""
+        from chatkv.imports import import_all
+
+        return import_all(self.store, kind, path, dry_run=dry_run)
+
+    # -- the chunk store, for `chatkv cache` (none of it needs the model) -------
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Chunks and bytes by codec and model (named where chatkv has seen it load), what
+        cannot attach, and leftover temp files."""
+        from chatkv.engine import seen
+        from chatkv.kv.maintenance import reachable_stats, temp_files
+
+        stats = self.store.chunk_stats() | reachable_stats(self.store)
+        stats["temp_files"], stats["temp_bytes"] = temp_files(kv_dir())
+        names = seen.names_by_fingerprint()
+        for fp, entry in (stats.get("by_fingerprint") or {}).items():
+            entry["model"] = names.get(fp)
+        return stats | {"kv_dir": str(kv_dir())}
+
+    def cache_gc(self, max_bytes: int) -> GcReport:
+        """Drop index rows without files and old orphan files, then evict down to `max_bytes`."""
+        from chatkv.kv.maintenance import gc
+
+        return gc(self.store, kv_dir(), max_bytes)
+
+    def cache_verify(self, fix: bool = True) -> VerifyReport:
+        """Read every chunk and check it; with `fix`, remove the bad ones."""
+        from chatkv.kv.maintenance import verify
+
+        return verify(self.store, kv_dir(), fix=fix)
+
+    def cache_rebuild(self) -> RebuildReport:
+        """Rebuild the chunk index from the chunk files' own metadata."""
+        from chatkv.kv.maintenance import rebuild
+
+        return rebuild(self.store, kv_dir())
 
     # -- turns ---------------------------------------------------------------
 

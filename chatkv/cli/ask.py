@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         if args.conversation is not None:
             conv = chat.get_conversation(args.conversation)
         elif args.cont:
-            conv = chat.store.latest_conversation()
+            conv = chat.latest_conversation()
             if conv is None:
                 raise NotFoundError("there is no conversation to continue; drop -c to start one")
         else:

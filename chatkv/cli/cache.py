@@ -39,30 +39,23 @@ def register(sub, common) -> None:
     r.set_defaults(func=run_rebuild)
 
 
-def _open():
-    from chatkv.paths import db_path, kv_dir
-    from chatkv.store import Store
+def _chat(args: argparse.Namespace):
+    from chatkv.cli import settings_from
+    from chatkv.session import Chat
 
-    return Store(db_path()), kv_dir()
+    return Chat(settings_from(args))
 
 
 def run_stats(args: argparse.Namespace) -> int:
     """Show what the chunk store holds."""
-    from chatkv.engine import seen
     from chatkv.fmt import format_bytes
-    from chatkv.kv.maintenance import reachable_stats, temp_files
 
-    store, kv = _open()
-    stats = store.chunk_stats() | reachable_stats(store)
-    stats["temp_files"], stats["temp_bytes"] = temp_files(kv)
-    names = seen.names_by_fingerprint()  # models are recorded by name as they load
-    for fp, entry in (stats.get("by_fingerprint") or {}).items():
-        entry["model"] = names.get(fp)
+    stats = _chat(args).cache_stats()  # models are named as chatkv has seen them load
     if args.json:
-        json.dump(stats | {"kv_dir": str(kv)}, sys.stdout, indent=2, default=str)
+        json.dump(stats, sys.stdout, indent=2, default=str)
         print()
         return 0
-    print(f"{stats['count']} chunks, {format_bytes(stats['bytes'])} in {kv}")
+    print(f"{stats['count']} chunks, {format_bytes(stats['bytes'])} in {stats['kv_dir']}")
     for k, v in (stats.get("by_codec") or {}).items():
         print(f"  codec {k}: {v['count']} chunks, {format_bytes(v['bytes'])}")
     for k, v in (stats.get("by_fingerprint") or {}).items():
@@ -85,7 +78,6 @@ def run_gc(args: argparse.Namespace) -> int:
     """Trim the chunk store."""
     from chatkv.cli import settings_from
     from chatkv.fmt import format_bytes
-    from chatkv.kv.maintenance import gc
 
     if args.max_bytes is not None:
         try:
@@ -94,8 +86,7 @@ def run_gc(args: argparse.Namespace) -> int:
             raise UsageError(f"--max-bytes {args.max_bytes!r} is not a size; use e.g. 500MiB or 0") from None
     else:
         budget = settings_from(args).cache.disk_bytes
-    store, kv = _open()
-    report = gc(store, kv, budget)
+    report = _chat(args).cache_gc(budget)
     if args.json:
         json.dump(asdict(report) | {"budget": budget}, sys.stdout)
         print()
@@ -110,10 +101,7 @@ def run_gc(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Check every chunk."""
-    from chatkv.kv.maintenance import verify
-
-    store, kv = _open()
-    report = verify(store, kv, fix=not args.dry_run)
+    report = _chat(args).cache_verify(fix=not args.dry_run)
     if args.json:
         json.dump(
             {
@@ -139,10 +127,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_rebuild(args: argparse.Namespace) -> int:
     """Drop the chunk index and rebuild it from the chunk files' own metadata."""
     from chatkv.fmt import format_bytes
-    from chatkv.kv.maintenance import rebuild
 
-    store, kv = _open()
-    report = rebuild(store, kv)
+    report = _chat(args).cache_rebuild()
     if args.json:
         json.dump(
             {

@@ -25,13 +25,11 @@ def register(sub, common) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Import conversations; those imported before are skipped."""
-    from chatkv.imports import import_all
-    from chatkv.paths import db_path
-    from chatkv.store import Store
+    from chatkv.cli import settings_from
+    from chatkv.session import Chat
 
     path = getattr(args, args.source_path_attr)
-    with Store(db_path()) as store:
-        report = import_all(store, args.kind, path, dry_run=args.dry_run)
+    report = Chat(settings_from(args)).import_from(args.kind, path, dry_run=args.dry_run)
     if args.json:
         json.dump(
             {

@@ -54,11 +54,12 @@ def register(sub, common) -> None:
     p.set_defaults(func=run_config)
 
 
-def _store():
-    from chatkv.paths import db_path
-    from chatkv.store import Store
+def _chat(args: argparse.Namespace):
+    """The session: every face reads and writes conversations through it."""
+    from chatkv.cli import settings_from
+    from chatkv.session import Chat
 
-    return Store(db_path())
+    return Chat(settings_from(args))
 
 
 def summary_dict(c: ConversationSummary) -> dict:
@@ -77,10 +78,10 @@ def summary_dict(c: ConversationSummary) -> dict:
 
 def run_ls(args: argparse.Namespace) -> int:
     """List saved conversations."""
-    store = _store()
-    convs = store.list_conversations(query=args.query, limit=args.limit)
+    chat = _chat(args)
+    convs = chat.list_conversations(query=args.query, limit=args.limit)
     color = sys.stdout.isatty() and not args.json
-    matches = _matches(store, args.query, convs, ("\x1b[1m", "\x1b[22m") if color else ("[", "]"))
+    matches = _matches(chat, args.query, convs, ("\x1b[1m", "\x1b[22m") if color else ("[", "]"))
     if args.json:
         rows = [summary_dict(c) | ({"match": matches.get(c.id)} if args.query else {}) for c in convs]
         json.dump(rows, sys.stdout, indent=2, ensure_ascii=False)
@@ -105,14 +106,14 @@ def run_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _matches(store, query: str, convs: list[ConversationSummary], mark: tuple[str, str]) -> dict[int, str]:
+def _matches(chat, query: str, convs: list[ConversationSummary], mark: tuple[str, str]) -> dict[int, str]:
     """Each listed conversation's best match for `query`, in context on one line
     ("assistant: …the [capital] of…"), as `llm logs -q` shows it."""
     if not query or not convs:
         return {}
     wanted = {c.id for c in convs}
     out: dict[int, str] = {}
-    hits = store.search(query, limit=100 * len(convs), mark=mark, conversation_ids=list(wanted))
+    hits = chat.search(query, limit=100 * len(convs), mark=mark, conversation_ids=list(wanted))
     for hit in sorted(hits, key=lambda h: h.message_id is None):  # a message says more than its title
         if hit.conversation_id in wanted and hit.conversation_id not in out:
             out[hit.conversation_id] = f"{hit.role}: " + " ".join(hit.snippet.split())
@@ -123,9 +124,9 @@ def run_show(args: argparse.Namespace) -> int:
     """Print a conversation."""
     from chatkv.session import message_dict
 
-    store = _store()
-    c = store.get_conversation(args.id)
-    msgs = store.messages(args.id)
+    chat = _chat(args)
+    c = chat.get_conversation(args.id)
+    msgs = chat.messages(args.id)
     if args.json:
         json.dump(
             summary_dict(c) | {"system_prompt": c.system_prompt, "messages": [message_dict(m) for m in msgs]},
@@ -155,12 +156,10 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_rm(args: argparse.Namespace) -> int:
     """Delete conversations, with every cache chunk only they used."""
-    from chatkv.config import load_settings
     from chatkv.errors import NotFoundError
-    from chatkv.session import Chat
 
     ids = list(dict.fromkeys(args.ids))  # `rm 6 6` deletes 6 once
-    chat = Chat(load_settings(), store=_store())
+    chat = _chat(args)
     try:
         missing = [cid for cid in ids if not _exists(chat, cid)]
         if missing:  # all ids are checked before any is deleted
@@ -189,10 +188,7 @@ def _exists(chat, cid: int) -> bool:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export a conversation."""
-    from chatkv.config import load_settings
-    from chatkv.session import Chat
-
-    text = Chat(load_settings(), store=_store()).export(args.id, args.format)
+    text = _chat(args).export(args.id, args.format)
     if args.output:
         from chatkv.outfile import open_private
 

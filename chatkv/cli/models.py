@@ -20,13 +20,11 @@ def register(sub, common) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """List models."""
-    from chatkv.catalog import list_models
+    from chatkv.cli import settings_from
     from chatkv.fmt import format_bytes
-    from chatkv.paths import db_path
-    from chatkv.store import Store
+    from chatkv.session import Chat
 
-    with Store(db_path()) as store:
-        models = list_models(store.chunk_stats())
+    models = Chat(settings_from(args)).models()
     if args.json:
         json.dump([asdict(m) for m in models], sys.stdout, indent=2)
         print()
