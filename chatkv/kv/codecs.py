@@ -25,6 +25,8 @@ All math is vectorised torch and runs on whatever device the inputs live on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 
 import torch
@@ -137,6 +139,14 @@ class Codec(ABC):
 
     name: str
     lossless: bool
+    bits: int  # bits per stored value, before group parameters: orders codecs by precision
+
+    @property
+    def tag(self) -> str:
+        """``name:digest`` of the codec's parameters: what the chunk index records, so that a
+        chunk written by another version of a codec of the same name is never taken for this one."""
+        digest = hashlib.sha256(json.dumps(self.params(), sort_keys=True).encode()).hexdigest()
+        return f"{self.name}:{digest[:8]}"
 
     @abstractmethod
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
@@ -168,6 +178,7 @@ class Fp16Codec(Codec):
 
     name = "fp16"
     lossless = True
+    bits = 16
 
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """Copy ``k`` and ``v`` unchanged (contiguous, detached, own storage)."""
@@ -339,6 +350,11 @@ CODECS: dict[str, Codec] = {
         sink=1,
     ),
 }
+
+
+def codec_by_tag(tag: str) -> Codec | None:
+    """The registered codec whose :attr:`Codec.tag` is ``tag``, or None."""
+    return next((c for c in CODECS.values() if c.tag == tag), None)
 
 
 def get_codec(name: str) -> Codec:

@@ -18,8 +18,9 @@ from pathlib import Path
 from chatkv.errors import CacheError, NotFoundError
 from chatkv.kv import live, maintenance
 from chatkv.kv.chunks import chain_keys, chunk_key, encode_chunk, read_chunk, relpath, write_atomic
-from chatkv.kv.codecs import get_codec
+from chatkv.kv.codecs import Codec, codec_by_tag
 from chatkv.kv.growable import GrowableLayer
+from chatkv.kv.policy import get_policy
 from chatkv.store.repo import ChunkRecord
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class KVManager:
             set_kv_head / get_conversation are used).
         kv_dir: where chunk files live.
         lm: the LoadedModel (model, fingerprint, device, dtype).
-        codec: codec name for chunks on disk.
+        codec: the storage policy for chunks on disk (kv/policy.py): a tiered policy's
+            name or a single codec's.
     """
 
     def __init__(
@@ -111,7 +113,7 @@ class KVManager:
         store,
         kv_dir: Path,
         lm,
-        codec: str = "int8",
+        codec: str = "tiered",
         chunk_tokens: int = 256,
         live_bytes: int = 1 << 30,
         disk_bytes: int = 10 << 30,
@@ -119,7 +121,8 @@ class KVManager:
         self.store = store
         self.kv_dir = kv_dir
         self.lm = lm
-        self.codec = get_codec(codec)
+        self.policy = get_policy(codec)
+        self.codec = self.policy  # its .name is what turn statistics record
         self.chunk_tokens = chunk_tokens
         self.disk_bytes = disk_bytes
         self.pool = LivePool(live_bytes)
@@ -171,21 +174,23 @@ class KVManager:
         the template renders past turns differently); `_load` uses their common prefix.
         """
         fp, c = self.lm.fingerprint, self.chunk_tokens
-        keys = chain_keys(fp, self.codec, tokens, c)
+        keys = chain_keys(fp, tokens, c)
         found = self.store.get_chunks(keys) if keys else {}
+        allowed = self.policy.allowed_tags
         plan: list[ChunkRecord] = []
         for k in keys:
-            if k not in found:
+            if k not in found or found[k].codec not in allowed:  # a coarser codec than the policy's
                 break
             plan.append(found[k])
         start = len(plan) * c
         parent = plan[-1].key if plan else None
-        partials = self.store.find_partials(parent, fp, self.codec.name, start)  # newest first
+        # tails are lossless; the tag (codec name and parameters) leaves other versions' alone
+        partials = self.store.find_partials(parent, fp, self.policy.tail.tag, start)  # newest first
         exact = [
             r
             for r in partials
             if start + r.n_tokens <= len(tokens)
-            and chunk_key(fp, self.codec, parent, tokens[start : start + r.n_tokens]) == r.key
+            and chunk_key(fp, parent, tokens[start : start + r.n_tokens]) == r.key
         ]
         if exact:
             plan.append(max(exact, key=lambda r: r.n_tokens))
@@ -211,9 +216,8 @@ class KVManager:
         if len(chain) <= len(plan) or [r.key for r in chain[: len(plan)]] != [r.key for r in plan]:
             return None
         nxt = chain[len(plan)]
-        return (
-            nxt if nxt.codec == self.codec.name and nxt.parent == (plan[-1].key if plan else None) else None
-        )
+        ok = nxt.codec in self.policy.allowed_tags and nxt.parent == (plan[-1].key if plan else None)
+        return nxt if ok else None
 
     def _read_into(self, rec: ChunkRecord, offset: int, k_buf, v_buf):
         """Read one chunk and decode it straight into the buffers at `offset`.
@@ -223,7 +227,7 @@ class KVManager:
         try:
             data = read_chunk(
                 self.kv_dir / rec.path,
-                self.codec,
+                self.policy,
                 self.lm.fingerprint,
                 rec.key,
                 self.lm.dtype,
@@ -308,23 +312,22 @@ class KVManager:
 
     def _spill(self, conv_id: int | None, tokens: list[int], layers) -> int:
         fp, c = self.lm.fingerprint, self.chunk_tokens
-        keys = chain_keys(fp, self.codec, tokens, c)
+        keys = chain_keys(fp, tokens, c)
         tail = len(keys) * c
-        tail_key = (
-            chunk_key(fp, self.codec, keys[-1] if keys else None, tokens[tail:])
-            if tail < len(tokens)
-            else None
-        )
+        tail_key = chunk_key(fp, keys[-1] if keys else None, tokens[tail:]) if tail < len(tokens) else None
         wanted = keys + ([tail_key] if tail_key else [])
         on_disk = self.store.get_chunks(wanted)
         written = 0
         for i, key in enumerate(wanted):
-            if key in on_disk and (self.kv_dir / on_disk[key].path).exists():
+            partial = key == tail_key
+            codec = self.policy.tail if partial else self.policy.codec_for(len(keys) - 1 - i)
+            rec = on_disk.get(key)
+            if rec is not None and (self.kv_dir / rec.path).exists() and not self._recode(rec, codec):
                 continue
             start, end = i * c, min((i + 1) * c, len(tokens))
             part = [(k[..., start:end, :], v[..., start:end, :]) for k, v in layers]  # (B, H, end-start, D)
             written += self._write(
-                key, wanted[i - 1] if i else None, start, tokens[start:end], part, partial=key == tail_key
+                codec, key, wanted[i - 1] if i else None, start, tokens[start:end], part, partial
             )
         if conv_id is not None:
             try:
@@ -339,11 +342,21 @@ class KVManager:
             self.gc(self.disk_bytes, keep=set(wanted))
         return written
 
+    def _recode(self, rec: ChunkRecord, codec: Codec) -> bool:
+        """Whether a chunk on disk is to be written again with `codec`: when the policy
+        refuses what it holds, or it has aged into a coarser tier. Never to a finer codec
+        the policy does not need (conversations sharing a chunk would take turns)."""
+        held = codec_by_tag(rec.codec)
+        if held is None or not self.policy.allows(held):
+            return True
+        return held.tag != codec.tag and held.bits > codec.bits
+
     def _write(
-        self, key: str, parent: str | None, start: int, tokens: list[int], layers, partial: bool
+        self, codec: Codec, key: str, parent: str | None, start: int, tokens: list[int], layers, partial: bool
     ) -> int:
+        """Write a chunk atomically under its key (replacing a re-coded one), then index it."""
         blob, checksum = encode_chunk(
-            self.codec, self.lm.fingerprint, key, parent, start, tokens, layers, partial
+            codec, self.lm.fingerprint, key, parent, start, tokens, layers, partial, sink=self.policy.sink
         )
         rel = relpath(key)
         write_atomic(self.kv_dir / rel, blob)
@@ -353,7 +366,7 @@ class KVManager:
                 key=key,
                 parent=parent,
                 fingerprint=self.lm.fingerprint,
-                codec=self.codec.name,
+                codec=codec.tag,
                 start=start,
                 n_tokens=len(tokens),
                 partial=partial,
