@@ -102,7 +102,7 @@ def encode_chunk(
     n_layers = len(layers)
     k = torch.cat([k for k, _ in layers], dim=0)  # (L*B, H, T, D)
     v = torch.cat([v for _, v in layers], dim=0)
-    sink = min(sink, len(tokens) - 1) if start == 0 and not codec.lossless else 0
+    sink = min(sink, len(tokens) - 1) if start == 0 and not codec.lossless else 0  # as Policy.layout
     tensors: dict[str, torch.Tensor] = {}
     if sink > 0:
         tensors["sink.k"] = k[:, :, :sink].detach().contiguous().cpu()  # (L*B, H, sink, D)

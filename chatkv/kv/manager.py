@@ -318,9 +318,10 @@ class KVManager:
         wanted = keys + ([tail_key] if tail_key else [])
         on_disk = self.store.get_chunks(wanted)
         written = 0
+        layout = self.policy.layout(len(tokens), c)  # per chunk (start, end, codec, sink)
         for i, key in enumerate(wanted):
             partial = key == tail_key
-            codec = self.policy.tail if partial else self.policy.codec_for(len(keys) - 1 - i)
+            codec = layout[i][2]
             rec = on_disk.get(key)
             if rec is not None and (self.kv_dir / rec.path).exists() and not self._recode(rec, codec):
                 continue

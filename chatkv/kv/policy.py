@@ -34,6 +34,7 @@ class Policy:
     tiers: tuple[tuple[int, str], ...]  # (from this age on, codec name), ages ascending, first at 0
     sink: int = 4
     exact_recent: int = 0
+    exact_tail: bool = True  # False only in the quality bench, to measure a bare codec
 
     def codec_for(self, age: int) -> Codec:
         """The codec of a full chunk ``age`` full chunks behind the tail (0: the newest)."""
@@ -64,8 +65,20 @@ class Policy:
 
     @property
     def tail(self) -> Codec:
-        """The unfinished tail chunk is always lossless."""
-        return get_codec(LOSSLESS)
+        """The codec of the unfinished tail chunk: lossless (but in the bench's bare codecs)."""
+        return get_codec(LOSSLESS) if self.exact_tail else get_codec(self.tiers[0][1])
+
+    def layout(self, n_tokens: int, chunk_tokens: int) -> list[tuple[int, int, Codec, int]]:
+        """How a conversation of ``n_tokens`` is stored: per chunk (start, end, codec, sink
+        tokens kept exact). What the spill writes, and what the quality bench measures."""
+        full = n_tokens // chunk_tokens
+        out = []
+        for i in range(-(-n_tokens // chunk_tokens)):
+            start, end = i * chunk_tokens, min((i + 1) * chunk_tokens, n_tokens)
+            codec = self.codec_for(full - 1 - i) if i < full else self.tail
+            sink = min(self.sink, end - start - 1) if i == 0 and not codec.lossless else 0
+            out.append((start, end, codec, sink))
+        return out
 
 
 # int4 from this many full chunks behind the tail on, in the default policy. Measured with
