@@ -225,3 +225,27 @@ def test_the_same_prompt_twice_in_new_conversations_gives_the_same_greedy_reply(
         )
         assert a == b and first.tokens == second.tokens
     chat.close()
+
+
+def test_a_chunk_is_not_recoded_from_a_cache_that_was_decoded_from_it(store, tiny_lm):
+    """bench quality --explore: int4 of int8's reload is several times further from exact
+    than int4 of the exact cache. A cache attached from disk holds the reload; the aging
+    chunk stays int8 until a conversation with the exact cache spills it."""
+    full = INT4_AFTER + 1
+    tokens = ids((full + 1) * C + 5)
+    spilled(store, tiny_lm, "tiered", tokens[: full * C + 5])
+    aging = next(r for r in store.all_chunks() if r.start == C)
+    assert aging.codec.startswith("int8:")
+    kv = KVManager(store, kv_dir(), tiny_lm, codec="tiered", chunk_tokens=C)
+    att = kv.attach(None, tokens[: full * C + 5] + [7])
+    assert att.source == "disk" and att.cached == full * C + 5
+    # the conversation goes on from the attached cache: one chunk more
+    with torch.no_grad():
+        rest = torch.tensor([tokens[att.cached :]], device=tiny_lm.device)
+        tiny_lm.model(rest, past_key_values=att.cache, use_cache=True)
+    kv.spill(None, tokens, att.cache)
+    kv.flush()
+    assert store.get_chunks([aging.key])[aging.key].checksum == aging.checksum  # not re-coded
+    # A conversation holding the exact cache re-codes it.
+    spilled(store, tiny_lm, "tiered", tokens)
+    assert store.get_chunks([aging.key])[aging.key].codec.startswith("int4:")

@@ -362,13 +362,15 @@ def run(args, settings) -> dict:
     from chatkv.bench.common import emit, load, say
     from chatkv.errors import InputError
 
+    if args.no_sample and not args.text:
+        raise InputError("--no-sample needs at least one --text FILE to measure on")
     try:
         lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
     except ValueError:
         raise InputError(f"--lengths {args.lengths!r}: give token counts like 32,256,1024") from None
     if not lengths or lengths[0] < 2:
         raise InputError(f"--lengths {args.lengths!r}: each prefix length must be at least 2")
-    texts = {"bundled sample": sample_text()}
+    texts = {} if args.no_sample else {"bundled sample": sample_text()}
     for name in args.text or []:
         try:
             texts[name] = Path(name).read_text(encoding="utf-8")

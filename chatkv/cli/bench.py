@@ -25,6 +25,7 @@ def _quality(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--text", action="append", help="a UTF-8 text file to evaluate on too, besides the bundled sample"
     )
+    p.add_argument("--no-sample", action="store_true", help="measure on the --text files only")
     p.add_argument(
         "--lengths", default="32,256,1024,4096", help="prefix lengths in tokens (default 32,256,1024,4096)"
     )

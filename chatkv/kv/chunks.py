@@ -74,6 +74,7 @@ class ChunkData:
     partial: bool
     k: torch.Tensor  # (L, B, H, T, D): every layer's keys
     v: torch.Tensor  # (L, B, H, T, D)
+    codec: str = "fp16"  # the codec the file holds (a re-code may have changed it since indexing)
 
     @property
     def layers(self) -> Layers:
@@ -240,7 +241,9 @@ def read_chunk(
         raise CacheError(f"chunk {key[:12]} is malformed: {e}") from None
     if len(tokens) != n:
         raise CacheError(f"chunk {key[:12]} holds {len(tokens)} tokens, header says {n}")
-    return ChunkData(key, meta["parent"] or None, int(meta["start"]), tokens, meta["partial"] == "1", k, v)
+    return ChunkData(
+        key, meta["parent"] or None, int(meta["start"]), tokens, meta["partial"] == "1", k, v, codec.name
+    )
 
 
 def verify_file(path: Path, rec) -> str | None:

@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from pathlib import Path
 from chatkv.errors import CacheError, NotFoundError
 from chatkv.kv import live, maintenance
 from chatkv.kv.chunks import chain_keys, chunk_key, encode_chunk, read_chunk, relpath, write_atomic
-from chatkv.kv.codecs import Codec, codec_by_tag
+from chatkv.kv.codecs import Codec, codec_by_tag, get_codec
 from chatkv.kv.growable import GrowableLayer
 from chatkv.kv.policy import get_policy
 from chatkv.store.repo import ChunkRecord
@@ -132,6 +133,10 @@ class KVManager:
         if not self.persist:
             log.warning("this model's cache layers are not plain attention; caches are kept in memory only")
         self.bytes_written = 0  # chunk bytes written by spills, for tests and stats
+        # For a cache attached from disk: up to which position it holds what lossy chunks
+        # decoded to. A chunk there is not re-coded from it: int4 of int8's output is
+        # measurably worse than int4 of the exact cache (bench quality --explore).
+        self._inexact: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._q: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
@@ -248,7 +253,7 @@ class KVManager:
         k_buf, v_buf = live.buffers(
             self.lm.model, offsets[-1] + plan[-1].n_tokens, dtype=self.lm.dtype, device=self.lm.device
         )
-        problems, n, used = [], 0, 0
+        problems, n, used, inexact = [], 0, 0, 0
         with ThreadPoolExecutor(
             max_workers=min(LOAD_THREADS, len(plan)), thread_name_prefix="chatkv-load"
         ) as ex:
@@ -264,6 +269,8 @@ class KVManager:
                 same = common_prefix(data.tokens, tokens[n : n + len(data.tokens)])
                 n += same
                 used += same > 0
+                if same and not get_codec(data.codec).lossless:
+                    inexact = n
                 if same < len(data.tokens):
                     break
             ex.shutdown(cancel_futures=True)  # after a break: don't read chunks that won't be used
@@ -271,7 +278,9 @@ class KVManager:
             return None, 0, problems
         self.store.touch_chunks([r.key for r in plan[:used]])
         n = min(n, limit)
-        return live.cache_from_buffers(self.lm.model, k_buf, v_buf, n), n, problems
+        cache = live.cache_from_buffers(self.lm.model, k_buf, v_buf, n)
+        self._inexact[cache] = min(inexact, n)
+        return cache, n, problems
 
     # -- keep and spill ------------------------------------------------------
 
@@ -287,7 +296,7 @@ class KVManager:
         n = live.seq_len(cache)
         snapshot = [(k[..., :n, :], v[..., :n, :]) for k, v in live.layers_of(cache)]
         with self._worker_lock:
-            self._q.put((conv_id, list(tokens[:n]), snapshot))
+            self._q.put((conv_id, list(tokens[:n]), snapshot, self._inexact.get(cache, 0)))
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._run, name="chatkv-spill", daemon=True)
                 self._worker.start()
@@ -302,15 +311,17 @@ class KVManager:
             if job is None:  # close(): leave no thread behind at interpreter exit
                 self._q.task_done()
                 return
-            conv_id, tokens, layers = job
+            conv_id, tokens, layers, inexact = job
             try:
-                self._spill(conv_id, tokens, layers)
+                self._spill(conv_id, tokens, layers, inexact)
             except Exception as e:  # a failed spill only costs a future prefill
                 log.warning("could not save the KV cache: %s", e)
             finally:
                 self._q.task_done()
 
-    def _spill(self, conv_id: int | None, tokens: list[int], layers) -> int:
+    def _spill(self, conv_id: int | None, tokens: list[int], layers, inexact: int = 0) -> int:
+        """Write the chunks of `tokens` that are missing or due for another codec; `layers`
+        hold their cache, decoded from lossy chunks before position `inexact`."""
         fp, c = self.lm.fingerprint, self.chunk_tokens
         keys = chain_keys(fp, tokens, c)
         tail = len(keys) * c
@@ -323,8 +334,10 @@ class KVManager:
             partial = key == tail_key
             codec = layout[i][2]
             rec = on_disk.get(key)
-            if rec is not None and (self.kv_dir / rec.path).exists() and not self._recode(rec, codec):
-                continue
+            if rec is not None and (self.kv_dir / rec.path).exists():
+                held = codec_by_tag(rec.codec)
+                if not self._recode(rec, codec) or (i * c < inexact and held and self.policy.allows(held)):
+                    continue  # as wanted, or only a lossy copy of it is at hand: left as it is
             start, end = i * c, min((i + 1) * c, len(tokens))
             part = [(k[..., start:end, :], v[..., start:end, :]) for k, v in layers]  # (B, H, end-start, D)
             written += self._write(
