@@ -125,7 +125,9 @@ def _size() -> tuple[Callable[[Any], Any], str]:
     return parse_size, 'a byte size such as 1073741824, "512MiB" or "2GB"'
 
 
-CODEC_NAMES = ("fp16", "int8", "int4", "int2")
+# `cache.codec` names a storage policy (kv/policy.py): "tiered" by age, or one fixed codec.
+# Listed here, not imported, so that reading the config never imports torch.
+CODEC_NAMES = ("tiered", "fp16", "int8", "int4", "int2")
 
 SCHEMA: dict[str, tuple[Callable[[Any], Any], str]] = {
     "model.name": _nonempty(),

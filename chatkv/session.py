@@ -657,7 +657,7 @@ class Turn:
         if tokens <= PREFILL_STEP:
             return None
         report = self.chat.progress
-        return lambda done, total: report("prefilling", done, total)
+        return lambda done, total: report("prefill", done, total)
 
     def _open_journal(self) -> journal.Journal | None:
         r = self.replace

@@ -34,11 +34,13 @@ from chatkv.kv.chunks import (
 )
 from chatkv.kv.codecs import get_codec
 from chatkv.kv.manager import LivePool
+from chatkv.kv.policy import get_policy
 from chatkv.store import Store
 from chatkv.store.repo import ChunkRecord
 
 FP = "f" * 32
 FP16 = get_codec("fp16")
+EXACT = get_policy("fp16")  # the lossless policy: accepts fp16 chunks only
 DTYPE = torch.float32
 CPU = torch.device("cpu")
 
@@ -51,7 +53,7 @@ def layers(n_tokens: int, n_layers: int = 2, seed: int = 0) -> list[tuple[torch.
 
 def make_chunk(tokens, parent=None, start=0, fingerprint=FP, codec=FP16, partial=False, seed=0):
     """(key, file bytes, checksum, layers) of a chunk over `tokens`."""
-    key = chunk_key(fingerprint, codec, parent, tokens)
+    key = chunk_key(fingerprint, parent, tokens)
     kv = layers(len(tokens), seed=seed)
     blob, checksum = encode_chunk(codec, fingerprint, key, parent, start, tokens, kv, partial)
     return key, blob, checksum, kv
@@ -84,27 +86,27 @@ def flip_data_bytes(path: Path) -> None:
 def test_chunk_keys_chain_over_the_parent():
     a = list(range(100))
     b = a[:64] + [7] * 36  # same first two chunks, then different
-    ka, kb = chain_keys(FP, FP16, a, 32), chain_keys(FP, FP16, b, 32)
+    ka, kb = chain_keys(FP, a, 32), chain_keys(FP, b, 32)
     assert len(ka) == 3 and len(kb) == 3  # the trailing partial chunk is not in the chain
     assert ka[:2] == kb[:2] and ka[2] != kb[2]
-    assert ka == chain_keys(FP, FP16, a + [1, 2, 3], 32)  # a longer conversation extends the chain
-    assert ka[1] == chunk_key(FP, FP16, ka[0], a[32:64])
+    assert ka == chain_keys(FP, a + [1, 2, 3], 32)  # a longer conversation extends the chain
+    assert ka[1] == chunk_key(FP, ka[0], a[32:64])
 
-    # The same tokens after a different parent, model or codec are another chunk.
+    # The same tokens after a different parent or model are another chunk (not another
+    # codec: a chunk is re-coded as it ages under the same key; the file names its codec).
     same_tokens = a[32:64]
-    assert chunk_key(FP, FP16, "0" * 64, same_tokens) != ka[1]
-    assert chunk_key(FP, FP16, None, same_tokens) != ka[1]
-    assert chunk_key("e" * 32, FP16, ka[0], same_tokens) != ka[1]
-    assert chunk_key(FP, get_codec("int8"), ka[0], same_tokens) != ka[1]
+    assert chunk_key(FP, "0" * 64, same_tokens) != ka[1]
+    assert chunk_key(FP, None, same_tokens) != ka[1]
+    assert chunk_key("e" * 32, ka[0], same_tokens) != ka[1]
     # and a different token anywhere in a chunk changes its key and every key after it
     c = a.copy()
     c[40] = 999
-    kc = chain_keys(FP, FP16, c, 32)
+    kc = chain_keys(FP, c, 32)
     assert kc[0] == ka[0] and kc[1] != ka[1] and kc[2] != ka[2]
 
 
 def test_relpath_fans_out_on_the_key():
-    key = chunk_key(FP, FP16, None, [1, 2, 3])
+    key = chunk_key(FP, None, [1, 2, 3])
     assert relpath(key) == f"{key[:2]}/{key[2:4]}/{key}.safetensors"
 
 
@@ -113,11 +115,11 @@ def test_relpath_fans_out_on_the_key():
 
 def test_fp16_chunk_roundtrips_exactly(tmp_path):
     tokens = list(range(10, 42))
-    parent = chunk_key(FP, FP16, None, list(range(32)))
+    parent = chunk_key(FP, None, list(range(32)))
     key, blob, _, kv = make_chunk(tokens, parent=parent, start=32, partial=True)
     path = tmp_path / relpath(key)
     write_atomic(path, blob)
-    data = read_chunk(path, FP16, FP, key, DTYPE, CPU)
+    data = read_chunk(path, EXACT, FP, key, DTYPE, CPU)
     assert data.key == key and data.parent == parent and data.start == 32 and data.partial
     assert data.tokens == tokens
     assert len(data.layers) == len(kv)
@@ -145,7 +147,8 @@ def written(tmp_path):
         (lambda p: p.unlink(), "unreadable"),
         (lambda p: rewrite_metadata(p, format="chatkv-kv/0"), "format"),
         (lambda p: rewrite_metadata(p, fingerprint="e" * 32), "fingerprint"),
-        (lambda p: rewrite_metadata(p, codec="int8"), "codec"),
+        (lambda p: rewrite_metadata(p, codec="int8"), "codec"),  # not fp16's parameters
+        (lambda p: rewrite_metadata(p, codec="int9"), "codec"),  # not registered
         (lambda p: rewrite_metadata(p, key="0" * 64), "key"),
         (lambda p: rewrite_metadata(p, dtype="bfloat16"), "dtype"),
         (lambda p: rewrite_metadata(p, n_tokens="31"), "malformed|tokens"),
@@ -159,6 +162,7 @@ def written(tmp_path):
         "format",
         "fingerprint",
         "codec",
+        "unknown-codec",
         "key",
         "dtype",
         "n_tokens",
@@ -166,23 +170,27 @@ def written(tmp_path):
 )
 def test_read_chunk_refuses_what_it_cannot_trust(written, damage, reason):
     path, key = written
-    read_chunk(path, FP16, FP, key, DTYPE, CPU)  # sound before
+    read_chunk(path, EXACT, FP, key, DTYPE, CPU)  # sound before
     damage(path)
     with pytest.raises(CacheError, match=reason):
-        read_chunk(path, FP16, FP, key, DTYPE, CPU)
+        read_chunk(path, EXACT, FP, key, DTYPE, CPU)
 
 
-def test_read_chunk_refuses_a_sound_file_of_another_model_codec_or_key(written):
+def test_read_chunk_refuses_a_sound_file_of_another_model_codec_or_key(written, tmp_path):
     path, key = written
-    read_chunk(path, FP16, FP, key, DTYPE, CPU)
+    read_chunk(path, EXACT, FP, key, DTYPE, CPU)
     with pytest.raises(CacheError, match="fingerprint"):
-        read_chunk(path, FP16, "e" * 32, key, DTYPE, CPU)
-    with pytest.raises(CacheError, match="codec"):
-        read_chunk(path, get_codec("int8"), FP, key, DTYPE, CPU)
+        read_chunk(path, EXACT, "e" * 32, key, DTYPE, CPU)
+    # a lossy chunk under the lossless policy: refused, whatever the key says
+    int8_key, blob, _, _ = make_chunk(list(range(32)), codec=get_codec("int8"))
+    write_atomic(tmp_path / "int8.safetensors", blob)
+    read_chunk(tmp_path / "int8.safetensors", get_policy("int8"), FP, int8_key, DTYPE, CPU)
+    with pytest.raises(CacheError, match="codec 'int8', which policy 'fp16' refuses"):
+        read_chunk(tmp_path / "int8.safetensors", EXACT, FP, int8_key, DTYPE, CPU)
     with pytest.raises(CacheError, match="key"):
-        read_chunk(path, FP16, FP, "0" * 64, DTYPE, CPU)
+        read_chunk(path, EXACT, FP, "0" * 64, DTYPE, CPU)
     with pytest.raises(CacheError, match="dtype"):
-        read_chunk(path, FP16, FP, key, torch.bfloat16, CPU)
+        read_chunk(path, EXACT, FP, key, torch.bfloat16, CPU)
 
 
 def test_write_atomic_leaves_only_the_finished_file(tmp_path, monkeypatch):
@@ -221,7 +229,7 @@ def index_chunk(store, kv_dir: Path, tokens, parent=None, start=0, seed=0, used_
         key=key,
         parent=parent,
         fingerprint=FP,
-        codec=FP16.name,
+        codec=FP16.tag,
         start=start,
         n_tokens=len(tokens),
         partial=False,
@@ -248,7 +256,7 @@ def test_verify_file_checks_the_file_against_its_record(tmp_path, store):
     assert "start" in verify_file(path, other)
     rewrite_metadata(path, format="chatkv-kv/0")
     assert "format" in verify_file(path, rec)
-    rewrite_metadata(path, format="chatkv-kv/1")
+    rewrite_metadata(path, format="chatkv-kv/2")
     assert verify_file(path, rec) is None
     flip_data_bytes(path)
     assert "checksum" in verify_file(path, rec)

@@ -106,6 +106,29 @@ def test_resume_from_disk_matches_a_fresh_prefill(real_lm, codec):
     again.close()
 
 
+def test_the_same_prompt_twice_gives_the_same_greedy_reply_with_the_default_policy(real_lm):
+    """Issue 8: with int8 on every chunk, the second `ask --new` of a short prompt, its
+    prefix read from disk, answered something else. The default policy stores the tail
+    chunk (and so a whole short prompt) losslessly."""
+    from chatkv.config import load_settings
+
+    chat = make_chat(load_settings().cache.codec, real_lm)  # the default
+    assert chat.kv.policy.name == "tiered"
+    settings = GenerationSettings(max_new_tokens=40, temperature=0.0)
+    for prompt in ["What is the capital of France?", "Write a haiku about the sea.", "What is 12 times 12?"]:
+        first = chat.send(chat.new_conversation().id, prompt, settings)
+        a = "".join(first)
+        chat.kv.flush()
+        second = chat.send(chat.new_conversation().id, prompt, settings)
+        b = "".join(second)
+        assert (
+            second.stats.cache_source == "disk"
+            and second.stats.cached_tokens == first.stats.prompt_tokens - 1
+        )
+        assert b == a, (prompt, a, b)
+    chat.close()
+
+
 def test_codec_quality_bounds_on_real_activations(real_lm):
     from chatkv.bench.quality import measure_quality, sample_text
     from chatkv.kv.codecs import get_codec

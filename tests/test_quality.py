@@ -80,3 +80,66 @@ def test_sample_text_is_long_english():
     text = sample_text()
     assert "We hold these truths to be self-evident" in text
     assert len(text.split()) > 2000
+
+
+def test_a_policy_stores_short_prefixes_exactly_and_long_ones_by_age(tiny_llama, ids):
+    """At a prefix shorter than a chunk a policy is exact (the tail is lossless) where the
+    bare codec is not; at a longer one it is lossy, but its first tokens and tail are exact."""
+    from chatkv.bench.quality import fidelity
+    from chatkv.kv.policy import get_policy
+
+    schemes = {"codec int8": (get_codec("int8"), None), "policy tiered": (get_policy("tiered"), None)}
+    rows = {
+        (r["scheme"], r["prefix_tokens"]): r
+        for r in fidelity(tiny_llama, ids, [40, 200], schemes, 64, 32, 16)
+    }
+    short = rows["policy tiered", 40]
+    assert short["kl_mean"] == 0.0 and short["top1_agreement"] == 1.0 and short["greedy_agree_tokens"] == 16
+    assert short["ratio_vs_fp16"] == pytest.approx(2.0)  # float32 stored as is
+    assert rows["codec int8", 40]["kl_mean"] > 0.0
+    assert 0.0 < rows["policy tiered", 200]["kl_mean"] < rows["codec int8", 200]["kl_mean"] * 10
+    # 3 full int8 chunks (sink exact) and an 8-token exact tail cost more than bare int8
+    assert rows["codec int8", 200]["ratio_vs_fp16"] < rows["policy tiered", 200]["ratio_vs_fp16"] < 1.0
+
+
+def test_roundtrip_keeps_sink_tokens_and_tail_exact():
+    from chatkv.kv.policy import get_policy
+
+    g = torch.Generator().manual_seed(3)
+    layers = [
+        (torch.randn(1, 2, 150, 16, generator=g), torch.randn(1, 2, 150, 16, generator=g)) for _ in range(2)
+    ]
+    policy = get_policy("int4")
+    stored, used = roundtrip_layers(layers, policy, chunk_tokens=64)
+    for (k, v), (k2, v2) in zip(layers, stored, strict=True):
+        assert torch.equal(k[..., : policy.sink, :], k2[..., : policy.sink, :])
+        assert torch.equal(v[..., 128:, :], v2[..., 128:, :])  # the 22-token tail
+        assert not torch.equal(k[..., policy.sink : 128, :], k2[..., policy.sink : 128, :])
+    recoded, _ = roundtrip_layers(layers, policy, chunk_tokens=64, recoded_from="int8")
+    assert not torch.equal(recoded[0][0], stored[0][0])  # int4 of int8's reload differs from int4 of exact
+
+
+def test_same_prompt_twice_counts_identical_greedy_replies(tiny_lm):
+    from chatkv.bench.quality import SHORT_PROMPTS, same_prompt_twice
+    from chatkv.kv.policy import get_policy
+
+    got = same_prompt_twice(
+        tiny_lm, SHORT_PROMPTS[:3], {"fp16": get_codec("fp16"), "tiered": get_policy("tiered")}, 256, 8
+    )
+    assert got == {"fp16": 1.0, "tiered": 1.0}
+
+
+def test_bitsandbytes_codecs_when_installed():
+    """bnb8 and NF4 register only where bitsandbytes is installed (the `cuda` extra)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: bnb8/nf4 codecs not registered")
+    from chatkv.kv.codecs import CODECS, nbytes
+
+    k = torch.randn(2, 2, 64, 64, generator=torch.Generator().manual_seed(4))
+    v = torch.randn(2, 2, 64, 64, generator=torch.Generator().manual_seed(5))
+    for name, bits, tol in (("bnb8", 8, 0.05), ("nf4", 4, 0.6)):
+        codec = CODECS[name]
+        parts = codec.encode(k, v)
+        k2, v2 = codec.decode(parts, tuple(k.shape), torch.float32, "cpu")
+        assert codec.bits == bits and not codec.lossless
+        assert 0 < (k - k2).abs().max() < tol and 0 < (v - v2).abs().max() < tol
+        assert nbytes(parts) < k.numel() * 2 * (bits / 8 + 0.1)

@@ -34,6 +34,7 @@ from chatkv.kv import chunks, live, maintenance
 from chatkv.kv.chunks import encode_chunk, read_chunk
 from chatkv.kv.codecs import get_codec
 from chatkv.kv.manager import common_prefix
+from chatkv.kv.policy import get_policy
 from chatkv.paths import db_path, kv_dir
 from chatkv.session import Chat
 from chatkv.store import Store
@@ -108,11 +109,13 @@ def delete(path: Path, rec, lm) -> None:
 def reencode(path: Path, rec, lm, *, fingerprint: str | None = None, codec: str | None = None) -> None:
     """Put at `path` a self-consistent chunk over the same tokens, written under another
     model fingerprint or another codec (as another configuration would have written it)."""
-    data = read_chunk(path, get_codec(rec.codec), lm.fingerprint, rec.key, lm.dtype, lm.device)
-    other_codec = get_codec(codec or rec.codec)
+    data = read_chunk(path, get_policy("int2"), lm.fingerprint, rec.key, lm.dtype, lm.device)  # any codec
+    other_codec = get_codec(codec or rec.codec.split(":")[0])
     other_fp = fingerprint or lm.fingerprint
-    parent = data.parent and chunks.chunk_key(other_fp, other_codec, None, [0])  # another chain
-    key = chunks.chunk_key(other_fp, other_codec, parent, data.tokens)
+    parent, key = data.parent, rec.key  # another codec: the same key (the codec is not in it)
+    if fingerprint:
+        parent = data.parent and chunks.chunk_key(other_fp, None, [0])  # another chain
+        key = chunks.chunk_key(other_fp, parent, data.tokens)
     blob, _ = encode_chunk(
         other_codec, other_fp, key, parent, data.start, data.tokens, data.layers, data.partial
     )
@@ -401,6 +404,13 @@ def encode_probe(lm, chat: Chat, n: int) -> int:
     with torch.no_grad():
         lm.model(torch.tensor([[1] * n], device=lm.device), past_key_values=cache, use_cache=True)
     blob, _ = encode_chunk(
-        chat.kv.codec, lm.fingerprint, "0" * 64, "1" * 64, 4000, [1] * n, live.layers_of(cache), True
+        chat.kv.policy.codec_for(0),
+        lm.fingerprint,
+        "0" * 64,
+        "1" * 64,
+        4000,
+        [1] * n,
+        live.layers_of(cache),
+        True,
     )
     return len(blob)

@@ -1,9 +1,13 @@
-"""Quality harness for KV codecs: how much does a stored-and-reloaded cache change the model?
+"""Quality harness for KV codecs and storage policies: how much does a stored-and-reloaded
+cache change the model?
 
-Prefill a prefix once (the exact cache), rebuild a second cache by pushing every layer
-through ``codec.encode``/``codec.decode`` chunk by chunk (as the store does), then run the
-same continuation teacher-forced on each cache and compare next-token distributions.
-New tokens are appended at full precision, as the product does after a resume.
+Prefill a prefix once (the exact cache), rebuild a second cache by pushing it through the
+codecs chunk by chunk as the store lays it out (a policy: tail and sink tokens exact, full
+chunks by age tier; a bare codec: every chunk, as chatkv stored them before policies),
+then compare, against the exact cache: next-token distributions over a teacher-forced
+continuation (KL, top-1), where 64 greedy tokens first diverge, and, over short chat
+prompts, whether the greedy reply is the same at all. New tokens are appended at full
+precision, as the product does after a resume.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from chatkv.kv.codecs import Codec, nbytes
+from chatkv.kv.codecs import Codec, get_codec, nbytes
+from chatkv.kv.policy import Policy
 
 Layers = list[tuple[Tensor, Tensor]]
 
@@ -49,22 +54,42 @@ def cache_layers(cache: DynamicCache) -> Layers:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def roundtrip_layers(layers: Layers, codec: Codec, chunk_tokens: int = 256) -> tuple[Layers, int]:
-    """Encode and decode every layer chunk by chunk along T; return the new layers and bytes used."""
-    out: Layers = []
+def as_policy(scheme: Codec | Policy) -> Policy:
+    """A policy as is; a bare codec as the policy of storing every chunk with it, tail and
+    sink included (how every chunk was stored before policies)."""
+    if isinstance(scheme, Policy):
+        return scheme
+    return Policy(scheme.name, ((0, scheme.name),), sink=0, exact_tail=False)
+
+
+def roundtrip_layers(
+    layers: Layers, scheme: Codec | Policy, chunk_tokens: int = 256, recoded_from: str | None = None
+) -> tuple[Layers, int]:
+    """Store and reload ``layers`` as the chunk store would under ``scheme``: chunk by chunk
+    along T, all layers in one codec call (as ``encode_chunk``). Returns the new layers and
+    the payload bytes (tensors, no file headers). With ``recoded_from``, lossy chunks are
+    first stored with that codec and re-coded from its reload (a re-code from disk)."""
+    policy = as_policy(scheme)
+    n_layers, n = len(layers), layers[0][0].shape[-2]
+    k = torch.cat([k for k, _ in layers], dim=0)  # (L*B, H, T, D)
+    v = torch.cat([v for _, v in layers], dim=0)
+    k_out, v_out = torch.empty_like(k), torch.empty_like(v)
     total = 0
-    for k, v in layers:
-        ks, vs = [], []
-        for start in range(0, k.shape[-2], chunk_tokens):
-            kc = k[:, :, start : start + chunk_tokens]  # (B, H, t, D)
-            vc = v[:, :, start : start + chunk_tokens]
-            parts = codec.encode(kc, vc)
-            total += nbytes(parts)
-            kd, vd = codec.decode(parts, tuple(kc.shape), kc.dtype, kc.device)
-            ks.append(kd)
-            vs.append(vd)
-        out.append((torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)))
-    return out, total
+    for start, end, codec, sink in policy.layout(n, chunk_tokens):
+        kc, vc = k[:, :, start:end], v[:, :, start:end]  # (L*B, H, t, D)
+        if sink:
+            k_out[:, :, start : start + sink] = kc[:, :, :sink]
+            v_out[:, :, start : start + sink] = vc[:, :, :sink]
+            total += 2 * kc[:, :, :sink].numel() * kc.element_size()
+            kc, vc, start = kc[:, :, sink:], vc[:, :, sink:], start + sink
+        if recoded_from and not codec.lossless and codec.name != recoded_from:
+            first = get_codec(recoded_from)
+            kc, vc = first.decode(first.encode(kc, vc), tuple(kc.shape), kc.dtype, kc.device)
+        parts = codec.encode(kc, vc)
+        total += nbytes(parts)
+        kd, vd = codec.decode(parts, tuple(kc.shape), kc.dtype, kc.device)
+        k_out[:, :, start:end], v_out[:, :, start:end] = kd, vd
+    return list(zip(k_out.chunk(n_layers, 0), v_out.chunk(n_layers, 0), strict=True)), total
 
 
 @torch.inference_mode()
@@ -106,9 +131,10 @@ def compare_logits(exact: Tensor, approx: Tensor, targets: Tensor) -> dict[str, 
 
 
 def measure_quality(
-    model, input_ids: torch.LongTensor, prefix_len: int, codec: Codec, chunk_tokens: int = 256
+    model, input_ids: torch.LongTensor, prefix_len: int, codec: Codec | Policy, chunk_tokens: int = 256
 ) -> QualityResult:
-    """Score ``codec`` on ``input_ids`` (B, N): prefix ``[:prefix_len]``, evaluate the rest.
+    """Score ``codec`` (or a policy) on ``input_ids`` (B, N): prefix ``[:prefix_len]``,
+    evaluate the rest.
 
     KL and top-1 are taken over every continuation position (each one attends to the
     stored cache); perplexities over continuation tokens 1.. (token 0 is predicted by
@@ -160,59 +186,248 @@ def measure_speed(codec: Codec, layers: Layers, repeats: int = 5) -> tuple[float
     return enc[len(enc) // 2] * 1e3, dec[len(dec) // 2] * 1e3
 
 
+@torch.inference_mode()
+def greedy(
+    model,
+    layers: Layers,
+    first: int,
+    n: int,
+    eos: frozenset[int] = frozenset(),
+    until: list[int] | None = None,
+) -> list[int]:
+    """``n`` greedy tokens after feeding ``first`` on a cache built from ``layers`` (stops
+    after an ``eos`` token, and with ``until`` at the first token that differs from it:
+    only where they diverge is wanted)."""
+    from chatkv.engine.generate import decode_one
+    from chatkv.kv import live
+
+    # a copy that appends in place (a DynamicCache would copy the whole cache every step),
+    # fed as the engine feeds it (explicit positions)
+    cache = live.cache_from_layers(model, layers)
+    pos = layers[0][0].shape[-2]
+    out: list[int] = []
+    token = torch.tensor([first], device=layers[0][0].device)
+    for _ in range(n):
+        token = decode_one(model, token, cache, pos).argmax(-1)  # (1,)
+        pos += 1
+        out.append(int(token))
+        if out[-1] in eos or (
+            until is not None and (len(until) < len(out) or until[len(out) - 1] != out[-1])
+        ):
+            break
+    return out
+
+
+def diverges_at(a: list[int], b: list[int]) -> int:
+    """The first position where two greedy continuations differ (their length if never)."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+SHORT_PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What is 12 times 12?",
+    "Who wrote Romeo and Juliet?",
+    "Give me a synonym for happy.",
+    "What is the boiling point of water in Celsius?",
+    "Translate 'good morning' into Spanish.",
+    "What is the largest planet in the solar system?",
+    "Write a haiku about the sea.",
+    "What does a bee make?",
+    "How many days are in a leap year?",
+    "What is the chemical symbol for gold?",
+    "Suggest a name for a pet turtle.",
+    "What language is spoken in Brazil?",
+    "Explain what a noun is in one sentence.",
+    "What is the opposite of cold?",
+    "List two fruits that are red.",
+    "How many legs does a spider have?",
+    "What is the square root of 81?",
+    "Tell me a fun fact about octopuses.",
+]
+
+
+def same_prompt_twice(lm, prompts: list[str], schemes: dict, chunk_tokens: int, new_tokens: int) -> dict:
+    """For each scheme, the fraction of ``prompts`` whose greedy reply from a stored-and-
+    reloaded prompt cache (all but its last token, as a turn attaches it) is identical to
+    the reply from the computed one."""
+    from chatkv.engine.model import chat_ids
+
+    eos = frozenset(lm.eos_ids)
+    same = dict.fromkeys(schemes, 0)
+    for prompt in prompts:
+        ids = chat_ids(lm.tokenizer, [{"role": "user", "content": prompt}], True)
+        exact = prefill(lm.model, torch.tensor([ids[:-1]], device=lm.model.device))
+        want = greedy(lm.model, exact, ids[-1], new_tokens, eos)
+        for label, scheme in schemes.items():
+            stored, _ = roundtrip_layers(exact, scheme, chunk_tokens)
+            if all(
+                torch.equal(a, b)
+                for pair in zip(exact, stored, strict=True)
+                for a, b in zip(*pair, strict=True)
+            ):
+                same[label] += 1  # stored exactly: the same computation, the same reply
+            else:
+                same[label] += greedy(lm.model, stored, ids[-1], new_tokens, eos, until=want) == want
+    return {label: n / len(prompts) for label, n in same.items()}
+
+
+def fidelity(
+    model,
+    ids: torch.LongTensor,
+    lengths: list[int],
+    schemes: dict,
+    chunk_tokens: int,
+    n_eval: int,
+    n_greedy: int,
+    quiet: bool = True,
+) -> list[dict]:
+    """KL, top-1 and greedy divergence of each scheme at each prefix length of ``ids``
+    (1, N): one prefill of the longest prefix serves every length (the cache is causal)."""
+    from chatkv.bench.common import say
+
+    longest = prefill(model, ids[:, : max(lengths)])
+    rows = []
+    for n in lengths:
+        exact = [(k[..., :n, :], v[..., :n, :]) for k, v in longest]  # (B, H, n, D)
+        cont = ids[:, n : n + n_eval]
+        want_logits = continue_logits(model, cont, exact)
+        want = greedy(model, exact, int(ids[0, n]), n_greedy)
+        fp16_bytes = sum(k.numel() + v.numel() for k, v in exact) * 2
+        for label, (scheme, recoded_from) in schemes.items():
+            say(f"  {label} at {n} tokens", quiet)
+            stored, used = roundtrip_layers(exact, scheme, chunk_tokens, recoded_from)
+            stats = compare_logits(want_logits, continue_logits(model, cont, stored), cont[:, 1:])
+            got = greedy(model, stored, int(ids[0, n]), n_greedy, until=want)
+            rows.append(
+                {
+                    "scheme": label,
+                    "prefix_tokens": n,
+                    "kl_mean": stats["kl_mean"],
+                    "kl_max": stats["kl_max"],
+                    "top1_agreement": stats["top1"],
+                    "greedy_agree_tokens": diverges_at(want, got),
+                    "bytes_per_token": used / n,
+                    "ratio_vs_fp16": used / fp16_bytes,
+                }
+            )
+    return rows
+
+
+def schemes_to_measure(explore: bool) -> dict[str, tuple[Codec | Policy, str | None]]:
+    """Rows of the table: every registered lossy codec bare (each chunk with it, as before
+    policies), every policy, and with ``explore`` the variants the default was chosen from."""
+    from dataclasses import replace
+
+    from chatkv.kv.codecs import CODECS
+    from chatkv.kv.policy import INT4_AFTER, POLICIES
+
+    rows: dict[str, tuple[Codec | Policy, str | None]] = {
+        f"codec {name}": (c, None) for name, c in CODECS.items() if not c.lossless
+    }
+    rows |= {f"policy {name}": (p, None) for name, p in POLICIES.items() if not p.lossless}
+    if explore:
+        tiered = POLICIES["tiered"]
+        for sink in (0, 1):
+            rows[f"tiered sink={sink}"] = (replace(tiered, sink=sink), None)
+        for after in sorted({1, 2, 8} - {INT4_AFTER}):
+            rows[f"tiered int4>={after}"] = (replace(tiered, tiers=((0, "int8"), (after, "int4"))), None)
+        rows["tiered exact=1"] = (replace(tiered, exact_recent=1), None)
+        rows["tiered int4 from int8"] = (tiered, "int8")  # re-coded from an int8 file, not exact
+        for name in ("nf4", "int2"):
+            if name in CODECS:
+                rows[f"tiered {name}>={INT4_AFTER}"] = (
+                    replace(tiered, tiers=((0, "int8"), (INT4_AFTER, name))),
+                    None,
+                )
+        rows["int4 sink+tail"] = (POLICIES["int4"], None)
+    return rows
+
+
+def _ids_for(lm, text: str, need: int) -> tuple[torch.LongTensor, bool]:
+    """Token ids of ``text``, repeated until there are ``need`` (and whether it had to be)."""
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]  # (1, N)
+    repeated = ids.shape[-1] < need
+    if repeated:
+        ids = ids.repeat(1, -(-need // ids.shape[-1]))
+    return ids[:, :need].to(lm.model.device), repeated
+
+
 def run(args, settings) -> dict:
-    """`chatkv bench quality`: score the configured codec (or all with --all) on a text."""
-    from dataclasses import asdict
+    """`chatkv bench quality`: every codec and policy at several prefix lengths, on the
+    bundled text and on any --text files, and the same-prompt-twice check."""
     from pathlib import Path
 
     from chatkv.bench.common import emit, load, say
-    from chatkv.config import CODEC_NAMES
     from chatkv.errors import InputError
-    from chatkv.kv.codecs import get_codec
 
-    if args.text:
+    if args.no_sample and not args.text:
+        raise InputError("--no-sample needs at least one --text FILE to measure on")
+    try:
+        lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
+    except ValueError:
+        raise InputError(f"--lengths {args.lengths!r}: give token counts like 32,256,1024") from None
+    if not lengths or lengths[0] < 2:
+        raise InputError(f"--lengths {args.lengths!r}: each prefix length must be at least 2")
+    texts = {} if args.no_sample else {"bundled sample": sample_text()}
+    for name in args.text or []:
         try:
-            text = Path(args.text).read_text(encoding="utf-8")
+            texts[name] = Path(name).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read --text {args.text}: {e}") from None
-    else:
-        text = sample_text()
+            raise InputError(f"cannot read --text {name}: {e}") from None
     lm = load(settings)
-    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
-    need = args.prefix + args.eval
-    if ids.shape[-1] < need:
-        raise InputError(
-            f"the text has {ids.shape[-1]} tokens; --prefix {args.prefix} + --eval {args.eval} "
-            f"needs {need}: give a longer --text or smaller numbers"
-        )
-    ids = ids[:, :need]
-    names = CODEC_NAMES if args.all else (settings.cache.codec,)
+    c = settings.cache.chunk_tokens
+    if max(lengths) + args.eval + 1 > lm.context_limit:
+        raise InputError(f"--lengths up to {max(lengths)} + --eval {args.eval} exceed the model's context")
+    schemes = schemes_to_measure(args.explore)
     quiet = args.json
-    chunk = prefill(lm.model, ids[:, : settings.cache.chunk_tokens])
-    rows = []
-    for name in names:
-        say(f"measuring {name} on {args.prefix} + {args.eval} tokens ...", quiet)
-        codec = get_codec(name)
-        r = asdict(measure_quality(lm.model, ids, args.prefix, codec, settings.cache.chunk_tokens))
-        r["encode_ms_per_chunk"], r["decode_ms_per_chunk"] = measure_speed(codec, chunk)
-        rows.append(r)
+    rows, notes = [], []
+    for text_name, text in texts.items():
+        ids, repeated = _ids_for(lm, text, max(lengths) + max(args.eval, 1) + 1)
+        if repeated:
+            notes.append(
+                f"{text_name} is shorter than {ids.shape[-1]} tokens: repeated to fill the longest prefix"
+            )
+        say(f"measuring {len(schemes)} schemes at {lengths} tokens on {text_name} ...", quiet)
+        for r in fidelity(lm.model, ids, lengths, schemes, c, args.eval, args.greedy, quiet=False):
+            rows.append({"text": text_name, **r})
+    twice = {}
+    if args.prompts > 0:
+        say(f"same prompt twice over {args.prompts} short prompts ...", quiet)
+        prompts = SHORT_PROMPTS[: args.prompts]
+        twice = same_prompt_twice(lm, prompts, {k: v[0] for k, v in schemes.items()}, c, args.reply_tokens)
     result = {
         "benchmark": "quality",
         "model": settings.model.name,
         "device": lm.description,
-        "chunk_tokens": settings.cache.chunk_tokens,
+        "chunk_tokens": c,
+        "eval_tokens": args.eval,
+        "greedy_tokens": args.greedy,
         "results": rows,
+        "same_prompt_twice": twice,
+        "notes": notes,
     }
     lines = [
-        f"quality bench: {lm.description}, {args.prefix}-token prefix, {args.eval} evaluated tokens",
-        f"{'codec':<6} {'KL mean':>9} {'KL max':>8} {'top-1':>7} {'ppl exact→codec':>18} "
-        f"{'B/token':>8} {'×fp16':>6} {'enc ms':>7} {'dec ms':>7}",
+        f"quality bench: {lm.description}, {c}-token chunks, KL/top-1 over {args.eval} teacher-forced "
+        f"tokens, greedy agreement of {args.greedy} tokens",
     ]
-    for r in rows:
-        lines.append(
-            f"{r['codec']:<6} {r['kl_mean']:9.5f} {r['kl_max']:8.4f} {r['top1_agreement']:7.1%} "
-            f"{r['ppl_exact']:8.3f}→{r['ppl_codec']:<9.3f} {r['bytes_per_token']:8.0f} "
-            f"{r['ratio_vs_fp16']:6.3f} {r['encode_ms_per_chunk']:7.1f} {r['decode_ms_per_chunk']:7.1f}"
-        )
+    for text_name in texts:
+        lines += [
+            f"-- {text_name}",
+            f"{'scheme':<24} {'prefix':>6} {'KL mean':>9} {'KL max':>8} {'top-1':>7} {'greedy':>6} "
+            f"{'B/token':>8} {'×fp16':>6}",
+        ]
+        for r in rows:
+            if r["text"] == text_name:
+                lines.append(
+                    f"{r['scheme']:<24} {r['prefix_tokens']:>6} {r['kl_mean']:9.6f} {r['kl_max']:8.4f} "
+                    f"{r['top1_agreement']:7.1%} {r['greedy_agree_tokens']:>6} {r['bytes_per_token']:8.0f} "
+                    f"{r['ratio_vs_fp16']:6.3f}"
+                )
+    if twice:
+        lines.append(f"same prompt twice, greedy replies of up to {args.reply_tokens} tokens identical:")
+        lines += [f"  {label:<24} {frac:6.1%}" for label, frac in twice.items()]
+    lines += [f"note: {n}" for n in notes]
     emit(result, args.json, lines)
     return result

@@ -29,12 +29,45 @@ def _resume(p: argparse.ArgumentParser) -> None:
 def _quality(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--text",
+        action="append",
         type=PathArg(output=False),
-        help="a UTF-8 text file to evaluate on (default: the bundled sample)",
+        help="a UTF-8 text file to evaluate on too, besides the bundled sample (repeatable)",
     )
-    p.add_argument("--prefix", type=TOKENS, default=2048, help="tokens of cached prefix (default 2048)")
-    p.add_argument("--eval", type=TOKENS, default=256, help="tokens evaluated after the prefix (default 256)")
-    p.add_argument("--all", action="store_true", help="measure every codec")
+    p.add_argument("--no-sample", action="store_true", help="measure on the --text files only")
+    p.add_argument(
+        "--lengths",
+        type=_lengths,
+        default="32,256,1024,4096",
+        help="prefix lengths in tokens (default 32,256,1024,4096)",
+    )
+    p.add_argument(
+        "--eval", type=TOKENS, default=64, help="teacher-forced tokens after each prefix (default 64)"
+    )
+    p.add_argument(
+        "--greedy", type=TOKENS, default=64, help="greedy tokens compared after each prefix (default 64)"
+    )
+    p.add_argument(
+        "--prompts",
+        type=count(0, 20, "a number of prompts"),
+        default=20,
+        help="short prompts asked twice (default 20, at most 20)",
+    )
+    p.add_argument(
+        "--reply-tokens", type=TOKENS, default=32, help="greedy reply tokens per prompt (default 32)"
+    )
+    p.add_argument(
+        "--explore", action="store_true", help="also the policy variants the default was chosen from"
+    )
+
+
+def _lengths(text: str) -> str:
+    """Comma-separated prefix lengths, each a number of tokens (kept as text for the bench)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of token counts, e.g. 32,256,1024")
+    for part in parts:
+        TOKENS(part)  # raises the same one-line error as any other count
+    return ",".join(parts)
 
 
 def _decode(p: argparse.ArgumentParser) -> None:
@@ -67,7 +100,7 @@ def _batch(p: argparse.ArgumentParser) -> None:
 BENCHES = {
     "resume": ("re-prefill versus resuming a saved conversation's cache from disk", _resume),
     "quality": (
-        "how far each codec's reloaded cache is from the exact one (KL, top-1, perplexity, bytes)",
+        "how far each codec's and policy's reloaded cache is from the exact one (KL, top-1, greedy, bytes)",
         _quality,
     ),
     "decode": ("chatkv's decode loop versus transformers generate", _decode),

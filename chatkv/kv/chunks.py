@@ -1,15 +1,20 @@
 """Chunk files: one chunk of a KV cache as a safetensors file.
 
 A chunk covers `n_tokens` consecutive positions starting at `start`. Its key is a
-hash of (model fingerprint, codec, parent key, token ids), so a chunk is only ever
+hash of (format, model fingerprint, parent key, token ids), so a chunk is only ever
 found after exactly the chain of chunks it was computed after: keys hold
-RoPE-rotated, position-dependent values.
+RoPE-rotated, position-dependent values. The codec is not part of the key: a chunk
+is re-coded to a coarser codec as it ages (see kv/policy.py) under the same key, and
+the file's metadata says what it holds; the index row records it too.
 
 File layout: tensors `k.{field}` / `v.{field}` as the codec names them, for all
-layers at once (stacked along the batch axis), plus `tokens` (int32);
-`__metadata__` holds the format version, codec and its parameters, fingerprint,
-key, parent, start, n_tokens, partial, the compute dtype and a sha256 of the tensor
-data. A reader refuses anything that does not match.
+layers at once (stacked along the batch axis), plus `tokens` (int32), and for a chunk
+at position 0 `sink.k` / `sink.v`: its first `sink` tokens as computed (lossless), the
+codec's tensors covering the rest; `__metadata__` holds the format version, codec and
+its parameters, fingerprint, key, parent, start, n_tokens, partial, the compute dtype,
+a sha256 of the tensor data, and `sink`. A reader decodes with the codec the file
+names (which must be registered with the same parameters) if the policy in force
+allows it, and refuses anything that does not match.
 """
 
 from __future__ import annotations
@@ -32,30 +37,29 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from chatkv.errors import CacheError
-from chatkv.kv.codecs import Codec, get_codec
+from chatkv.kv.codecs import CODECS, Codec, get_codec
 
-FORMAT = "chatkv-kv/1"
+FORMAT = "chatkv-kv/2"
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each (B, H, T, D)
 
 
-def chunk_key(fingerprint: str, codec: Codec, parent: str | None, tokens: Sequence[int]) -> str:
-    """Content address of a chunk: chained over its parent, so equal keys mean equal prefixes."""
+def chunk_key(fingerprint: str, parent: str | None, tokens: Sequence[int]) -> str:
+    """Content address of a chunk: chained over its parent, so equal keys mean equal prefixes.
+    Not over the codec: re-coding a chunk as it ages must not change its key or its
+    descendants' (the codec is in the file and the index row)."""
     h = hashlib.sha256()
-    h.update(
-        f"{FORMAT}|{fingerprint}|{codec.name}|{json.dumps(codec.params(), sort_keys=True)}|"
-        f"{parent or ''}|".encode()
-    )
+    h.update(f"{FORMAT}|{fingerprint}|{parent or ''}|".encode())
     h.update(torch.tensor(list(tokens), dtype=torch.int32).numpy().tobytes())
     return h.hexdigest()
 
 
-def chain_keys(fingerprint: str, codec: Codec, tokens: Sequence[int], chunk_tokens: int) -> list[str]:
+def chain_keys(fingerprint: str, tokens: Sequence[int], chunk_tokens: int) -> list[str]:
     """Keys of the full chunks of `tokens`, in order (the trailing partial one excluded)."""
     keys: list[str] = []
     parent = None
     for i in range(0, len(tokens) - chunk_tokens + 1, chunk_tokens):
-        parent = chunk_key(fingerprint, codec, parent, tokens[i : i + chunk_tokens])
+        parent = chunk_key(fingerprint, parent, tokens[i : i + chunk_tokens])
         keys.append(parent)
     return keys
 
@@ -96,6 +100,7 @@ class ChunkData:
     partial: bool
     k: torch.Tensor  # (L, B, H, T, D): every layer's keys
     v: torch.Tensor  # (L, B, H, T, D)
+    codec: str = "fp16"  # the codec the file holds (a re-code may have changed it since indexing)
 
     @property
     def layers(self) -> Layers:
@@ -111,17 +116,26 @@ def encode_chunk(
     tokens: Sequence[int],
     layers: Layers,
     partial: bool,
+    sink: int = 0,
 ) -> tuple[bytes, str]:
     """Serialize a chunk; returns (file bytes, checksum).
 
     All layers are encoded in one codec call, stacked along the batch axis: every codec
     groups values within a (batch, head) row, so this quantizes exactly as layer by layer
     would, with 1/L as many tensor operations (and files with a handful of tensors).
+    A chunk at `start` 0 keeps its first `sink` tokens apart, as computed: attention
+    sinks, where quantization error costs the most. Other chunks ignore `sink`.
     """
     n_layers = len(layers)
     k = torch.cat([k for k, _ in layers], dim=0)  # (L*B, H, T, D)
     v = torch.cat([v for _, v in layers], dim=0)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in codec.encode(k, v).items()}
+    sink = min(sink, len(tokens) - 1) if start == 0 and not codec.lossless else 0  # as Policy.layout
+    tensors: dict[str, torch.Tensor] = {}
+    if sink > 0:
+        tensors["sink.k"] = k[:, :, :sink].detach().contiguous().cpu()  # (L*B, H, sink, D)
+        tensors["sink.v"] = v[:, :, :sink].detach().contiguous().cpu()
+        k, v = k[:, :, sink:], v[:, :, sink:]  # (L*B, H, T - sink, D)
+    tensors |= {name: t.detach().contiguous().cpu() for name, t in codec.encode(k, v).items()}
     tensors["tokens"] = torch.tensor(list(tokens), dtype=torch.int32)
     b, h, _, d = layers[0][0].shape
     meta = {
@@ -139,6 +153,7 @@ def encode_chunk(
         "kv_heads": str(h),
         "head_dim": str(d),
         "dtype": str(layers[0][0].dtype).removeprefix("torch."),
+        "sink": str(sink),
     }
     checksum = tensors_checksum(tensors)
     return st_save(tensors, metadata=meta | {"checksum": checksum}), checksum
@@ -347,7 +362,18 @@ def _check_structure(
     if tok is None or tok.dtype != torch.int32 or tuple(tok.shape) != (dims[3],):
         found = "none" if tok is None else f"{tuple(tok.shape)} {tok.dtype}"
         raise CacheError(f"chunk {key[:12]} tokens are {found}, expected ({dims[3]},) int32")
-    expected = _expected_tensors(codec, meta["codec_params"], (dims[0] * dims[1], *dims[2:]), dtype)
+    if chunk_key(meta["fingerprint"], meta["parent"] or None, tok.tolist()) != key:
+        raise CacheError(f"chunk {key[:12]} holds token ids that are not its key's")
+    # A chunk at position 0 keeps its first `sink` tokens apart, as computed (kv.policy).
+    sink = _meta_int(meta, "sink", key) if "sink" in meta else 0
+    if sink and (sink >= dims[3] or int(meta["start"]) != 0 or codec.lossless):
+        raise CacheError(f"chunk {key[:12]} has sink {sink} at start {meta['start']} of {dims[3]} tokens")
+    rows = dims[0] * dims[1]  # L*B
+    expected = dict(
+        _expected_tensors(codec, meta["codec_params"], (rows, dims[2], dims[3] - sink, dims[4]), dtype)
+    )
+    if sink:
+        expected |= {f"sink.{side}": ((rows, dims[2], sink, dims[4]), dtype) for side in ("k", "v")}
     names = set(tensors) - {"tokens"}
     if names != set(expected):
         raise CacheError(
@@ -411,9 +437,23 @@ def inspect_chunk(
     return meta, tensors, fid
 
 
+def _peek_codec(path: Path) -> str | None:
+    """The codec a chunk file's header names, or None (for a better error message only)."""
+    try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        codec = meta.get("codec")
+        return codec if isinstance(codec, str) else None
+    except (OSError, ValueError, struct.error, AttributeError, RecursionError):
+        return None
+
+
 def read_chunk(
     path: Path,
-    codec: Codec,
+    policy,
     fingerprint: str,
     key: str,
     dtype: torch.dtype,
@@ -424,6 +464,10 @@ def read_chunk(
 ) -> ChunkData:
     """Read, verify and decode a chunk file. Raises CacheError if it cannot be trusted.
 
+    The file is decoded with the codec its metadata names, which must be registered with
+    the same parameters and allowed by `policy` (a kv.policy.Policy): the file, not the
+    index row, says what it holds, so a reader racing a re-code decodes what it read.
+
     With `out` — key and value storage of shape (L, B, H, n_tokens, D), e.g. views of a
     preallocated cache — the chunk is decoded straight into it and the returned
     ChunkData's `k` and `v` are those views. `nbytes` and `checksum`, the index's, must
@@ -432,31 +476,54 @@ def read_chunk(
     expect = {
         "format": FORMAT,
         "fingerprint": fingerprint,
-        "codec": codec.name,
         "key": key,
-        "codec_params": json.dumps(codec.params(), sort_keys=True),
         "dtype": str(dtype).removeprefix("torch."),
     }
     want_shape = tuple(out[0].shape) if out is not None else None
-    meta, tensors, fid = inspect_chunk(path, key, nbytes, checksum, codec, want_shape, expect)
+    # codec None: the file's own (registered, with this version's parameters) is checked and used
+    try:
+        meta, tensors, fid = inspect_chunk(path, key, nbytes, checksum, None, want_shape, expect)
+    except CacheError as e:
+        held = _peek_codec(path)
+        if e.damaged and held is not None and held in CODECS and not policy.allows(CODECS[held]):
+            # say the real reason: a chunk of another codec is not damaged, only not for this policy
+            raise CacheError(
+                f"chunk {key[:12]} has codec {held!r}, which policy {policy.name!r} refuses",
+                file_id=e.file_id,
+            ) from None
+        raise
+    codec = get_codec(meta["codec"])
+    if not policy.allows(codec):
+        raise CacheError(
+            f"chunk {key[:12]} has codec {codec.name!r}, which policy {policy.name!r} refuses", file_id=fid
+        )
     try:
         n = int(meta["n_tokens"])
         n_layers, b = int(meta["layers"]), int(meta["batch"])
         shape = (n_layers, b, int(meta["kv_heads"]), n, int(meta["head_dim"]))  # (L, B, H, T, D)
-        parts = {name: t for name, t in tensors.items() if name != "tokens"}
+        parts = {name: t for name, t in tensors.items() if name not in ("tokens", "sink.k", "sink.v")}
+        sink = int(meta.get("sink", "0"))
+        if not 0 <= sink < n:
+            raise ValueError(f"sink {sink} out of range for {n} tokens")
         if out is not None:
             k, v = out
             if tuple(k.shape) != shape or tuple(v.shape) != shape:
                 raise ValueError(f"holds {shape}, the cache expects {tuple(k.shape)}")
-            # .view raises where .flatten would silently copy (and the cache stay empty)
-            codec.decode_into(parts, k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:]))  # (L*B, H, T, D)
         else:
-            k, v = codec.decode(parts, (n_layers * b, *shape[2:]), dtype, device)
-            k, v = k.view(shape), v.view(shape)
+            k = torch.empty(shape, dtype=dtype, device=device)
+            v = torch.empty(shape, dtype=dtype, device=device)
+        # .view raises where .flatten would silently copy (and the cache stay empty)
+        k_all, v_all = k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])  # (L*B, H, T, D)
+        if sink:
+            k_all[:, :, :sink].copy_(tensors["sink.k"])
+            v_all[:, :, :sink].copy_(tensors["sink.v"])
+        codec.decode_into(parts, k_all[:, :, sink:], v_all[:, :, sink:])
         tokens = tensors["tokens"].tolist()
     except (KeyError, ValueError, IndexError, RuntimeError) as e:
         raise CacheError(f"chunk {key[:12]} is malformed: {e}", file_id=fid) from None
-    return ChunkData(key, meta["parent"] or None, int(meta["start"]), tokens, meta["partial"] == "1", k, v)
+    return ChunkData(
+        key, meta["parent"] or None, int(meta["start"]), tokens, meta["partial"] == "1", k, v, codec.name
+    )
 
 
 def verify_chunk(path: Path, rec) -> FileId:
@@ -464,9 +531,10 @@ def verify_chunk(path: Path, rec) -> FileId:
     record's fingerprint, codec, start, n_tokens and parent) without decoding it.
     Returns the file's id; raises CacheError."""
     meta, _, fid = inspect_chunk(path, rec.key, rec.nbytes, rec.checksum)
+    # The codec is not compared with the row: a re-code rewrites the file before the row, and
+    # the file says what it holds (inspect_chunk checked it is registered, with its parameters).
     for field, want in (
         ("fingerprint", rec.fingerprint),
-        ("codec", rec.codec),
         ("n_tokens", str(rec.n_tokens)),
         ("start", str(rec.start)),
         ("parent", rec.parent or ""),

@@ -25,6 +25,8 @@ All math is vectorised torch and runs on whatever device the inputs live on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 
 import torch
@@ -137,6 +139,14 @@ class Codec(ABC):
 
     name: str
     lossless: bool
+    bits: int  # bits per stored value, before group parameters: orders codecs by precision
+
+    @property
+    def tag(self) -> str:
+        """``name:digest`` of the codec's parameters: what the chunk index records, so that a
+        chunk written by another version of a codec of the same name is never taken for this one."""
+        digest = hashlib.sha256(json.dumps(self.params(), sort_keys=True).encode()).hexdigest()
+        return f"{self.name}:{digest[:8]}"
 
     @abstractmethod
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
@@ -168,6 +178,7 @@ class Fp16Codec(Codec):
 
     name = "fp16"
     lossless = True
+    bits = 16
 
     def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """Copy ``k`` and ``v`` unchanged (contiguous, detached, own storage)."""
@@ -341,6 +352,11 @@ CODECS: dict[str, Codec] = {
 }
 
 
+def codec_by_tag(tag: str) -> Codec | None:
+    """The registered codec whose :attr:`Codec.tag` is ``tag``, or None."""
+    return next((c for c in CODECS.values() if c.tag == tag), None)
+
+
 def get_codec(name: str) -> Codec:
     """Return the registered codec called ``name``; ``ValueError`` if there is none."""
     try:
@@ -348,3 +364,99 @@ def get_codec(name: str) -> Codec:
     except KeyError:
         allowed = ", ".join(sorted(CODECS))
         raise ValueError(f"unknown KV codec {name!r}; allowed: {allowed}") from None
+
+
+class BnbCodec(Codec):
+    """bitsandbytes' blockwise routines, measured beside chatkv's own codecs (optional: they
+    register only where ``import bitsandbytes`` works; its ``cuda`` extra).
+
+    ``bnb8``: dynamic 8-bit codes, ``nf4``: 4-bit NormalFloat codes (Hadamard-rotated over
+    head_dim first, as ``int4``); both in blocks of ``BLOCK`` consecutive values (per token
+    and head where head_dim is 64) scaled by the block's absmax, stored in float16.
+    """
+
+    BLOCK = 64
+    lossless = False
+
+    def __init__(self, name: str, bits: int, rotate: bool):
+        self.name, self.bits, self.rotate = name, bits, rotate
+
+    def _encode_one(self, x: Tensor, side: str) -> dict[str, Tensor]:
+        bnbf = _bnb()
+        flat = (_rotate(x) if self.rotate else x.float()).reshape(-1)
+        if self.bits == 8:
+            q, state = bnbf.quantize_blockwise(flat, blocksize=self.BLOCK)
+        else:
+            q, state = bnbf.quantize_4bit(flat, blocksize=self.BLOCK, quant_type="nf4")
+        return {f"{side}.q": q.reshape(-1).contiguous(), f"{side}.absmax": state.absmax.to(_PARAM_DTYPE)}
+
+    def _decode_one(self, parts: dict[str, Tensor], side: str, shape, device) -> Tensor:
+        bnbf = _bnb()
+        q = parts[f"{side}.q"].to(device)
+        absmax = parts[f"{side}.absmax"].to(device).float()
+        n = shape[0] * shape[1] * shape[2] * shape[3]
+        if self.bits == 8:
+            code = bnbf.create_dynamic_map().to(device)
+            x = bnbf.dequantize_blockwise(q, absmax=absmax, code=code, blocksize=self.BLOCK)
+        else:
+            state = bnbf.QuantState(
+                absmax=absmax,
+                shape=torch.Size([n]),
+                dtype=torch.float32,
+                blocksize=self.BLOCK,
+                quant_type="nf4",
+            )
+            x = bnbf.dequantize_4bit(q.reshape(-1, 1), quant_state=state)
+        x = x.reshape(shape)  # (B, H, T, D)
+        return _rotate(x) if self.rotate else x
+
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """Quantize ``k`` and ``v`` (B, H, T, D) into ``{k,v}.q`` and ``{k,v}.absmax``."""
+        return {**self._encode_one(k.detach(), "k"), **self._encode_one(v.detach(), "v")}
+
+    def decode(self, parts, shape, dtype, device) -> tuple[Tensor, Tensor]:
+        """Dequantize on ``device`` and return ``k``, ``v`` of ``shape`` in ``dtype``."""
+        shape = tuple(int(s) for s in shape)
+        k = self._decode_one(parts, "k", shape, device)
+        v = self._decode_one(parts, "v", shape, device)
+        return k.to(dtype).contiguous(), v.to(dtype).contiguous()
+
+    def params(self) -> dict[str, str]:
+        """Routine, block size, rotation, parameter dtype, version."""
+        return {
+            "codec": self.name,
+            "version": FORMAT_VERSION,
+            "routine": "bitsandbytes-blockwise8" if self.bits == 8 else "bitsandbytes-nf4",
+            "block": str(self.BLOCK),
+            "rotate": "hadamard" if self.rotate else "none",
+            "param_dtype": str(_PARAM_DTYPE).removeprefix("torch."),
+        }
+
+
+def _bnb():
+    """``bitsandbytes.functional``, imported on first use (it is slow to import, and warns on
+    CPUs with bf16 instructions about an optional kernel package that chatkv does not use)."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbf
+    finally:
+        log.setLevel(level)
+    return bnbf
+
+
+def _register_bnb() -> None:
+    """Add ``bnb8`` and ``nf4`` to the registry where bitsandbytes is installed (never
+    required; the cheap check keeps ``import chatkv`` from importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return
+    CODECS["bnb8"] = BnbCodec("bnb8", 8, rotate=False)
+    CODECS["nf4"] = BnbCodec("nf4", 4, rotate=True)
+
+
+_register_bnb()

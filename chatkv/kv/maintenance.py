@@ -21,6 +21,7 @@ from pathlib import Path
 
 from chatkv.errors import CacheError
 from chatkv.kv.chunks import KEY_RE, FileId, chunk_path, file_id, inspect_chunk, relpath, verify_chunk
+from chatkv.kv.codecs import get_codec
 
 
 @dataclass
@@ -320,7 +321,7 @@ def rebuild(store, kv_dir: Path) -> RebuildReport:
                 key=key,
                 parent=meta["parent"] or None,
                 fingerprint=meta["fingerprint"],
-                codec=meta["codec"],
+                codec=get_codec(meta["codec"]).tag,  # inspect_chunk checked it is registered
                 start=int(meta["start"]),
                 n_tokens=int(meta["n_tokens"]),
                 partial=meta["partial"] == "1",

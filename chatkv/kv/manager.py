@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,9 @@ from chatkv.kv.chunks import (
     relpath,
     write_atomic,
 )
-from chatkv.kv.codecs import get_codec
+from chatkv.kv.codecs import Codec, codec_by_tag, get_codec
 from chatkv.kv.growable import GrowableLayer
+from chatkv.kv.policy import get_policy
 from chatkv.store.repo import ChunkRecord
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,8 @@ class KVManager:
             set_kv_head / get_conversation are used).
         kv_dir: where chunk files live.
         lm: the LoadedModel (model, fingerprint, device, dtype).
-        codec: codec name for chunks on disk.
+        codec: the storage policy for chunks on disk (kv/policy.py): a tiered policy's
+            name or a single codec's.
     """
 
     def __init__(
@@ -139,7 +142,7 @@ class KVManager:
         store,
         kv_dir: Path,
         lm,
-        codec: str = "int8",
+        codec: str = "tiered",
         chunk_tokens: int = 256,
         live_bytes: int = 1 << 30,
         disk_bytes: int = 10 << 30,
@@ -147,7 +150,8 @@ class KVManager:
         self.store = store
         self.kv_dir = kv_dir
         self.lm = lm
-        self.codec = get_codec(codec)
+        self.policy = get_policy(codec)
+        self.codec = self.policy  # its .name is what turn statistics record
         self.chunk_tokens = chunk_tokens
         self.disk_bytes = disk_bytes
         self.pool = LivePool(live_bytes)
@@ -165,6 +169,10 @@ class KVManager:
         # newest snapshot of each slot not yet started. A newer snapshot of a conversation
         # covers the older one, so it replaces it: at most one queued and one being
         # written per conversation, however fast turns come.
+        # For a cache attached from disk: up to which position it holds what lossy chunks
+        # decoded to. A chunk there is not re-coded from it: int4 of int8's output is
+        # measurably worse than int4 of the exact cache (bench quality --explore).
+        self._inexact: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._q: queue.Queue = queue.Queue()
         self._pending: dict[object, tuple] = {}
         self._worker: threading.Thread | None = None
@@ -209,21 +217,23 @@ class KVManager:
         the template renders past turns differently); `_load` uses their common prefix.
         """
         fp, c = self.lm.fingerprint, self.chunk_tokens
-        keys = chain_keys(fp, self.codec, tokens, c)
+        keys = chain_keys(fp, tokens, c)
         found = self.store.get_chunks(keys) if keys else {}
+        allowed = self.policy.allowed_tags
         plan: list[ChunkRecord] = []
         for k in keys:
-            if k not in found:
+            if k not in found or found[k].codec not in allowed:  # a coarser codec than the policy's
                 break
             plan.append(found[k])
         start = len(plan) * c
         parent = plan[-1].key if plan else None
-        partials = self.store.find_partials(parent, fp, self.codec.name, start)  # newest first
+        # tails are lossless; the tag (codec name and parameters) leaves other versions' alone
+        partials = self.store.find_partials(parent, fp, self.policy.tail.tag, start)  # newest first
         exact = [
             r
             for r in partials
             if start + r.n_tokens <= len(tokens)
-            and chunk_key(fp, self.codec, parent, tokens[start : start + r.n_tokens]) == r.key
+            and chunk_key(fp, parent, tokens[start : start + r.n_tokens]) == r.key
         ]
         if exact:
             plan.append(max(exact, key=lambda r: r.n_tokens))
@@ -249,11 +259,10 @@ class KVManager:
         if len(chain) <= len(plan) or [r.key for r in chain[: len(plan)]] != [r.key for r in plan]:
             return None
         nxt = chain[len(plan)]
-        return (
-            nxt if nxt.codec == self.codec.name and nxt.parent == (plan[-1].key if plan else None) else None
-        )
+        ok = nxt.codec in self.policy.allowed_tags and nxt.parent == (plan[-1].key if plan else None)
+        return nxt if ok else None
 
-    def _read_into(self, rec: ChunkRecord, offset: int, k_buf, v_buf):
+    def _read_into(self, rec: ChunkRecord, offset: int, k_buf, v_buf, retry: bool = True):
         """Read one chunk and decode it straight into the buffers at `offset`.
         A CacheError is returned, not raised, so that reads can run ahead."""
         t = rec.n_tokens
@@ -261,7 +270,7 @@ class KVManager:
         try:
             data = read_chunk(
                 chunk_path(self.kv_dir, rec.key),  # never the row's path column: it is not trusted
-                self.codec,
+                self.policy,
                 self.lm.fingerprint,
                 rec.key,
                 self.lm.dtype,
@@ -271,6 +280,11 @@ class KVManager:
                 checksum=rec.checksum,
             )
         except CacheError as e:
+            # A spill of another conversation may have re-coded this chunk (file first, then
+            # its row) since the row was read: read it again under its current row, once.
+            fresh = self.store.get_chunks([rec.key]).get(rec.key) if retry else None
+            if fresh is not None and (fresh.checksum, fresh.nbytes) != (rec.checksum, rec.nbytes):
+                return self._read_into(fresh, offset, k_buf, v_buf, retry=False)
             return e
         if data.start != offset:
             return CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {offset}")
@@ -284,7 +298,7 @@ class KVManager:
         k_buf, v_buf = live.buffers(
             self.lm.model, offsets[-1] + plan[-1].n_tokens, dtype=self.lm.dtype, device=self.lm.device
         )
-        problems, n, used = [], 0, 0
+        problems, n, used, inexact = [], 0, 0, 0
         with ThreadPoolExecutor(
             max_workers=min(LOAD_THREADS, len(plan)), thread_name_prefix="chatkv-load"
         ) as ex:
@@ -303,6 +317,8 @@ class KVManager:
                 same = common_prefix(data.tokens, tokens[n : n + len(data.tokens)])
                 n += same
                 used += same > 0
+                if same and not get_codec(data.codec).lossless:
+                    inexact = n
                 if same < len(data.tokens):
                     break
             ex.shutdown(cancel_futures=True)  # after a break: don't read chunks that won't be used
@@ -310,7 +326,9 @@ class KVManager:
             return None, 0, problems
         self.store.touch_chunks([r.key for r in plan[:used]])
         n = min(n, limit)
-        return live.cache_from_buffers(self.lm.model, k_buf, v_buf, n), n, problems
+        cache = live.cache_from_buffers(self.lm.model, k_buf, v_buf, n)
+        self._inexact[cache] = min(inexact, n)
+        return cache, n, problems
 
     # -- keep and spill ------------------------------------------------------
 
@@ -330,7 +348,7 @@ class KVManager:
         self.pool.hold(ticket, conv_id, sum(k.nbytes + v.nbytes for k, v in snapshot))
         with self._worker_lock:
             older = self._pending.get(slot)
-            self._pending[slot] = (conv_id, list(tokens[:n]), snapshot, ticket)
+            self._pending[slot] = (conv_id, list(tokens[:n]), snapshot, ticket, self._inexact.get(cache, 0))
             if older is not None:  # superseded before it started
                 self.pool.release(older[3])
             else:
@@ -350,27 +368,25 @@ class KVManager:
                 self._q.task_done()
                 return
             with self._worker_lock:
-                conv_id, tokens, layers, ticket = self._pending.pop(slot)
+                conv_id, tokens, layers, ticket, inexact = self._pending.pop(slot)
             try:
-                self._spill(conv_id, tokens, layers)
+                self._spill(conv_id, tokens, layers, inexact)
             except Exception as e:  # a failed spill only costs a future prefill
                 log.warning("could not save the KV cache: %s", e)
             finally:
                 self.pool.release(ticket)
                 self._q.task_done()
 
-    def _spill(self, conv_id: int | None, tokens: list[int], layers) -> int:
+    def _spill(self, conv_id: int | None, tokens: list[int], layers, inexact: int = 0) -> int:
+        """Write the chunks of `tokens` that are missing or due for another codec; `layers`
+        hold their cache, decoded from lossy chunks before position `inexact`."""
         if not self._temp_cleaned:  # temp files of spills killed half-way, once a process
             self._temp_cleaned = True
             maintenance.clean_temp(self.kv_dir)
         fp, c = self.lm.fingerprint, self.chunk_tokens
-        keys = chain_keys(fp, self.codec, tokens, c)
+        keys = chain_keys(fp, tokens, c)
         tail = len(keys) * c
-        tail_key = (
-            chunk_key(fp, self.codec, keys[-1] if keys else None, tokens[tail:])
-            if tail < len(tokens)
-            else None
-        )
+        tail_key = chunk_key(fp, keys[-1] if keys else None, tokens[tail:]) if tail < len(tokens) else None
         wanted = keys + ([tail_key] if tail_key else [])
         if conv_id is not None:
             # Recorded before the files exist, so `chatkv rm` finds every chunk that holds
@@ -380,13 +396,19 @@ class KVManager:
         if on_disk:  # served from memory this turn, but used all the same: not the next to evict
             self.store.touch_chunks(list(on_disk))
         written = 0
+        layout = self.policy.layout(len(tokens), c)  # per chunk (start, end, codec, sink)
         for i, key in enumerate(wanted):
-            if key in on_disk and chunk_path(self.kv_dir, key).exists():
-                continue
+            partial = key == tail_key
+            codec = layout[i][2]
+            rec = on_disk.get(key)
+            if rec is not None and chunk_path(self.kv_dir, key).exists():
+                held = codec_by_tag(rec.codec)
+                if not self._recode(rec, codec) or (i * c < inexact and held and self.policy.allows(held)):
+                    continue  # as wanted, or only a lossy copy of it is at hand: left as it is
             start, end = i * c, min((i + 1) * c, len(tokens))
             part = [(k[..., start:end, :], v[..., start:end, :]) for k, v in layers]  # (B, H, end-start, D)
             written += self._write(
-                key, wanted[i - 1] if i else None, start, tokens[start:end], part, partial=key == tail_key
+                codec, key, wanted[i - 1] if i else None, start, tokens[start:end], part, partial
             )
         if conv_id is not None:
             try:
@@ -401,11 +423,21 @@ class KVManager:
             self.gc(self.disk_bytes, keep=set(wanted))
         return written
 
+    def _recode(self, rec: ChunkRecord, codec: Codec) -> bool:
+        """Whether a chunk on disk is to be written again with `codec`: when the policy
+        refuses what it holds, or it has aged into a coarser tier. Never to a finer codec
+        the policy does not need (conversations sharing a chunk would take turns)."""
+        held = codec_by_tag(rec.codec)
+        if held is None or not self.policy.allows(held):
+            return True
+        return held.tag != codec.tag and held.bits > codec.bits
+
     def _write(
-        self, key: str, parent: str | None, start: int, tokens: list[int], layers, partial: bool
+        self, codec: Codec, key: str, parent: str | None, start: int, tokens: list[int], layers, partial: bool
     ) -> int:
+        """Write a chunk atomically under its key (replacing a re-coded one), then index it."""
         blob, checksum = encode_chunk(
-            self.codec, self.lm.fingerprint, key, parent, start, tokens, layers, partial
+            codec, self.lm.fingerprint, key, parent, start, tokens, layers, partial, sink=self.policy.sink
         )
         rel = relpath(key)
         write_atomic(chunk_path(self.kv_dir, key), blob)
@@ -415,7 +447,7 @@ class KVManager:
                 key=key,
                 parent=parent,
                 fingerprint=self.lm.fingerprint,
-                codec=self.codec.name,
+                codec=codec.tag,
                 start=start,
                 n_tokens=len(tokens),
                 partial=partial,

@@ -760,8 +760,9 @@ class Store:
     # -- chunk index -----------------------------------------------------------
 
     def add_chunk(self, rec: ChunkRecord) -> None:
-        """Index a chunk file. A key already indexed (the same content written again) keeps
-        its row and takes the new path, nbytes, checksum and last_used_at."""
+        """Index a chunk file. A key already indexed (the same content written again, or
+        re-coded as it aged) keeps its row and takes the new codec, path, nbytes, checksum
+        and last_used_at."""
         now = utcnow()
         values = asdict(rec)
         values["created_at"] = rec.created_at or now
@@ -769,7 +770,7 @@ class Store:
         stmt = sqlite_insert(KVChunk).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[KVChunk.key],
-            set_={c: stmt.excluded[c] for c in ("path", "nbytes", "checksum", "last_used_at")},
+            set_={c: stmt.excluded[c] for c in ("codec", "path", "nbytes", "checksum", "last_used_at")},
         )
         with self._writer.begin() as s:
             s.execute(stmt)
@@ -884,7 +885,8 @@ class Store:
             stats["count"] += count
             stats["bytes"] += nbytes
             stats["partial"] += partial
-            for group, name in (("by_codec", codec), ("by_fingerprint", fingerprint)):
+            # the codec column holds "name:params-digest" (kv/codecs.py Codec.tag); totals go by name
+            for group, name in (("by_codec", codec.split(":")[0]), ("by_fingerprint", fingerprint)):
                 entry = stats[group].setdefault(name, {"count": 0, "bytes": 0})
                 entry["count"] += count
                 entry["bytes"] += nbytes
