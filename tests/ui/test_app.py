@@ -26,8 +26,9 @@ from tests.ui.fake_backend import FIXED_NOW, FakeBackend, make_app
 SIZE = (120, 36)
 
 
-async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Let the app run until `condition()` holds; fail after `timeout` seconds."""
+async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Let the app run until `condition()` holds; fail after `timeout` seconds (generous: a
+    loaded 2-core machine can be slow, and a passing condition returns at once)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
