@@ -111,9 +111,10 @@ def test_the_same_prompt_twice_gives_the_same_greedy_reply_with_the_default_poli
     prefix read from disk, answered something else. The default policy stores the tail
     chunk (and so a whole short prompt) losslessly."""
     from chatkv.config import load_settings
+    from chatkv.kv.policy import DEFAULT_POLICY
 
     chat = make_chat(load_settings().cache.codec, real_lm)  # the default
-    assert chat.kv.policy.name == "tiered"
+    assert chat.kv.policy.name == DEFAULT_POLICY and not chat.kv.policy.lossless
     settings = GenerationSettings(max_new_tokens=40, temperature=0.0)
     for prompt in ["What is the capital of France?", "Write a haiku about the sea.", "What is 12 times 12?"]:
         first = chat.send(chat.new_conversation().id, prompt, settings)

@@ -30,7 +30,7 @@ from chatkv.kv.chunks import (
 )
 from chatkv.kv.codecs import Codec, codec_by_tag, get_codec
 from chatkv.kv.growable import GrowableLayer
-from chatkv.kv.policy import get_policy
+from chatkv.kv.policy import DEFAULT_POLICY, get_policy
 from chatkv.store.repo import ChunkRecord
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class KVManager:
         store,
         kv_dir: Path,
         lm,
-        codec: str = "tiered",
+        codec: str = DEFAULT_POLICY,
         chunk_tokens: int = 256,
         live_bytes: int = 1 << 30,
         disk_bytes: int = 10 << 30,
