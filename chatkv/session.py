@@ -33,8 +33,8 @@ from chatkv.engine.defaults import generation_defaults
 from chatkv.errors import ChatKVError, InputError
 from chatkv.paths import db_path, kv_dir
 from chatkv.store import Store
+from chatkv.store.common import new_turn_id
 from chatkv.store.db import describe_db_error
-from chatkv.store.repo import new_turn_id
 
 if TYPE_CHECKING:
     from chatkv.engine.model import LoadedModel

@@ -36,7 +36,7 @@ from chatkv.kv.codecs import get_codec
 from chatkv.kv.manager import LivePool
 from chatkv.kv.policy import get_policy
 from chatkv.store import Store
-from chatkv.store.repo import ChunkRecord
+from chatkv.store.common import ChunkRecord
 
 FP = "f" * 32
 FP16 = get_codec("fp16")

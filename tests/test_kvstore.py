@@ -45,7 +45,7 @@ from chatkv.kv.manager import KVManager
 from chatkv.kv.policy import get_policy
 from chatkv.paths import data_dir, db_path, kv_dir
 from chatkv.store import Store
-from chatkv.store.repo import ChunkRecord
+from chatkv.store.common import ChunkRecord
 
 FP = "f" * 32
 FP16 = get_codec("fp16")

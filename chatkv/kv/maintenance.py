@@ -301,7 +301,7 @@ def rebuild(store, kv_dir: Path) -> RebuildReport:
     """Drop the whole chunk index and index again every chunk file that passes verification,
     from the file's own metadata. Files that fail are reported, not removed (gc removes
     them later as orphans). Works whatever state the `kv_chunks` table is in."""
-    from chatkv.store.repo import ChunkRecord
+    from chatkv.store.common import ChunkRecord
 
     report, recs = RebuildReport(), []
     for path, rel in _files(kv_dir):

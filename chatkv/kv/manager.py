@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatkv.api import CacheSource
 from chatkv.errors import CacheError, NotFoundError
@@ -31,7 +32,10 @@ from chatkv.kv.chunks import (
 from chatkv.kv.codecs import Codec, codec_by_tag, get_codec
 from chatkv.kv.growable import GrowableLayer
 from chatkv.kv.policy import DEFAULT_POLICY, get_policy
-from chatkv.store.repo import ChunkRecord
+from chatkv.store.common import ChunkRecord
+
+if TYPE_CHECKING:
+    from chatkv.store.chunk_index import ChunkIndex
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +143,7 @@ class KVManager:
 
     def __init__(
         self,
-        store,
+        store: ChunkIndex,
         kv_dir: Path,
         lm,
         codec: str = DEFAULT_POLICY,

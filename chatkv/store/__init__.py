@@ -4,6 +4,7 @@ Knows nothing of torch or the model. `Store(chatkv.paths.db_path())` opens the
 database, upgrading its schema first when needed.
 """
 
-from chatkv.store.repo import ChunkRecord, KVHead, Store
+from chatkv.store.common import ChunkRecord, KVHead
+from chatkv.store.repo import Store
 
 __all__ = ["ChunkRecord", "KVHead", "Store"]

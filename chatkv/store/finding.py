@@ -1,0 +1,223 @@
+"""Searching conversations (FTS5, migration 0004) and importing them from other tools:
+the parts of the Store that `chatkv ls -q`, the sidebar filter and `chatkv import` use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    bindparam,
+    func,
+    literal_column,
+    select,
+    table,
+    text,
+)
+from sqlalchemy.orm import Session
+
+from chatkv.api import ConversationSummary
+from chatkv.store.common import (
+    TITLE_CHARS,
+    StoreBase,
+    _settings_json,
+    _title_from,
+)
+from chatkv.store.models import (
+    ROLES,
+    Conversation,
+    Message,
+    utcnow,
+)
+from chatkv.store.search import FTS_TABLES, SNIPPET_TOKENS, SearchHit, fts_phrase, substring_snippet
+
+
+class Finding(StoreBase):
+    """The search and import part of the Store."""
+
+    # -- full-text search (migration 0004) ---------------------------------------
+
+    def has_fts(self) -> bool:
+        """Whether the database has the FTS5 index (SQLite without FTS5/trigram has none)."""
+        if getattr(self, "_fts", None) is None:
+            with self._reader() as s:
+                found = s.execute(
+                    text("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (:a, :b)"),
+                    {"a": FTS_TABLES[0], "b": FTS_TABLES[1]},
+                ).scalar()
+            self._fts = found == len(FTS_TABLES)
+        return self._fts
+
+    def _query_clause(self, query: str) -> ColumnElement[bool]:
+        """Conversations whose title or a message contains `query`: by the FTS5 index when it
+        can answer (three characters or more), else a Unicode case-folding scan."""
+        phrase = fts_phrase(query) if self.has_fts() else None
+        if phrase is not None:
+            in_messages = select(Message.conversation_id).where(
+                Message.id.in_(
+                    select(literal_column("rowid"))
+                    .select_from(table("messages_fts"))
+                    .where(literal_column("messages_fts").op("MATCH")(phrase))
+                )
+            )
+            in_titles = (
+                select(literal_column("rowid"))
+                .select_from(table("conversations_fts"))
+                .where(literal_column("conversations_fts").op("MATCH")(phrase))
+            )
+            return Conversation.id.in_(in_messages) | Conversation.id.in_(in_titles)
+        needle = query.casefold()
+        fold = func.chatkv_casefold  # registered on each connection by chatkv.store.db
+        in_messages = (
+            select(Message.id)
+            .where(Message.conversation_id == Conversation.id)
+            .where(func.instr(fold(Message.content), needle) > 0)
+            .exists()
+        )
+        return (func.instr(fold(Conversation.title), needle) > 0) | in_messages
+
+    def search(
+        self,
+        query: str,
+        limit: int = 50,
+        mark: tuple[str, str] = ("[", "]"),
+        conversation_ids: Sequence[int] | None = None,
+    ) -> list[SearchHit]:
+        """Titles, then messages, containing `query` (case-insensitive), best match first, each
+        with the match in context between `mark`s. At most `limit` hits (>= 1); only in
+        `conversation_ids` when given."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        if not query:
+            return []
+        phrase = fts_phrase(query) if self.has_fts() else None
+        ids = None if conversation_ids is None else list(conversation_ids)
+        with self._reader() as s:
+            if phrase is None:
+                return self._scan(s, query, limit, mark, ids)
+            args: dict[str, Any] = {"q": phrase, "a": mark[0], "b": mark[1], "n": SNIPPET_TOKENS}
+            args["limit"] = limit
+            within = ""
+            if ids is not None:
+                within, args["ids"] = " AND c.id IN :ids", ids
+
+            def query_text(sql: str):
+                stmt = text(sql.replace("{within}", within))
+                return stmt.bindparams(bindparam("ids", expanding=True)) if ids is not None else stmt
+
+            titles = s.execute(
+                query_text(
+                    "SELECT c.id, c.title, snippet(conversations_fts, 0, :a, :b, '…', :n) "
+                    "FROM conversations_fts JOIN conversations c ON c.id = conversations_fts.rowid "
+                    "WHERE conversations_fts MATCH :q{within} ORDER BY rank LIMIT :limit"
+                ),
+                args,
+            ).all()
+            msgs = s.execute(
+                query_text(
+                    "SELECT m.conversation_id, c.title, m.id, m.role, "
+                    "snippet(messages_fts, 0, :a, :b, '…', :n) "
+                    "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
+                    "JOIN conversations c ON c.id = m.conversation_id "
+                    "WHERE messages_fts MATCH :q{within} ORDER BY rank LIMIT :limit"
+                ),
+                args,
+            ).all()
+        hits = [SearchHit(cid, title, None, "title", snip) for cid, title, snip in titles]
+        hits += [SearchHit(cid, title, mid, role, snip) for cid, title, mid, role, snip in msgs]
+        return hits[:limit]
+
+    @staticmethod
+    def _scan(
+        s: Session, query: str, limit: int, mark: tuple[str, str], ids: list[int] | None
+    ) -> list[SearchHit]:
+        needle = query.casefold()
+        fold = func.chatkv_casefold
+        in_titles = select(Conversation).where(func.instr(fold(Conversation.title), needle) > 0)
+        in_messages = (
+            select(Message, Conversation.title)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(func.instr(fold(Message.content), needle) > 0)
+            .order_by(Message.id.desc())
+        )
+        if ids is not None:
+            in_titles = in_titles.where(Conversation.id.in_(ids))
+            in_messages = in_messages.where(Conversation.id.in_(ids))
+        hits = [
+            SearchHit(c.id, c.title, None, "title", substring_snippet(c.title, query, mark))
+            for c in s.scalars(in_titles.limit(limit))
+        ]
+        rows = s.execute(in_messages.limit(limit)).all()
+        hits += [
+            SearchHit(m.conversation_id, title, m.id, m.role, substring_snippet(m.content, query, mark))
+            for m, title in rows
+        ]
+        return hits[:limit]
+
+    # -- import (chatkv import) ----------------------------------------------------
+
+    def imported_sources(self) -> set[str]:
+        """The source ids of every conversation imported so far ("llm:01J…", "chatgpt:…")."""
+        with self._reader() as s:
+            rows = s.execute(
+                text(
+                    "SELECT json_extract(settings, '$.imported_from') FROM conversations "
+                    "WHERE json_valid(settings) AND json_extract(settings, '$.imported_from') IS NOT NULL"
+                )
+            ).scalars()
+            return {str(r) for r in rows}
+
+    def import_conversation(
+        self,
+        source: str,
+        title: str,
+        model: str,
+        system_prompt: str,
+        messages: Sequence[tuple[str, str, datetime | None]],
+        created_at: datetime | None = None,
+    ) -> ConversationSummary | None:
+        """Create a conversation with all its messages ((role, content, created_at) each) in one
+        transaction, remembering `source` in its settings so that importing it again does
+        nothing: returns None then. Raises ValueError for a role other than system/user/assistant."""
+        for role, _, _ in messages:
+            if role not in ROLES:
+                raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        now = utcnow()
+        start = created_at or now
+        last = max([start, *(t for _, _, t in messages if t is not None)])
+        first_user = next((c for r, c, _ in messages if r == "user"), "")
+        with self._writer.begin() as s:
+            taken = s.execute(
+                text(
+                    "SELECT 1 FROM conversations WHERE json_valid(settings) "
+                    "AND json_extract(settings, '$.imported_from') = :source LIMIT 1"
+                ),
+                {"source": source},
+            ).first()
+            if taken is not None:
+                return None
+            conv = Conversation(
+                title=(title.strip()[:TITLE_CHARS].rstrip() if title.strip() else _title_from(first_user)),
+                model=model,
+                system_prompt=system_prompt,
+                settings=_settings_json({"imported_from": source}),
+                created_at=start,
+                updated_at=last,
+                kv_tokens=0,
+            )
+            s.add(conv)
+            s.flush()
+            for position, (role, content, at) in enumerate(messages):
+                s.add(
+                    Message(
+                        conversation_id=conv.id,
+                        position=position,
+                        role=role,
+                        content=content,
+                        created_at=at or start,
+                    )
+                )
+            s.flush()
+            return self._summaries(s, [conv])[0]
