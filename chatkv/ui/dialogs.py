@@ -197,11 +197,10 @@ def model_option(model: ModelInfo, current: bool) -> Option:
         details.append(f"{model.chunk_count:,} chunks on disk ({format_bytes(model.chunk_bytes)})")
     else:
         details.append("no chunks on disk")
-    if not model.available:
-        details.append("unavailable" + (f": {model.note}" if model.note else ""))
-    else:
-        details.append("current" if current else "ready")
+    details.append("current" if current else "ready" if model.available else "unavailable")
     text.append("\n    " + " · ".join(details), style="dim")
+    if model.note and not model.available:  # how to make it available: a line of its own
+        text.append(f"\n    {model.note}", style="dim")
     return Option(text, id=model.name, disabled=not model.available)
 
 
@@ -223,7 +222,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
             options = [model_option(m, m.name == self.current) for m in self.models]
             yield OptionList(*options, id="models")
             yield Label(
-                "Enter switches the open conversation to it (its cache starts anew) · Esc cancels",
+                "Enter switches this conversation to it (its cache starts anew) · Esc cancels",
                 classes="hint",
             )
         yield Footer(compact=True)

@@ -954,7 +954,7 @@ async def test_model_picker_lists_the_models_and_switches_the_open_conversation(
             first, gone, local = (options.get_option_at_index(i) for i in range(3))
             assert "fake-135M" in str(first.prompt) and "current" in str(first.prompt)
             assert "12 chunks on disk" in str(first.prompt)
-            assert gone.disabled and "the file is gone; import it again" in str(gone.prompt)
+            assert gone.disabled and "unavailable\n    the file is gone; import it again" in str(gone.prompt)
             assert "no chunks on disk" in str(gone.prompt)
             assert not local.disabled and "3 chunks on disk (5.2 MiB) · ready" in str(local.prompt)
             await pilot.press("down", "enter")  # the unavailable one is skipped
