@@ -219,17 +219,20 @@ def test_a_conversation_shorter_than_one_chunk_resumes_from_disk(chat, tiny_sett
     again.close()
 
 
-def test_switch_model_starts_the_cache_anew_and_a_failed_one_keeps_the_model(chat, tiny_model_dir, tmp_path):
+def perturbed_copy(model_dir, to):
+    """A second model: a copy of the tiny one with one weight changed (so another fingerprint)."""
     from safetensors.torch import load_file, save_file
 
-    # A second model: the tiny one with one weight changed (so another fingerprint).
-    other = tmp_path / "other-model"
-    shutil.copytree(tiny_model_dir, other)
-    weights = load_file(other / "model.safetensors")
+    shutil.copytree(model_dir, to)
+    weights = load_file(to / "model.safetensors")
     name = next(k for k in weights if k.endswith("q_proj.weight"))
     weights[name] = weights[name] + 0.5
-    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    save_file(weights, to / "model.safetensors", metadata={"format": "pt"})
+    return to
 
+
+def test_switch_model_starts_the_cache_anew_and_a_failed_one_keeps_the_model(chat, tiny_model_dir, tmp_path):
+    other = perturbed_copy(tiny_model_dir, tmp_path / "other-model")
     conv = chat.new_conversation()
     send(chat, conv.id, "Hello! Tell me a story about the sea.")
     old_fp = chat.lm.fingerprint
