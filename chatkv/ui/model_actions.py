@@ -90,7 +90,10 @@ class ModelActions:
             await self.on_model_loaded(ModelLoaded(None))
             return
         kept = self.backend.ready
-        still = f"; still using {self.backend.model_name}" if kept else ""
+        if kept:
+            still = f"; still using {self.backend.model_name}"
+        else:
+            still = f"; {self.backend.model_name} could not be loaded again either (sending retries it)"
         self.notify(
             f"Could not switch to {event.name}: {error_text(event.error)}{still}",
             title="Model",
@@ -104,8 +107,11 @@ class ModelActions:
             await self.give_back_pending()
             self.update_context()
             self.refresh_bindings()
-        else:  # the previous model could not be loaded again either: as a failed launch
-            await self.on_model_loaded(ModelLoaded(event.error))
+        else:  # the previous model could not be loaded again either: as after a failed launch
+            self.model_state = "failed"
+            self.status.show(model_state="failed", activity="")
+            await self.give_back_pending()
+            self.refresh_bindings()
 
     async def give_back_pending(self: ChatScreen) -> None:
         """Remove the message waiting for the model and put its text back in the input."""

@@ -141,6 +141,7 @@ class FakeBackend:
         self.fail_load: str | None = None  # message of the ModelError load() raises
         self.fail_switch: str | None = None  # message of the ModelError switch_model() raises
         self.block_switch = False  # switch_model() waits for release_switch()
+        self.switch_loses_model = False  # a failed switch cannot load the previous model back
         # What models() lists (the current model and two more: a GGUF seen before, whose
         # file is gone, and a local directory).
         self.model_list = [
@@ -464,7 +465,7 @@ class FakeBackend:
                 with self._lock:
                     self._convs[conversation_id] = replace(self._convs[conversation_id], model=name)
         finally:
-            self._ready = True
+            self._ready = not (self.fail_switch and self.switch_loses_model)
 
     def versions(self, message_id: int) -> list[MessageView]:
         cid, i = self._find(message_id)

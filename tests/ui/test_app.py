@@ -1037,6 +1037,28 @@ async def test_a_failed_model_switch_keeps_the_previous_model_and_gives_the_mess
         backend.release_switch()
 
 
+async def test_a_failed_switch_that_loses_the_previous_model_too_is_a_failed_load():
+    backend = FakeBackend(conversations=1, replies=["Back again."], ready=True)
+    backend.fail_switch = "out of memory loading /models/qwen2.5-0.5b-instruct"
+    backend.switch_loses_model = True
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+k")
+        await pilot.pause()
+        await pilot.press("down", "enter")
+        screen = chat(app)
+        await wait_for(pilot, lambda: screen.status.model_state == "failed")
+        assert [n for n in notes(app) if "Could not switch" in n] == [
+            "Model: Could not switch to /models/qwen2.5-0.5b-instruct: out of memory loading "
+            "/models/qwen2.5-0.5b-instruct; fake-135M could not be loaded again either (sending retries it)"
+        ]
+        assert "fake-135M failed to load" in str(screen.status.status_text())
+        await send(pilot, "retry")  # sending loads the model again, as after a failed launch
+        await finished(pilot, backend)
+        assert ("load", ()) in backend.calls
+        assert roles_and_text(app)[-1] == ("assistant", "Back again.")
+
+
 async def test_model_switch_is_refused_while_a_reply_streams():
     backend = FakeBackend(conversations=1, replies=["x y z"], ready=True)
     backend.pause_after = 1
