@@ -181,6 +181,12 @@ class ChatBackend(Protocol):
     def models(self) -> list[ModelInfo]:
         """The models that can be used offline, with their cache chunks on disk."""
 
+    def switch_model(self, name: str, conversation_id: int | None = None) -> None:
+        """Load model `name` (a `models()` name) in place of the current one (blocking; call from
+        a worker thread) and record it as the conversation's model. The conversation's cache
+        starts anew (chunks are keyed by the model's fingerprint). Raises ModelError, keeping
+        the previous model, when `name` cannot be loaded."""
+
     def context_used(self, conversation_id: int) -> int:
         """Tokens the conversation currently occupies (estimate before the model loads)."""
 

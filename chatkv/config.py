@@ -169,6 +169,7 @@ UI_KEYS = (
     "sidebar",
     "copy_code",
     "versions",
+    "model",
 )
 for _k in UI_KEYS:
     SCHEMA[f"ui.keys.{_k}"] = _nonempty()

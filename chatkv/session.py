@@ -484,6 +484,47 @@ class Chat:
         if self.kv is not None:
             self.kv.close()
 
+    def switch_model(self, name: str, conversation_id: int | None = None) -> None:
+        """Use model `name` from now on (blocking: it is loaded before this returns) and, given
+        `conversation_id`, record it as that conversation's model.
+
+        The conversation's cache starts anew by itself: chunk keys and kv heads carry the
+        model's fingerprint, so the old model's chunks never attach to the new one. Raises
+        ModelError when `name` cannot be loaded, after loading the previous model again;
+        ConfigError for a name model.name refuses (nothing changes then). Must not run while
+        a turn does (the front ends refuse to)."""
+        if conversation_id is not None:
+            self.store.get_conversation(conversation_id)  # NotFoundError before anything changes
+        previous = self.model_name
+
+        def use(model: str) -> None:
+            # First, so a name the config refuses changes nothing.
+            self.settings.set("model.name", model, source="the model picker")
+            if self.kv is not None:
+                self.kv.close()  # flushes the spills still queued, made with the old model
+            # Dropped before the next one loads, so two models never share the memory.
+            self.kv = self.lm = self._preloaded = None
+            self.model_name = model
+            self.defaults = generation_defaults(self.settings)  # the new model's sampling
+
+        if name != previous or self.lm is None:
+            # The teardown holds the load lock so no load() interleaves with it; the load takes
+            # the lock itself in load() (a plain Lock: it cannot be held across that call).
+            with self._load_lock:
+                use(name)
+            try:
+                self.load()
+            except Exception:
+                with self._load_lock:
+                    use(previous)
+                try:
+                    self.load()
+                except Exception as e:  # the previous one fails too: the switch's error is the news
+                    log.warning("could not load %s again after a failed switch: %s", previous, e)
+                raise
+        if conversation_id is not None:
+            self.store.set_model(conversation_id, name)
+
 
 def message_dict(m: MessageView) -> dict[str, Any]:
     d: dict[str, Any] = {

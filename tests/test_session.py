@@ -4,11 +4,13 @@ cache that cannot be trusted is dropped and recomputed without losing a message.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from chatkv.api import GenerationSettings
 from chatkv.engine.generate import generate
-from chatkv.errors import InputError, NotFoundError
+from chatkv.errors import InputError, ModelError, NotFoundError
 from chatkv.kv import live
 from chatkv.kv.manager import common_prefix
 from chatkv.session import Chat
@@ -215,3 +217,45 @@ def test_a_conversation_shorter_than_one_chunk_resumes_from_disk(chat, tiny_sett
     turn, _ = send(again, conv.id, "And the stars?")
     assert turn.stats.cache_source == "disk" and turn.stats.cached_tokens >= first.stats.prompt_tokens
     again.close()
+
+
+def perturbed_copy(model_dir, to):
+    """A second model: a copy of the tiny one with one weight changed (so another fingerprint)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, to)
+    weights = load_file(to / "model.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[name] = weights[name] + 0.5
+    save_file(weights, to / "model.safetensors", metadata={"format": "pt"})
+    return to
+
+
+def test_switch_model_starts_the_cache_anew_and_a_failed_one_keeps_the_model(chat, tiny_model_dir, tmp_path):
+    other = perturbed_copy(tiny_model_dir, tmp_path / "other-model")
+    conv = chat.new_conversation()
+    send(chat, conv.id, "Hello! Tell me a story about the sea.")
+    old_fp = chat.lm.fingerprint
+    with pytest.raises(NotFoundError):
+        chat.switch_model(str(other), conv.id + 1)
+    assert chat.lm.fingerprint == old_fp  # nothing changed for a conversation that is not there
+
+    chat.switch_model(str(other), conv.id)
+    new_fp = chat.lm.fingerprint
+    assert new_fp != old_fp
+    assert chat.model_name == chat.settings.model.name == str(other)
+    assert chat.get_conversation(conv.id).model == str(other)
+    # The old model's cache never attaches: the history is recomputed by the new model.
+    t2, r2 = send(chat, conv.id, "And the stars?")
+    assert t2.stats.cache_source == "none" and t2.stats.cached_tokens == 0
+    assert t2.message is not None and t2.message.content == r2
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelError, match="does not exist"):
+        chat.switch_model(str(missing), conv.id)
+    assert chat.ready and chat.lm.fingerprint == new_fp
+    assert chat.model_name == chat.settings.model.name == str(other)
+    assert chat.get_conversation(conv.id).model == str(other)
+    # The model loaded back finds the new model's chunks (flushed when the switch closed them).
+    t3, _ = send(chat, conv.id, "Which one is brighter?")
+    assert t3.stats.cache_source == "disk" and t3.stats.cached_tokens > 0

@@ -186,6 +186,10 @@ class Store(ChunkIndex, Finding):
         """Set the title. Raises NotFoundError."""
         self._update_conversation(conversation_id, title=title, updated_at=utcnow())
 
+    def set_model(self, conversation_id: int, name: str) -> None:
+        """Record the model the conversation now uses (its model.name). Raises NotFoundError."""
+        self._update_conversation(conversation_id, model=name, updated_at=utcnow())
+
     def set_system_prompt(self, conversation_id: int, text: str) -> None:
         """Replace the system prompt. Raises NotFoundError."""
         self._update_conversation(conversation_id, system_prompt=text, updated_at=utcnow())

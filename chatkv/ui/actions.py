@@ -22,6 +22,12 @@ ACTIONS: list[tuple[str, str, str, str]] = [
     ("copy_code", "copy_code", "Code", "Copy the last code block of the focused (or last) reply"),
     ("versions", "versions", "Versions", "Earlier versions of the focused (or last) reply: restore one"),
     ("export", "export", "Export", "Export the conversation to a Markdown file in the export directory"),
+    (
+        "model",
+        "switch_model",
+        "Model",
+        "Switch model… (for the open conversation, from those usable offline; its cache starts anew)",
+    ),
     ("theme", "next_theme", "Theme", "Switch to the next theme (remembered)"),
     ("help", "help", "Help", "Show this help"),
 ]

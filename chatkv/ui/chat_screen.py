@@ -25,6 +25,7 @@ from chatkv.errors import ChatKVError
 from chatkv.ui.actions import ACTIONS, FOOTER_ACTIONS
 from chatkv.ui.chat_actions import ConversationActions
 from chatkv.ui.dialogs import TextPromptScreen
+from chatkv.ui.model_actions import ModelActions
 from chatkv.ui.turns import ModelLoaded, ReplyBuffer, Starter, TurnEnded, TurnStarted, send_new
 from chatkv.ui.widgets import ChatLog, ChatMessage, ConversationList, PromptInput, StatusBar, turn_summary
 
@@ -63,7 +64,7 @@ def sidebar_width(terminal_width: int) -> int | None:
     return None
 
 
-class ChatScreen(ConversationActions, Screen):
+class ChatScreen(ConversationActions, ModelActions, Screen):
     """The main screen: conversation list, conversation, input, status bar and footer."""
 
     def __init__(self, backend: ChatBackend, settings: Settings, conversation_id: int | None = None):
@@ -336,7 +337,7 @@ class ChatScreen(ConversationActions, Screen):
             return
         self.prompt.clear()
         log = self.log_view
-        if not self.backend.ready:
+        if not self.model_ready():
             widget = ChatMessage("user", text, pending=True)
             await log.mount(widget)
             widget.set_waiting("waiting for the model to load…")
@@ -550,7 +551,7 @@ class ChatScreen(ConversationActions, Screen):
         if cid is None or not any(m.role == "user" for m in messages):
             self.nothing("Nothing to regenerate yet; send a message first.")
             return
-        if not self.backend.ready:
+        if not self.model_ready():
             self.nothing("The model is still loading; regenerate when it is ready.")
             return
         if messages[-1].role == "assistant":
@@ -575,7 +576,7 @@ class ChatScreen(ConversationActions, Screen):
         if self.conversation_id is None or target is None or target.message is None:
             self.nothing("No saved message of yours to edit yet; send one first.")
             return
-        if not self.backend.ready:
+        if not self.model_ready():
             self.nothing("The model is still loading; edit when it is ready.")
             return
         message = target.message

@@ -1,4 +1,5 @@
-"""The modal dialogs of the chat screen: help, a yes/no question, and a text prompt.
+"""The modal dialogs of the chat screen: help, a yes/no question, a text prompt, earlier
+versions of a message and the model picker.
 
 Each says its keys in a hint line and shows its own footer, so the main screen's
 bindings never appear to apply while a dialog is open."""
@@ -16,8 +17,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
-from chatkv.api import MessageView
+from chatkv.api import MessageView, ModelInfo
 from chatkv.config import Settings
+from chatkv.fmt import format_bytes
 from chatkv.ui.actions import ACTIONS, key_label
 
 
@@ -173,6 +175,68 @@ class VersionsScreen(ModalScreen[int | None]):
     @on(OptionList.OptionSelected)
     def _chosen(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(int(event.option.id) if event.option.id is not None else None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+#: Longest model name the picker shows whole; longer ones (paths) keep their end.
+NAME_WIDTH = 60
+
+
+def model_option(model: ModelInfo, current: bool) -> Option:
+    """One model of the picker, two lines: its name and kind (marked when current), then
+    its size, its KV chunks on disk and whether it can be used. Unavailable: disabled."""
+    name = model.name if len(model.name) <= NAME_WIDTH else "…" + model.name[-(NAME_WIDTH - 1) :]
+    text = Text()
+    text.append("● " if current else "  ", style="green")
+    text.append(name, style="bold")
+    text.append(f"  {model.kind}", style="dim")
+    details = [format_bytes(model.size_bytes) if model.size_bytes else "size unknown"]
+    if model.chunk_count:
+        details.append(f"{model.chunk_count:,} chunks on disk ({format_bytes(model.chunk_bytes)})")
+    else:
+        details.append("no chunks on disk")
+    details.append("current" if current else "ready" if model.available else "unavailable")
+    text.append("\n    " + " · ".join(details), style="dim")
+    if model.note and not model.available:  # how to make it available: a line of its own
+        text.append(f"\n    {model.note}", style="dim")
+    return Option(text, id=model.name, disabled=not model.available)
+
+
+class ModelPickerScreen(ModalScreen[str | None]):
+    """The models usable offline (`ChatBackend.models()`), the current one highlighted; Enter
+    chooses the highlighted one, Esc keeps the current. Unavailable ones are greyed and
+    cannot be chosen; their note says why."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, models: list[ModelInfo], current: str):
+        super().__init__()
+        self.models = models
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Switch model", classes="title")
+            options = [model_option(m, m.name == self.current) for m in self.models]
+            yield OptionList(*options, id="models")
+            yield Label(
+                "Enter switches this conversation to it (its cache starts anew) · Esc cancels",
+                classes="hint",
+            )
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        options = self.query_one(OptionList)
+        names = [m.name for m in self.models]
+        if self.current in names:
+            options.highlighted = names.index(self.current)
+        options.focus()
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

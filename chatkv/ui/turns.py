@@ -74,5 +74,14 @@ class ModelLoaded(Message):
     error: BaseException | None
 
 
+@dataclass
+class ModelSwitched(Message):
+    """The background model switch ended (error is None on success)."""
+
+    name: str
+    conversation_id: int | None
+    error: BaseException | None
+
+
 #: A turn's starter: makes the stream in the worker thread, returns it and its conversation.
 Starter = Callable[[], tuple[TurnStream, int]]

@@ -139,6 +139,39 @@ class FakeBackend:
         self.replies = list(replies or ["Hello! This is a **fake** reply."])
         self.piece_delay = piece_delay
         self.fail_load: str | None = None  # message of the ModelError load() raises
+        self.fail_switch: str | None = None  # message of the ModelError switch_model() raises
+        self.block_switch = False  # switch_model() waits for release_switch()
+        self.switch_loses_model = False  # a failed switch cannot load the previous model back
+        # What models() lists (the current model and two more: a GGUF seen before, whose
+        # file is gone, and a local directory).
+        self.model_list = [
+            ModelInfo(
+                name=self.model_name,
+                kind="embedded",
+                path="/fake/model.gguf",
+                available=True,
+                size_bytes=270_000_000,
+                chunk_count=12,
+                chunk_bytes=24_000_000,
+            ),
+            ModelInfo(
+                name="/models/tinyllama.Q4_K_M.gguf",
+                kind="gguf",
+                path="/models/tinyllama.Q4_K_M.gguf",
+                available=False,
+                size_bytes=670_000_000,
+                note="the file is gone; import it again",
+            ),
+            ModelInfo(
+                name="/models/qwen2.5-0.5b-instruct",
+                kind="dir",
+                path="/models/qwen2.5-0.5b-instruct",
+                available=True,
+                size_bytes=990_000_000,
+                chunk_count=3,
+                chunk_bytes=5_500_000,
+            ),
+        ]
         self.block_load = False  # load() waits for release_load()
         self.fail_generation_after: int | None = None  # pieces before a generation fails
         self.fail_generation_message = "generation failed: out of memory"
@@ -161,6 +194,7 @@ class FakeBackend:
         self.closed = 0
         self._ready = ready
         self._load_gate = threading.Event()
+        self._switch_gate = threading.Event()
         self._lock = threading.RLock()
         self._convs: dict[int, ConversationSummary] = {}
         self._msgs: dict[int, list[MessageView]] = {}
@@ -216,6 +250,9 @@ class FakeBackend:
 
     def release_load(self) -> None:
         self._load_gate.set()
+
+    def release_switch(self) -> None:
+        self._switch_gate.set()
 
     def _append(
         self, cid: int, role: str, content: str, stats: TurnStats | None, at: datetime | None = None
@@ -408,7 +445,27 @@ class FakeBackend:
         raise NotFoundError(f"no message {message_id}")
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(name=self.model_name, kind="embedded", path="/fake/model.gguf", available=True)]
+        return list(self.model_list)
+
+    def switch_model(self, name: str, conversation_id: int | None = None) -> None:
+        """Like the session: not ready while the new model loads; a failure keeps the old one."""
+        self.calls.append(("switch_model", (name, conversation_id)))
+        if conversation_id is not None:
+            self._conv(conversation_id)
+        self._ready = False
+        try:
+            if self.block_switch:
+                self.activity = self.load_activity
+                self._switch_gate.wait(timeout=30)
+                self.activity = ""
+            if self.fail_switch:
+                raise ModelError(self.fail_switch)
+            self.model_name = name
+            if conversation_id is not None:
+                with self._lock:
+                    self._convs[conversation_id] = replace(self._convs[conversation_id], model=name)
+        finally:
+            self._ready = not (self.fail_switch and self.switch_loses_model)
 
     def versions(self, message_id: int) -> list[MessageView]:
         cid, i = self._find(message_id)
@@ -438,6 +495,7 @@ class FakeBackend:
     def close(self) -> None:
         self.closed += 1
         self._load_gate.set()
+        self._switch_gate.set()
         self.pause_release.set()
 
 

@@ -19,7 +19,7 @@ from textual.widgets._markdown import MarkdownFence
 
 from chatkv.errors import ModelError
 from chatkv.ui.chat_screen import ChatScreen
-from chatkv.ui.dialogs import ConfirmScreen, HelpScreen, TextPromptScreen
+from chatkv.ui.dialogs import ConfirmScreen, HelpScreen, ModelPickerScreen, TextPromptScreen
 from chatkv.ui.widgets import ChatMessage, relative_time, turn_summary
 from tests.ui.fake_backend import FIXED_NOW, FakeBackend, make_app
 
@@ -931,6 +931,149 @@ def test_running_the_app_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# -- switching the model (issue 11) ---------------------------------------------------------
+
+
+def picker(app) -> ModelPickerScreen:
+    assert isinstance(app.screen, ModelPickerScreen)
+    return app.screen
+
+
+async def test_model_picker_lists_the_models_and_switches_the_open_conversation():
+    backend = FakeBackend(conversations=2, replies=["From the new model."], ready=True)
+    backend.block_switch = True
+    app = make_app(backend, conversation_id=2)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+k")
+            await pilot.pause()
+            options = picker(app).query_one(OptionList)
+            assert options.option_count == 3
+            assert options.highlighted == 0  # the current model
+            first, gone, local = (options.get_option_at_index(i) for i in range(3))
+            assert "fake-135M" in str(first.prompt) and "current" in str(first.prompt)
+            assert "12 chunks on disk" in str(first.prompt)
+            assert gone.disabled and "unavailable\n    the file is gone; import it again" in str(gone.prompt)
+            assert "no chunks on disk" in str(gone.prompt)
+            assert not local.disabled and "3 chunks on disk (5.2 MiB) · ready" in str(local.prompt)
+            await pilot.press("down", "enter")  # the unavailable one is skipped
+            await pilot.pause()
+            assert isinstance(app.screen, ChatScreen)
+            assert ("switch_model", ("/models/qwen2.5-0.5b-instruct", 2)) in backend.calls
+            # loading as at launch; the input stays usable and a message waits for the load
+            screen = chat(app)
+            assert "loading /models/qwen2.5-0.5b-instruct" in str(screen.status.status_text())
+            await send(pilot, "who are you now?")
+            await pilot.pause()
+            assert not any(c[0] == "send" for c in backend.calls)
+            assert screen.log_view.messages[-1].has_class("-pending")
+            backend.release_switch()
+            await finished(pilot, backend)
+            assert backend.get_conversation(2).model == "/models/qwen2.5-0.5b-instruct"
+            assert any(
+                "Switched to /models/qwen2.5-0.5b-instruct; this conversation's cache starts anew "
+                "(the new model recomputes its history on the next turn)" in n
+                for n in notes(app)
+            )
+            assert screen.status.model == "/models/qwen2.5-0.5b-instruct"
+            assert screen.status.model_state == "ready"
+            assert ("send", (2, "who are you now?")) in backend.calls
+            assert roles_and_text(app)[-1] == ("assistant", "From the new model.")
+    finally:
+        backend.release_switch()
+
+
+async def test_model_picker_from_the_palette_and_esc_cancels():
+    backend = FakeBackend(conversations=1, ready=True)
+    app = make_app(backend, conversation_id=1, **{"ui.keys.model": "f9"})
+    async with app.run_test(size=SIZE) as pilot:
+        commands = {c.title: c for c in app.get_system_commands(app.screen)}
+        await commands["Switch model…"].callback()
+        await pilot.pause()
+        picker(app)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert chat(app).prompt.has_focus
+        await pilot.press("f9")  # the configured key
+        await pilot.pause()
+        picker(app)
+        await pilot.press("enter")  # the current one, highlighted
+        await pilot.pause()
+        assert any("Already using fake-135M." in n for n in notes(app))
+        await pilot.press("ctrl+k")  # no longer bound
+        await pilot.pause()
+        assert isinstance(app.screen, ChatScreen)
+        assert not any(c[0] == "switch_model" for c in backend.calls)
+        assert backend.model_name == "fake-135M"
+
+
+async def test_a_failed_model_switch_keeps_the_previous_model_and_gives_the_message_back():
+    backend = FakeBackend(conversations=1, ready=True)
+    backend.block_switch = True
+    backend.fail_switch = "model path /models/qwen2.5-0.5b-instruct has no config.json"
+    app = make_app(backend, conversation_id=1)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+k")
+            await pilot.pause()
+            await pilot.press("down", "enter")
+            await pilot.pause()
+            await send(pilot, "still there?")
+            backend.release_switch()
+            screen = chat(app)
+            await wait_for(pilot, lambda: screen.status.model_state == "ready")
+            assert ("switch_model", ("/models/qwen2.5-0.5b-instruct", 1)) in backend.calls
+            assert any(
+                "Could not switch to /models/qwen2.5-0.5b-instruct: model path" in n
+                and "still using fake-135M" in n
+                for n in notes(app)
+            )
+            assert screen.status.model == "fake-135M" and backend.get_conversation(1).model == "fake-135M"
+            assert screen.prompt.text == "still there?"  # meant for the new model: given back
+            assert not any(c[0] == "send" for c in backend.calls)
+            assert [r for r, _ in roles_and_text(app)] == ["user", "assistant"]
+    finally:
+        backend.release_switch()
+
+
+async def test_a_failed_switch_that_loses_the_previous_model_too_is_a_failed_load():
+    backend = FakeBackend(conversations=1, replies=["Back again."], ready=True)
+    backend.fail_switch = "out of memory loading /models/qwen2.5-0.5b-instruct"
+    backend.switch_loses_model = True
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+k")
+        await pilot.pause()
+        await pilot.press("down", "enter")
+        screen = chat(app)
+        await wait_for(pilot, lambda: screen.status.model_state == "failed")
+        assert [n for n in notes(app) if "Could not switch" in n] == [
+            "Model: Could not switch to /models/qwen2.5-0.5b-instruct: out of memory loading "
+            "/models/qwen2.5-0.5b-instruct; fake-135M could not be loaded again either (sending retries it)"
+        ]
+        assert "fake-135M failed to load" in str(screen.status.status_text())
+        await send(pilot, "retry")  # sending loads the model again, as after a failed launch
+        await finished(pilot, backend)
+        assert ("load", ()) in backend.calls
+        assert roles_and_text(app)[-1] == ("assistant", "Back again.")
+
+
+async def test_model_switch_is_refused_while_a_reply_streams():
+    backend = FakeBackend(conversations=1, replies=["x y z"], ready=True)
+    backend.pause_after = 1
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hold")
+        await wait_for(pilot, lambda: backend.paused.is_set())
+        await pilot.press("ctrl+k")
+        await pilot.pause()
+        assert isinstance(app.screen, ChatScreen)
+        assert any("A reply is being generated; stop it (Esc) to switch models." in n for n in notes(app))
+        backend.pause_release.set()
+        await finished(pilot, backend)
+        assert not any(c[0] == "switch_model" for c in backend.calls)
 
 
 def _run_in_event_loop(fn):

@@ -158,6 +158,12 @@ def test_versions_dialog(snap_compare, size):
 
 
 @pytest.mark.parametrize("size", SIZES)
+def test_model_picker_dialog(snap_compare, size):
+    app = make_app(_backend(), conversation_id=1)
+    assert snap_compare(app, terminal_size=size, press=["ctrl+k"], run_before=_settle)
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_help_screen(snap_compare, size):
     app = make_app(_backend(), conversation_id=1)
     assert snap_compare(app, terminal_size=size, press=["f1"], run_before=_settle)
