@@ -143,9 +143,10 @@ class Chat:
         return self._mark_live(self.store.get_conversation(conversation_id))
 
     def _mark_live(self, conv: ConversationSummary) -> ConversationSummary:
-        if self.kv is not None and conv.id in self.kv.pool:
+        kv = self.kv  # read once: a model switch may drop it meanwhile
+        if kv is not None and conv.id in kv.pool:
             return replace(
-                conv, cache_state="live", token_count=self.kv.pool.peek_tokens(conv.id) or conv.token_count
+                conv, cache_state="live", token_count=kv.pool.peek_tokens(conv.id) or conv.token_count
             )
         return conv
 
@@ -381,21 +382,23 @@ class Chat:
 
     def count_tokens(self, text: str) -> int | None:
         """Tokens `text` adds as a user message; None while the model is not loaded."""
-        if self.lm is None:
+        lm = self.lm  # read once: a model switch may drop it meanwhile
+        if lm is None:
             return None
         from chatkv.engine.model import chat_ids
 
-        return len(chat_ids(self.lm.tokenizer, [{"role": "user", "content": text}], False))
+        return len(chat_ids(lm.tokenizer, [{"role": "user", "content": text}], False))
 
     @property
     def default_system_prompt(self) -> str:
         """The system prompt the model's template uses when a conversation has none ("" if
         none, or before the model is loaded)."""
-        if self.lm is None:
+        lm = self.lm
+        if lm is None:
             return ""
         from chatkv.engine.model import template_default_system_prompt
 
-        return template_default_system_prompt(self.lm.tokenizer)
+        return template_default_system_prompt(lm.tokenizer)
 
     def render(self, conversation_id: int, replace: Replace | None = None) -> list[dict[str, str]]:
         """The conversation as chat-template messages, with a pending `replace` applied."""
@@ -444,12 +447,15 @@ class Chat:
         return ids, dropped
 
     def context_used(self, conversation_id: int) -> int:
-        if self.lm is None:
+        lm = self.lm  # read once, and never wait for a load here (the UI thread calls this)
+        if lm is None:
             conv = self.store.get_conversation(conversation_id)
             if conv.token_count:
                 return conv.token_count
             return sum(len(m["content"]) for m in self.render(conversation_id)) // 4
-        return len(self.tokenize(self.render(conversation_id)))
+        from chatkv.engine.model import chat_ids
+
+        return len(chat_ids(lm.tokenizer, self.render(conversation_id)))
 
     # -- export and shutdown ---------------------------------------------------
 
