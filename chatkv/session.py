@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import exc
@@ -22,7 +21,6 @@ from chatkv import journal, lease
 from chatkv.api import (
     ChatBackend,
     ConversationSummary,
-    FinishReason,
     GenerationSettings,
     MessageView,
     ModelInfo,
@@ -30,17 +28,17 @@ from chatkv.api import (
 )
 from chatkv.config import Settings
 from chatkv.engine.defaults import generation_defaults
-from chatkv.errors import ChatKVError, InputError
+from chatkv.errors import InputError
 from chatkv.paths import db_path, kv_dir
 from chatkv.store import Store
 from chatkv.store.common import new_turn_id
-from chatkv.store.db import describe_db_error
+from chatkv.turn import Replace, Turn
 
 if TYPE_CHECKING:
     from chatkv.engine.model import LoadedModel
     from chatkv.imports import ImportReport
     from chatkv.kv.maintenance import GcReport, RebuildReport, VerifyReport
-    from chatkv.kv.manager import Attached, KVManager
+    from chatkv.kv.manager import KVManager
     from chatkv.store.search import SearchHit
 
 log = logging.getLogger(__name__)
@@ -543,260 +541,6 @@ def message_dict(m: MessageView) -> dict[str, Any]:
     if m.stats is not None:
         d["stats"] = m.stats.to_dict()
     return d
-
-
-@dataclass
-class Replace:
-    """A change to the transcript that takes effect when the new reply is saved: the prompt
-    stops before `position` (None: nothing is cut), message `message_id` reads `text`, and
-    the messages `set_aside` (by id, never by position) become earlier versions."""
-
-    position: int | None
-    message_id: int | None = None
-    text: str | None = None
-    set_aside: list[int] = field(default_factory=list)
-    reply_position: int | None = None  # where the reply goes (for a kept-aside stopped turn)
-
-
-class Turn:
-    """One assistant reply being generated (implements chatkv.api.TurnStream).
-
-    Holds the conversation's lease from creation to the end of iteration, so no other turn
-    (in this process or another) interleaves with it. Every piece it yields is in its
-    journal before the consumer sees it; the reply and what it replaces are saved in one
-    transaction at the end (chatkv.store.Store.finish_turn).
-    """
-
-    def __init__(
-        self,
-        chat: Chat,
-        conversation_id: int,
-        settings: GenerationSettings,
-        held: lease.Lease,
-        new_user_message: MessageView | None = None,
-        replace: Replace | None = None,
-        new_conversation: bool = False,
-    ):
-        self.replace = replace
-        self.chat = chat
-        self.conversation_id = conversation_id
-        self.settings = settings
-        self.new_user_message = new_user_message
-        self.new_conversation = new_conversation
-        self.message: MessageView | None = None
-        self.kept_aside = False  # a stopped regenerate/edit: kept as an earlier version
-        self.stats = TurnStats()
-        self.warnings: list[str] = []
-        self.tokens: list[int] = []  # what the cache covers after the turn: prompt and reply
-        self.turn_id = new_turn_id()
-        self._lease = held
-        self._journal: journal.Journal | None = None
-        self._cancel = threading.Event()
-        self._started = False
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def __iter__(self) -> Iterator[str]:
-        if self._started:
-            raise RuntimeError("a turn can be iterated once")
-        self._started = True
-        return self._run()
-
-    def _run(self) -> Iterator[str]:
-        try:
-            yield from self._generate()
-        finally:
-            self.chat.activity = ""
-            if self._journal is not None:
-                self._journal.close(saved=False)
-            self._lease.release()
-
-    def _generate(self) -> Iterator[str]:
-        from chatkv.engine.generate import TextStream, generate
-
-        chat = self.chat
-        t0 = time.perf_counter()
-        try:
-            lm, kv = chat.loaded()
-            ids, dropped = chat.fit(
-                chat.render(self.conversation_id, self.replace), self.settings.max_new_tokens
-            )
-        except BaseException:
-            self._forget_user_message()
-            raise
-        chat.activity = f"reading the cache of {len(ids):,} tokens"
-        att = kv.attach(self.conversation_id, ids)
-        self.warnings += att.problems
-        chat.activity = f"prefilling {len(ids) - att.cached:,} tokens" if len(ids) - att.cached > 1 else ""
-        st = self.stats
-        st.prompt_tokens, st.cached_tokens, st.prefilled_tokens = len(ids), att.cached, len(ids) - att.cached
-        st.cache_source, st.cache_load_s, st.dropped_messages, st.codec = (
-            att.source,
-            att.load_s,
-            dropped,
-            kv.codec.name,
-        )
-        self._journal = self._open_journal()
-        text = TextStream(lm.tokenizer, self.settings.stop)
-        gen: list[int] = []
-        first = last = None
-        reason: FinishReason = "error"
-        try:
-            for step in generate(
-                lm.model,
-                ids,
-                att.cache,
-                att.cached,
-                self.settings,
-                lm.eos_ids,
-                lm.context_limit,
-                self._cancel,
-                on_prefill=self._prefill_reporter(st.prefilled_tokens),
-            ):
-                if step.token is None:
-                    reason = step.finish_reason or "stop"
-                    break
-                last = time.perf_counter()
-                if first is None:
-                    first = last
-                    chat.activity = ""
-                gen.append(step.token)
-                piece = text.push(step.token)
-                if piece:
-                    if self._journal is not None:
-                        self._journal.piece(piece)
-                    yield piece
-                if text.stopped:
-                    reason = "stop"
-                    break
-            piece = text.finish()
-            if piece:
-                if self._journal is not None:
-                    self._journal.piece(piece)
-                yield piece
-        except GeneratorExit:  # the consumer stopped iterating: keep what was made
-            reason = "cancelled"
-        except KeyboardInterrupt:  # Ctrl-C: keep what was made, then let the front end exit
-            if gen:
-                self._save(text.text, "cancelled", ids, gen, att, first, last, t0)
-            else:
-                self._forget_user_message()
-            raise
-        except BaseException:
-            if not gen:
-                self._forget_user_message()
-                raise
-            self._save(text.text, reason, ids, gen, att, first, last, t0)
-            raise
-        if not gen and reason == "cancelled":
-            # Stopped before the first token: no empty reply is saved and a pending edit or
-            # regeneration is not applied; what was prefilled stays live for the next turn.
-            kv.commit(self.conversation_id, ids, att.cache)
-            return
-        self._save(text.text, reason, ids, gen, att, first, last, t0)
-
-    def _prefill_reporter(self, tokens: int) -> Callable[[int, int], None] | None:
-        """An on_prefill callback for a prefill long enough to be worth showing (more than one
-        engine step), reporting to the chat's on_progress; else None."""
-        from chatkv.engine.generate import PREFILL_STEP
-
-        if tokens <= PREFILL_STEP:
-            return None
-        report = self.chat.progress
-        return lambda done, total: report("prefill", done, total)
-
-    def _open_journal(self) -> journal.Journal | None:
-        r = self.replace
-        kept_user = None
-        if r is not None and r.message_id is not None and r.text is not None and r.position is not None:
-            kept_user = (r.position - 1, r.text)
-        header = journal.Header(
-            conversation_id=self.conversation_id,
-            turn_id=self.turn_id,
-            set_aside=list(r.set_aside) if r else [],
-            edit=(r.message_id, r.text) if r and r.message_id is not None and r.text is not None else None,
-            kept_user=kept_user,
-            reply_position=r.reply_position if r else None,
-        )
-        try:
-            jr = journal.Journal(header)
-        except OSError as e:  # no journal (a full disk, say): the turn still runs
-            log.warning("could not open a reply journal: %s", e)
-            return None
-        jr.stats(self.stats)
-        return jr
-
-    def _save(
-        self,
-        content: str,
-        reason: FinishReason,
-        ids: list[int],
-        gen: list[int],
-        att: Attached,
-        first: float | None,
-        last: float | None,
-        t0: float,
-    ) -> None:
-        st = self.stats
-        st.finish_reason = reason
-        st.completion_tokens = len(gen)
-        st.ttft_s = (first - t0) if first else time.perf_counter() - t0
-        st.decode_tps = (len(gen) - 1) / (last - first) if first and last and last > first else 0.0
-        jr = self._journal
-        if jr is not None:
-            jr.end(reason, st)
-        r = self.replace
-        replaces = r is not None and (r.set_aside or r.message_id is not None)
-        _, kv = self.chat.loaded()
-        covered = self.tokens = list(ids) + gen
-        kv.commit(self.conversation_id, covered, att.cache)
-        try:
-            if replaces and reason in ("cancelled", "error"):
-                # A stopped regenerate or edit changes nothing; what it streamed is kept aside.
-                self._keep_aside(content)
-            else:
-                self.message = self.chat.store.finish_turn(
-                    self.conversation_id,
-                    content,
-                    st,
-                    self.turn_id,
-                    r.set_aside if r else (),
-                    (r.message_id, r.text) if r and r.message_id is not None and r.text is not None else None,
-                )
-        except exc.SQLAlchemyError as e:
-            where = f"; its text is kept in {jr.path} and will be saved when chatkv next starts" if jr else ""
-            raise ChatKVError(f"the reply could not be saved: {describe_db_error(e)}{where}") from e
-        if jr is not None:
-            jr.close(saved=True)
-            self._journal = None
-        if not self.kept_aside:
-            kv.spill(self.conversation_id, covered, att.cache)
-
-    def _keep_aside(self, content: str) -> None:
-        r = self.replace
-        assert r is not None
-        rows: list[tuple[int, str, str, TurnStats | None]] = []
-        if r.message_id is not None and r.text is not None and r.position is not None:
-            rows.append((r.position - 1, "user", r.text, None))
-        rows.append((r.reply_position or 0, "assistant", content, self.stats))
-        self.chat.store.keep_version(self.conversation_id, self.turn_id, rows)
-        self.kept_aside = True
-
-    def _forget_user_message(self) -> None:
-        """A send that produced nothing leaves no trace: the front end gives the text back.
-        Deleted by id: another process may have written to the conversation since."""
-        m = self.new_user_message
-        if m is None:
-            return
-        self.new_user_message = None
-        try:
-            if self.new_conversation:
-                self.chat.store.delete_conversation(m.conversation_id)
-            else:
-                self.chat.store.delete_message(m.id)
-        except Exception as e:  # the turn's own error is the one to report
-            log.warning("could not remove the unanswered message: %s", e)
 
 
 if TYPE_CHECKING:
