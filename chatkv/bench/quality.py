@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from chatkv.kv.chunks import Layers
 from chatkv.kv.codecs import Codec, get_codec, nbytes
+from chatkv.kv.live import layers_of
 from chatkv.kv.policy import Policy
-
-Layers = list[tuple[Tensor, Tensor]]
 
 
 @dataclass
@@ -47,11 +47,6 @@ class QualityResult:
 def sample_text() -> str:
     """Bundled public-domain English text (US founding documents, Lincoln), ~2,900 SmolLM2 tokens."""
     return resources.files("chatkv.bench").joinpath("data/sample.txt").read_text(encoding="utf-8")
-
-
-def cache_layers(cache: DynamicCache) -> Layers:
-    """The (keys, values) tensors of every layer of a ``DynamicCache``, each (B, H, T, D)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def as_policy(scheme: Codec | Policy) -> Policy:
@@ -97,7 +92,7 @@ def prefill(model, prefix_ids: torch.LongTensor) -> Layers:
     """Run the prefix through the model and return its exact per-layer K/V."""
     cache = DynamicCache()
     model(input_ids=prefix_ids, past_key_values=cache, use_cache=True)
-    return cache_layers(cache)
+    return layers_of(cache)
 
 
 @torch.inference_mode()

@@ -169,7 +169,7 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-# Metadata every chunk file must carry (DESIGN.md, "Chunk file").
+# Metadata every chunk file must carry (README, "Chunk file").
 REQUIRED_META = (
     "format",
     "codec",

@@ -5,7 +5,7 @@ A codec works on one layer of one chunk: ``k`` and ``v`` of shape ``(B, H, T, D)
 ``"k.<field>"`` / ``"v.<field>"`` ready for safetensors; ``decode`` inverts it.
 Every chunk is encoded on its own, so no codec may depend on a chunk's position.
 
-Codecs (see DESIGN.md, "Codecs"):
+Codecs (README, "How it works" and "Cache fidelity"):
 
 - ``fp16``: lossless. Despite the name it stores the tensors *exactly as computed*, in
   their native dtype (bf16 and fp16 as is, float32 as float32), because the product

@@ -12,9 +12,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from chatkv.kv.chunks import Layers
 from chatkv.kv.growable import GrowableLayer, capacity
-
-Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def new_cache(model) -> DynamicCache:

@@ -159,7 +159,7 @@ class ConversationChunk(Base):
 
 
 class KVChunk(Base):
-    """One chunk file under the kv dir. The key is content-derived (see DESIGN.md)."""
+    """One chunk file under the kv dir. The key is content-derived (chatkv.kv.chunks.chunk_key)."""
 
     __tablename__ = "kv_chunks"
 
