@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatkv.api import TurnStats
 
 
 def relative_time(then: datetime, now: datetime) -> str:
@@ -44,3 +48,13 @@ def display_title(title: str, width: int = 0, source: str = "") -> str:
     if width and len(title) > width:
         return title[: width - 1].rstrip() + "…"
     return title + "…" if cut else title
+
+
+def stats_text(s: TurnStats) -> str:
+    """A turn's statistics on one line, as `chatkv ask --stats` and `chatkv show` print them."""
+    return (
+        f"{s.prompt_tokens:,} prompt tokens, {s.cached_tokens:,} cached from {s.cache_source} in "
+        f"{s.cache_load_s * 1000:.0f} ms, {s.prefilled_tokens:,} prefilled; first token "
+        f"{s.ttft_s * 1000:.0f} ms; {s.completion_tokens:,} tokens at {s.decode_tps:.1f}/s "
+        f"({s.finish_reason})"
+    )

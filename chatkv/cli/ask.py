@@ -126,15 +126,9 @@ def run(args: argparse.Namespace) -> int:
         out.write("\n")
         out.flush()
         if args.stats:
-            s = turn.stats
-            print(
-                f"conversation {turn.conversation_id}: {s.prompt_tokens} prompt tokens, "
-                f"{s.cached_tokens} from "
-                f"{s.cache_source} in {s.cache_load_s * 1000:.0f} ms, {s.prefilled_tokens} prefilled; "
-                f"first token {s.ttft_s * 1000:.0f} ms; {s.completion_tokens} tokens at "
-                f"{s.decode_tps:.1f}/s ({s.finish_reason})",
-                file=sys.stderr,
-            )
+            from chatkv.fmt import stats_text
+
+            print(f"conversation {turn.conversation_id}: {stats_text(turn.stats)}", file=sys.stderr)
     finally:
         chat.close()
     return 0

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from chatkv.api import ConversationSummary
 from chatkv.cli.args import INT64_MAX, PathArg, conversation_id, count
-from chatkv.fmt import display_title, format_bytes, relative_time
+from chatkv.fmt import display_title, format_bytes, relative_time, stats_text
 
 # Titles are stored cut to 60 characters with no mark (store/repo.py); the listing cuts
 # them to this width with "…", so that a cut title reads as one.
@@ -144,13 +144,7 @@ def run_show(args: argparse.Namespace) -> int:
     for m in msgs:
         print(f"\n{m.role}: {m.content}")
         if m.stats:
-            s = m.stats
-            print(
-                f"  [{s.prompt_tokens} prompt tokens, {s.cached_tokens} cached from {s.cache_source} "
-                f"in {s.cache_load_s * 1000:.0f} ms, {s.prefilled_tokens} prefilled, first token "
-                f"{s.ttft_s * 1000:.0f} ms, {s.completion_tokens} tokens at {s.decode_tps:.1f}/s, "
-                f"{s.finish_reason}]"
-            )
+            print(f"  [{stats_text(m.stats)}]")
     return 0
 
 
