@@ -486,7 +486,7 @@ class Runner:
 
         t0 = time.perf_counter()
         prefix = items[0].ids[:p]
-        att = self.kv.attach(None, prefix + [items[0].ids[p]])
+        att = self.kv.attach(None, prefix, whole=True)
         if att.cached < p:
             prefill(self.lm.model, prefix[att.cached :], att.cache, att.cached)
             self.kv.spill(None, prefix, att.cache)  # the next run attaches it from disk

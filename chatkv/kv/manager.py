@@ -185,11 +185,14 @@ class KVManager:
 
     # -- attach --------------------------------------------------------------
 
-    def attach(self, conv: object, tokens: Sequence[int]) -> Attached:
-        """A cache for the longest known prefix of `tokens` (at most len-1 tokens, so
-        that at least one token is prefilled and gives the next-token logits)."""
+    def attach(self, conv: object, tokens: Sequence[int], whole: bool = False) -> Attached:
+        """A cache for the longest known prefix of `tokens`.
+
+        It covers at most len-1 tokens, so that the caller prefills at least one token and
+        gets the next-token logits from it; `whole` lets it cover all of `tokens` (batch
+        attaches a shared prefix that its lines then continue each on its own)."""
         t0 = time.perf_counter()
-        limit = len(tokens) - 1
+        limit = len(tokens) if whole else len(tokens) - 1
         item = self.pool.take(conv) if conv is not None else None
         mem = min(common_prefix(item.tokens, tokens), limit) if item else 0
         problems: list[str] = []
