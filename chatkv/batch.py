@@ -11,49 +11,32 @@ template, same context fitting, same sampler), then:
   disk; the group's lines then decode over that one shared prefix
   (`chatkv.engine.batch`).
 
-Output records are one JSON object per input line, in input order: a finished
-line's record is written as soon as every earlier line's is (`InOrder`), so an
-interrupted run keeps what is done and can resume where it stopped. Every failure of
-a line (not JSON, a bad field, a missing conversation, a prompt too long, an error
-while generating it) is that line's error record, with its id and line number.
+The file format (JSONL lines in, records out in input order, resuming from an earlier
+output) and the progress bar belong to the command: `chatkv.cli.jsonl`. The runner
+reports each line's record through `emit`, and saves through the session
+(`Chat.save_exchange`, under the conversation's lease): it adds grouping and batched
+decoding to what the session does for one turn.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, TextIO
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from chatkv.api import GenerationSettings, TurnStats
-from chatkv.config import validate
-from chatkv.errors import ChatKVError, ConfigError, InputError
+from chatkv.errors import ChatKVError, InputError
+
+if TYPE_CHECKING:
+    from chatkv.kv.manager import Attached
 
 log = logging.getLogger(__name__)
 
 # Tokens two prompts must share to decode over one prefix: well past the chat template's
 # own header (~5 tokens), which every prompt shares.
 MIN_SHARED = 32
-GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-KNOWN_KEYS = ("id", "prompt", "system", "messages", "conversation", *GEN_KEYS)
-ROLES = ("system", "user", "assistant")
-MAX_DEPTH = 16  # nesting of a line's JSON: "messages" needs 3; deeper is a mistake or an attack
-INT64_MAX = 2**63 - 1  # conversation ids are SQLite integers
-
-
-class BadLine(InputError):
-    """An input line that cannot be served; `id` is its id when the line got far enough to
-    have one (else None)."""
-
-    def __init__(self, message: str, id_: Any = None):
-        super().__init__(message)
-        self.id = id_
 
 
 @dataclass
@@ -73,195 +56,15 @@ class Item:
     dropped: int = 0
 
 
-def id_key(value: Any) -> str:
-    """A hashable, type-exact key for a JSON id (1 and "1" are different ids)."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+class LineProgress(Protocol):
+    """What the runner reports: lines answered and tokens generated (chatkv.cli.jsonl.Progress)."""
+
+    def update(self, items: int = 0, tokens: int = 0) -> None: ...
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, without recursion (a list of scalars is 1)."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (list, dict)):
-            d += 1
-            deepest = max(deepest, d)
-            if d > MAX_DEPTH:
-                break
-            stack.extend((x, d) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
-
-
-def _load(text: str) -> Any:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable input bytes, kept as surrogates by the reader
-        raise InputError("the line is not UTF-8 text") from None
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise InputError(f"JSON nested more than {MAX_DEPTH} levels deep") from None
-    except ValueError as e:  # also integers of more digits than Python converts
-        raise InputError(f"not JSON ({e})") from None
-
-
-def _storable(value: Any) -> bool:
-    """False for strings with lone surrogates ("\\ud800" escapes), which no file or database
-    can store."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def parse_line(n: int, text: str, defaults: GenerationSettings) -> Item:
-    """Parse input line `n` (1-based). Raises InputError with what is wrong: a BadLine
-    carrying the line's id when the line is a JSON object with a usable one."""
-    obj = _load(text)
-    if not isinstance(obj, dict):
-        raise InputError('a line must be a JSON object with at least "prompt"')
-    id_ = obj.get("id", n)
-    usable = id_ is None or (isinstance(id_, (str, int, float)) and _storable(id_))
-    try:
-        if not usable:
-            raise InputError('"id" must be a string or a number')
-        if _depth(obj) > MAX_DEPTH:
-            raise InputError(f"JSON nested more than {MAX_DEPTH} levels deep")
-        if not _storable(obj):
-            raise InputError("a string holds an unpaired surrogate escape (\\ud800-\\udfff)")
-        return _item(n, obj, defaults)
-    except InputError as e:
-        raise BadLine(str(e), id_ if usable else None) from None
-
-
-def _item(n: int, obj: dict[str, Any], defaults: GenerationSettings) -> Item:
-    unknown = [k for k in obj if k not in KNOWN_KEYS]
-    if unknown:
-        hints = [
-            f"{k!r} (did you mean {close[0]!r}?)"
-            if (close := difflib.get_close_matches(k, KNOWN_KEYS, 1))
-            else repr(k)
-            for k in unknown
-        ]
-        raise InputError(f"unknown field {', '.join(hints)}; the fields are {', '.join(KNOWN_KEYS)}")
-    prompt = obj.get("prompt")
-    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
-        raise InputError('"prompt" must be a non-empty string')
-    messages = obj.get("messages")
-    if messages is not None:
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise InputError('"messages" must be a list of {"role": system|user|assistant, "content": str}')
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    conv = obj.get("conversation")
-    if conv is not None and (
-        isinstance(conv, bool) or not isinstance(conv, int) or not 1 <= conv <= INT64_MAX
-    ):
-        raise InputError('"conversation" must be a conversation id (an integer from 1 to 2**63-1)')
-    system = obj.get("system")
-    if system is not None and not isinstance(system, str):
-        raise InputError('"system" must be a string')
-    if conv is not None and (messages is not None or system is not None):
-        raise InputError(
-            '"conversation" continues a saved chat; it cannot be combined with "messages" or "system"'
-        )
-    if prompt is None and not (messages and messages[-1]["role"] == "user"):
-        raise InputError('missing "prompt" (or "messages" ending with a user message)')
-    if conv is not None and prompt is None:
-        raise InputError('a line continuing a conversation needs a "prompt"')
-    settings = replace(defaults, stop=list(defaults.stop))
-    for key in GEN_KEYS:
-        if key in obj:
-            try:
-                setattr(settings, key, validate(f"generation.{key}", obj[key], f"line {n}"))
-            except ConfigError as e:
-                raise InputError(str(e).removeprefix("invalid value for generation.")) from None
-    return Item(
-        line=n,
-        id=obj.get("id", n),
-        prompt=prompt,
-        system=system,
-        messages=messages,
-        conversation=conv,
-        settings=settings,
-    )
-
-
-def read_lines(source: TextIO) -> Iterable[tuple[int, str]]:
-    """(line number, text) of the non-blank lines."""
-    for n, text in enumerate(source, 1):
-        if text.strip():
-            yield n, text
-
-
-def answered_ids(path: Path) -> tuple[set[str], list[str]]:
-    """Ids answered in an earlier output, and those records' lines (error records are dropped:
-    their lines are tried again)."""
-    done, keep = set(), []
-    with open(path, encoding="utf-8") as f:
-        for text in f:
-            try:
-                rec = json.loads(text)
-            except ValueError:
-                continue  # a line cut short by a crash: that id is answered again
-            if isinstance(rec, dict) and "reply" in rec and "error" not in rec:
-                done.add(id_key(rec.get("id")))
-                keep.append(text if text.endswith("\n") else text + "\n")
-    return done, keep
-
-
-# -- progress -------------------------------------------------------------------
-
-
-class Progress:
-    """Lines answered of the total, tokens per second and time left: a `rich` bar on stderr
-    (drawn only when `enabled`: a terminal, and no --quiet). The bar appears at `start()`,
-    after the model has loaded (its own progress is another bar: rich draws one at a time)."""
-
-    def __init__(self, total: int, enabled: bool, stream: TextIO = sys.stderr):
-        self.total, self.enabled = total, enabled
-        self.done = self.tokens = 0
-        self.t0 = time.perf_counter()
-        self._bar: Any = None
-        self.stream = stream
-
-    def start(self) -> None:
-        if self.enabled and self._bar is None:
-            import rich.progress as rp
-            from rich.console import Console
-
-            self._bar = rp.Progress(
-                rp.TextColumn("batch"),
-                rp.BarColumn(),
-                rp.MofNCompleteColumn(),
-                rp.TextColumn("lines · {task.fields[rate]}"),
-                rp.TimeRemainingColumn(),
-                console=Console(file=self.stream),
-            )
-            self._task = self._bar.add_task("batch", total=self.total or None, completed=self.done, rate="")
-            self._bar.start()
-
+class _Silent:
     def update(self, items: int = 0, tokens: int = 0) -> None:
-        self.done += items
-        self.tokens += tokens
-        if self._bar is not None:
-            elapsed = time.perf_counter() - self.t0
-            rate = f"{self.tokens / elapsed:.1f} tok/s" if elapsed > 0 else ""
-            self._bar.update(self._task, completed=self.done, rate=rate)
-
-    def close(self) -> None:
-        if self.enabled and self._bar is None and self.done:  # only bad lines: still show the count
-            self.start()
-        if self._bar is not None:
-            self._bar.stop()  # leaves the final bar on screen, with the totals
-            self._bar = None
+        pass
 
 
 # -- the runner -----------------------------------------------------------------
@@ -297,19 +100,19 @@ class Runner:
         emit: Callable[[dict], None],
         batch_size: int = 0,
         save: str = "continue",
-        progress: Progress | None = None,
+        progress: LineProgress | None = None,
     ):
         from chatkv.engine.batch import default_batch_size
 
         self.chat = chat
         self.emit = emit
-        self.lm, self.kv = chat.lm, chat.kv
+        self.lm, _ = chat.loaded()
         self.batch_size = batch_size or default_batch_size(self.lm.device)
         layers, heads, head_dim = self.lm.kv_shape
         per_token = layers * 2 * heads * head_dim * self.lm.dtype.itemsize
         self.max_tokens = max(1, chat.settings.cache.live_bytes // per_token)  # padded positions per batch
         self.save = save
-        self.progress = progress or Progress(0, False)
+        self.progress: LineProgress = progress or _Silent()
         self.summary = Summary()
         self.t0 = time.perf_counter()
         self._recorded: set[int] = set()  # lines whose record was emitted
@@ -412,7 +215,7 @@ class Runner:
             rounds[k].append(item)
         for group in rounds:
             self._round(group)
-        self.kv.flush()
+        self.chat.flush()  # the spilled prefixes are on disk when the run ends
         self.summary.elapsed_s = time.perf_counter() - self.t0
         return self.summary
 
@@ -486,10 +289,10 @@ class Runner:
 
         t0 = time.perf_counter()
         prefix = items[0].ids[:p]
-        att = self.kv.attach(None, prefix, whole=True)
+        att, _ = self.chat.prepare(None, prefix, whole=True)
         if att.cached < p:
             prefill(self.lm.model, prefix[att.cached :], att.cache, att.cached)
-            self.kv.spill(None, prefix, att.cache)  # the next run attaches it from disk
+            self.chat.keep_prefix(prefix, att.cache)  # the next run attaches it from disk
         self.summary.prefix_tokens += p
         self.summary.prefix_from_disk += att.cached
         layers = live.layers_of(att.cache)
@@ -498,8 +301,9 @@ class Runner:
             stats = [self._stats(i, att) for i in part]
             self._decode(part, rows, layers, stats, t0 if n == 0 else time.perf_counter())
 
-    def _stats(self, item: Item, att) -> TurnStats:
-        """A line's statistics before decoding: its prompt and where its cache came from."""
+    def _stats(self, item: Item, att: Attached) -> TurnStats:
+        """A line over a shared prefix: its statistics before decoding, as the session's
+        `prepare` makes them, with the prefix's cache as the line's own."""
         return TurnStats(
             prompt_tokens=len(item.ids),
             cached_tokens=att.cached,
@@ -507,7 +311,7 @@ class Runner:
             cache_source=att.source,
             cache_load_s=att.load_s,
             dropped_messages=item.dropped,
-            codec=self.kv.codec.name,
+            codec=self.chat.settings.cache.codec,
         )
 
     def _own(self, items: list[Item]) -> None:
@@ -517,7 +321,7 @@ class Runner:
         t0 = time.perf_counter()
         rows, stats = [], []
         for i in items:
-            att = self.kv.attach(i.conversation, i.ids)
+            att, st = self.chat.prepare(i.conversation, i.ids, i.dropped)
             rows.append(
                 BatchRow(
                     i.ids,
@@ -527,7 +331,7 @@ class Runner:
                     keep_cache=self._saves(i),
                 )
             )
-            stats.append(self._stats(i, att))
+            stats.append(st)
         self._decode(items, rows, None, stats, t0)
 
     def _saves(self, item: Item) -> bool:
@@ -579,70 +383,3 @@ class Runner:
             new = list(item.chat)
         tokens = list(item.ids) + gen
         return self.chat.save_exchange(item.conversation, new, text, st, tokens, cache)
-
-
-class InOrder:
-    """Writes records in input order: a record is held until the records of every earlier
-    line in `order` are written. `flush()` writes what is held, in order but with gaps
-    (Ctrl-C: finished work is kept; a resumed run puts the file back in order)."""
-
-    def __init__(self, write: Callable[[dict], None], order: Iterable[int]):
-        self.write = write
-        self.order = list(order)
-        self.next = 0
-        self.held: dict[int, dict] = {}
-
-    def emit(self, rec: dict) -> None:
-        self.held[rec["line"]] = rec
-        while self.next < len(self.order) and self.order[self.next] in self.held:
-            self.write(self.held.pop(self.order[self.next]))
-            self.next += 1
-
-    def flush(self) -> None:
-        for line in sorted(self.held):
-            self.write(self.held.pop(line))
-
-
-def open_output(path: str | None, overwrite: bool) -> tuple[TextIO, set[str]]:
-    """The output stream and the ids already answered in it (resume). A file is opened
-    private and never through a symbolic link (chatkv.outfile)."""
-    from chatkv.outfile import open_private
-
-    if path in (None, "-"):
-        return sys.stdout, set()
-    p = Path(path)
-    done: set[str] = set()
-    if p.exists() and not overwrite:
-        done, keep = answered_ids(p)
-        tmp = p.with_name(f".{p.name}.tmp")
-        with open_private(tmp) as f:
-            f.write("".join(keep))
-        os.replace(tmp, p)
-        return open_private(p, append=True), done
-    return open_private(p), done
-
-
-def sort_output(path: str, id_lines: dict[str, int]) -> None:
-    """Rewrite a finished output file in input order: answers by their id's line in this
-    input (`id_lines`: id_key -> line), error records by their "line". Used after a resumed
-    run, whose earlier answers came first in the file."""
-    from chatkv.outfile import open_private
-
-    p = Path(path)
-    with open(p, encoding="utf-8") as f:
-        texts = [t if t.endswith("\n") else t + "\n" for t in f if t.strip()]
-
-    def where(text: str) -> int:
-        try:
-            rec = json.loads(text)
-        except ValueError:
-            return INT64_MAX
-        if not isinstance(rec, dict):
-            return INT64_MAX
-        line = rec.get("line") if "error" in rec else id_lines.get(id_key(rec.get("id")), rec.get("line"))
-        return line if isinstance(line, int) else INT64_MAX
-
-    tmp = p.with_name(f".{p.name}.tmp")
-    with open_private(tmp) as f:
-        f.write("".join(sorted(texts, key=where)))
-    os.replace(tmp, p)

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from chatkv.engine.model import LoadedModel
     from chatkv.imports import ImportReport
     from chatkv.kv.maintenance import GcReport, RebuildReport, VerifyReport
-    from chatkv.kv.manager import KVManager
+    from chatkv.kv.manager import Attached, KVManager
     from chatkv.store.search import SearchHit
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,34 @@ class Chat:
             raise
         return Turn(self, conversation_id, settings or self.defaults, held, new_user_message=msg)
 
+    def prepare(
+        self, conversation_id: int | None, ids: list[int], dropped: int = 0, whole: bool = False
+    ) -> tuple[Attached, TurnStats]:
+        """Prepare a turn over the prompt `ids` (rendered and fitted by `render` and `fit`):
+        attach the longest cached prefix — the conversation's live cache, else the chunk
+        store — and start the turn's statistics (prompt, cached and prefilled tokens, where
+        the cache came from, messages left out). The cache covers at most len-1 tokens, so
+        that prefilling the rest gives the next-token logits; `whole` lets it cover all of
+        `ids` (batch's shared prefix, which its lines continue each on its own)."""
+        _, kv = self.loaded()
+        att = kv.attach(conversation_id, ids, whole=whole)
+        stats = TurnStats(
+            prompt_tokens=len(ids),
+            cached_tokens=att.cached,
+            prefilled_tokens=len(ids) - att.cached,
+            cache_source=att.source,
+            cache_load_s=att.load_s,
+            dropped_messages=dropped,
+            codec=kv.policy.name,
+        )
+        return att, stats
+
+    def keep_prefix(self, tokens: list[int], cache: object) -> None:
+        """Spill a cache that belongs to no conversation (batch's shared prefix): the next run
+        attaches it from disk."""
+        _, kv = self.loaded()
+        kv.spill(None, tokens, cache)
+
     def hold(self, conversation_id: int) -> lease.Lease:
         """Take the conversation for one turn (no other turn, in this process or another, runs
         in it until the lease is released), saving first any reply that a dead turn left in
@@ -483,6 +511,11 @@ class Chat:
         for m in msgs:
             lines += [f"## {m.role.capitalize()}", "", m.content, ""]
         return "\n".join(lines)
+
+    def flush(self) -> None:
+        """Wait until every queued spill is on disk."""
+        if self.kv is not None:
+            self.kv.flush()
 
     def close(self) -> None:
         if self.kv is not None:

@@ -112,17 +112,10 @@ class Turn:
             self._forget_user_message()
             raise
         chat.activity = f"reading the cache of {len(ids):,} tokens"
-        att = kv.attach(self.conversation_id, ids)
+        att, self.stats = chat.prepare(self.conversation_id, ids, dropped)
         self.warnings += att.problems
         chat.activity = f"prefilling {len(ids) - att.cached:,} tokens" if len(ids) - att.cached > 1 else ""
         st = self.stats
-        st.prompt_tokens, st.cached_tokens, st.prefilled_tokens = len(ids), att.cached, len(ids) - att.cached
-        st.cache_source, st.cache_load_s, st.dropped_messages, st.codec = (
-            att.source,
-            att.load_s,
-            dropped,
-            kv.codec.name,
-        )
         self._journal = self._open_journal()
         text = TextStream(lm.tokenizer, self.settings.stop)
         gen: list[int] = []

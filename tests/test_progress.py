@@ -8,7 +8,7 @@ import io
 import torch
 
 from chatkv.api import GenerationSettings
-from chatkv.batch import Progress as BatchProgress
+from chatkv.cli.jsonl import Progress as BatchProgress
 from chatkv.engine.generate import generate
 from chatkv.kv import live
 from chatkv.progress import CallbackProgress, RichProgress, driver

@@ -99,19 +99,18 @@ def _read_input(path: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Answer a JSONL file of prompts."""
-    from chatkv.batch import (
+    from chatkv.batch import Item, Runner
+    from chatkv.cli import check_model, settings_from
+    from chatkv.cli.jsonl import (
         BadLine,
         InOrder,
-        Item,
         Progress,
-        Runner,
         id_key,
         open_output,
         parse_line,
         read_lines,
         sort_output,
     )
-    from chatkv.cli import check_model, settings_from
     from chatkv.session import Chat
 
     settings = settings_from(args)
