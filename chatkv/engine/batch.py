@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -47,14 +48,14 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def prefix_attention(
-    module,
+    module: Any,  # the calling attention module (transformers, untyped); we use its layer_idx
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention of `query` over [shared prefix ; per-row keys].
 
@@ -69,7 +70,7 @@ def prefix_attention(
     Hkv, S = key.shape[1], key.shape[2]
     g = Hq // Hkv  # query heads per kv head (GQA): query head h uses kv head h // g
     scale = scaling if scaling is not None else D**-0.5
-    prefix = kwargs.get(PREFIX_KWARG)
+    prefix: live.Layers | None = kwargs.get(PREFIX_KWARG)
     kp, vp = prefix[module.layer_idx] if prefix else (None, None)
     q = query.reshape(B, Hkv, g * L, D)
     scores = torch.matmul(q, key.transpose(-1, -2)).view(B, Hkv, g, L, S)  # (B, Hkv, g, L, S)
@@ -85,6 +86,7 @@ def prefix_attention(
     probs = (scores.float() * scale).softmax(dim=-1).to(value.dtype)  # (B, Hkv, g, L, P+S)
     out = torch.matmul(probs[..., P:].reshape(B, Hkv, g * L, S), value)  # (B, Hkv, g*L, D)
     if P:
+        assert vp is not None  # P > 0 only with a prefix
         pp = probs[..., :P].transpose(0, 1).reshape(Hkv, B * g * L, P)
         out = out + torch.matmul(pp, vp[0]).view(Hkv, B, g * L, D).transpose(0, 1)
     out = out.view(B, Hkv, g, L, D).reshape(B, Hq, L, D).transpose(1, 2)  # (B, L, Hq, D)
@@ -96,7 +98,7 @@ _attn_lock = threading.Lock()
 
 
 @contextmanager
-def _prefix_attention(model):
+def _prefix_attention(model: Any) -> Iterator[None]:
     """Route the model's attention through `prefix_attention` for the duration."""
     with _attn_lock:
         old = model.config._attn_implementation
@@ -169,13 +171,13 @@ class BatchDecoder:
 
     def __init__(
         self,
-        model,
+        model: Any,  # a transformers causal LM (untyped)
         rows: Sequence[BatchRow],
         prefix: live.Layers | None,
         eos_ids: Sequence[int],
         max_positions: int,
         cancel: threading.Event | None = None,
-    ):
+    ) -> None:
         self.model = model
         self.rows = list(rows)
         self.prefix = prefix if prefix and prefix[0][0].shape[-2] > 0 else None
@@ -218,7 +220,8 @@ class BatchDecoder:
             logits_to_keep=1,
             **{PREFIX_KWARG: self.prefix},
         )
-        return out.logits[:, -1, :]
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[BatchStep]:
@@ -243,7 +246,7 @@ class BatchDecoder:
         C = max(lens)
         past = live.new_cache(self.model)
         if C and like is not None:
-            for layer, (k, v) in zip(past.layers, _pad_left(own, C, like), strict=True):
+            for layer, (k, v) in zip(live.kv_layers(past), _pad_left(own, C, like), strict=True):
                 layer.update(k.to(dev), v.to(dev))  # (B, H, C, D)
         left = C - torch.tensor(lens, device=dev)  # padding before each row's own cache
         valid = torch.arange(C, device=dev)[None, :] >= left[:, None]  # (B, C)
@@ -258,12 +261,13 @@ class BatchDecoder:
             pos[i, R - len(x) :] = torch.arange(r.cached, len(r.ids), device=dev)
             new_valid[i, R - len(x) :] = True
         step = max(16, PREFILL_STEP // B)  # bounds the (B, L, S) activations of one pass
-        logits = None
+        logits: torch.Tensor | None = None
         for a in range(0, R, step):
             b = min(R, a + step)
             valid = torch.cat([valid, new_valid[:, a:b]], dim=1)
             logits = self._forward(ids[:, a:b], pos[:, a:b], past, valid)
         nxt = torch.tensor([len(r.ids) for r in self.rows], device=dev)
+        assert logits is not None  # R >= 1: __init__ checked every row has a token left to prefill
         return past, valid, nxt, logits
 
     def _row_cache(self, past: DynamicCache, valid: torch.Tensor, i: int) -> DynamicCache:
@@ -288,7 +292,9 @@ class BatchDecoder:
         active = list(range(len(self.rows)))  # batch index -> row
         while active:
             cancelled = self.cancel is not None and self.cancel.is_set()
-            keep, tokens, done = [], [], []
+            keep: list[int] = []
+            tokens: list[int] = []
+            done: list[tuple[int, int, str, int | None]] = []  # (batch index, row, reason, last token)
             for b, row in enumerate(active):
                 r = self.rows[row]
                 if cancelled or row in self._stopping:
@@ -313,9 +319,9 @@ class BatchDecoder:
             done += [(keep[j], active[keep[j]], "stop", None) for j in late]
             keep = [b for j, b in enumerate(keep) if j not in late]
             tokens = [t for j, t in enumerate(tokens) if j not in late]
-            for b, row, reason, tid in done:
-                if tid is not None:
-                    yield BatchStep(row, tid)
+            for b, row, reason, last in done:
+                if last is not None:
+                    yield BatchStep(row, last)
                 cache = self._row_cache(past, valid, b) if self.rows[row].keep_cache else None
                 yield BatchStep(row, None, reason, cache)
             if not keep:
@@ -337,6 +343,6 @@ class BatchDecoder:
 
 def _crop_front(cache: DynamicCache, n: int) -> None:
     """Drop the first n positions of every layer."""
-    for layer in cache.layers:
+    for layer in live.kv_layers(cache):
         layer.keys = layer.keys[..., n:, :]
         layer.values = layer.values[..., n:, :]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,10 @@ def generation_defaults(settings: Any) -> GenerationSettings:
     if not picked:
         return base
     log.debug("sampling for %s from %s: %s", settings.model.name, source, picked)
-    clean = {
+    clean: dict[str, Callable[[Any], float]] = {  # top_k's int is a float to the checker
         "temperature": lambda v: min(max(float(v), 0.0), 5.0),
         "top_p": lambda v: min(max(float(v), 0.0), 1.0),
         "top_k": lambda v: max(int(v), 0),
     }
-    return replace(base, **{k: clean[k](v) for k, v in picked.items()})
+    changes: dict[str, Any] = {k: clean[k](v) for k, v in picked.items()}
+    return replace(base, **changes)

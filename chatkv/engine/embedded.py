@@ -23,7 +23,7 @@ def embedded_gguf() -> Path:
         raise ModelError(f"the embedded model is not installed; run: {INSTALL_HINT}") from None
     for f in dist.files or ():
         if f.name == EMBEDDED_FILE:
-            path = Path(dist.locate_file(f))
+            path = Path(str(dist.locate_file(f)))  # typeshed: SimplePath, not os.PathLike
             if path.is_file():
                 return path
     raise ModelError(

@@ -10,10 +10,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from chatkv.api import FinishReason, GenerationSettings
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 PREFILL_STEP = 512  # tokens per forward pass during prefill: bounds activation memory
 
@@ -69,9 +73,9 @@ class Sampler:
 
 @torch.inference_mode()
 def prefill(
-    model,
+    model: Any,  # a transformers causal LM (untyped)
     ids: Sequence[int],
-    cache,
+    cache: DynamicCache,
     start: int,
     step: int = PREFILL_STEP,
     cancel: threading.Event | None = None,
@@ -110,7 +114,7 @@ def prefill(
 
 
 @torch.inference_mode()
-def decode_one(model, token: torch.Tensor, cache, pos: int) -> torch.Tensor:
+def decode_one(model: Any, token: torch.Tensor, cache: DynamicCache, pos: int) -> torch.Tensor:
     """Feed one token (shape (1,)) at position `pos`; return next-token logits (1, V)."""
     p = torch.tensor([pos], device=model.device)
     out = model(
@@ -121,13 +125,14 @@ def decode_one(model, token: torch.Tensor, cache, pos: int) -> torch.Tensor:
         position_ids=p[None],
         logits_to_keep=1,
     )
-    return out.logits[:, -1, :]
+    logits: torch.Tensor = out.logits[:, -1, :]
+    return logits
 
 
 def generate(
-    model,
+    model: Any,  # a transformers causal LM (untyped)
     ids: Sequence[int],
-    cache,
+    cache: DynamicCache,
     cached: int,
     settings: GenerationSettings,
     eos_ids: Sequence[int],
@@ -174,7 +179,7 @@ class TextStream:
     """Turns token ids into text pieces as they come, never splitting a UTF-8 character,
     and stops at stop strings (holding back text that might begin one)."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:  # a transformers tokenizer
         self.tok = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []

@@ -76,7 +76,7 @@ def _file_identity(path: Path) -> str:
     memo = models_dir() / "hashes.json"
     stamp = f"{path}:{st.st_size}:{st.st_mtime_ns}"
     try:
-        known = json.loads(memo.read_text())
+        known: dict[str, str] = json.loads(memo.read_text())
     except (OSError, ValueError):
         known = {}
     if stamp in known:
@@ -148,7 +148,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+    picked: torch.dtype = getattr(torch, dtype)
+    return picked
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -172,7 +173,7 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: Progress = NUL
         progress.start(f"loading {source.name}")
         try:
             tok = AutoTokenizer.from_pretrained(conv)
-            model = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)
+            model: Any = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)  # untyped enough: Any
             return model, tok
         except Exception as e:  # a damaged copy is rebuilt from the GGUF
             log.warning("converted copy %s unusable (%s); converting again", conv, e)
@@ -223,9 +224,9 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, device: torch.device, load
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True)
+            BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]  # unannotated __init__
             if load_in == "8bit"
-            else BitsAndBytesConfig(
+            else BitsAndBytesConfig(  # type: ignore[no-untyped-call]
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
             )
         )

@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load as st_load
@@ -38,6 +39,10 @@ from safetensors.torch import save as st_save
 
 from chatkv.errors import CacheError
 from chatkv.kv.codecs import CODECS, Codec, get_codec
+
+if TYPE_CHECKING:
+    from chatkv.kv.policy import Policy
+    from chatkv.store.common import ChunkRecord
 
 FORMAT = "chatkv-kv/2"
 
@@ -453,7 +458,7 @@ def _peek_codec(path: Path) -> str | None:
 
 def read_chunk(
     path: Path,
-    policy,
+    policy: Policy,
     fingerprint: str,
     key: str,
     dtype: torch.dtype,
@@ -526,7 +531,7 @@ def read_chunk(
     )
 
 
-def verify_chunk(path: Path, rec) -> FileId:
+def verify_chunk(path: Path, rec: ChunkRecord) -> FileId:
     """Check a chunk file against its index record (everything `inspect_chunk` checks, plus the
     record's fingerprint, codec, start, n_tokens and parent) without decoding it.
     Returns the file's id; raises CacheError."""
@@ -545,7 +550,7 @@ def verify_chunk(path: Path, rec) -> FileId:
     return fid
 
 
-def verify_file(path: Path, rec) -> str | None:
+def verify_file(path: Path, rec: ChunkRecord) -> str | None:
     """Check a chunk file against its index record without decoding it.
     Returns what is wrong, or None if the file is sound."""
     try:

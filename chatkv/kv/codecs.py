@@ -28,9 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+Device = torch.device | str  # where a decode puts its tensors
 
 FORMAT_VERSION = "1"
 _PARAM_DTYPE = torch.float16
@@ -112,7 +116,7 @@ def _unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
 _HADAMARD: dict[tuple[int, torch.device], Tensor] = {}
 
 
-def _hadamard(d: int, device) -> Tensor:
+def _hadamard(d: int, device: Device) -> Tensor:
     """The orthonormal Sylvester Hadamard matrix of size ``d`` (a power of two), float32."""
     key = (d, torch.device(device))
     if key not in _HADAMARD:
@@ -154,9 +158,10 @@ class Codec(ABC):
 
     @abstractmethod
     def decode(
-        self, parts: dict[str, Tensor], shape: tuple[int, int, int, int], dtype: torch.dtype, device
+        self, parts: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype, device: Device
     ) -> tuple[Tensor, Tensor]:
-        """Rebuild ``k``, ``v`` of ``shape`` in ``dtype`` on ``device`` from ``encode``'s output."""
+        """Rebuild ``k``, ``v`` of ``shape`` (B, H, T, D) in ``dtype`` on ``device`` from ``encode``'s
+        output."""
 
     @abstractmethod
     def params(self) -> dict[str, str]:
@@ -187,13 +192,15 @@ class Fp16Codec(Codec):
             "v.data": v.detach().clone(memory_format=torch.contiguous_format),
         }
 
-    def decode(self, parts, shape, dtype, device) -> tuple[Tensor, Tensor]:
+    def decode(
+        self, parts: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype, device: Device
+    ) -> tuple[Tensor, Tensor]:
         """Return the stored tensors on ``device`` in ``dtype`` (bit-exact if dtype matches)."""
         k = parts["k.data"].to(device=device, dtype=dtype).reshape(shape)
         v = parts["v.data"].to(device=device, dtype=dtype).reshape(shape)
         return k, v
 
-    def decode_into(self, parts, out_k, out_v) -> None:
+    def decode_into(self, parts: dict[str, Tensor], out_k: Tensor, out_v: Tensor) -> None:
         """Copy the stored tensors straight into the outputs."""
         out_k.copy_(parts["k.data"].reshape(out_k.shape))
         out_v.copy_(parts["v.data"].reshape(out_v.shape))
@@ -258,7 +265,9 @@ class GroupQuantCodec(Codec):
         out |= {f"{side}.q": _pack(q, self.bits), f"{side}.scale": scale, f"{side}.zero": zero}
         return {name: t.contiguous() for name, t in out.items()}
 
-    def _decode_one(self, parts: dict[str, Tensor], side: str, shape, device) -> Tensor:
+    def _decode_one(
+        self, parts: dict[str, Tensor], side: str, shape: Sequence[int], device: Device
+    ) -> Tensor:
         axis, group, rotate = self.layout[side]
         b, h, t, d = shape
         head = None
@@ -281,14 +290,16 @@ class GroupQuantCodec(Codec):
         """Quantize ``k`` and ``v`` (B, H, T, D) into ``{k,v}.q`` (packed), ``.scale``, ``.zero``."""
         return {**self._encode_one(k.detach(), "k"), **self._encode_one(v.detach(), "v")}
 
-    def decode(self, parts, shape, dtype, device) -> tuple[Tensor, Tensor]:
+    def decode(
+        self, parts: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype, device: Device
+    ) -> tuple[Tensor, Tensor]:
         """Dequantize on ``device`` and return ``k``, ``v`` of ``shape`` in ``dtype``."""
         shape = tuple(int(s) for s in shape)
         k = self._decode_one(parts, "k", shape, device)
         v = self._decode_one(parts, "v", shape, device)
         return k.to(dtype).contiguous(), v.to(dtype).contiguous()
 
-    def decode_into(self, parts, out_k, out_v) -> None:
+    def decode_into(self, parts: dict[str, Tensor], out_k: Tensor, out_v: Tensor) -> None:
         """Like ``decode``, but 8-bit sides grouped over a whole token row (int8) are
         dequantized straight into the output in float32: the same arithmetic, no copy."""
         for side, out in (("k", out_k), ("v", out_v)):
@@ -390,7 +401,9 @@ class BnbCodec(Codec):
             q, state = bnbf.quantize_4bit(flat, blocksize=self.BLOCK, quant_type="nf4")
         return {f"{side}.q": q.reshape(-1).contiguous(), f"{side}.absmax": state.absmax.to(_PARAM_DTYPE)}
 
-    def _decode_one(self, parts: dict[str, Tensor], side: str, shape, device) -> Tensor:
+    def _decode_one(
+        self, parts: dict[str, Tensor], side: str, shape: Sequence[int], device: Device
+    ) -> Tensor:
         bnbf = _bnb()
         q = parts[f"{side}.q"].to(device)
         absmax = parts[f"{side}.absmax"].to(device).float()
@@ -414,7 +427,9 @@ class BnbCodec(Codec):
         """Quantize ``k`` and ``v`` (B, H, T, D) into ``{k,v}.q`` and ``{k,v}.absmax``."""
         return {**self._encode_one(k.detach(), "k"), **self._encode_one(v.detach(), "v")}
 
-    def decode(self, parts, shape, dtype, device) -> tuple[Tensor, Tensor]:
+    def decode(
+        self, parts: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype, device: Device
+    ) -> tuple[Tensor, Tensor]:
         """Dequantize on ``device`` and return ``k``, ``v`` of ``shape`` in ``dtype``."""
         shape = tuple(int(s) for s in shape)
         k = self._decode_one(parts, "k", shape, device)
@@ -433,7 +448,7 @@ class BnbCodec(Codec):
         }
 
 
-def _bnb():
+def _bnb() -> Any:  # bitsandbytes.functional: optional and untyped
     """``bitsandbytes.functional``, imported on first use (it is slow to import, and warns on
     CPUs with bf16 instructions about an optional kernel package that chatkv does not use)."""
     import logging

@@ -12,6 +12,8 @@ update then copies into a fresh buffer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -23,7 +25,11 @@ def capacity(n: int) -> int:
     return (n * 5 // 4 + GROW_TOKENS - 1) // GROW_TOKENS * GROW_TOKENS
 
 
-class GrowableLayer(DynamicLayer):
+class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__ is unannotated
+    # Set once initialized (transformers declares them Optional: None before the first update).
+    keys: torch.Tensor
+    values: torch.Tensor
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._kbuf: torch.Tensor | None = None
@@ -31,11 +37,12 @@ class GrowableLayer(DynamicLayer):
         self._len = 0  # length of the views last handed out
 
     def _owns_views(self) -> bool:
-        kb = self._kbuf
+        kb, vb = self._kbuf, self._vbuf
         return (
             kb is not None
+            and vb is not None
             and self.keys.data_ptr() == kb.data_ptr()
-            and self.values.data_ptr() == self._vbuf.data_ptr()
+            and self.values.data_ptr() == vb.data_ptr()
             and self.keys.shape[:-2] == kb.shape[:-2]
             and self.keys.shape[-2] == self.values.shape[-2] == self._len
         )
@@ -48,15 +55,19 @@ class GrowableLayer(DynamicLayer):
         self.keys, self.values = kbuf[..., :n, :], vbuf[..., :n, :]
         self._len = n
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = self.keys.shape[-2] if self.keys.numel() else 0
         t = key_states.shape[-2]
+        kb = self._kbuf
         if (
-            not self._owns_views()
-            or n + t > self._kbuf.shape[-2]
-            or key_states.shape[:-2] != self._kbuf.shape[:-2]
+            kb is None  # never None when _owns_views(); spelled out for the type checker
+            or not self._owns_views()
+            or n + t > kb.shape[-2]
+            or key_states.shape[:-2] != kb.shape[:-2]
         ):
             cap = capacity(n + t)
             b, h, _, d = key_states.shape  # (B, H, T, D)
@@ -66,9 +77,11 @@ class GrowableLayer(DynamicLayer):
                 kbuf[..., :n, :] = self.keys
                 vbuf[..., :n, :] = self.values
             self._kbuf, self._vbuf = kbuf, vbuf
-        self._kbuf[..., n : n + t, :] = key_states
-        self._vbuf[..., n : n + t, :] = value_states
-        self.keys = self._kbuf[..., : n + t, :]
-        self.values = self._vbuf[..., : n + t, :]
+        kb, vb = self._kbuf, self._vbuf
+        assert kb is not None and vb is not None  # _owns_views() held, or just allocated
+        kb[..., n : n + t, :] = key_states
+        vb[..., n : n + t, :] = value_states
+        self.keys = kb[..., : n + t, :]
+        self.values = vb[..., : n + t, :]
         self._len = n + t
         return self.keys, self.values

@@ -8,42 +8,66 @@ a snapshot while the next turn extends the cache.
 
 from __future__ import annotations
 
+from typing import Any, Protocol, cast
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from chatkv.kv.chunks import Layers
+from chatkv.kv.chunks import Layers as Layers  # re-exported: engine.batch spells it live.Layers
 from chatkv.kv.growable import GrowableLayer, capacity
 
 
-def new_cache(model) -> DynamicCache:
+class KVLayer(Protocol):
+    """What chatkv uses of a cache layer. transformers types `cache.layers` as a union that
+    includes linear-attention layers (which chatkv never builds: it serves attention-only
+    models) and declares keys/values Optional (None only before a layer's first update)."""
+
+    keys: torch.Tensor  # (B, H, T, D)
+    values: torch.Tensor  # (B, H, T, D)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def kv_layers(cache: DynamicCache) -> list[KVLayer]:
+    """`cache.layers` as the attention layers chatkv builds (see KVLayer)."""
+    return cast("list[KVLayer]", cache.layers)
+
+
+def new_cache(model: Any) -> DynamicCache:  # model: a transformers causal LM (untyped)
     """An empty cache for `model`; full-attention layers append in place (see growable.py)."""
     cache = DynamicCache(config=model.config)
-    cache.layers = [GrowableLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [
+        GrowableLayer() if type(layer) is DynamicLayer else layer  # type: ignore[no-untyped-call]  # DynamicLayer.__init__
+        for layer in cache.layers
+    ]
     return cache
 
 
 def layers_of(cache: DynamicCache) -> Layers:
     """Per layer (keys, values), each (B, H, T, D)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(layer.keys, layer.values) for layer in kv_layers(cache)]
 
 
-def cache_from_layers(model, layers: Layers) -> DynamicCache:
+def cache_from_layers(model: Any, layers: Layers) -> DynamicCache:
     """A new cache holding a copy of `layers` (per layer (k, v), each (B, H, T, D))."""
     cache = new_cache(model)
-    for layer, (k, v) in zip(cache.layers, layers, strict=True):
+    for layer, (k, v) in zip(kv_layers(cache), layers, strict=True):
         layer.update(k, v)
     return cache
 
 
 def seq_len(cache: DynamicCache) -> int:
+    """Positions the cache holds."""
     return cache.get_seq_length()
 
 
 def crop_to(cache: DynamicCache, n: int) -> None:
     """Keep the first `n` positions."""
     if n < seq_len(cache):
-        for layer in cache.layers:
+        for layer in kv_layers(cache):
             layer.keys = layer.keys[..., :n, :]
             layer.values = layer.values[..., :n, :]
 
@@ -51,7 +75,7 @@ def crop_to(cache: DynamicCache, n: int) -> None:
 def nbytes(cache: DynamicCache) -> int:
     """Device bytes the cache holds, spare capacity included."""
     total = 0
-    for layer in cache.layers:
+    for layer in kv_layers(cache):
         k, v = getattr(layer, "_kbuf", None), getattr(layer, "_vbuf", None)
         if k is None:
             k, v = layer.keys, layer.values
@@ -61,7 +85,9 @@ def nbytes(cache: DynamicCache) -> int:
     return total
 
 
-def buffers(model, n: int, batch: int = 1, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def buffers(
+    model: Any, n: int, batch: int = 1, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty key and value storage for all layers, (L, B, H, capacity, D), with room for
     `n` positions and some to grow (see GrowableLayer)."""
     c = model.config
@@ -72,10 +98,10 @@ def buffers(model, n: int, batch: int = 1, dtype=None, device=None) -> tuple[tor
     return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
 
-def cache_from_buffers(model, k: torch.Tensor, v: torch.Tensor, n: int) -> DynamicCache:
+def cache_from_buffers(model: Any, k: torch.Tensor, v: torch.Tensor, n: int) -> DynamicCache:
     """A cache over `buffers()` whose first `n` positions are filled (no copy)."""
     cache = new_cache(model)
-    for i, layer in enumerate(cache.layers):
+    for i, layer in enumerate(kv_layers(cache)):
         if isinstance(layer, GrowableLayer):
             layer.adopt(k[i], v[i], n)
         else:

@@ -14,14 +14,19 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatkv.errors import CacheError
 from chatkv.kv.chunks import KEY_RE, FileId, chunk_path, file_id, inspect_chunk, relpath, verify_chunk
 from chatkv.kv.codecs import get_codec
+
+if TYPE_CHECKING:
+    from chatkv.store.chunk_index import ChunkIndex
+    from chatkv.store.common import ChunkRecord
 
 
 @dataclass
@@ -61,13 +66,18 @@ def _stat_id(path: Path) -> FileId | None:
         return None
 
 
-def split_rows(recs: Sequence) -> tuple[list, list]:
+def split_rows(recs: Sequence[ChunkRecord]) -> tuple[list[ChunkRecord], list[ChunkRecord]]:
     """(rows with a well-formed key, the others). The others are damaged: never made into a path."""
     good = [r for r in recs if isinstance(r.key, str) and KEY_RE.fullmatch(r.key)]
     return good, [r for r in recs if not (isinstance(r.key, str) and KEY_RE.fullmatch(r.key))]
 
 
-def remove(store, kv_dir: Path, recs, judged: dict[str, FileId | None] | None = None) -> int:
+def remove(
+    store: ChunkIndex,
+    kv_dir: Path,
+    recs: Sequence[ChunkRecord],
+    judged: dict[str, FileId | None] | None = None,
+) -> int:
     """Drop chunks from the index, then their files, without undoing a concurrent spill:
     a row goes only if it still has the record's checksum and size, and a file only if it
     is still the one judged (`judged[key]`, its file id when it was found bad; else as
@@ -94,7 +104,7 @@ def remove(store, kv_dir: Path, recs, judged: dict[str, FileId | None] | None = 
     return len(gone) + len(damaged)
 
 
-def remove_keys(store, kv_dir: Path, keys) -> int:
+def remove_keys(store: ChunkIndex, kv_dir: Path, keys: Iterable[str]) -> int:
     """Remove chunks by key, whether indexed or not (a file whose row was lost still holds
     token ids): for `chatkv rm`, which takes the chunks only its conversation used.
     Malformed keys are skipped. Returns how many files went."""
@@ -110,7 +120,7 @@ def remove_keys(store, kv_dir: Path, keys) -> int:
     return gone
 
 
-def reachable(recs: Sequence) -> set[str]:
+def reachable(recs: Sequence[ChunkRecord]) -> set[str]:
     """Keys of the chunks whose whole parent chain is indexed, back to a chunk at position 0:
     only those can ever be attached."""
     by_key = {r.key: r for r in recs}
@@ -134,7 +144,7 @@ def reachable(recs: Sequence) -> set[str]:
     return {k for k, ok in memo.items() if ok}
 
 
-def reachable_stats(store) -> dict[str, int]:
+def reachable_stats(store: ChunkIndex) -> dict[str, int]:
     """{"reachable_bytes", "unreachable", "unreachable_bytes"} of the index."""
     recs, _ = split_rows(store.all_chunks())
     reach = reachable(recs)
@@ -147,7 +157,7 @@ def reachable_stats(store) -> dict[str, int]:
 
 
 def evict_lru(
-    store, kv_dir: Path, max_bytes: int, keep: frozenset[str] | set[str] = frozenset()
+    store: ChunkIndex, kv_dir: Path, max_bytes: int, keep: frozenset[str] | set[str] = frozenset()
 ) -> tuple[int, int]:
     """Bring the store down to at most `max_bytes`: first every chunk that can never be
     attached (its parent chain is not indexed), then leaves (chunks no indexed chunk
@@ -233,7 +243,9 @@ def _file_missing(kv_dir: Path, key: str) -> bool:
         return e.errno in (errno.ENOENT, errno.ENOTDIR)
 
 
-def gc(store, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN_AGE_S) -> GcReport:
+def gc(
+    store: ChunkIndex, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN_AGE_S
+) -> GcReport:
     """Temp files and files no row points at (older than `orphan_min_age_s`), rows with a
     malformed key or without a file, then eviction down to `max_bytes` (chunks that cannot
     attach first). Those are kept until then: when their missing ancestor is computed and
@@ -265,14 +277,15 @@ def gc(store, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN
 
 
 def verify(
-    store, kv_dir: Path, fix: bool = True, progress: Callable[[int, int], None] | None = None
+    store: ChunkIndex, kv_dir: Path, fix: bool = True, progress: Callable[[int, int], None] | None = None
 ) -> VerifyReport:
     """Read every indexed chunk and check it against its record and checksum.
     With `fix`, bad chunks are removed (their tokens will be prefilled again); a chunk that
     could not be read for a transient reason (EIO, EMFILE...) is kept and counted apart."""
     report = VerifyReport()
     recs = store.all_chunks()
-    bad, judged = [], {}
+    bad: list[ChunkRecord] = []
+    judged: dict[str, FileId | None] = {}
     for i, rec in enumerate(recs):
         try:
             if not (isinstance(rec.key, str) and KEY_RE.fullmatch(rec.key)):
@@ -297,7 +310,7 @@ def verify(
     return report
 
 
-def rebuild(store, kv_dir: Path) -> RebuildReport:
+def rebuild(store: ChunkIndex, kv_dir: Path) -> RebuildReport:
     """Drop the whole chunk index and index again every chunk file that passes verification,
     from the file's own metadata. Files that fail are reported, not removed (gc removes
     them later as orphans). Works whatever state the `kv_chunks` table is in."""

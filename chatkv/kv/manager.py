@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from chatkv.api import CacheSource
 from chatkv.errors import CacheError, NotFoundError
@@ -35,6 +35,11 @@ from chatkv.kv.policy import DEFAULT_POLICY, get_policy
 from chatkv.store.common import ChunkRecord
 
 if TYPE_CHECKING:
+    import torch
+    from transformers import DynamicCache
+
+    from chatkv.engine.model import LoadedModel
+    from chatkv.kv.chunks import ChunkData, FileId, Layers
     from chatkv.store.chunk_index import ChunkIndex
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,7 @@ LOAD_THREADS = 2  # chunk reads in flight while resuming from disk
 class Attached:
     """A cache covering the first `cached` tokens of a prompt, and where it came from."""
 
-    cache: object
+    cache: DynamicCache
     cached: int
     source: CacheSource
     load_s: float = 0.0
@@ -56,7 +61,7 @@ class Attached:
 @dataclass
 class _Live:
     tokens: list[int]
-    cache: object
+    cache: DynamicCache
     nbytes: int
 
 
@@ -64,7 +69,7 @@ class LivePool:
     """Live caches in device memory, least recently used evicted past a byte budget.
     Evicted caches are already on disk (spilled after each turn)."""
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int) -> None:
         self.budget = budget
         self._items: OrderedDict[object, _Live] = OrderedDict()
         # Snapshots queued for spilling: ticket -> (conversation, bytes). They are views of
@@ -83,7 +88,7 @@ class LivePool:
             item = self._items.get(key)
             return len(item.tokens) if item else 0
 
-    def put(self, key: object, tokens: list[int], cache: object) -> None:
+    def put(self, key: object, tokens: list[int], cache: DynamicCache) -> None:
         item = _Live(tokens, cache, live.nbytes(cache))
         with self._lock:
             self._items.pop(key, None)
@@ -145,12 +150,12 @@ class KVManager:
         self,
         store: ChunkIndex,
         kv_dir: Path,
-        lm,
+        lm: LoadedModel,
         codec: str = DEFAULT_POLICY,
         chunk_tokens: int = 256,
         live_bytes: int = 1 << 30,
         disk_bytes: int = 10 << 30,
-    ):
+    ) -> None:
         self.store = store
         self.kv_dir = kv_dir
         self.lm = lm
@@ -176,9 +181,10 @@ class KVManager:
         # For a cache attached from disk: up to which position it holds what lossy chunks
         # decoded to. A chunk there is not re-coded from it: int4 of int8's output is
         # measurably worse than int4 of the exact cache (bench quality --explore).
-        self._inexact: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._q: queue.Queue = queue.Queue()
-        self._pending: dict[object, tuple] = {}
+        self._inexact: weakref.WeakKeyDictionary[DynamicCache, int] = weakref.WeakKeyDictionary()
+        self._q: queue.Queue[object] = queue.Queue()  # slots; None stops the worker
+        # slot -> (conversation id, tokens, layers, pool ticket, inexact up to)
+        self._pending: dict[object, tuple[int | None, list[int], Layers, object, int]] = {}
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self._temp_cleaned = False
@@ -203,6 +209,7 @@ class KVManager:
                 if disk > (mem + self.chunk_tokens if mem else 0):  # worth reading over memory
                     cache, n, problems = self._load(plan, tokens, limit)
                     if n > mem:
+                        assert cache is not None  # n > 0: _load returns a cache with it
                         return Attached(cache, n, "disk", time.perf_counter() - t0, problems)
             except Exception as e:  # never fail a turn for its cache: prefill instead
                 log.warning("could not read the saved KV cache (%s); recomputing it", e)
@@ -269,7 +276,9 @@ class KVManager:
         ok = nxt.codec in self.policy.allowed_tags and nxt.parent == (plan[-1].key if plan else None)
         return nxt if ok else None
 
-    def _read_into(self, rec: ChunkRecord, offset: int, k_buf, v_buf, retry: bool = True):
+    def _read_into(
+        self, rec: ChunkRecord, offset: int, k_buf: torch.Tensor, v_buf: torch.Tensor, retry: bool = True
+    ) -> ChunkData | CacheError:
         """Read one chunk and decode it straight into the buffers at `offset`.
         A CacheError is returned, not raised, so that reads can run ahead."""
         t = rec.n_tokens
@@ -297,7 +306,9 @@ class KVManager:
             return CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {offset}")
         return data
 
-    def _load(self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int):
+    def _load(
+        self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int
+    ) -> tuple[DynamicCache | None, int, list[str]]:
         """Read chunks two at a time (file reads, checksums and dequantizing overlap)
         straight into one preallocated cache, use them in order, and stop at the first one
         that cannot be trusted (it is removed; its tokens will be prefilled again)."""
@@ -305,7 +316,8 @@ class KVManager:
         k_buf, v_buf = live.buffers(
             self.lm.model, offsets[-1] + plan[-1].n_tokens, dtype=self.lm.dtype, device=self.lm.device
         )
-        problems, n, used, inexact = [], 0, 0, 0
+        problems: list[str] = []
+        n, used, inexact = 0, 0, 0
         with ThreadPoolExecutor(
             max_workers=min(LOAD_THREADS, len(plan)), thread_name_prefix="chatkv-load"
         ) as ex:
@@ -339,13 +351,16 @@ class KVManager:
 
     # -- keep and spill ------------------------------------------------------
 
-    def commit(self, conv: object, tokens: Sequence[int], cache) -> None:
+    def commit(self, conv: object, tokens: Sequence[int], cache: DynamicCache) -> None:
         """Keep `cache` (covering `tokens`) live for the conversation's next turn."""
         n = live.seq_len(cache)
         self.pool.put(conv, list(tokens[:n]), cache)
 
-    def spill(self, conv_id: int | None, tokens: Sequence[int], cache) -> None:
-        """Queue writing what is new of `cache` to disk; returns at once."""
+    def spill(self, conv_id: int | None, tokens: Sequence[int], cache: object) -> None:
+        """Queue writing what is new of `cache` (a DynamicCache) to disk; returns at once."""
+        # `object` only because chatkv/session.py still annotates the cache it passes so;
+        # once it says DynamicCache, this parameter should too.
+        cache = cast("DynamicCache", cache)
         if not self.persist:
             return
         n = live.seq_len(cache)
@@ -384,7 +399,7 @@ class KVManager:
                 self.pool.release(ticket)
                 self._q.task_done()
 
-    def _spill(self, conv_id: int | None, tokens: list[int], layers, inexact: int = 0) -> int:
+    def _spill(self, conv_id: int | None, tokens: list[int], layers: Layers, inexact: int = 0) -> int:
         """Write the chunks of `tokens` that are missing or due for another codec; `layers`
         hold their cache, decoded from lossy chunks before position `inexact`."""
         if not self._temp_cleaned:  # temp files of spills killed half-way, once a process
@@ -440,7 +455,14 @@ class KVManager:
         return held.tag != codec.tag and held.bits > codec.bits
 
     def _write(
-        self, codec: Codec, key: str, parent: str | None, start: int, tokens: list[int], layers, partial: bool
+        self,
+        codec: Codec,
+        key: str,
+        parent: str | None,
+        start: int,
+        tokens: list[int],
+        layers: Layers,
+        partial: bool,
     ) -> int:
         """Write a chunk atomically under its key (replacing a re-coded one), then index it."""
         blob, checksum = encode_chunk(
@@ -482,7 +504,7 @@ class KVManager:
         if rec and rec.partial and not self.store.chunk_is_head(old_head):
             self._remove_chunks([rec])
 
-    def _remove_chunks(self, recs: list[ChunkRecord], judged: dict | None = None) -> None:
+    def _remove_chunks(self, recs: list[ChunkRecord], judged: dict[str, FileId | None] | None = None) -> None:
         maintenance.remove(self.store, self.kv_dir, recs, judged)
 
     def gc(self, max_bytes: int, keep: frozenset[str] | set[str] = frozenset()) -> tuple[int, int]:
