@@ -35,6 +35,8 @@ from chatkv.store.common import new_turn_id
 from chatkv.turn import Replace, Turn
 
 if TYPE_CHECKING:
+    from transformers import DynamicCache
+
     from chatkv.engine.model import LoadedModel
     from chatkv.imports import ImportReport
     from chatkv.kv.maintenance import GcReport, RebuildReport, VerifyReport
@@ -304,7 +306,7 @@ class Chat:
         )
         return att, stats
 
-    def keep_prefix(self, tokens: list[int], cache: object) -> None:
+    def keep_prefix(self, tokens: list[int], cache: DynamicCache) -> None:
         """Spill a cache that belongs to no conversation (batch's shared prefix): the next run
         attaches it from disk."""
         _, kv = self.loaded()
@@ -331,7 +333,7 @@ class Chat:
         reply: str,
         stats: TurnStats,
         tokens: list[int],
-        cache: object | None,
+        cache: DynamicCache | None,
     ) -> int:
         """Save a turn that batch decoded itself: `messages` (a continued conversation's new
         question, or every message of a new conversation, its system prompt first) and the

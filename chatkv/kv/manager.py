@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from chatkv.api import CacheSource
 from chatkv.errors import CacheError, NotFoundError
@@ -356,11 +356,8 @@ class KVManager:
         n = live.seq_len(cache)
         self.pool.put(conv, list(tokens[:n]), cache)
 
-    def spill(self, conv_id: int | None, tokens: Sequence[int], cache: object) -> None:
-        """Queue writing what is new of `cache` (a DynamicCache) to disk; returns at once."""
-        # `object` only because chatkv/session.py still annotates the cache it passes so;
-        # once it says DynamicCache, this parameter should too.
-        cache = cast("DynamicCache", cache)
+    def spill(self, conv_id: int | None, tokens: Sequence[int], cache: DynamicCache) -> None:
+        """Queue writing what is new of `cache` to disk; returns at once."""
         if not self.persist:
             return
         n = live.seq_len(cache)
