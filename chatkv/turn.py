@@ -171,7 +171,7 @@ class Turn:
         if not gen and reason == "cancelled":
             # Stopped before the first token: no empty reply is saved and a pending edit or
             # regeneration is not applied; what was prefilled stays live for the next turn.
-            kv.commit(self.conversation_id, ids, att.cache)
+            kv.keep_live(self.conversation_id, ids, att.cache)
             return
         self._save(text.text, reason, ids, gen, att, first, last, t0)
 
@@ -229,7 +229,7 @@ class Turn:
         replaces = r is not None and (r.set_aside or r.message_id is not None)
         _, kv = self.chat.loaded()
         covered = self.tokens = list(ids) + gen
-        kv.commit(self.conversation_id, covered, att.cache)
+        kv.keep_live(self.conversation_id, covered, att.cache)
         try:
             if replaces and reason in ("cancelled", "error"):
                 # A stopped regenerate or edit changes nothing; what it streamed is kept aside.

@@ -33,7 +33,7 @@ from chatkv.kv.chunks import (
     write_atomic,
 )
 from chatkv.kv.codecs import get_codec
-from chatkv.kv.manager import LivePool
+from chatkv.kv.live import LivePool
 from chatkv.kv.policy import get_policy
 from chatkv.store import Store
 from chatkv.store.common import ChunkRecord

@@ -574,7 +574,7 @@ def test_spill_queue_keeps_only_the_newest_snapshot_of_a_conversation(tiny_lm, s
     # the snapshots count in the live budget while their conversation's cache is not live
     snapshot = sum(k[..., :40, :].nbytes + v[..., :40, :].nbytes for k, v in live.layers_of(cache))
     assert kvm.pool.bytes == 2 * snapshot
-    kvm.commit(1, tokens, cache)
+    kvm.keep_live(1, tokens, cache)
     assert kvm.pool.bytes == live.nbytes(cache)
     gate.set()
     kvm.close()

@@ -27,12 +27,6 @@ def fresh_tokens(chat: Chat, conv_id: int, settings: GenerationSettings = GREEDY
     return [s.token for s in steps if s.token is not None]
 
 
-def reply_tokens(chat: Chat, turn) -> list[int]:
-    text = "".join(turn)
-    assert turn.message is not None and turn.message.content == text
-    return text
-
-
 def send(chat: Chat, conv_id: int, text: str):
     turn = chat.send(conv_id, text, GREEDY)
     reply = "".join(turn)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import tempfile
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,10 +33,6 @@ def scratch_home():
                 os.environ.pop("CHATKV_HOME", None)
             else:
                 os.environ["CHATKV_HOME"] = old
-
-
-def median_of(n: int, fn: Callable[[], float]) -> float:
-    return statistics.median(fn() for _ in range(n))
 
 
 def say(msg: str, quiet: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""Helpers over transformers' DynamicCache (5.x: `cache.layers[i].keys / .values`).
+"""Live caches: helpers over transformers' DynamicCache (5.x: `cache.layers[i].keys /
+.values`), and the pool that keeps conversations' caches in memory across turns.
 
 Positions a cache has handed out are never written again: `update` appends past
 them (GrowableLayer) or concatenates into new tensors (DynamicLayer), and cropping
@@ -8,6 +9,9 @@ a snapshot while the next turn extends the cache.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import torch
@@ -107,3 +111,71 @@ def cache_from_buffers(model: Any, k: torch.Tensor, v: torch.Tensor, n: int) -> 
         else:
             layer.update(k[i][..., :n, :].clone(), v[i][..., :n, :].clone())
     return cache
+
+
+@dataclass
+class _Live:
+    tokens: list[int]
+    cache: DynamicCache
+    nbytes: int
+
+
+class LivePool:
+    """Live caches in device memory, least recently used evicted past a byte budget.
+    Evicted caches are already on disk (spilled after each turn)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._items: OrderedDict[object, _Live] = OrderedDict()
+        # Snapshots queued for spilling: ticket -> (conversation, bytes). They are views of
+        # the live cache, so they cost memory of their own only once that cache has left
+        # the pool (evicted, or taken and grown into new storage); then they count here.
+        self._held: dict[object, tuple[object, int]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: object) -> _Live | None:
+        """Remove and return the entry: the caller extends the cache and puts it back."""
+        with self._lock:
+            return self._items.pop(key, None)
+
+    def peek_tokens(self, key: object) -> int:
+        with self._lock:
+            item = self._items.get(key)
+            return len(item.tokens) if item else 0
+
+    def put(self, key: object, tokens: list[int], cache: DynamicCache) -> None:
+        item = _Live(tokens, cache, nbytes(cache))
+        with self._lock:
+            self._items.pop(key, None)
+            if item.nbytes > self.budget:  # a single cache over budget is not kept at all
+                return
+            self._items[key] = item
+            while self._bytes() > self.budget and self._items:
+                self._items.popitem(last=False)
+
+    def hold(self, ticket: object, key: object, nbytes: int) -> None:
+        """Count a snapshot of `key`'s cache (queued for spilling) until `release(ticket)`."""
+        with self._lock:
+            self._held[ticket] = (key, nbytes)
+
+    def release(self, ticket: object) -> None:
+        with self._lock:
+            self._held.pop(ticket, None)
+
+    def drop(self, key: object) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._items
+
+    @property
+    def bytes(self) -> int:
+        """Live caches plus the snapshots queued for spilling whose cache is no longer live."""
+        with self._lock:
+            return self._bytes()
+
+    def _bytes(self) -> int:
+        held = sum(n for key, n in self._held.values() if key not in self._items)
+        return sum(i.nbytes for i in self._items.values()) + held

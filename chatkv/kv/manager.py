@@ -9,7 +9,6 @@ import queue
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,74 +57,6 @@ class Attached:
     problems: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Live:
-    tokens: list[int]
-    cache: DynamicCache
-    nbytes: int
-
-
-class LivePool:
-    """Live caches in device memory, least recently used evicted past a byte budget.
-    Evicted caches are already on disk (spilled after each turn)."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self._items: OrderedDict[object, _Live] = OrderedDict()
-        # Snapshots queued for spilling: ticket -> (conversation, bytes). They are views of
-        # the live cache, so they cost memory of their own only once that cache has left
-        # the pool (evicted, or taken and grown into new storage); then they count here.
-        self._held: dict[object, tuple[object, int]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, key: object) -> _Live | None:
-        """Remove and return the entry: the caller extends the cache and puts it back."""
-        with self._lock:
-            return self._items.pop(key, None)
-
-    def peek_tokens(self, key: object) -> int:
-        with self._lock:
-            item = self._items.get(key)
-            return len(item.tokens) if item else 0
-
-    def put(self, key: object, tokens: list[int], cache: DynamicCache) -> None:
-        item = _Live(tokens, cache, live.nbytes(cache))
-        with self._lock:
-            self._items.pop(key, None)
-            if item.nbytes > self.budget:  # a single cache over budget is not kept at all
-                return
-            self._items[key] = item
-            while self._bytes() > self.budget and self._items:
-                self._items.popitem(last=False)
-
-    def hold(self, ticket: object, key: object, nbytes: int) -> None:
-        """Count a snapshot of `key`'s cache (queued for spilling) until `release(ticket)`."""
-        with self._lock:
-            self._held[ticket] = (key, nbytes)
-
-    def release(self, ticket: object) -> None:
-        with self._lock:
-            self._held.pop(ticket, None)
-
-    def drop(self, key: object) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-    def __contains__(self, key: object) -> bool:
-        with self._lock:
-            return key in self._items
-
-    @property
-    def bytes(self) -> int:
-        """Live caches plus the snapshots queued for spilling whose cache is no longer live."""
-        with self._lock:
-            return self._bytes()
-
-    def _bytes(self) -> int:
-        held = sum(n for key, n in self._held.values() if key not in self._items)
-        return sum(i.nbytes for i in self._items.values()) + held
-
-
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -163,7 +94,7 @@ class KVManager:
         self.codec = self.policy  # its .name is what turn statistics record
         self.chunk_tokens = chunk_tokens
         self.disk_bytes = disk_bytes
-        self.pool = LivePool(live_bytes)
+        self.pool = live.LivePool(live_bytes)
         # Chunks assume every layer caches every position; a model with sliding-window or
         # other special layers keeps live caches only.
         # A model whose weights could not be identified has no fingerprint: nothing it
@@ -351,7 +282,7 @@ class KVManager:
 
     # -- keep and spill ------------------------------------------------------
 
-    def commit(self, conv: object, tokens: Sequence[int], cache: DynamicCache) -> None:
+    def keep_live(self, conv: object, tokens: Sequence[int], cache: DynamicCache) -> None:
         """Keep `cache` (covering `tokens`) live for the conversation's next turn."""
         n = live.seq_len(cache)
         self.pool.put(conv, list(tokens[:n]), cache)
