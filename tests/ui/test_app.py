@@ -145,6 +145,8 @@ async def test_send_streams_markdown_reply_with_stats():
         await finished(pilot, backend)
         last = chat(app).log_view.messages[-1]
         assert last.role == "assistant" and last.content == reply
+        # Markdown lays out asynchronously: on a loaded machine the fence can come a moment later
+        await wait_for(pilot, lambda: bool(last.query(MarkdownFence)))
         assert last.query(MarkdownFence), "code block rendered as a fence"
         assert last.message is not None and last.message.stats is not None
         status = str(chat(app).status.status_text())
