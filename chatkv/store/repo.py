@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,21 @@ from chatkv.store.models import (
     MessageVersion,
     utcnow,
 )
+
+
+def _new_conversation(
+    title: str, model: str, system_prompt: str, settings: dict[str, Any] | None, now: datetime
+) -> Conversation:
+    """A conversation row, not yet added to a session."""
+    return Conversation(
+        title=title,
+        model=model,
+        system_prompt=system_prompt,
+        settings=_settings_json(settings),
+        created_at=now,
+        updated_at=now,
+        kv_tokens=0,
+    )
 
 
 class Store(ChunkIndex, Finding):
@@ -142,15 +158,7 @@ class Store(ChunkIndex, Finding):
     ) -> ConversationSummary:
         """Create an empty conversation. `settings` (generation settings) must be JSON-serializable."""
         now = utcnow()
-        conv = Conversation(
-            title=title,
-            model=model,
-            system_prompt=system_prompt,
-            settings=_settings_json(settings),
-            created_at=now,
-            updated_at=now,
-            kv_tokens=0,
-        )
+        conv = _new_conversation(title, model, system_prompt, settings, now)
         with self._writer.begin() as s:
             s.add(conv)
             s.flush()
@@ -304,15 +312,7 @@ class Store(ChunkIndex, Finding):
         """Create a conversation together with its first user message, in one transaction
         (so no empty conversation is ever left behind)."""
         now = utcnow()
-        conv = Conversation(
-            title=title or _title_from(text),
-            model=model,
-            system_prompt=system_prompt,
-            settings=_settings_json(settings),
-            created_at=now,
-            updated_at=now,
-            kv_tokens=0,
-        )
+        conv = _new_conversation(title or _title_from(text), model, system_prompt, settings, now)
         with self._writer.begin() as s:
             s.add(conv)
             s.flush()
@@ -423,15 +423,7 @@ class Store(ChunkIndex, Finding):
         """Create a conversation holding `messages` ((role, content) each) and the reply to
         them, in one transaction (a batch line saved as a conversation)."""
         now = utcnow()
-        conv = Conversation(
-            title="",
-            model=model,
-            system_prompt=system_prompt,
-            settings=_settings_json(settings),
-            created_at=now,
-            updated_at=now,
-            kv_tokens=0,
-        )
+        conv = _new_conversation("", model, system_prompt, settings, now)
         with self._writer.begin() as s:
             s.add(conv)
             s.flush()
