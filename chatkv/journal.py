@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc
 
-from chatkv.api import TurnStats
+from chatkv.api import MessageView, TurnStats
 from chatkv.errors import NotFoundError
 from chatkv.paths import data_dir, ensure_private_dir
 
@@ -50,10 +50,12 @@ class Header:
     turn_id: str
     set_aside: list[int]
     edit: tuple[int, str] | None
-    # Where the new messages go when a stopped regenerate or edit is kept as an earlier
-    # version: (position, role, content) of the edited message, and the reply's position.
-    kept_user: tuple[int, str] | None = None
-    reply_position: int | None = None
+    reply_position: int | None = None  # where the reply goes (an edited message just before it)
+
+    @property
+    def replaces(self) -> bool:
+        """A regenerate or an edit: it changes the transcript only when it finishes."""
+        return bool(self.set_aside or self.edit)
 
 
 class Journal:
@@ -69,7 +71,6 @@ class Journal:
         h = header
         self._line({"v": 1, "conversation_id": h.conversation_id, "turn_id": h.turn_id,
                     "set_aside": h.set_aside, "edit": list(h.edit) if h.edit else None,
-                    "kept_user": list(h.kept_user) if h.kept_user else None,
                     "reply_position": h.reply_position})  # fmt: skip
 
     def _line(self, obj: dict[str, Any]) -> None:
@@ -117,7 +118,6 @@ def _header(obj: dict[str, Any]) -> Header:
         turn_id=str(obj["turn_id"]),
         set_aside=[int(i) for i in obj.get("set_aside") or []],
         edit=_pair(obj.get("edit")),
-        kept_user=_pair(obj.get("kept_user")),
         reply_position=None if obj.get("reply_position") is None else int(obj["reply_position"]),
     )
 
@@ -155,23 +155,27 @@ def read(path: Path) -> Replayed | None:
     return Replayed(header, "".join(pieces), stats, ended)
 
 
-def save(store: Store, r: Replayed) -> None:
-    """Put a journaled reply where its turn would have: a send or a finished regenerate
-    or edit saves it as the reply; a stopped (or killed) regenerate or edit keeps it as an
-    earlier version, leaving the conversation as it was."""
-    h = r.header
-    replaces = bool(h.set_aside or h.edit)
-    if replaces and r.ended in (None, "cancelled"):
+def apply(store: Store, h: Header, text: str, stats: TurnStats, reason: str | None) -> MessageView | None:
+    """Save a turn's reply as the turn says: a send, or a regenerate or edit that finished,
+    saves it as the reply (with what it replaces, in one transaction); a regenerate or edit
+    that did not (`reason` cancelled, error, or None: the process died) changes nothing, and
+    what it streamed is kept as an earlier version (None is returned). The live turn and a
+    replayed journal both save through here."""
+    if h.replaces and reason in (None, "cancelled", "error"):
         rows: list[tuple[int, str, str, TurnStats | None]] = []
-        if h.kept_user is not None:
-            rows.append((h.kept_user[0], "user", h.kept_user[1], None))
-        rows.append((h.reply_position or 0, "assistant", r.text, r.stats))
+        if h.edit is not None and h.reply_position is not None:
+            rows.append((h.reply_position - 1, "user", h.edit[1], None))
+        rows.append((h.reply_position or 0, "assistant", text, stats))
         store.keep_version(h.conversation_id, h.turn_id, rows)
-    else:
-        stats = r.stats
-        if r.ended is None:
-            stats.finish_reason = "cancelled"  # the process died while it streamed
-        store.finish_turn(h.conversation_id, r.text, stats, h.turn_id, h.set_aside, h.edit)
+        return None
+    return store.finish_turn(h.conversation_id, text, stats, h.turn_id, h.set_aside, h.edit)
+
+
+def save(store: Store, r: Replayed) -> None:
+    """Put a journaled reply where its turn would have (see `apply`)."""
+    if r.ended is None:
+        r.stats.finish_reason = "cancelled"  # the process died while it streamed
+    apply(store, r.header, r.text, r.stats, r.ended)
 
 
 def replay(store: Store, conversation_id: int | None = None) -> int:

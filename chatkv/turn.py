@@ -43,6 +43,11 @@ class Replace:
     set_aside: list[int] = field(default_factory=list)
     reply_position: int | None = None  # where the reply goes (for a kept-aside stopped turn)
 
+    @property
+    def edit(self) -> tuple[int, str] | None:
+        """(message id, new text) of an edit; None for a regenerate."""
+        return (self.message_id, self.text) if self.message_id is not None and self.text is not None else None
+
 
 class Turn:
     """One assistant reply being generated (implements chatkv.api.TurnStream).
@@ -75,6 +80,15 @@ class Turn:
         self.warnings: list[str] = []
         self.tokens: list[int] = []  # what the cache covers after the turn: prompt and reply
         self.turn_id = new_turn_id()
+        # What the turn changes when its reply is saved: the journal holds the same.
+        r = replace
+        self.header = journal.Header(
+            conversation_id=conversation_id,
+            turn_id=self.turn_id,
+            set_aside=list(r.set_aside) if r else [],
+            edit=r.edit if r else None,
+            reply_position=r.reply_position if r else None,
+        )
         self._lease = held
         self._journal: journal.Journal | None = None
         self._cancel = threading.Event()
@@ -186,20 +200,8 @@ class Turn:
         return lambda done, total: report("prefill", done, total)
 
     def _open_journal(self) -> journal.Journal | None:
-        r = self.replace
-        kept_user = None
-        if r is not None and r.message_id is not None and r.text is not None and r.position is not None:
-            kept_user = (r.position - 1, r.text)
-        header = journal.Header(
-            conversation_id=self.conversation_id,
-            turn_id=self.turn_id,
-            set_aside=list(r.set_aside) if r else [],
-            edit=(r.message_id, r.text) if r and r.message_id is not None and r.text is not None else None,
-            kept_user=kept_user,
-            reply_position=r.reply_position if r else None,
-        )
         try:
-            jr = journal.Journal(header)
+            jr = journal.Journal(self.header)
         except OSError as e:  # no journal (a full disk, say): the turn still runs
             log.warning("could not open a reply journal: %s", e)
             return None
@@ -225,24 +227,12 @@ class Turn:
         jr = self._journal
         if jr is not None:
             jr.end(reason, st)
-        r = self.replace
-        replaces = r is not None and (r.set_aside or r.message_id is not None)
         _, kv = self.chat.loaded()
         covered = self.tokens = list(ids) + gen
         kv.keep_live(self.conversation_id, covered, att.cache)
         try:
-            if replaces and reason in ("cancelled", "error"):
-                # A stopped regenerate or edit changes nothing; what it streamed is kept aside.
-                self._keep_aside(content)
-            else:
-                self.message = self.chat.store.finish_turn(
-                    self.conversation_id,
-                    content,
-                    st,
-                    self.turn_id,
-                    r.set_aside if r else (),
-                    (r.message_id, r.text) if r and r.message_id is not None and r.text is not None else None,
-                )
+            self.message = journal.apply(self.chat.store, self.header, content, st, reason)
+            self.kept_aside = self.message is None
         except exc.SQLAlchemyError as e:
             where = f"; its text is kept in {jr.path} and will be saved when chatkv next starts" if jr else ""
             raise ChatKVError(f"the reply could not be saved: {describe_db_error(e)}{where}") from e
@@ -251,16 +241,6 @@ class Turn:
             self._journal = None
         if not self.kept_aside:
             kv.spill(self.conversation_id, covered, att.cache)
-
-    def _keep_aside(self, content: str) -> None:
-        r = self.replace
-        assert r is not None
-        rows: list[tuple[int, str, str, TurnStats | None]] = []
-        if r.message_id is not None and r.text is not None and r.position is not None:
-            rows.append((r.position - 1, "user", r.text, None))
-        rows.append((r.reply_position or 0, "assistant", content, self.stats))
-        self.chat.store.keep_version(self.conversation_id, self.turn_id, rows)
-        self.kept_aside = True
 
     def _forget_user_message(self) -> None:
         """A send that produced nothing leaves no trace: the front end gives the text back.
