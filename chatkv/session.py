@@ -276,7 +276,7 @@ class Chat:
                 self, conv.id, settings or self.defaults, held, new_user_message=msg, new_conversation=True
             )
         self.store.get_conversation(conversation_id)  # raises NotFoundError before anything is written
-        held = self._hold(conversation_id)
+        held = self.hold(conversation_id)
         try:
             msg = self.store.add_message(conversation_id, "user", text)
         except BaseException:
@@ -323,8 +323,6 @@ class Chat:
             held.release()
             raise
         return held
-
-    _hold = hold
 
     def save_exchange(
         self,
@@ -374,7 +372,7 @@ class Chat:
             reply_position=last.position if old else last.position + 1,
         )
         return Turn(
-            self, conversation_id, settings or self.defaults, self._hold(conversation_id), replace=change
+            self, conversation_id, settings or self.defaults, self.hold(conversation_id), replace=change
         )
 
     def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> Turn:
@@ -390,7 +388,7 @@ class Chat:
             )
         after = [m.id for m in self.store.messages(msg.conversation_id) if m.position >= msg.position]
         change = Replace(msg.position + 1, message_id, text, set_aside=after, reply_position=msg.position + 1)
-        held = self._hold(msg.conversation_id)
+        held = self.hold(msg.conversation_id)
         return Turn(self, msg.conversation_id, settings or self.defaults, held, replace=change)
 
     def later_messages(self, message_id: int) -> int:
@@ -405,7 +403,7 @@ class Chat:
     def restore(self, message_id: int, version_id: int) -> None:
         """Make an earlier version current again (what it replaced becomes a version in turn)."""
         msg = self.store.get_message(message_id)
-        with self._hold(msg.conversation_id):
+        with self.hold(msg.conversation_id):
             self.store.restore(message_id, version_id)
 
     def count_tokens(self, text: str) -> int | None:

@@ -210,7 +210,35 @@ class Fp16Codec(Codec):
         return {"codec": self.name, "version": FORMAT_VERSION, "storage": "native-dtype"}
 
 
-class GroupQuantCodec(Codec):
+class SideCodec(Codec):
+    """A lossy codec that quantizes keys and values each on their own (`_encode_one` and
+    `_decode_one` per side, "k" or "v")."""
+
+    @abstractmethod
+    def _encode_one(self, x: Tensor, side: str) -> dict[str, Tensor]:
+        """Encode one side (B, H, T, D) into tensors named ``"{side}.<field>"``."""
+
+    @abstractmethod
+    def _decode_one(
+        self, parts: dict[str, Tensor], side: str, shape: Sequence[int], device: Device
+    ) -> Tensor:
+        """Rebuild one side of ``shape`` (B, H, T, D) in float32 on ``device``."""
+
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """Quantize ``k`` and ``v`` (B, H, T, D) side by side into named tensors."""
+        return {**self._encode_one(k.detach(), "k"), **self._encode_one(v.detach(), "v")}
+
+    def decode(
+        self, parts: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype, device: Device
+    ) -> tuple[Tensor, Tensor]:
+        """Dequantize on ``device`` and return ``k``, ``v`` of ``shape`` in ``dtype``."""
+        shape = tuple(int(s) for s in shape)
+        k = self._decode_one(parts, "k", shape, device)
+        v = self._decode_one(parts, "v", shape, device)
+        return k.to(dtype).contiguous(), v.to(dtype).contiguous()
+
+
+class GroupQuantCodec(SideCodec):
     """Asymmetric integer quantization with separate layouts for keys and values.
 
     Each side is quantized along one axis in groups: ``"channel"`` groups ``group``
@@ -285,19 +313,6 @@ class GroupQuantCodec(Codec):
         if rotate:
             x = _rotate(x)  # the orthonormal Hadamard matrix is its own inverse
         return x if head is None else torch.cat([head, x], dim=-2)
-
-    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
-        """Quantize ``k`` and ``v`` (B, H, T, D) into ``{k,v}.q`` (packed), ``.scale``, ``.zero``."""
-        return {**self._encode_one(k.detach(), "k"), **self._encode_one(v.detach(), "v")}
-
-    def decode(
-        self, parts: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype, device: Device
-    ) -> tuple[Tensor, Tensor]:
-        """Dequantize on ``device`` and return ``k``, ``v`` of ``shape`` in ``dtype``."""
-        shape = tuple(int(s) for s in shape)
-        k = self._decode_one(parts, "k", shape, device)
-        v = self._decode_one(parts, "v", shape, device)
-        return k.to(dtype).contiguous(), v.to(dtype).contiguous()
 
     def decode_into(self, parts: dict[str, Tensor], out_k: Tensor, out_v: Tensor) -> None:
         """Like ``decode``, but 8-bit sides grouped over a whole token row (int8) are
@@ -377,7 +392,7 @@ def get_codec(name: str) -> Codec:
         raise ValueError(f"unknown KV codec {name!r}; allowed: {allowed}") from None
 
 
-class BnbCodec(Codec):
+class BnbCodec(SideCodec):
     """bitsandbytes' blockwise routines, measured beside chatkv's own codecs (optional: they
     register only where ``import bitsandbytes`` works; its ``cuda`` extra).
 
@@ -422,19 +437,6 @@ class BnbCodec(Codec):
             x = bnbf.dequantize_4bit(q.reshape(-1, 1), quant_state=state)
         x = x.reshape(shape)  # (B, H, T, D)
         return _rotate(x) if self.rotate else x
-
-    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
-        """Quantize ``k`` and ``v`` (B, H, T, D) into ``{k,v}.q`` and ``{k,v}.absmax``."""
-        return {**self._encode_one(k.detach(), "k"), **self._encode_one(v.detach(), "v")}
-
-    def decode(
-        self, parts: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype, device: Device
-    ) -> tuple[Tensor, Tensor]:
-        """Dequantize on ``device`` and return ``k``, ``v`` of ``shape`` in ``dtype``."""
-        shape = tuple(int(s) for s in shape)
-        k = self._decode_one(parts, "k", shape, device)
-        v = self._decode_one(parts, "v", shape, device)
-        return k.to(dtype).contiguous(), v.to(dtype).contiguous()
 
     def params(self) -> dict[str, str]:
         """Routine, block size, rotation, parameter dtype, version."""
