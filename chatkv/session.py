@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from chatkv.engine.model import LoadedModel
     from chatkv.imports import ImportReport
+    from chatkv.kv.chunks import Layers
     from chatkv.kv.maintenance import GcReport, RebuildReport, VerifyReport
     from chatkv.kv.manager import Attached, KVManager
     from chatkv.store.search import SearchHit
@@ -306,11 +307,20 @@ class Chat:
         )
         return att, stats
 
-    def keep_prefix(self, tokens: list[int], cache: DynamicCache) -> None:
-        """Spill a cache that belongs to no conversation (batch's shared prefix): the next run
-        attaches it from disk."""
-        _, kv = self.loaded()
-        kv.spill(None, tokens, cache)
+    def prepare_prefix(self, tokens: list[int]) -> tuple[TurnStats, Layers]:
+        """Prepare a prefix that several turns continue each on their own (batch's shared
+        prefix; it belongs to no conversation): attach what is cached of it, prefill the rest
+        and spill it, so the next run attaches it from disk. Returns its statistics (cached
+        tokens, from where) and its cache, per layer (keys, values) each (1, H, len(tokens), D)."""
+        from chatkv.engine.generate import prefill
+        from chatkv.kv import live
+
+        lm, kv = self.loaded()
+        att, stats = self.prepare(None, tokens, whole=True)
+        if att.cached < len(tokens):
+            prefill(lm.model, tokens[att.cached :], att.cache, att.cached)
+            kv.spill(None, tokens, att.cache)
+        return stats, live.layers_of(att.cache)
 
     def hold(self, conversation_id: int) -> lease.Lease:
         """Take the conversation for one turn (no other turn, in this process or another, runs

@@ -32,6 +32,7 @@ from chatkv.kv.codecs import Codec, codec_by_tag, get_codec
 from chatkv.kv.growable import GrowableLayer
 from chatkv.kv.policy import DEFAULT_POLICY, get_policy
 from chatkv.store.common import ChunkRecord
+from chatkv.tokens import common_prefix as common_prefix  # re-exported: tests use it from here
 
 if TYPE_CHECKING:
     import torch
@@ -55,14 +56,6 @@ class Attached:
     source: CacheSource
     load_s: float = 0.0
     problems: list[str] = field(default_factory=list)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class KVManager:
