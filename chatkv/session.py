@@ -155,11 +155,21 @@ class Chat:
         return self.store.messages(conversation_id)
 
     def new_conversation(
-        self, system_prompt: str | None = None, title: str | None = None
+        self,
+        system_prompt: str | None = None,
+        title: str | None = None,
+        history: list[dict[str, str]] | None = None,
     ) -> ConversationSummary:
+        """A new conversation (with `system_prompt`, else the configured one), holding the
+        messages of `history` ({"role", "content"} each) when given: a benchmark's long
+        conversation, written in one transaction."""
         prompt = self.settings.chat.system_prompt if system_prompt is None else system_prompt
         return self.store.create_conversation(
-            title=title or "", model=self.model_name, system_prompt=prompt, settings=asdict(self.defaults)
+            title=title or "",
+            model=self.model_name,
+            system_prompt=prompt,
+            settings=asdict(self.defaults),
+            messages=[(m["role"], m["content"]) for m in history or []],
         )
 
     def rename(self, conversation_id: int, title: str) -> None:

@@ -155,12 +155,20 @@ class Store(ChunkIndex, Finding):
         model: str = "",
         system_prompt: str = "",
         settings: dict[str, Any] | None = None,
+        messages: Sequence[tuple[str, str]] = (),
     ) -> ConversationSummary:
-        """Create an empty conversation. `settings` (generation settings) must be JSON-serializable."""
+        """Create a conversation holding `messages` ((role, content) each; none: an empty one),
+        in one transaction. Without a title it takes the first line of its first user message.
+        `settings` (generation settings) must be JSON-serializable. Raises ValueError for a
+        role other than system/user/assistant."""
         now = utcnow()
-        conv = _new_conversation(title, model, system_prompt, settings, now)
+        first_user = next((c for r, c in messages if r == "user"), "")
+        conv = _new_conversation(title or _title_from(first_user), model, system_prompt, settings, now)
         with self._writer.begin() as s:
             s.add(conv)
+            s.flush()
+            for position, (role, content) in enumerate(messages):
+                s.add(_new_message(conv.id, position, role, content, now))
             s.flush()
             return self._summaries(s, [conv])[0]
 
