@@ -266,3 +266,7 @@ class ChunkIndex(StoreBase):
         with self._reader() as s:
             rows = s.scalars(select(KVChunk).order_by(KVChunk.created_at, KVChunk.key))
             return [_chunk_record(c) for c in rows]
+
+
+# What the kv layer imports from the store: this module's names, nothing else.
+__all__ = ["ChunkIndex", "ChunkRecord", "KVHead"]
