@@ -34,7 +34,7 @@ def test_live_buffers_take_their_shape_from_the_engines_kv_shape() -> None:
 
 ROOT = Path(__file__).resolve().parent.parent / "chatkv"
 
-SESSION = {"session", "turn", "journal", "lease", "catalog", "imports", "housekeeping"}
+SESSION = {"session", "turn", "journal", "lease", "catalog", "imports", "conversations", "housekeeping"}
 NEUTRAL = {"api", "errors", "config", "paths", "progress", "fmt", "outfile", "tokens", "__main__"}
 
 # Which layers each layer may import (besides its own). "store.chunk_index": that module only.
@@ -201,3 +201,24 @@ def test_only_the_session_writes_the_transcript() -> None:
     assert any(w.startswith("chatkv.session:") for w in writes)  # the check sees the writers
     outside = [w for w in writes if layer_of(w.split(":")[0]) not in ("session", "store")]
     assert outside == []
+
+
+# -- one file for the turn ------------------------------------------------------------------
+
+
+def test_a_turn_is_prepared_run_and_saved_in_the_session_and_the_rest_is_apart() -> None:
+    from chatkv import session
+    from chatkv.api import ChatBackend
+
+    chat = session.Chat
+    for name in ("send", "regenerate", "edit", "render", "fit", "prepare", "prepare_prefix", "hold"):
+        assert getattr(chat, name).__module__ == "chatkv.session", name
+    assert chat.save_exchange.__module__ == "chatkv.session"
+    for name in ("cache_stats", "cache_gc", "cache_verify", "cache_rebuild", "switch_model", "search"):
+        assert getattr(chat, name).__module__ == "chatkv.housekeeping", name
+    for name in ("list_conversations", "delete", "restore", "export"):
+        assert getattr(chat, name).__module__ == "chatkv.conversations", name
+    # Every method of the front ends' contract is still Chat's (the type checker checks signatures).
+    contract = [n for n in dir(ChatBackend) if not n.startswith("_") and callable(getattr(ChatBackend, n))]
+    assert contract and all(hasattr(chat, n) for n in contract)
+    assert len(Path(session.__file__).read_text().splitlines()) <= 400  # STYLE: files under ~400 lines
