@@ -8,7 +8,6 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,14 +19,6 @@ from chatkv.errors import ChatKVError, NotFoundError
 from chatkv.store import ChunkRecord, Store
 
 REPO = Path(chatkv.__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
-    monkeypatch.setenv("CHATKV_HOME", str(tmp_path))
-    s = Store(tmp_path / "chatkv.db")
-    yield s
-    s.close()
 
 
 def _chunk(

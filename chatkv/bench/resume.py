@@ -27,9 +27,7 @@ def run(args, settings) -> dict:
         chat = Chat(settings, lm=lm)
         chat.load()
         msgs = history_messages(lm.tokenizer, args.history_tokens)
-        conv = chat.new_conversation(system_prompt="")
-        for m in msgs:
-            chat.store.add_message(conv.id, m["role"], m["content"])
+        conv = chat.new_conversation(system_prompt="", history=msgs)
         say(
             f"prefilling {args.history_tokens} tokens of history, spilling as {settings.cache.codec} ...",
             quiet,

@@ -64,10 +64,16 @@ class LoadedModel:
     @property
     def kv_shape(self) -> tuple[int, int, int]:
         """(layers, kv_heads, head_dim)."""
-        c = self.model.config
-        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return c.num_hidden_layers, heads, head_dim
+        return kv_shape(self.model.config)
+
+
+def kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a transformers model config: the one place that reads
+    them (grouped-query models cache fewer heads than they attend with; some configs name
+    head_dim, others leave it to hidden_size / heads)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, heads, head_dim
 
 
 def _file_identity(path: Path) -> str:

@@ -31,7 +31,8 @@ from chatkv.kv.chunks import (
 from chatkv.kv.codecs import Codec, codec_by_tag, get_codec
 from chatkv.kv.growable import GrowableLayer
 from chatkv.kv.policy import DEFAULT_POLICY, get_policy
-from chatkv.store.common import ChunkRecord
+from chatkv.store.chunk_index import ChunkRecord
+from chatkv.tokens import common_prefix as common_prefix  # re-exported: tests use it from here
 
 if TYPE_CHECKING:
     import torch
@@ -57,20 +58,12 @@ class Attached:
     problems: list[str] = field(default_factory=list)
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class KVManager:
     """Attach, keep and spill KV caches for one loaded model.
 
     Args:
-        store: the chunk index (chatkv.store.Store; only its chunk methods and
-            set_kv_head / get_conversation are used).
+        store: the chunk index (chatkv.store.chunk_index.ChunkIndex, usually the Store:
+            only its chunk, conversation-chunk and kv-head methods are used).
         kv_dir: where chunk files live.
         lm: the LoadedModel (model, fingerprint, device, dtype).
         codec: the storage policy for chunks on disk (kv/policy.py): a tiered policy's

@@ -205,7 +205,6 @@ class Finding(StoreBase):
                 settings=_settings_json({"imported_from": source}),
                 created_at=start,
                 updated_at=last,
-                kv_tokens=0,
             )
             s.add(conv)
             s.flush()
