@@ -29,9 +29,10 @@ from chatkv.api import (
 from chatkv.config import Settings
 from chatkv.engine.defaults import generation_defaults
 from chatkv.errors import InputError
-from chatkv.paths import db_path, kv_dir
+from chatkv.paths import kv_dir
 from chatkv.store import Store
 from chatkv.store.common import new_turn_id
+from chatkv.store.db import database_target
 from chatkv.turn import Replace, Turn
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class Chat:
     def __init__(self, settings: Settings, store: Store | None = None, lm: LoadedModel | None = None):
         """`lm`: an already loaded model (tests and benchmarks share one); else loaded by `load()`."""
         self.settings = settings
-        self.store = store or Store(db_path())
+        self.store = store or Store(database_target(settings))  # [store] url, else the data dir's SQLite
         self.model_name = settings.model.name
         self._preloaded = lm
         self.lm: LoadedModel | None = None

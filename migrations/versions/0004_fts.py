@@ -16,6 +16,10 @@ context (`chatkv ls -q`, as `llm logs -q` does).
   triggers again.
 - SQLite builds without FTS5 or the trigram tokenizer (older than 3.34) get no index:
   the store then searches as before.
+- PostgreSQL has no FTS5. Its equivalent keeps the same answers (a case-insensitive
+  substring match, snippets made in Python): `chatkv_casefold(text)` (lower(), which
+  SQLite's connections register in Python), and where the server has the pg_trgm
+  extension, trigram GIN indexes on the folded text that `LIKE '%…%'` uses.
 
 Revision ID: 0004
 Revises: 0003
@@ -72,8 +76,37 @@ TRIGGERS = [
 ]
 
 
+PG_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION chatkv_casefold(text) RETURNS text "
+    "LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS 'SELECT lower($1)'"
+)
+PG_INDEXES = [
+    "CREATE INDEX ix_messages_content_trgm ON messages USING gin (chatkv_casefold(content) gin_trgm_ops)",
+    "CREATE INDEX ix_conversations_title_trgm ON conversations USING gin (chatkv_casefold(title) gin_trgm_ops)",
+]
+
+
+def _upgrade_postgresql(conn) -> None:
+    conn.exec_driver_sql(PG_FUNCTION)
+    has_trgm = conn.exec_driver_sql("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'").first()
+    if has_trgm is None:
+        log.warning("pg_trgm is not installed on the server; searching without an index")
+        return
+    try:
+        with conn.begin_nested():  # a failure must not abort the whole upgrade's transaction
+            conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+    except sa.exc.DBAPIError as e:  # e.g. not allowed to create extensions
+        log.warning("cannot enable pg_trgm (%s); searching without an index", e.orig)
+        return
+    for ddl in PG_INDEXES:
+        conn.exec_driver_sql(ddl)
+
+
 def upgrade() -> None:
     conn = op.get_bind()
+    if conn.dialect.name == "postgresql":
+        _upgrade_postgresql(conn)
+        return
     try:
         conn.exec_driver_sql(TABLES[0])
     except sa.exc.OperationalError as e:  # no FTS5 or no trigram tokenizer in this SQLite
@@ -88,6 +121,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP INDEX IF EXISTS ix_messages_content_trgm")
+        op.execute("DROP INDEX IF EXISTS ix_conversations_title_trgm")
+        op.execute("DROP FUNCTION IF EXISTS chatkv_casefold(text)")
+        return
     for name in ("messages_fts_ai", "messages_fts_ad", "messages_fts_au"):
         op.execute(f"DROP TRIGGER IF EXISTS {name}")
     for name in ("conversations_fts_ai", "conversations_fts_ad", "conversations_fts_au"):

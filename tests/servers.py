@@ -1,0 +1,59 @@
+"""Real database and object-store servers for the tests of sharing across machines, started
+by the tests themselves on this machine only: PostgreSQL from the `pgserver` wheel (its own
+binaries, listening on a Unix socket in its data directory, no TCP port) and moto's S3
+server on 127.0.0.1. Both come with the `dev` extra (pyproject.toml)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def start_postgres(data_dir: Path) -> Any:
+    """A running PostgreSQL server with its data in `data_dir` (stopped by .cleanup())."""
+    import pgserver
+
+    return pgserver.get_server(data_dir, cleanup_mode="stop")
+
+
+def new_database(server: Any) -> str:
+    """A fresh empty database on `server`; its psycopg URL."""
+    import sqlalchemy as sa
+
+    name = "t" + uuid.uuid4().hex[:12]
+    admin = sa.create_engine(_psycopg(server.get_uri()), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.dispose()
+    return _psycopg(server.get_uri(name))
+
+
+def _psycopg(uri: str) -> str:
+    return uri.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def postgres(tmp_path_factory: Any) -> Iterator[Any]:
+    """Body of a session-scoped fixture: one server for the whole run."""
+    server = start_postgres(tmp_path_factory.mktemp("pg"))
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def s3(port: int = 0) -> Iterator[str]:
+    """Body of a session-scoped fixture: moto's threaded S3 server on 127.0.0.1; yields its
+    endpoint URL. Credentials are dummies set for the test process by the caller."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        host, real_port = server.get_host_and_port()
+        yield f"http://{host}:{real_port}"
+    finally:
+        server.stop()
