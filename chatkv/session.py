@@ -105,6 +105,7 @@ class Chat:
                 return
             from chatkv.engine.model import load_model
             from chatkv.kv.manager import KVManager
+            from chatkv.kv.objects import tiers_for
             from chatkv.progress import CallbackProgress
 
             m, c = self.settings.model, self.settings.cache
@@ -125,6 +126,7 @@ class Chat:
                 chunk_tokens=c.chunk_tokens,
                 live_bytes=c.live_bytes,
                 disk_bytes=c.disk_bytes,
+                tiers=tiers_for(kv_dir(), c.url, c.local_bytes, c.shared),  # cache.url, if set
             )
             self.lm = lm
             self.activity = ""
