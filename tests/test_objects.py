@@ -134,7 +134,7 @@ def test_unreachable_or_missing_bucket_is_a_miss_without_credentials(
 
 # One host: `chatkv ask` on the tiny model with its own data dir, the shared database and
 # bucket from the environment; prints the turn's JSON.
-def _ask(home: Path, env: dict[str, str], *args: str) -> dict:
+def _ask(home: Path, env: dict[str, str], *args: str) -> tuple[dict, str]:
     out = subprocess.run(
         [sys.executable, "-m", "chatkv", "ask", "--json", *args],
         env={**env, "CHATKV_HOME": str(home)},
@@ -143,7 +143,7 @@ def _ask(home: Path, env: dict[str, str], *args: str) -> dict:
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return json.loads(out.stdout), out.stderr
 
 
 def test_a_conversation_resumes_on_another_host_from_the_bucket(
@@ -165,12 +165,20 @@ def test_a_conversation_resumes_on_another_host_from_the_bucket(
         "CHATKV_GENERATION_MAX_NEW_TOKENS": "4",
     }
     prompt = " ".join(f"word{i}" for i in range(120))  # several chunks
-    first = _ask(tmp_path / "host-a", env, prompt)
+    first, _ = _ask(tmp_path / "host-a", env, prompt)
     conv = first["conversation_id"]
-    second = _ask(tmp_path / "host-b", env, "-C", str(conv), "and then?")
+    second, _ = _ask(tmp_path / "host-b", env, "-C", str(conv), "and then?")
     stats = second["stats"]
     assert stats["cache_source"] == "remote", stats
     # Everything but the new message came from the bucket: nothing of the history prefilled.
     assert stats["cached_tokens"] >= first["stats"]["prompt_tokens"]
     assert stats["prefilled_tokens"] < 32
     assert any((tmp_path / "host-b" / "kv").rglob("*.safetensors"))  # kept locally for next time
+
+    # A third host while the bucket is unreachable: the turn still answers, recomputing,
+    # with one warning line that names the bucket and no credential.
+    down = {**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    third, err = _ask(tmp_path / "host-c", down, "-C", str(conv), "still there?")
+    assert third["reply"] and third["stats"]["cache_source"] == "none"
+    assert third["stats"]["prefilled_tokens"] > second["stats"]["prompt_tokens"]
+    assert "not usable" in err and SECRET not in err and "Traceback" not in err

@@ -53,6 +53,9 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 # once fill the link).
 FETCH_THREADS = 8
 SUFFIX = ".safetensors"
+# After the remote fails, it is not asked again for this long: a dead bucket costs a resume
+# one time-out, not one per chunk.
+REMOTE_BACKOFF_S = 30.0
 
 
 class ObjectStore(Protocol):
@@ -257,9 +260,14 @@ class Tiers:
         self._inflight: dict[str, Future[str]] = {}
         self._lock = threading.Lock()
         self._warned = False
+        self._down_until = 0.0  # time.monotonic() before which the remote is not asked
         self.fetched_bytes = 0  # read from the remote since start, for statistics and tests
 
+    def _up(self) -> bool:
+        return time.monotonic() >= self._down_until
+
     def _warn(self, what: str, e: BaseException) -> None:
+        self._down_until = time.monotonic() + REMOTE_BACKOFF_S
         if not self._warned:
             self._warned = True
             log.warning(
@@ -285,6 +293,8 @@ class Tiers:
         the copy not written: a miss this time only)."""
         if self._local_ok(rec):
             return "local"
+        if not self._up():
+            return "failed"
         try:
             blob = self.remote.get(object_name(rec), rec.nbytes)
         except (OSError, ValueError) as e:
@@ -328,6 +338,8 @@ class Tiers:
     def push(self, rec: ChunkRecord, blob: bytes) -> bool:
         """Copy a chunk just written locally to the remote; False (logged) when that failed:
         the chunk then serves this host only."""
+        if not self._up():
+            return False
         try:
             self.remote.put(object_name(rec), blob)
         except (OSError, ValueError) as e:
