@@ -181,3 +181,46 @@ def test_finish_turn_replayed_on_another_host_saves_once(pg_server) -> None:
         again = b.finish_turn(conv.id, "reply", TurnStats(), turn_id="t1")
         assert again.id == first.id
         assert [m.content for m in b.messages(conv.id)] == ["hi", "reply"]
+
+
+def test_database_stopping_mid_turn_loses_nothing_the_user_saw(
+    tiny_settings, tiny_lm, tmp_path_factory
+) -> None:
+    """The server stops while a reply streams: the turn fails in one line naming where the
+    reply is kept, and the next start (server back) saves it."""
+    from servers import start_postgres
+
+    from chatkv import journal
+    from chatkv.api import GenerationSettings
+    from chatkv.session import Chat
+
+    data = tmp_path_factory.mktemp("pg-mid-turn")
+    server = start_postgres(data)
+    url = new_database(server)
+    chat = Chat(tiny_settings, store=Store(url), lm=tiny_lm)
+    chat.load()
+    conv = chat.new_conversation()
+    turn = chat.send(conv.id, "Tell me a story about the sea.", GenerationSettings(max_new_tokens=24))
+    shown = []
+    try:
+        with pytest.raises(ChatKVError) as info:
+            for piece in turn:
+                shown.append(piece)
+                if len(shown) == 1:
+                    server.cleanup()  # the server stops under the turn
+        message = str(info.value)
+        assert "\n" not in message and "cannot reach the database server" in message
+        kept = list(journal.journal_dir().glob("*.jsonl"))
+        assert len(kept) == 1 and str(kept[0]) in message
+        chat.close()
+    finally:
+        server = start_postgres(data)  # back, on the same socket
+    try:
+        again = Chat(tiny_settings, store=Store(url), lm=tiny_lm)  # the next start replays the journal
+        assert [(m.role, m.content) for m in again.messages(conv.id)] == [
+            ("user", "Tell me a story about the sea."),
+            ("assistant", "".join(shown)),
+        ]
+        again.close()
+    finally:
+        server.cleanup()
