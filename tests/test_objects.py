@@ -182,3 +182,15 @@ def test_a_conversation_resumes_on_another_host_from_the_bucket(
     assert third["reply"] and third["stats"]["cache_source"] == "none"
     assert third["stats"]["prefilled_tokens"] > second["stats"]["prompt_tokens"]
     assert "not usable" in err and SECRET not in err and "Traceback" not in err
+
+
+def test_bench_resume_from_a_cold_local_disk(tiny_model_dir, tmp_path: Path, capsys) -> None:
+    from chatkv.cli import main
+
+    remote = tmp_path / "bucket"
+    args = ["bench", "resume", "--model", str(tiny_model_dir), "--device", "cpu", "--context", "160"]
+    assert main([*args, "--repeat", "1", "--cache-url", f"file://{remote}", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cache_source"] == "remote" and result["cache_url"] == f"file://{remote}"
+    assert result["cached_tokens"] >= 128 and result["speedup"] > 0
+    assert any(remote.rglob("*.safetensors"))
