@@ -194,3 +194,11 @@ def test_bench_resume_from_a_cold_local_disk(tiny_model_dir, tmp_path: Path, cap
     assert result["cache_source"] == "remote" and result["cache_url"] == f"file://{remote}"
     assert result["cached_tokens"] >= 128 and result["speedup"] > 0
     assert any(remote.rglob("*.safetensors"))
+
+
+def test_turn_summary_says_a_resume_came_from_the_shared_cache() -> None:
+    from chatkv.api import TurnStats
+    from chatkv.ui.widgets import turn_summary
+
+    stats = TurnStats(cache_source="remote", cached_tokens=4096, cache_load_s=0.12)
+    assert turn_summary(stats).startswith("resumed 4,096 tokens from the shared cache in 120 ms")
