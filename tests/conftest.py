@@ -119,12 +119,12 @@ def chat(tiny_settings, tiny_lm):
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory):
+def pg_server():
     """A PostgreSQL server for the whole run (tests/servers.py); new_database(pg_server)
     gives each test its own database."""
     from servers import postgres
 
-    yield from postgres(tmp_path_factory)
+    yield from postgres()
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,20 @@ server on 127.0.0.1. Both come with the `dev` extra (pyproject.toml)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def pg_data_dir() -> Path:
+    """A new directory for a server's data, directly under the system's temporary directory:
+    as root, pgserver runs the server as its own user, who must be able to reach it — and
+    pytest's base temporary directory is private to root (a concurrent pytest session
+    makes it so again, even after pgserver opened it up)."""
+    return Path(tempfile.mkdtemp(prefix="chatkv-pg-"))
 
 
 def start_postgres(data_dir: Path) -> Any:
@@ -36,13 +46,15 @@ def _psycopg(uri: str) -> str:
     return uri.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
-def postgres(tmp_path_factory: Any) -> Iterator[Any]:
+def postgres() -> Iterator[Any]:
     """Body of a session-scoped fixture: one server for the whole run."""
-    server = start_postgres(tmp_path_factory.mktemp("pg"))
+    data = pg_data_dir()
+    server = start_postgres(data)
     try:
         yield server
     finally:
         server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def s3(port: int = 0) -> Iterator[str]:

@@ -6,6 +6,7 @@ everyday behaviour runs on both backends in test_store.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,10 +144,11 @@ def test_unreachable_database_is_one_line_without_the_password(monkeypatch, caps
     assert err.count("\n") == 1 and "s3cr3t-pw" not in err and "cannot reach" in err
 
 
-def test_server_going_away_is_one_line(tmp_path_factory, capsys) -> None:
-    from servers import start_postgres
+def test_server_going_away_is_one_line() -> None:
+    from servers import pg_data_dir, start_postgres
 
-    server = start_postgres(tmp_path_factory.mktemp("pg-down"))
+    data = pg_data_dir()
+    server = start_postgres(data)
     try:
         url = new_database(server)
         store = Store(url)
@@ -158,6 +160,7 @@ def test_server_going_away_is_one_line(tmp_path_factory, capsys) -> None:
     line = store_db.describe_db_error(info.value, url)
     assert "\n" not in line and line.startswith("cannot reach the database server")
     store.close()
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def test_store_url_setting(monkeypatch) -> None:
@@ -183,18 +186,16 @@ def test_finish_turn_replayed_on_another_host_saves_once(pg_server) -> None:
         assert [m.content for m in b.messages(conv.id)] == ["hi", "reply"]
 
 
-def test_database_stopping_mid_turn_loses_nothing_the_user_saw(
-    tiny_settings, tiny_lm, tmp_path_factory
-) -> None:
+def test_database_stopping_mid_turn_loses_nothing_the_user_saw(tiny_settings, tiny_lm) -> None:
     """The server stops while a reply streams: the turn fails in one line naming where the
     reply is kept, and the next start (server back) saves it."""
-    from servers import start_postgres
+    from servers import pg_data_dir, start_postgres
 
     from chatkv import journal
     from chatkv.api import GenerationSettings
     from chatkv.session import Chat
 
-    data = tmp_path_factory.mktemp("pg-mid-turn")
+    data = pg_data_dir()
     server = start_postgres(data)
     url = new_database(server)
     chat = Chat(tiny_settings, store=Store(url), lm=tiny_lm)
@@ -224,3 +225,4 @@ def test_database_stopping_mid_turn_loses_nothing_the_user_saw(
         again.close()
     finally:
         server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
