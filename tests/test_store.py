@@ -31,7 +31,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
     if request.param == "sqlite":
         s = Store(tmp_path / "chatkv.db")
     else:
-        s = Store(new_database(request.getfixturevalue("pg_server")))
+        s = Store(new_database(request.getfixturevalue("pg_server"), migrated=True))
     yield s
     s.close()
 
