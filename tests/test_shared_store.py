@@ -226,3 +226,27 @@ def test_database_stopping_mid_turn_loses_nothing_the_user_saw(tiny_settings, ti
     finally:
         server.cleanup()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_each_database_user_has_a_namespace_of_its_own(pg_server) -> None:
+    import uuid
+
+    import sqlalchemy as sa
+
+    url = new_database(pg_server)
+    role = "bob" + uuid.uuid4().hex[:8]
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # the test server trusts local connections: no password
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT CREATE ON DATABASE {sa.engine.make_url(url).database} TO {role}")
+    bob_url = sa.engine.make_url(url).set(username=role).render_as_string(hide_password=False)
+    with Store(url) as mine, Store(bob_url) as bobs:
+        mine.start_conversation("my question")
+        bobs.start_conversation("bob's question")
+        assert [c.title for c in mine.list_conversations()] == ["my question"]
+        assert [c.title for c in bobs.list_conversations()] == ["bob's question"]
+        assert [c.title for c in bobs.list_conversations("question")] == ["bob's question"]
+    with admin.connect() as conn:
+        schemas = {r[0] for r in conn.exec_driver_sql("SELECT nspname FROM pg_namespace")}
+    admin.dispose()
+    assert {"chatkv_postgres", f"chatkv_{role}"} <= schemas

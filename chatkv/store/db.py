@@ -27,6 +27,7 @@ needs nothing from it.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,9 +56,11 @@ BUSY_TIMEOUT_S = 30.0
 # Execution option read by the "begin" listener: the BEGIN mode of a transaction.
 BEGIN_MODE = "chatkv_begin"
 
-# PostgreSQL advisory lock keys (64-bit, the same on every host): one taken by every write
-# transaction, one by the schema upgrade. 0x63686174 is "chat".
-PG_WRITE_LOCK = 0x6368617400000001
+# PostgreSQL advisory locks (the same on every host): every write transaction takes
+# (PG_WRITE_CLASS, hashtext of its namespace), so writers of one user's schema queue and
+# other users' do not wait for them; the schema upgrade takes PG_UPGRADE_LOCK (64-bit keys
+# and pairs of 32-bit keys are separate spaces). 0x63686174 is "chat".
+PG_WRITE_CLASS = 0x63686174
 PG_UPGRADE_LOCK = 0x6368617400000002
 # A server that does not answer within this is reported as unreachable.
 PG_CONNECT_TIMEOUT_S = 10
@@ -175,8 +178,16 @@ def make_engine(path: Path, *, foreign_keys: bool = True, pooled: bool = True) -
     return engine
 
 
+def user_schema(role: str) -> str:
+    """The schema holding a database role's conversations: one namespace per user of a
+    shared database ("chatkv_" + the role, folded to what needs no quoting). A team shares
+    conversations by connecting as one role."""
+    return "chatkv_" + (re.sub(r"[^a-z0-9_]", "_", role.lower()) or "_")[:50]
+
+
 def make_server_engine(url: str, *, pooled: bool = True) -> Engine:
-    """An engine on the PostgreSQL database at `url`, with chatkv's connection settings.
+    """An engine on the PostgreSQL database at `url`, with chatkv's connection settings:
+    every connection works in its role's schema (`user_schema`; created by `upgrade`).
 
     Raises ConfigError when the URL is not PostgreSQL's or psycopg is not installed.
     """
@@ -205,10 +216,17 @@ def make_server_engine(url: str, *, pooled: bool = True) -> Engine:
         },
     )
 
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SELECT current_user")
+            cur.execute(f"SET search_path TO {user_schema(cur.fetchone()[0])}")
+        dbapi_conn.commit()  # SET is transactional; the pool wants a connection outside one
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         if conn.get_execution_options().get(BEGIN_MODE) == "IMMEDIATE":
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_CLASS}, hashtext(current_user))")
 
     return engine
 
@@ -256,6 +274,8 @@ def upgrade(path: Target, revision: str = "head") -> None:
             with conn.begin():
                 if sqlite is None:
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_UPGRADE_LOCK})")
+                    role = conn.exec_driver_sql("SELECT current_user").scalar()
+                    conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {user_schema(str(role))}")
                 rev = current_revision(conn)
                 script = ScriptDirectory.from_config(alembic_config())
                 if rev is not None and rev not in {s.revision for s in script.walk_revisions()}:

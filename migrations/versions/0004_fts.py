@@ -81,8 +81,8 @@ PG_FUNCTION = (
     "LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS 'SELECT lower($1)'"
 )
 PG_INDEXES = [
-    "CREATE INDEX ix_messages_content_trgm ON messages USING gin (chatkv_casefold(content) gin_trgm_ops)",
-    "CREATE INDEX ix_conversations_title_trgm ON conversations USING gin (chatkv_casefold(title) gin_trgm_ops)",
+    "CREATE INDEX ix_messages_content_trgm ON messages USING gin (chatkv_casefold(content) {ops})",
+    "CREATE INDEX ix_conversations_title_trgm ON conversations USING gin (chatkv_casefold(title) {ops})",
 ]
 
 
@@ -93,13 +93,21 @@ def _upgrade_postgresql(conn) -> None:
         log.warning("pg_trgm is not installed on the server; searching without an index")
         return
     try:
-        with conn.begin_nested():  # a failure must not abort the whole upgrade's transaction
-            conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-    except sa.exc.DBAPIError as e:  # e.g. not allowed to create extensions
-        log.warning("cannot enable pg_trgm (%s); searching without an index", e.orig)
-        return
-    for ddl in PG_INDEXES:
-        conn.exec_driver_sql(ddl)
+        # A savepoint: a failure (no right to create extensions, or to use its schema) must
+        # not abort the upgrade's transaction; search then scans without an index.
+        with conn.begin_nested():
+            # In public, not in this user's schema (chatkv.store.db.user_schema): an extension
+            # exists once per database, and every user's indexes name its operator class.
+            conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA public")
+            schema = conn.exec_driver_sql(
+                "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                "WHERE e.extname = 'pg_trgm'"
+            ).scalar()
+            ops = '"' + schema.replace('"', '""') + '".gin_trgm_ops'
+            for ddl in PG_INDEXES:
+                conn.exec_driver_sql(ddl.format(ops=ops))
+    except sa.exc.DBAPIError as e:
+        log.warning("no pg_trgm indexes (%s); searching without an index", str(e.orig).splitlines()[0])
 
 
 def upgrade() -> None:
