@@ -11,8 +11,9 @@ takes its lock up front waits (busy timeout) for another writer; one that starts
 as a read and upgrades later fails at once with "database is locked" instead.
 
 PostgreSQL keeps the same guarantees another way: a write transaction (`writer`) first
-takes a transaction-scoped advisory lock (pg_advisory_xact_lock), so writers queue one
-after another exactly as SQLite's IMMEDIATE transactions do, whichever host they run on;
+takes a transaction-scoped advisory lock (pg_advisory_xact_lock, one per database role:
+each role works in a schema of its own, `user_schema`), so writers queue one after
+another exactly as SQLite's IMMEDIATE transactions do, whichever host they run on;
 a message's position (the next one after the last, read inside the transaction) is
 therefore never taken twice. Writers run READ COMMITTED, so each statement after the lock
 sees everything the previous writer committed; readers run REPEATABLE READ, a consistent
