@@ -56,6 +56,8 @@ SUFFIX = ".safetensors"
 # After the remote fails, it is not asked again for this long: a dead bucket costs a resume
 # one time-out, not one per chunk.
 REMOTE_BACKOFF_S = 30.0
+# `collect` leaves objects younger than this: their index rows may not be written yet.
+GC_GRACE_S = 3600.0
 
 
 class ObjectStore(Protocol):
@@ -76,8 +78,8 @@ class ObjectStore(Protocol):
         """Remove objects; absent ones are no error. Raises OSError."""
         ...
 
-    def names(self) -> Iterator[tuple[str, int]]:
-        """Every object's (name, size). Raises OSError."""
+    def names(self) -> Iterator[tuple[str, int, float]]:
+        """Every object's (name, size, time written as a Unix timestamp). Raises OSError."""
         ...
 
 
@@ -128,10 +130,11 @@ class DirObjects:
         for name in names:
             self._path(name).unlink(missing_ok=True)
 
-    def names(self) -> Iterator[tuple[str, int]]:
+    def names(self) -> Iterator[tuple[str, int, float]]:
         for path in sorted(self.root.rglob("*" + SUFFIX)):
             if path.is_file() and not path.is_symlink():
-                yield path.relative_to(self.root).as_posix(), path.stat().st_size
+                st = path.stat()
+                yield path.relative_to(self.root).as_posix(), st.st_size, st.st_mtime
 
 
 class S3Objects:
@@ -188,7 +191,7 @@ class S3Objects:
         except BotoCoreError as e:
             raise OSError(f"{self.where}: {type(e).__name__}") from None
 
-    def names(self) -> Iterator[tuple[str, int]]:
+    def names(self) -> Iterator[tuple[str, int, float]]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -197,7 +200,7 @@ class S3Objects:
             )
             for page in pages:
                 for item in page.get("Contents", []):
-                    yield item["Key"][len(self.prefix) :], int(item["Size"])
+                    yield item["Key"][len(self.prefix) :], int(item["Size"]), item["LastModified"].timestamp()
         except ClientError as e:
             raise OSError(f"{self.where}: {_code(e)}") from None
         except BotoCoreError as e:
@@ -372,6 +375,26 @@ class Tiers:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def collect(
+    remote: ObjectStore, indexed: Iterable[ChunkRecord], grace_s: float = GC_GRACE_S
+) -> tuple[int, int]:
+    """Remove the objects of `remote` that no chunk of the index (`indexed`) names and that
+    were written more than `grace_s` ago: a spill writes its object before its index row,
+    so a younger one may be a chunk about to be indexed. An object a row names is never
+    removed, so a resume that has read the index finds every object it names (unless a
+    host removes the row first: a miss, recomputed). Returns (objects removed, bytes)."""
+    keep = set()
+    for rec in indexed:
+        try:
+            keep.add(object_name(rec))
+        except (ValueError, CacheError):  # a damaged row names no object
+            continue
+    cutoff = time.time() - grace_s
+    doomed = [(name, size) for name, size, written in remote.names() if name not in keep and written < cutoff]
+    remote.delete([name for name, _ in doomed])
+    return len(doomed), sum(size for _, size in doomed)
 
 
 def tiers_for(kv_dir: Path, url: str, local_bytes: int, shared: bool = False) -> Tiers | None:
