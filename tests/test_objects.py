@@ -216,3 +216,13 @@ def test_collect_removes_only_old_objects_no_index_row_names(s3_env) -> None:
     assert collect(remote, [recs[0]]) == (0, 0)
     assert collect(remote, [recs[0], damaged], grace_s=-60) == (2, 1000)
     assert [n for n, _, _ in remote.names()] == [object_name(recs[0])]
+
+
+@pytest.mark.parametrize("command", ["gc", "verify", "rebuild"])
+def test_cache_maintenance_refuses_to_drop_chunks_of_a_shared_store(command, monkeypatch, tmp_path, capsys):
+    from chatkv.cli import main
+
+    monkeypatch.setenv("CHATKV_CACHE_URL", f"file://{tmp_path}/bucket")
+    assert main(["cache", command]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"`chatkv cache {command}` does not know the shared chunk store" in err
