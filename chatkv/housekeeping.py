@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from chatkv.api import GenerationSettings, ModelInfo
 from chatkv.config import Settings
 from chatkv.engine.defaults import generation_defaults
+from chatkv.errors import InputError
 from chatkv.paths import kv_dir
 from chatkv.store import Store
 
@@ -76,22 +77,35 @@ class Housekeeping:
             entry["model"] = names.get(fp)
         return stats | {"kv_dir": str(kv_dir())}
 
+    def _local_cache_only(self, command: str) -> None:
+        """Refuse a maintenance command that would take a chunk in the bucket but not in
+        this host's kv/ for damage and drop its shared index row (README, "Sharing")."""
+        if self.settings.cache.url:
+            raise InputError(
+                f"`chatkv cache {command}` does not know the shared chunk store yet (cache.url is set): "
+                "it would drop chunks other hosts wrote; run it with CHATKV_CACHE_URL= on a host that "
+                "has every chunk, or not at all"
+            )
+
     def cache_gc(self, max_bytes: int) -> GcReport:
         """Drop index rows without files and old orphan files, then evict down to `max_bytes`."""
         from chatkv.kv.maintenance import gc
 
+        self._local_cache_only("gc")
         return gc(self.store, kv_dir(), max_bytes)
 
     def cache_verify(self, fix: bool = True) -> VerifyReport:
         """Read every chunk and check it; with `fix`, remove the bad ones."""
         from chatkv.kv.maintenance import verify
 
+        self._local_cache_only("verify")
         return verify(self.store, kv_dir(), fix=fix)
 
     def cache_rebuild(self) -> RebuildReport:
         """Rebuild the chunk index from the chunk files' own metadata."""
         from chatkv.kv.maintenance import rebuild
 
+        self._local_cache_only("rebuild")
         return rebuild(self.store, kv_dir())
 
     def switch_model(self, name: str, conversation_id: int | None = None) -> None:

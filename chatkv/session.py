@@ -33,9 +33,10 @@ from chatkv.conversations import message_dict as message_dict  # re-exported: `c
 from chatkv.engine.defaults import generation_defaults
 from chatkv.errors import InputError
 from chatkv.housekeeping import Housekeeping
-from chatkv.paths import db_path, kv_dir
+from chatkv.paths import kv_dir
 from chatkv.store import Store
 from chatkv.store.common import new_turn_id
+from chatkv.store.db import database_target
 from chatkv.turn import Replace, Turn
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class Chat(Conversations, Housekeeping):
     def __init__(self, settings: Settings, store: Store | None = None, lm: LoadedModel | None = None):
         """`lm`: an already loaded model (tests and benchmarks share one); else loaded by `load()`."""
         self.settings = settings
-        self.store = store or Store(db_path())
+        self.store = store or Store(database_target(settings))  # [store] url, else the data dir's SQLite
         self.model_name = settings.model.name
         self._preloaded = lm
         self.lm: LoadedModel | None = None
@@ -106,6 +107,7 @@ class Chat(Conversations, Housekeeping):
                 return
             from chatkv.engine.model import load_model
             from chatkv.kv.manager import KVManager
+            from chatkv.kv.objects import tiers_for
             from chatkv.progress import CallbackProgress
 
             m, c = self.settings.model, self.settings.cache
@@ -126,6 +128,7 @@ class Chat(Conversations, Housekeeping):
                 chunk_tokens=c.chunk_tokens,
                 live_bytes=c.live_bytes,
                 disk_bytes=c.disk_bytes,
+                tiers=tiers_for(kv_dir(), c.url, c.local_bytes, c.shared),  # cache.url, if set
             )
             self.lm = lm
             self.activity = ""

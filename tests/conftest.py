@@ -151,3 +151,20 @@ def chat(tiny_settings, tiny_lm):
     c.load()
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server for the whole run (tests/servers.py); new_database(pg_server)
+    gives each test its own database."""
+    from servers import postgres
+
+    yield from postgres()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 for the whole run (tests/servers.py): its endpoint URL."""
+    from servers import s3
+
+    yield from s3()

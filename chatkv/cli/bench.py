@@ -24,6 +24,11 @@ def _resume(p: argparse.ArgumentParser) -> None:
         help="tokens of history to resume (default 4096)",
     )
     p.add_argument("--repeat", type=REPEAT, default=3, help="resume measurements; the median is reported")
+    p.add_argument(
+        "--cache-url",
+        help="resume from this object store (s3://BUCKET/PREFIX or file:///PATH) with a cold local "
+        "disk: each resume starts with an empty kv/ and fetches every chunk",
+    )
 
 
 def _quality(p: argparse.ArgumentParser) -> None:

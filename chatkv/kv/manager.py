@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from chatkv.engine.model import LoadedModel
     from chatkv.kv.chunks import ChunkData, FileId, Layers
+    from chatkv.kv.objects import Tiers
     from chatkv.store.chunk_index import ChunkIndex
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,11 @@ class KVManager:
         chunk_tokens: int = 256,
         live_bytes: int = 1 << 30,
         disk_bytes: int = 10 << 30,
+        tiers: Tiers | None = None,
     ) -> None:
         self.store = store
+        # cache.url: chunks also in an object store, read through kv_dir (kv/objects.py)
+        self.tiers = tiers
         self.kv_dir = kv_dir
         self.lm = lm
         self.policy = get_policy(codec)
@@ -131,10 +135,11 @@ class KVManager:
             try:
                 plan, disk = self._disk_plan(tokens, limit, conv)
                 if disk > (mem + self.chunk_tokens if mem else 0):  # worth reading over memory
-                    cache, n, problems = self._load(plan, tokens, limit)
+                    cache, n, problems, remote = self._load(plan, tokens, limit)
                     if n > mem:
                         assert cache is not None  # n > 0: _load returns a cache with it
-                        return Attached(cache, n, "disk", time.perf_counter() - t0, problems)
+                        source: CacheSource = "remote" if remote else "disk"
+                        return Attached(cache, n, source, time.perf_counter() - t0, problems)
             except Exception as e:  # never fail a turn for its cache: prefill instead
                 log.warning("could not read the saved KV cache (%s); recomputing it", e)
                 problems.append(str(e))
@@ -232,20 +237,36 @@ class KVManager:
 
     def _load(
         self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int
-    ) -> tuple[DynamicCache | None, int, list[str]]:
+    ) -> tuple[DynamicCache | None, int, list[str], bool]:
         """Read chunks two at a time (file reads, checksums and dequantizing overlap)
         straight into one preallocated cache, use them in order, and stop at the first one
-        that cannot be trusted (it is removed; its tokens will be prefilled again)."""
+        that cannot be trusted (it is removed; its tokens will be prefilled again).
+        With a remote tier, all of the plan's chunks missing locally are fetched in parallel
+        first, each decoded as soon as it is here. The last result: whether a used chunk
+        came from the remote."""
         offsets = [sum(r.n_tokens for r in plan[:i]) for i in range(len(plan))]
         k_buf, v_buf = live.buffers(
             self.lm.model, offsets[-1] + plan[-1].n_tokens, dtype=self.lm.dtype, device=self.lm.device
         )
         problems: list[str] = []
         n, used, inexact = 0, 0, 0
+        where: dict[str, str] = {}
+        tiers = self.tiers
+        if tiers is not None:
+            tiers.prefetch(plan)
+
+        def read(rec: ChunkRecord, offset: int) -> ChunkData | CacheError:
+            if tiers is not None:
+                # "missing": no file, read_chunk finds the row stale; "failed": keep the row
+                where[rec.key] = tiers.ensure_local(rec)
+                if where[rec.key] == "failed":
+                    return CacheError(f"chunk {rec.key[:12]} could not be fetched", damaged=False)
+            return self._read_into(rec, offset, k_buf, v_buf)
+
         with ThreadPoolExecutor(
             max_workers=min(LOAD_THREADS, len(plan)), thread_name_prefix="chatkv-load"
         ) as ex:
-            results = ex.map(self._read_into, plan, offsets, [k_buf] * len(plan), [v_buf] * len(plan))
+            results = ex.map(read, plan, offsets)
             for rec, data in zip(plan, results, strict=True):
                 if isinstance(data, CacheError):
                     problems.append(str(data))
@@ -265,13 +286,18 @@ class KVManager:
                 if same < len(data.tokens):
                     break
             ex.shutdown(cancel_futures=True)  # after a break: don't read chunks that won't be used
+        remote = any(where.get(r.key) == "remote" for r in plan[:used])
+        if tiers is not None:
+            tiers.forget(plan)
+            if "remote" in where.values():
+                tiers.trim()  # the copies just made count against cache.local_bytes
         if n == 0:
-            return None, 0, problems
+            return None, 0, problems, False
         self.store.touch_chunks([r.key for r in plan[:used]])
         n = min(n, limit)
         cache = live.cache_from_buffers(self.lm.model, k_buf, v_buf, n)
         self._inexact[cache] = min(inexact, n)
-        return cache, n, problems
+        return cache, n, problems, remote
 
     # -- keep and spill ------------------------------------------------------
 
@@ -392,22 +418,23 @@ class KVManager:
         rel = relpath(key)
         write_atomic(chunk_path(self.kv_dir, key), blob)
         now = datetime.now(UTC)
-        self.store.add_chunk(
-            ChunkRecord(
-                key=key,
-                parent=parent,
-                fingerprint=self.lm.fingerprint,
-                codec=codec.tag,
-                start=start,
-                n_tokens=len(tokens),
-                partial=partial,
-                path=rel,
-                nbytes=len(blob),
-                checksum=checksum,
-                created_at=now,
-                last_used_at=now,
-            )
+        rec = ChunkRecord(
+            key=key,
+            parent=parent,
+            fingerprint=self.lm.fingerprint,
+            codec=codec.tag,
+            start=start,
+            n_tokens=len(tokens),
+            partial=partial,
+            path=rel,
+            nbytes=len(blob),
+            checksum=checksum,
+            created_at=now,
+            last_used_at=now,
         )
+        if self.tiers is not None:
+            self.tiers.push(rec, blob)  # before the row: a host that finds the row finds the object
+        self.store.add_chunk(rec)
         return len(blob)
 
     def _forget_orphans(self, keys: list[str]) -> None:

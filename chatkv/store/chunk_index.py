@@ -10,12 +10,13 @@ from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import (
+    Integer,
+    cast,
     delete,
     func,
     select,
     update,
 )
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
 from chatkv.errors import NotFoundError
@@ -90,7 +91,7 @@ class ChunkIndex(StoreBase):
             except NotFoundError:
                 return  # deleted while its spill was queued
             for batch in _batches(keys):
-                stmt = sqlite_insert(ConversationChunk).values(
+                stmt = self._insert(ConversationChunk).values(
                     [{"conversation_id": conversation_id, "key": k} for k in batch]
                 )
                 s.execute(stmt.on_conflict_do_nothing())
@@ -130,7 +131,7 @@ class ChunkIndex(StoreBase):
         values = asdict(rec)
         values["created_at"] = rec.created_at or now
         values["last_used_at"] = rec.last_used_at or now
-        stmt = sqlite_insert(KVChunk).values(**values)
+        stmt = self._insert(KVChunk).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[KVChunk.key],
             set_={c: stmt.excluded[c] for c in ("codec", "path", "nbytes", "checksum", "last_used_at")},
@@ -206,7 +207,7 @@ class ChunkIndex(StoreBase):
             ]
             for i in range(0, len(rows), _IN_BATCH // 16):  # 12 columns a row: under 999 parameters
                 s.execute(
-                    sqlite_insert(KVChunk).values(rows[i : i + _IN_BATCH // 16]).on_conflict_do_nothing()
+                    self._insert(KVChunk).values(rows[i : i + _IN_BATCH // 16]).on_conflict_do_nothing()
                 )
 
     def chunk_chain(self, head_key: str) -> list[ChunkRecord]:
@@ -239,7 +240,7 @@ class ChunkIndex(StoreBase):
             KVChunk.fingerprint,
             func.count(),
             func.coalesce(func.sum(KVChunk.nbytes), 0),
-            func.coalesce(func.sum(KVChunk.partial), 0),
+            func.coalesce(func.sum(cast(KVChunk.partial, Integer)), 0),  # PostgreSQL has no sum(boolean)
         ).group_by(KVChunk.codec, KVChunk.fingerprint)
         stats: dict[str, Any] = {"count": 0, "bytes": 0, "partial": 0, "by_codec": {}, "by_fingerprint": {}}
         with self._reader() as s:

@@ -38,7 +38,7 @@ from chatkv.store.common import (
     _warn_index_damaged,
     new_turn_id,
 )
-from chatkv.store.db import open_database, writer
+from chatkv.store.db import as_target, open_database, writer
 from chatkv.store.finding import Finding
 from chatkv.store.models import (
     ROLES,
@@ -69,14 +69,15 @@ class Store(ChunkIndex, Finding):
     """chatkv's database. Opening it creates the file (mode 0600) and upgrades the schema.
 
     Args:
-        path: the SQLite file, usually chatkv.paths.db_path().
+        path: the SQLite file, usually chatkv.paths.db_path(), or a database URL
+            (chatkv.store.db.database_target(settings) picks one).
 
     Raises:
         ChatKVError: the file is not a SQLite database, or was written by a newer chatkv.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str) -> None:
+        self.path = as_target(path)
         self._engine = open_database(self.path)
         # A Session per call. Reads begin DEFERRED (a consistent snapshot); writes go
         # through _writer.begin(), IMMEDIATE, so they queue for the write lock.
