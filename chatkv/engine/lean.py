@@ -1,0 +1,154 @@
+"""A lean decode step for Llama-family models: one token through the model's own weights.
+
+transformers' forward is general: per token it builds masks and cache positions,
+dispatches attention through an interface, checks kwargs and wraps outputs. For a
+135M model on a 2-core CPU that Python work costs as much as the arithmetic. This
+step does only the arithmetic, with the model's own modules' weights:
+
+- q, k and v projections as one matrix product, gate and up as another. The fused
+  weights are built once and the modules' own weights become views into them, so
+  nothing is held twice and transformers' forward (prefill, the fallback) reads the
+  very same numbers.
+- keys and values appended in place into the live cache (`GrowableLayer`), then one
+  SDPA call per layer with the GQA groups folded into the query length: a single
+  query attends to every cached key, so no mask and no repeated keys are needed.
+
+Only what is known to compute the same function as transformers' forward takes this
+path: `model_type` "llama" with SDPA attention, SiLU, no biases and plain float
+weights. Anything else decodes through transformers' forward (`lean_for` returns None
+and says why once in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from chatkv.kv import live
+
+log = logging.getLogger(__name__)
+
+_ATTR = "_chatkv_lean"  # the LeanLlama (or False: not eligible) kept on the model object
+_lock = threading.Lock()
+
+
+def why_not(model: Any) -> str | None:
+    """The reason `model` cannot take the lean path, or None when it can."""
+    c = getattr(model, "config", None)
+    if c is None or getattr(c, "model_type", None) != "llama":
+        return f"model type {getattr(c, 'model_type', None)!r} is not 'llama'"
+    if getattr(c, "_attn_implementation", None) != "sdpa":
+        return f"attention implementation {c._attn_implementation!r} is not 'sdpa'"
+    if getattr(c, "hidden_act", None) != "silu":
+        return f"activation {c.hidden_act!r} is not 'silu'"
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        return "the model's projections have biases"
+    if getattr(model, "hf_quantizer", None) is not None or getattr(c, "quantization_config", None):
+        return "the weights are quantized"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return "the model does not have the Llama module layout"
+    for p in model.parameters():
+        if type(p) is not torch.nn.Parameter or not p.dtype.is_floating_point:
+            return f"a weight is {type(p).__name__} of {p.dtype}, not a plain float tensor"
+    return None
+
+
+def lean_for(model: Any) -> LeanLlama | None:
+    """The lean decoder for `model`, built on first use and kept on the model; None (logged
+    once per model) when the model must decode through transformers' forward."""
+    got = getattr(model, _ATTR, None)
+    if got is None:
+        with _lock:
+            got = getattr(model, _ATTR, None)
+            if got is None:
+                reason = why_not(model)
+                if reason is None:
+                    got = LeanLlama(model)
+                else:
+                    log.info("decoding through transformers' forward: %s", reason)
+                    got = False
+                setattr(model, _ATTR, got)
+    return got or None
+
+
+def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
+    """One weight (sum of outs, in) holding the linears' weights; each linear's weight
+    becomes a view of its rows, so memory is not doubled and the modules still work."""
+    fused = torch.cat([m.weight.detach() for m in linears], dim=0)
+    row = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(fused[row : row + n], requires_grad=False)
+        row += n
+    return fused
+
+
+class _Layer:
+    """One decoder layer's weights for the lean step."""
+
+    def __init__(self, layer: Any) -> None:
+        a, m = layer.self_attn, layer.mlp
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.qkv = _fuse(a.q_proj, a.k_proj, a.v_proj)  # (Hq*D + 2*Hkv*D, hidden)
+        self.o = a.o_proj.weight  # (hidden, Hq*D)
+        self.gate_up = _fuse(m.gate_proj, m.up_proj)  # (2*inter, hidden)
+        self.down = m.down_proj.weight  # (hidden, inter)
+        self.scale = a.scaling
+
+
+class LeanLlama:
+    """Decode one token of a Llama model through its own weights (see the module doc)."""
+
+    def __init__(self, model: Any) -> None:
+        c = model.config
+        self.model = model
+        self.hq = c.num_attention_heads
+        self.hkv = getattr(c, "num_key_value_heads", None) or self.hq
+        self.d = getattr(c, "head_dim", None) or c.hidden_size // self.hq
+        self.embed = model.model.embed_tokens
+        self.rope = model.model.rotary_emb
+        self.norm = model.model.norm
+        self.head = model.lm_head.weight  # (V, hidden); may be the embedding (tied)
+        with torch.no_grad():
+            self.layers = [_Layer(layer) for layer in model.model.layers[: c.num_hidden_layers]]
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:
+        """Feed `token` (1,) at position `pos`, extending `cache` (a DynamicCache of batch 1
+        covering positions [0, pos)); return the next-token logits (1, V)."""
+        hq, hkv, d = self.hq, self.hkv, self.d
+        g = hq // hkv  # query heads per kv head
+        x = self.embed(token.view(1, 1))  # (1, 1, hidden)
+        cos, sin = self.rope(x, torch.tensor([[pos]], device=x.device))  # (1, 1, D) each
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, 1, D): broadcast over heads
+        kv_layers = live.kv_layers(cache)
+        nq, nk = hq * d, hkv * d
+        for i, w in enumerate(self.layers):
+            h = w.norm1(x)
+            qkv = F.linear(h, w.qkv)  # (1, 1, nq + 2 nk)
+            q = qkv[..., :nq].view(1, hq, 1, d)  # one position: (1, 1, Hq*D) is (1, Hq, 1, D)
+            k = qkv[..., nq : nq + nk].view(1, hkv, 1, d)
+            v = qkv[..., nq + nk :].view(1, hkv, 1, d)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = kv_layers[i].update(k, v)  # (1, Hkv, pos+1, D)
+            # A single query attends to every key: fold each kv head's g query heads into
+            # the query length, (1, Hkv, g, D), so SDPA reads each key once.
+            att = F.scaled_dot_product_attention(q.view(1, hkv, g, d), keys, values, scale=w.scale)
+            x = x + F.linear(att.reshape(1, 1, nq), w.o)
+            h = w.norm2(x)
+            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # (1, 1, inter) each
+            x = x + F.linear(F.silu(gate) * up, w.down)
+        logits = F.linear(self.norm(x)[:, -1], self.head)  # (1, V)
+        return logits
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (-x2, x1), as transformers' Llama rotates."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

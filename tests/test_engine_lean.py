@@ -1,0 +1,104 @@
+"""The lean decode step (engine/lean.py): the same function as transformers' forward on
+the models it takes, and a fallback to that forward, with one log line, on the others."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from chatkv.api import GenerationSettings
+from chatkv.engine import lean
+from chatkv.engine.generate import generate, prefill
+from chatkv.kv import live
+
+
+def fresh_model(tiny_model_dir, dtype=torch.float32, attn="sdpa"):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation=attn).eval()
+
+
+def forward_step(model, token, cache, pos):
+    """One token through transformers' forward, as decode_one does for other models."""
+    p = torch.tensor([pos])
+    with torch.inference_mode():
+        out = model(
+            input_ids=token.view(1, 1),
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=p,
+            position_ids=p[None],
+        )
+    return out.logits[:, -1]
+
+
+def test_the_lean_step_computes_what_the_forward_computes(tiny_model_dir):
+    model = fresh_model(tiny_model_dir)
+    ids = list(range(5, 70))
+    a, b = live.new_cache(model), live.new_cache(model)
+    prefill(model, ids, a, 0)
+    prefill(model, ids, b, 0)
+    step = lean.lean_for(model)
+    assert step is not None
+    token = torch.tensor([17])
+    for pos in range(len(ids), len(ids) + 5):
+        ref = forward_step(model, token, a, pos)
+        got = step.step(token, b, pos)
+        assert got.shape == ref.shape == (1, model.config.vocab_size)
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+        for (ka, va), (kb, vb) in zip(live.layers_of(a), live.layers_of(b), strict=True):
+            assert (
+                ka.shape[-2] == pos + 1
+                and torch.allclose(ka, kb, atol=1e-5)
+                and torch.allclose(va, vb, atol=1e-5)
+            )
+        token = ref.argmax(-1)
+
+
+def test_fused_weights_are_views_so_the_forward_sees_the_same_numbers(tiny_model_dir):
+    model = fresh_model(tiny_model_dir)
+    x = torch.tensor([list(range(5, 40))])
+    with torch.inference_mode():
+        before = model(input_ids=x).logits
+    params = sum(p.numel() for p in model.parameters())
+    step = lean.lean_for(model)
+    assert step is not None
+    attn = model.model.layers[0].self_attn
+    fused = step.layers[0].qkv
+    assert attn.k_proj.weight.data_ptr() == fused[attn.q_proj.weight.shape[0] :].data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == params
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=x).logits, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_through_the_lean_step_match_transformers_generate(tiny_model_dir, dtype):
+    model = fresh_model(tiny_model_dir, dtype)
+    ids = list(range(5, 60))
+    steps = generate(
+        model, ids, live.new_cache(model), 0, GenerationSettings(max_new_tokens=16, temperature=0), [], 10**6
+    )
+    ours = [s.token for s in steps if s.token is not None]
+    assert lean.lean_for(model) is not None
+    x = torch.tensor([ids])
+    ref = model.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=16, min_new_tokens=16, do_sample=False
+    )[0, len(ids) :].tolist()
+    assert ours == ref
+
+
+def test_a_model_the_lean_step_does_not_cover_decodes_through_the_forward(tiny_model_dir, caplog):
+    model = fresh_model(tiny_model_dir, attn="eager")
+    assert "eager" in (lean.why_not(model) or "")
+    settings = GenerationSettings(max_new_tokens=6, temperature=0)
+    with caplog.at_level(logging.INFO, logger="chatkv.engine.lean"):
+        for _ in range(2):
+            toks = [
+                s.token for s in generate(model, [5, 6, 7], live.new_cache(model), 0, settings, [], 10**6)
+            ]
+    assert len([t for t in toks if t is not None]) == 6
+    said = [r.getMessage() for r in caplog.records if r.name == "chatkv.engine.lean"]
+    assert len(said) == 1 and "eager" in said[0]  # once per model, not per token
+    assert lean.lean_for(model) is None and model.model.layers[0].self_attn.q_proj.weight.is_contiguous()
