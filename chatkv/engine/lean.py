@@ -33,6 +33,7 @@ from chatkv.kv import live
 log = logging.getLogger(__name__)
 
 _ATTR = "_chatkv_lean"  # the LeanLlama (or False: not eligible) kept on the model object
+_OFF = "_chatkv_lean_off"  # True: decode through transformers' forward even where the lean step applies
 _lock = threading.Lock()
 
 
@@ -61,6 +62,8 @@ def why_not(model: Any) -> str | None:
 def lean_for(model: Any) -> LeanLlama | None:
     """The lean decoder for `model`, built on first use and kept on the model; None (logged
     once per model) when the model must decode through transformers' forward."""
+    if getattr(model, _OFF, False):
+        return None
     got = getattr(model, _ATTR, None)
     if got is None:
         with _lock:
@@ -76,6 +79,11 @@ def lean_for(model: Any) -> LeanLlama | None:
     return got or None
 
 
+def set_enabled(model: Any, enabled: bool) -> None:
+    """Let `model` take the lean step (the default where it can) or not (benchmarks compare)."""
+    setattr(model, _OFF, not enabled)
+
+
 def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
     """One weight (sum of outs, in) holding the linears' weights; each linear's weight
     becomes a view of its rows, so memory is not doubled and the modules still work."""
@@ -88,16 +96,62 @@ def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
     return fused
 
 
+GROUP = 32  # Q4_0/Q4_1 GGUF blocks: 32 weights along the input dimension share a scale
+GRID_TOL = 0.1  # of a step: a dequantized Q4 weight rounded to bfloat16 is within 0.04
+
+
+def _int4_form(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`w` (N, K) in torch's packed int4 form (packed weight, (K/32, N, 2) scales and zeros)
+    when every group of 32 along K lies on a 16-level grid, as the weights of a Q4 GGUF
+    dequantized at load do: then int4 is those weights again, with a quarter of the bytes
+    of bfloat16 to read per token. None for weights that are not on such a grid (they
+    would lose precision), for other dtypes than bfloat16 and other devices than the CPU
+    (the kernel's fast case)."""
+    if w.device.type != "cpu" or w.dtype != torch.bfloat16 or w.shape[1] % GROUP:
+        return None
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    n, k = w.shape
+    g = w.float().view(n, k // GROUP, GROUP)  # (N, K/32, 32)
+    low = g.amin(-1, keepdim=True)
+    step = (g.amax(-1, keepdim=True) - low) / 15
+    unit = torch.where(step > 0, step, torch.ones_like(step))
+    q = ((g - low) / unit).round().clamp(0, 15)
+    if ((q * step + low - g).abs() > GRID_TOL * unit).any():
+        return None
+    zero = low + 8 * step  # the kernel computes (q - 8) * scale + zero
+    scales = torch.stack([step.view(n, -1), zero.view(n, -1)], dim=-1)  # (N, K/32, 2)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 1)
+    return packed, scales.transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+class _Linear:
+    """A bias-free projection: the dense weight (N, K), or its int4 form where exact."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w
+        self.n = w.shape[0]
+        self.int4 = _int4_form(w)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (1, 1, K) -> (1, 1, N)."""
+        if self.int4 is None:
+            return F.linear(x, self.w)
+        packed, scales = self.int4
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), packed, GROUP, scales)  # (1, N)
+        return y.view(1, 1, self.n)
+
+
 class _Layer:
     """One decoder layer's weights for the lean step."""
 
     def __init__(self, layer: Any) -> None:
         a, m = layer.self_attn, layer.mlp
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = _fuse(a.q_proj, a.k_proj, a.v_proj)  # (Hq*D + 2*Hkv*D, hidden)
-        self.o = a.o_proj.weight  # (hidden, Hq*D)
-        self.gate_up = _fuse(m.gate_proj, m.up_proj)  # (2*inter, hidden)
-        self.down = m.down_proj.weight  # (hidden, inter)
+        self.qkv = _Linear(_fuse(a.q_proj, a.k_proj, a.v_proj))  # (Hq*D + 2*Hkv*D, hidden)
+        self.o = _Linear(a.o_proj.weight)  # (hidden, Hq*D)
+        self.gate_up = _Linear(_fuse(m.gate_proj, m.up_proj))  # (2*inter, hidden)
+        self.down = _Linear(m.down_proj.weight)  # (hidden, inter)
         self.scale = a.scaling
 
 
@@ -130,7 +184,7 @@ class LeanLlama:
         nq, nk = hq * d, hkv * d
         for i, w in enumerate(self.layers):
             h = w.norm1(x)
-            qkv = F.linear(h, w.qkv)  # (1, 1, nq + 2 nk)
+            qkv = w.qkv(h)  # (1, 1, nq + 2 nk)
             q = qkv[..., :nq].view(1, hq, 1, d)  # one position: (1, 1, Hq*D) is (1, Hq, 1, D)
             k = qkv[..., nq : nq + nk].view(1, hkv, 1, d)
             v = qkv[..., nq + nk :].view(1, hkv, 1, d)
@@ -140,10 +194,10 @@ class LeanLlama:
             # A single query attends to every key: fold each kv head's g query heads into
             # the query length, (1, Hkv, g, D), so SDPA reads each key once.
             att = F.scaled_dot_product_attention(q.view(1, hkv, g, d), keys, values, scale=w.scale)
-            x = x + F.linear(att.reshape(1, 1, nq), w.o)
+            x = x + w.o(att.reshape(1, 1, nq))
             h = w.norm2(x)
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # (1, 1, inter) each
-            x = x + F.linear(F.silu(gate) * up, w.down)
+            gate, up = w.gate_up(h).chunk(2, dim=-1)  # (1, 1, inter) each
+            x = x + w.down(F.silu(gate) * up)
         logits = F.linear(self.norm(x)[:, -1], self.head)  # (1, V)
         return logits
 
