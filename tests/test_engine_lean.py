@@ -160,3 +160,27 @@ def test_int4_errs_from_the_grid_by_the_order_of_bfloat16_rounding():
     assert int4_err <= 3 * dense_err
     off_grid = lean._Linear(torch.randn(96, 128).bfloat16())  # weights that int4 would round
     assert off_grid.int4 is None
+
+
+def test_a_lean_step_that_cannot_be_built_falls_back_with_one_log_line(tiny_model_dir, caplog, monkeypatch):
+    model = fresh_model(tiny_model_dir)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(lean, "_fuse", broken)
+    with caplog.at_level(logging.INFO, logger="chatkv.engine.lean"):
+        steps = list(
+            generate(
+                model,
+                [5, 6, 7],
+                live.new_cache(model),
+                0,
+                GenerationSettings(max_new_tokens=4, temperature=0),
+                [],
+                10**6,
+            )
+        )
+    assert [s.finish_reason for s in steps][-1] == "length" and len(steps) == 5
+    said = [r.getMessage() for r in caplog.records if r.name == "chatkv.engine.lean"]
+    assert len(said) == 1 and "no such kernel" in said[0]

@@ -36,9 +36,12 @@ class Peer:
         and is fed back one at a time as a chat client would."""
         import numpy as np
 
+        vocab = self.llm.n_vocab()
         t0 = time.perf_counter()
         for _ in range(n):
-            last = self.llm.scores[self.llm.n_tokens - 1]  # (V,) logits of the last position
+            # (V,) logits of the last position, read in place (Llama.scores holds them only
+            # with logits_all, which would copy every position's)
+            last = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(vocab,))
             self.llm.eval([int(np.argmax(last))])
         return n / (time.perf_counter() - t0)
 

@@ -71,8 +71,11 @@ def lean_for(model: Any) -> LeanLlama | None:
             if got is None:
                 reason = why_not(model)
                 if reason is None:
-                    got = LeanLlama(model)
-                else:
+                    try:
+                        got = LeanLlama(model)
+                    except (RuntimeError, ValueError) as e:  # e.g. a kernel this torch lacks
+                        reason = f"the lean step could not be built ({e})"
+                if reason is not None:
                     log.info("decoding through transformers' forward: %s", reason)
                     got = False
                 setattr(model, _ATTR, got)
