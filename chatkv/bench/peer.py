@@ -29,6 +29,11 @@ class Peer:
         self.llm.eval(ids)
         return time.perf_counter() - t0
 
+    def rewind(self, n: int) -> None:
+        """Forget every position from `n` on (the next eval drops them from the KV cache), so
+        that decoding can be measured again after the same prefill."""
+        self.llm.n_tokens = n
+
     def decode(self, n: int) -> float:
         """Greedily decode `n` tokens after what was prefilled; return tokens per second.
 
