@@ -79,7 +79,7 @@ def lean_for(model: Any) -> LeanLlama | None:
                     log.info("decoding through transformers' forward: %s", reason)
                     got = False
                 setattr(model, _ATTR, got)
-    return got or None
+    return got if isinstance(got, LeanLlama) else None
 
 
 def set_enabled(model: Any, enabled: bool) -> None:
@@ -141,8 +141,8 @@ class _Linear:
         if self.int4 is None:
             return F.linear(x, self.w)
         packed, scales = self.int4
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), packed, GROUP, scales)  # (1, N)
-        return y.view(1, 1, self.n)
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), packed, GROUP, scales)
+        return y.view(1, 1, self.n)  # from (1, N)
 
 
 class _Layer:
