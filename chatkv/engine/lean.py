@@ -12,11 +12,15 @@ step does only the arithmetic, with the model's own modules' weights:
 - keys and values appended in place into the live cache (`GrowableLayer`), then one
   SDPA call per layer with the GQA groups folded into the query length: a single
   query attends to every cached key, so no mask and no repeated keys are needed.
+- a projection whose weights lie on a 4-bit grid (a Q4 GGUF's, dequantized at load)
+  runs through torch's int4 kernel in bfloat16 on the CPU: the same weights, a quarter
+  of the bytes to read per token (`_int4_form`). Other weights stay dense.
 
 Only what is known to compute the same function as transformers' forward takes this
 path: `model_type` "llama" with SDPA attention, SiLU, no biases and plain float
 weights. Anything else decodes through transformers' forward (`lean_for` returns None
-and says why once in the log).
+and says why once in the log). The step is device-agnostic; on CUDA (untested: no GPU
+was at hand) it runs with dense weights.
 """
 
 from __future__ import annotations
@@ -163,7 +167,6 @@ class LeanLlama:
 
     def __init__(self, model: Any) -> None:
         c = model.config
-        self.model = model
         self.hq = c.num_attention_heads
         self.hkv = getattr(c, "num_key_value_heads", None) or self.hq
         self.d = getattr(c, "head_dim", None) or c.hidden_size // self.hq
