@@ -193,3 +193,57 @@ def test_cuda_matches_cpu(name):
     assert kd.device.type == "cuda"
     _, (kc, vc) = roundtrip(codec, k, v)
     assert torch.allclose(kd.cpu(), kc, atol=1e-3) and torch.allclose(vd.cpu(), vc, atol=1e-3)
+
+
+def reference_decode(codec, parts, shape):
+    """The plain reading of a GroupQuantCodec's layout (unpack, dequantize, transpose, rotate
+    back, prepend the 8-bit sink tokens), float32: what the fast decode must reproduce."""
+    from chatkv.kv.codecs import _dequantize_groups, _unpack
+
+    b, h, t, d = shape
+    out = []
+    for side in ("k", "v"):
+        axis, group, rotate = codec.layout[side]
+        s = min(codec.sink, t)
+        n = t - s
+        qshape = (b, h, d, n) if axis == "token" else (b, h, n, d)
+        q = _unpack(parts[f"{side}.q"], codec.bits, b * h * n * d).reshape(qshape)
+        zero = parts.get(f"{side}.zero")
+        x = _dequantize_groups(q, parts[f"{side}.scale"], zero, group or qshape[-1])
+        if axis == "token":
+            x = x.transpose(-1, -2)
+        if rotate:
+            x = _rotate(x)
+        if s:
+            head = _dequantize_groups(
+                parts[f"{side}.sink_q"], parts[f"{side}.sink_scale"], parts[f"{side}.sink_zero"], d
+            )
+            x = torch.cat([head, x], dim=-2)
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("t", [1, 2, 33, 255, 256])
+@pytest.mark.parametrize("d", [64, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_decode_matches_the_plain_reading_of_the_layout(name, t, d, dtype):
+    """decode and decode_into (into strided views of a larger cache, as the chunk reader
+    uses it) give what unpack + dequantize + rotate give, in the destination dtype."""
+    codec = get_codec(name)
+    k, v = make_kv(t, dtype, b=2, d=d)
+    parts = codec.encode(k, v)
+    want_k, want_v = reference_decode(codec, parts, tuple(k.shape))
+    kd, vd = codec.decode(parts, tuple(k.shape), dtype, "cpu")
+    tol = 1e-5 * max(want_k.abs().max().item(), 1.0)
+    assert torch.allclose(
+        kd.float(), want_k.to(dtype).float(), atol=tol, rtol=1e-2 if dtype != torch.float32 else 0
+    )
+    assert torch.allclose(
+        vd.float(), want_v.to(dtype).float(), atol=tol, rtol=1e-2 if dtype != torch.float32 else 0
+    )
+    big_k = torch.full((2, 3, t + 9, d), float("nan"), dtype=dtype)
+    big_v = torch.full((2, 3, t + 9, d), float("nan"), dtype=dtype)
+    codec.decode_into(parts, big_k[:, :, 4 : 4 + t], big_v[:, :, 4 : 4 + t])
+    assert torch.equal(big_k[:, :, 4 : 4 + t], kd) and torch.equal(big_v[:, :, 4 : 4 + t], vd)
+    assert big_k[:, :, :4].isnan().all() and big_k[:, :, 4 + t :].isnan().all()  # nothing outside

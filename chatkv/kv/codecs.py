@@ -90,6 +90,23 @@ def _dequantize_groups(q: Tensor, scale: Tensor, zero: Tensor, group: int) -> Te
     return x.reshape(*q.shape[:-1], -(-n // group) * group)[..., :n]
 
 
+def _scale_in_place(y: Tensor, scale: Tensor, zero: Tensor, group: int) -> None:
+    """``y = y * scale + zero`` per group of ``group`` along the last dim (0: the whole dim),
+    in place: ``y`` (..., N) float32 holding codes, ``scale``, ``zero`` (..., ceil(N / group)).
+
+    The same float32 arithmetic as :func:`_dequantize_groups`, without padding: the full
+    groups through a view, a trailing partial group on its own.
+    """
+    n = y.shape[-1]
+    g = group or n
+    full = n - n % g
+    if full:
+        yv = y[..., :full].unflatten(-1, (full // g, g))  # (..., G, group), a view
+        yv.mul_(scale[..., : full // g, None]).add_(zero[..., : full // g, None])
+    if full < n:
+        y[..., full:].mul_(scale[..., -1:]).add_(zero[..., -1:])
+
+
 def _pack(q: Tensor, bits: int) -> Tensor:
     """Pack uint8 codes of ``bits`` (2, 4 or 8) bits into a flat uint8 tensor, low bits first."""
     flat = q.reshape(-1)
@@ -111,6 +128,22 @@ def _unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     flat = packed.reshape(-1)
     codes = torch.stack([(flat >> (i * bits)) & mask for i in range(8 // bits)], dim=-1)  # (bytes, per)
     return codes.reshape(-1)[:numel]
+
+
+def _unpack_float(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """:func:`_unpack` straight into float32: the first ``numel`` codes as a flat float32
+    tensor, each bit position written into its strided slot (no stacked uint8 temporary)."""
+    flat = packed.reshape(-1)
+    per = 8 // bits
+    out = torch.empty(flat.numel() * per, dtype=torch.float32, device=packed.device)
+    if per == 1:
+        out.copy_(flat)
+    else:
+        slots = out.view(-1, per)  # (bytes, per): code i of each byte is slot i
+        mask = (1 << bits) - 1
+        for i in range(per):  # 2 or 4 bit positions, each one vectorised op over all bytes
+            slots[:, i].copy_((flat >> (i * bits)) & mask if i else flat & mask)
+    return out[:numel]
 
 
 _HADAMARD: dict[tuple[int, torch.device], Tensor] = {}
@@ -296,46 +329,58 @@ class GroupQuantCodec(SideCodec):
     def _decode_one(
         self, parts: dict[str, Tensor], side: str, shape: Sequence[int], device: Device
     ) -> Tensor:
-        axis, group, rotate = self.layout[side]
-        b, h, t, d = shape
-        head = None
-        if self.sink:
-            sq, ss, sz = (parts[f"{side}.sink_{f}"].to(device) for f in ("q", "scale", "zero"))
-            head = _dequantize_groups(sq, ss, sz, d)  # (B, H, s, D)
-            t -= head.shape[-2]
-        qshape = (b, h, d, t) if axis == "token" else (b, h, t, d)
-        packed = parts[f"{side}.q"].to(device)
-        q = _unpack(packed, self.bits, b * h * t * d).reshape(qshape)
-        scale, zero = parts[f"{side}.scale"].to(device), parts[f"{side}.zero"].to(device)
-        x = _dequantize_groups(q, scale, zero, group or q.shape[-1])
-        if axis == "token":
-            x = x.transpose(-1, -2)  # back to (B, H, T, D)
-        if rotate:
-            x = _rotate(x)  # the orthonormal Hadamard matrix is its own inverse
-        return x if head is None else torch.cat([head, x], dim=-2)
+        out = torch.empty(tuple(shape), dtype=torch.float32, device=device)  # (B, H, T, D)
+        self._decode_side(parts, side, out)
+        return out
+
+    def decode(
+        self, parts: dict[str, Tensor], shape: Sequence[int], dtype: torch.dtype, device: Device
+    ) -> tuple[Tensor, Tensor]:
+        """Dequantize on ``device`` into new ``k``, ``v`` of ``shape`` in ``dtype`` (as ``decode_into``)."""
+        shape = tuple(int(s) for s in shape)
+        k = torch.empty(shape, dtype=dtype, device=device)
+        v = torch.empty(shape, dtype=dtype, device=device)
+        self.decode_into(parts, k, v)
+        return k, v
 
     def decode_into(self, parts: dict[str, Tensor], out_k: Tensor, out_v: Tensor) -> None:
-        """Like ``decode``, but 8-bit sides grouped over a whole token row (int8) are
-        dequantized straight into the output in float32: the same arithmetic, no copy."""
-        for side, out in (("k", out_k), ("v", out_v)):
-            axis, group, rotate = self.layout[side]
-            d = out.shape[-1]
-            if (
-                self.bits == 8
-                and axis == "channel"
-                and group in (0, d)
-                and not rotate
-                and not self.sink
-                and out.dtype == torch.float32
-            ):
-                q = parts[f"{side}.q"].to(out.device).view(out.shape)  # (B, H, T, D) uint8
-                scale = parts[f"{side}.scale"].to(out.device).float().view(*out.shape[:-1], 1)  # (B, H, T, 1)
-                zero = parts[f"{side}.zero"].to(out.device).float().view(*out.shape[:-1], 1)
-                out.copy_(q)  # exact; then the same float32 multiply and add as decode()
-                out.mul_(scale).add_(zero)
-            else:
-                x = self._decode_one(parts, side, tuple(int(n) for n in out.shape), out.device)
-                out.copy_(x)
+        """Dequantize straight into ``out_k``, ``out_v`` (B, H, T, D; views of a larger cache
+        are fine): what ``decode`` gives, with no per-group Python loop and one float32
+        temporary per side at most (none for an unrotated per-token float32 side, as int8's)."""
+        self._decode_side(parts, "k", out_k)
+        self._decode_side(parts, "v", out_v)
+
+    def _decode_side(self, parts: dict[str, Tensor], side: str, out: Tensor) -> None:
+        """Dequantize one side into ``out`` (B, H, T, D), any dtype and strides."""
+        axis, group, rotate = self.layout[side]
+        dev = out.device
+        b, h, t, d = out.shape
+        if self.sink and t:
+            s = min(self.sink, t)  # encode kept min(sink, T) tokens apart
+            sq, ss, sz = (parts[f"{side}.sink_{f}"].to(dev) for f in ("q", "scale", "zero"))
+            out[:, :, :s].copy_(_dequantize_groups(sq, ss, sz, d))  # (B, H, s, D)
+            out, t = out[:, :, s:], t - s
+        if out.numel() == 0:
+            return
+        rotate = rotate and not d & (d - 1)  # as _rotate: identity unless a power of two
+        qshape = (b, h, d, t) if axis == "token" else (b, h, t, d)
+        packed = parts[f"{side}.q"].to(dev)
+        # Float32 arithmetic as in encode's reconstruction; in place in the output where it is
+        # float32 and needs no rotation or transpose (its strides are fine: only D is split).
+        direct = axis == "channel" and not rotate and out.dtype == torch.float32 and self.bits == 8
+        if direct:
+            y = out
+            y.copy_(packed.view(qshape))
+        else:
+            y = _unpack_float(packed, self.bits, b * h * t * d).view(qshape)
+        _scale_in_place(y, parts[f"{side}.scale"].to(dev), parts[f"{side}.zero"].to(dev), group)
+        if direct:
+            return
+        if axis == "token":
+            y = y.mT  # (B, H, T, D), a transposed view: the matmul reads it as it is
+        if rotate:
+            y = torch.matmul(y, _hadamard(d, dev))  # its own inverse; (B, H, T, D) contiguous
+        out.copy_(y)
 
     def params(self) -> dict[str, str]:
         """Bits, per-side axis, group size and rotation, sink tokens, parameter dtype, version."""
