@@ -78,7 +78,8 @@ def test_fp16_encode_owns_its_storage():
 @pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4)])
 @pytest.mark.parametrize("t", T_VALUES)
 def test_error_bounds(name, bits, t):
-    """Max error <= half a quantization step of the value range (+ float16 parameter rounding).
+    """Max error <= half a quantization step of the value range (+ float16 parameter rounding);
+    of [-absmax, absmax] for a side quantized on a symmetric range.
 
     Rotating codecs quantize Hadamard-rotated values, so the bound holds in that space.
     """
@@ -88,7 +89,10 @@ def test_error_bounds(name, bits, t):
     for side, x, xd in (("k", k, kd), ("v", v, vd)):
         if codec.params()[f"{side}_rotate"] == "hadamard":
             x, xd = _rotate(x), _rotate(xd)
-        step = (x.amax() - x.amin()).item() / (2**bits - 1)
+        span = (x.amax() - x.amin()).item()
+        if codec.params().get(f"{side}_range") == "symmetric":  # [-absmax, absmax] per group
+            span = 2 * x.abs().max().item()
+        step = span / (2**bits - 1)
         assert (xd - x).abs().max().item() <= step / 2 + x.abs().max().item() * 2**-10
 
 
@@ -198,20 +202,21 @@ def test_cuda_matches_cpu(name):
 def reference_decode(codec, parts, shape):
     """The plain reading of a GroupQuantCodec's layout (unpack, dequantize, transpose, rotate
     back, prepend the 8-bit sink tokens), float32: what the fast decode must reproduce."""
-    from chatkv.kv.codecs import _dequantize_groups, _unpack
+    from chatkv.kv.codecs import _dequantize_groups, _sym_zero, _unpack
 
     b, h, t, d = shape
     out = []
     for side in ("k", "v"):
-        axis, group, rotate = codec.layout[side]
+        axis, group, rotate, _sym = codec.layout[side]
         s = min(codec.sink, t)
         n = t - s
-        qshape = (b, h, d, n) if axis == "token" else (b, h, n, d)
-        q = _unpack(parts[f"{side}.q"], codec.bits, b * h * n * d).reshape(qshape)
-        zero = parts.get(f"{side}.zero")
-        x = _dequantize_groups(q, parts[f"{side}.scale"], zero, group or qshape[-1])
-        if axis == "token":
-            x = x.transpose(-1, -2)
+        q = _unpack(parts[f"{side}.q"], codec.bits, b * h * n * d).reshape(b, h, n, d)  # token order
+        scale = parts[f"{side}.scale"]
+        zero = parts.get(f"{side}.zero", _sym_zero(scale, codec.bits))
+        if axis == "token":  # groups along T: parameters (B, H, G, D)
+            x = _dequantize_groups(q.mT, scale.mT, zero.mT, group or max(n, 1)).mT
+        else:
+            x = _dequantize_groups(q, scale, zero, group or d)
         if rotate:
             x = _rotate(x)
         if s:
