@@ -159,7 +159,11 @@ def test_the_floors_stand_beside_the_codecs(tiny_llama, ids):
     from chatkv.bench.quality import FLOOR_BF16, FLOOR_STEPS, fidelity, prefill, prefill_in_steps
 
     one, stepped = prefill(tiny_llama, ids[:, :250]), prefill_in_steps(tiny_llama, ids[:, :250], 100)
-    assert all(torch.allclose(a, b, atol=1e-5) for p, q in zip(one, stepped) for a, b in zip(p, q))
+    assert all(
+        torch.allclose(a, b, atol=1e-5)
+        for p, q in zip(one, stepped, strict=True)
+        for a, b in zip(p, q, strict=True)
+    )
     schemes = {FLOOR_BF16: (None, None), FLOOR_STEPS: (None, None), "codec int2": (get_codec("int2"), None)}
     rows = {
         (r["scheme"], r["prefix_tokens"]): r for r in fidelity(tiny_llama, ids, [40, 250], schemes, 64, 16, 4)
