@@ -11,15 +11,23 @@ Codecs (README, "How it works" and "Cache fidelity"):
   their native dtype (bf16 and fp16 as is, float32 as float32), because the product
   promises that an ``fp16`` reload yields the same tokens as a fresh prefill, which
   needs bit-exact caches. On a float32 CPU model this costs 2x the fp16 byte count.
-- ``int8``: keys asymmetric in groups of 64 along head_dim, values asymmetric per token.
+- ``int8``: keys per channel over the whole chunk (KIVI), values per token on a
+  symmetric range; each chunk's first token apart (as below).
 - ``int4``: KIVI-style: keys per channel over groups of 32 tokens, values per token in
-  groups of 64 channels; two codes per byte. Both sides are Hadamard-rotated over
-  head_dim first, and each chunk's first token is kept apart at 8 bits (it is the
-  attention sink in a conversation's first chunk, where 4-bit error hurts most).
-- ``int2``: as ``int4`` with 2 bits, four codes per byte (experimental: too lossy for use).
+  groups of 64 channels on a symmetric range; two codes per byte. Both sides are
+  Hadamard-rotated over head_dim first, and each chunk's first token is kept apart at 8
+  bits (it is the attention sink in a conversation's first chunk, where 4-bit error hurts
+  most).
+- ``int2``: as ``int4`` with 2 bits and asymmetric values, four codes per byte
+  (experimental: too lossy for use).
 
-Scales and zero points are stored in float16; the codes are computed against the
-*stored* (rounded) scale and zero so that decode sees exactly what encode assumed.
+Scales and zero points are stored in float16 (a symmetric group stores no zero point: it
+follows from the scale); the codes are computed against the *stored* (rounded) scale and
+zero so that decode sees exactly what encode assumed. Codes are stored in token order
+whichever axis a side is grouped along, so decode writes (token, head_dim) rows without a
+transpose: unpacked straight into float32, scaled in place, rotated back by one matmul.
+Each codec's params carry its layout ``version``: a chunk written in an older layout is
+refused by the reader and recomputed.
 All math is vectorised torch and runs on whatever device the inputs live on.
 """
 
@@ -116,7 +124,7 @@ def _scale_in_place(y: Tensor, scale: Tensor, zero: Tensor, group: int) -> None:
     g = group or n
     full = n - n % g
     if full:
-        yv = y[..., :full].unflatten(-1, (full // g, g))  # (..., G, group), a view
+        yv = y[..., :full].view(*y.shape[:-1], full // g, g)  # (..., G, group): a view, whatever the strides
         yv.mul_(scale[..., : full // g, None]).add_(zero[..., : full // g, None])
     if full < n:
         y[..., full:].mul_(scale[..., -1:]).add_(zero[..., -1:])
@@ -293,7 +301,10 @@ class GroupQuantCodec(SideCodec):
     consecutive head_dim entries of one token; ``"token"`` groups ``group`` consecutive
     tokens of one channel (KIVI keys). ``group=0`` means the whole axis (e.g. per token
     over all of head_dim). Codes are packed ``8 // bits`` per byte. ``rotate`` applies an
-    orthonormal Hadamard rotation over head_dim first (spreads outlier channels).
+    orthonormal Hadamard rotation over head_dim first (spreads outlier channels). ``sym``
+    quantizes a side on ``[-absmax, absmax]`` and stores no zero point (for data centred on
+    0). ``version`` names the stored layout in :meth:`params`; bump it when the layout of a
+    registered codec changes, so that the reader refuses the old chunks.
 
     ``sink`` > 0 stores the chunk's first ``sink`` tokens apart, 8-bit per token, out of
     the low-bit groups. A chunk does not know its position, so this is done for every
