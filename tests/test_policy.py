@@ -79,10 +79,10 @@ def file_meta(path: Path) -> dict:
     return json.loads(blob[8 : 8 + n])["__metadata__"]
 
 
-def test_the_config_lists_every_policy_and_defaults_to_int8_with_an_exact_tail():
-    # int8, not tiered, while int4 chunks are slow to decode (see kv/policy.py)
+def test_the_config_lists_every_policy_and_defaults_to_tiered_with_an_exact_tail():
+    # tiered since int4 chunks decode fast (see kv/policy.py)
     assert set(CODEC_NAMES) == set(POLICIES)
-    assert load_settings().cache.codec == DEFAULT_POLICY == "int8"
+    assert load_settings().cache.codec == DEFAULT_POLICY == "tiered"
     assert get_policy(DEFAULT_POLICY).tail.lossless and get_policy(DEFAULT_POLICY).sink > 0
     with pytest.raises(ValueError, match="allowed: tiered"):
         get_policy("int3")
