@@ -90,7 +90,7 @@ def test_error_bounds(name, bits, t):
         if codec.params()[f"{side}_rotate"] == "hadamard":
             x, xd = _rotate(x), _rotate(xd)
         span = (x.amax() - x.amin()).item()
-        if codec.params().get(f"{side}_range") == "symmetric":  # [-absmax, absmax] per group
+        if codec.params().get(f"{side}_zero") == "symmetric":  # [-absmax, absmax] per group
             span = 2 * x.abs().max().item()
         step = span / (2**bits - 1)
         assert (xd - x).abs().max().item() <= step / 2 + x.abs().max().item() * 2**-10
@@ -207,12 +207,17 @@ def reference_decode(codec, parts, shape):
     b, h, t, d = shape
     out = []
     for side in ("k", "v"):
-        axis, group, rotate, _sym = codec.layout[side]
+        axis, group, rotate, zero_as = codec.layout[side]
         s = min(codec.sink, t)
         n = t - s
         q = _unpack(parts[f"{side}.q"], codec.bits, b * h * n * d).reshape(b, h, n, d)  # token order
         scale = parts[f"{side}.scale"]
-        zero = parts.get(f"{side}.zero", _sym_zero(scale, codec.bits))
+        if zero_as == "symmetric":
+            zero = _sym_zero(scale, codec.bits)
+        elif zero_as == "uint8":  # whole steps below 0
+            zero = -parts[f"{side}.zero"].float() * scale.float()
+        else:
+            zero = parts[f"{side}.zero"]
         if axis == "token":  # groups along T: parameters (B, H, G, D)
             x = _dequantize_groups(q.mT, scale.mT, zero.mT, group or max(n, 1)).mT
         else:
@@ -252,3 +257,26 @@ def test_fast_decode_matches_the_plain_reading_of_the_layout(name, t, d, dtype):
     codec.decode_into(parts, big_k[:, :, 4 : 4 + t], big_v[:, :, 4 : 4 + t])
     assert torch.equal(big_k[:, :, 4 : 4 + t], kd) and torch.equal(big_v[:, :, 4 : 4 + t], vd)
     assert big_k[:, :, :4].isnan().all() and big_k[:, :, 4 + t :].isnan().all()  # nothing outside
+
+
+def test_an_integer_zero_point_keeps_half_a_step_and_costs_one_byte():
+    """int4 values store their zero point as whole steps below 0 in one byte (uint8): the
+    error stays within half a step of each group's range (widened to take in 0), and the
+    parameters cost 3 bytes a group instead of 4."""
+    from chatkv.kv.codecs import GroupQuantCodec
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 50, 64, generator=g) + torch.linspace(-1, 3, 64)  # groups straddle 0 unevenly
+    args = dict(k_axis="channel", k_group=64, v_axis="channel", v_group=64)
+    coded = GroupQuantCodec("t", 4, **args, v_zero="uint8")
+    plain = GroupQuantCodec("t", 4, **args)
+    parts = coded.encode(x, x)
+    assert parts["v.zero"].dtype == torch.uint8 and parts["k.zero"].dtype == torch.float16
+    assert nbytes(parts) == nbytes(plain.encode(x, x)) - parts["v.zero"].numel()
+    _, vd = coded.decode(parts, tuple(x.shape), torch.float32, "cpu")
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    step = (hi - lo) / 15
+    assert ((vd - x).abs() <= step / 2 + x.abs().amax(-1, keepdim=True) * 2**-10).all()
+    assert get_codec("int4").params()["v_zero"] == "uint8"
+    with pytest.raises(ValueError, match="zero must be"):
+        GroupQuantCodec("t", 4, **args, v_zero="int8")
