@@ -226,3 +226,66 @@ def test_cache_maintenance_refuses_to_drop_chunks_of_a_shared_store(command, mon
     assert main(["cache", command]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"`chatkv cache {command}` does not know the shared chunk store" in err
+
+
+def _keys(remote) -> set[str]:
+    return {name.split("/")[1] for name, _, _ in remote.names()}
+
+
+def _chain(store, conversation_id: int) -> set[str]:
+    """The keys of a conversation's chunk chain, from its head back to position 0."""
+    key, keys = store.get_kv_head(conversation_id).key, set()
+    while key:
+        keys.add(key)
+        key = store.get_chunks([key])[key].parent
+    return keys
+
+
+def test_rm_removes_the_objects_only_its_conversation_used(
+    s3_env, tiny_settings, tiny_lm, monkeypatch, caplog
+) -> None:
+    """`chatkv rm` with cache.url: the deleted conversation's chunk objects leave the bucket
+    (they hold token ids: its text), those another conversation's chain names stay; a bucket
+    unreachable at rm time leaves them for `cache gc` and says so in one line."""
+    from chatkv.api import GenerationSettings
+    from chatkv.errors import NotFoundError
+    from chatkv.paths import kv_dir
+    from chatkv.session import Chat
+
+    tiny_settings.set("cache.url", f"s3://{s3_env}/kv")
+    remote = open_objects(f"s3://{s3_env}/kv")
+    common = " ".join(f"word{i}" for i in range(40))  # the chunks both conversations begin with
+    chat = Chat(tiny_settings, lm=tiny_lm)
+    chat.load()
+    settings = GenerationSettings(max_new_tokens=2, temperature=0.0)
+    ids = []
+    for tail in ("alpha beta gamma " * 12, "delta epsilon " * 14, "zeta eta theta " * 12):
+        turn = chat.send(None, common + " " + tail, settings)
+        "".join(turn)
+        ids.append(turn.conversation_id)
+    chat.kv.flush()
+    chains = {cid: _chain(chat.store, cid) for cid in ids}
+    assert chains[ids[0]] & chains[ids[1]] and chains[ids[0]] - chains[ids[1]]  # shared and own chunks
+    assert _keys(remote) == set().union(*chains.values())
+    own = chains[ids[0]] - chains[ids[1]] - chains[ids[2]]
+    chat.delete(ids[0])
+    assert _keys(remote) == chains[ids[1]] | chains[ids[2]]  # its own went, the shared stayed
+    assert not any(chunk_path(kv_dir(), k).exists() for k in own)
+    chat.close()
+
+    # The bucket is unreachable at rm time (a CLI process: no model loaded).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    caplog.set_level(logging.WARNING)
+    offline = Chat(tiny_settings, lm=tiny_lm)
+    offline.delete(ids[2])
+    with pytest.raises(NotFoundError):
+        offline.get_conversation(ids[2])  # deleted all the same
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"conversation {ids[2]} is deleted, but the" in line and "could not be removed" in line
+    assert "chatkv cache gc" in line and SECRET not in line and "\n" not in line
+    left = chains[ids[2]] - chains[ids[1]]
+    assert left and left <= _keys(remote)  # still there: no index row names them now
+    kept = offline.store.all_chunks()
+    assert collect(remote, kept, grace_s=-60)[0] >= len(left)  # what gc does an hour later
+    assert _keys(remote) == chains[ids[1]]
+    offline.close()

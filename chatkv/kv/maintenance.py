@@ -25,6 +25,7 @@ from chatkv.kv.chunks import KEY_RE, FileId, chunk_path, file_id, inspect_chunk,
 from chatkv.kv.codecs import get_codec
 
 if TYPE_CHECKING:
+    from chatkv.kv.objects import ObjectStore
     from chatkv.store.chunk_index import ChunkIndex, ChunkRecord
 
 
@@ -103,10 +104,17 @@ def remove(
     return len(gone) + len(damaged)
 
 
-def remove_keys(store: ChunkIndex, kv_dir: Path, keys: Iterable[str]) -> int:
+def remove_keys(
+    store: ChunkIndex, kv_dir: Path, keys: Iterable[str], remote: ObjectStore | None = None
+) -> int:
     """Remove chunks by key, whether indexed or not (a file whose row was lost still holds
-    token ids): for `chatkv rm`, which takes the chunks only its conversation used.
-    Malformed keys are skipped. Returns how many files went."""
+    token ids): for `chatkv rm`, which takes the chunks only its conversation used. With a
+    `remote` (cache.url), their objects go from it too, every version of each key.
+    Malformed keys are skipped. Returns how many local files went.
+
+    Raises CacheError (damaged=False) when the remote could not be listed or written: the
+    rows and local files are gone by then, so the objects are named by no row and
+    `chatkv cache gc` removes them (once an hour old) when the bucket answers again."""
     keys = [k for k in dict.fromkeys(keys) if isinstance(k, str) and KEY_RE.fullmatch(k)]
     store.delete_chunks(keys)
     gone = 0
@@ -116,6 +124,18 @@ def remove_keys(store: ChunkIndex, kv_dir: Path, keys: Iterable[str]) -> int:
             gone += 1
         except (OSError, CacheError):
             pass
+    if remote is not None and keys:
+        from chatkv.kv.objects import remove_objects
+
+        try:
+            remove_objects(remote, keys)
+        except OSError as e:  # its text names the bucket and an error code, never a credential
+            raise CacheError(
+                f"the {len(keys)} cache chunks only it used could not be removed from {remote.where} ({e}); "
+                "`chatkv cache gc` removes them once the bucket is reachable again "
+                "(objects no index row names, an hour after they were written)",
+                damaged=False,
+            ) from None
     return gone
 
 
