@@ -147,7 +147,7 @@ def _ask(home: Path, env: dict[str, str], *args: str) -> tuple[dict, str]:
 
 
 def test_a_conversation_resumes_on_another_host_from_the_bucket(
-    s3_env, pg_server, tiny_model_dir, tmp_path: Path
+    s3_env, pg_server, tiny_model_dir, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     from servers import new_database
 
@@ -167,6 +167,14 @@ def test_a_conversation_resumes_on_another_host_from_the_bucket(
     prompt = " ".join(f"word{i}" for i in range(120))  # several chunks
     first, _ = _ask(tmp_path / "host-a", env, prompt)
     conv = first["conversation_id"]
+    # `cache gc` and `verify` on a host with none of the chunks on its disk leave them all.
+    for k, v in env.items():
+        if k.startswith("CHATKV_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CHATKV_HOME", str(tmp_path / "host-gc"))
+    gc = _cache(capsys, "gc")
+    assert (gc["missing_files"], gc["removed"], gc["objects_removed"]) == (0, 0, 0)
+    assert _cache(capsys, "verify")["bad"] == []
     second, _ = _ask(tmp_path / "host-b", env, "-C", str(conv), "and then?")
     stats = second["stats"]
     assert stats["cache_source"] == "remote", stats
@@ -182,6 +190,13 @@ def test_a_conversation_resumes_on_another_host_from_the_bucket(
     assert third["reply"] and third["stats"]["cache_source"] == "none"
     assert third["stats"]["prefilled_tokens"] > second["stats"]["prompt_tokens"]
     assert "not usable" in err and SECRET not in err and "Traceback" not in err
+
+    # gc on one host evicts every chunk of the shared index: on another, the next resume
+    # misses and recomputes; nothing fails.
+    assert _cache(capsys, "gc", "--max-bytes", "0")["removed"] > 0
+    fourth, _ = _ask(tmp_path / "host-b", env, "-C", str(conv), "one more?")
+    assert fourth["reply"] and fourth["stats"]["cache_source"] == "none"
+    assert fourth["stats"]["prefilled_tokens"] > third["stats"]["prompt_tokens"]
 
 
 def test_bench_resume_from_a_cold_local_disk(tiny_model_dir, tmp_path: Path, capsys) -> None:
@@ -218,14 +233,84 @@ def test_collect_removes_only_old_objects_no_index_row_names(s3_env) -> None:
     assert [n for n, _, _ in remote.names()] == [object_name(recs[0])]
 
 
-@pytest.mark.parametrize("command", ["gc", "verify", "rebuild"])
-def test_cache_maintenance_refuses_to_drop_chunks_of_a_shared_store(command, monkeypatch, tmp_path, capsys):
+def _cache(capsys, *args: str) -> dict:
     from chatkv.cli import main
 
-    monkeypatch.setenv("CHATKV_CACHE_URL", f"file://{tmp_path}/bucket")
-    assert main(["cache", command]) == 1
+    assert main(["cache", *args, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cache_commands_work_on_the_tiers_of_a_shared_store(
+    s3_env, s3_endpoint, tiny_settings, tiny_lm, tmp_path, monkeypatch, capsys
+) -> None:
+    """With cache.url, `chatkv cache stats|gc|verify|rebuild` on a host that has none of the
+    chunks locally: they are the other host's, in the bucket, and stay indexed; a chunk
+    really gone goes; an unreachable bucket drops nothing."""
+    from chatkv.api import GenerationSettings
+    from chatkv.session import Chat
+    from chatkv.store import Store
+
+    url, index = f"s3://{s3_env}/kv", f"sqlite:///{tmp_path}/shared.db"  # one index for both hosts
+    tiny_settings.set("cache.url", url)
+    tiny_settings.set("store.url", index)
+    host_a = Chat(tiny_settings, lm=tiny_lm)
+    host_a.load()
+    "".join(host_a.send(None, " ".join(f"word{i}" for i in range(150)), GenerationSettings(max_new_tokens=2)))
+    host_a.close()
+    remote = open_objects(url)
+    n = len(list(remote.names()))
+    assert n >= 3
+
+    # Host B: its own data dir, the same index and bucket, none of the chunks on its disk.
+    home_b = tmp_path / "host-b"
+    for k, v in {"HOME": home_b, "CACHE_URL": url, "STORE_URL": index, "CACHE_LOCAL_BYTES": "1GiB"}.items():
+        monkeypatch.setenv(f"CHATKV_{k}", str(v))
+    stats = _cache(capsys, "stats")
+    assert stats["count"] == n and stats["tiers"]["local"] == {"count": 0, "bytes": 0}
+    assert stats["tiers"]["remote"]["count"] == n and stats["tiers"]["remote"]["bytes"] == stats["bytes"]
+    assert stats["tiers"]["memory"] == {"count": 0, "bytes": 0}
+    gc = _cache(capsys, "gc")
+    assert (gc["missing_files"], gc["removed"], gc["objects_removed"], gc["remote_error"]) == (0, 0, 0, "")
+    assert _cache(capsys, "stats")["count"] == n  # host A's rows stay
+    verify = _cache(capsys, "verify")
+    assert (verify["checked"], verify["bad"], verify["unreadable"]) == (n, [], 0)
+    copies = sorted((home_b / "kv").rglob("*.safetensors"))
+    assert len(copies) == n  # read through the bucket
+    # A damaged local copy is replaced by the bucket's sound object, not dropped.
+    blob = bytearray(copies[0].read_bytes())
+    blob[-1] ^= 0xFF
+    copies[0].write_bytes(bytes(blob))
+    verify = _cache(capsys, "verify")
+    assert (verify["checked"], verify["bad"], verify["refetched"]) == (n, [], 1)
+
+    # The bucket unreachable: a miss, not damage; nothing is dropped.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    for copy in copies:
+        copy.unlink()
+    verify = _cache(capsys, "verify")
+    assert (verify["checked"], verify["removed"], verify["unreadable"]) == (0, 0, n)
+    gc = _cache(capsys, "gc")
+    assert gc["remote_error"] and gc["missing_files"] == 0 and _cache(capsys, "stats")["count"] == n
+    from chatkv.cli import main
+
+    assert main(["cache", "rebuild"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"`chatkv cache {command}` does not know the shared chunk store" in err
+    assert err.count("\n") == 1 and "index is left as it is" in err and SECRET not in err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # reachable again
+
+    # An object really gone (and no local copy): its row goes.
+    gone = sorted(remote.names())[0][0]
+    remote.delete([gone])
+    verify = _cache(capsys, "verify")
+    assert (verify["checked"], verify["removed"]) == (n, 1) and gone.split("/")[1] in verify["bad"][0]["key"]
+
+    # Rebuild from the bucket's objects, on a host with an empty kv/ and an empty index.
+    with Store(index) as store:
+        store.replace_chunk_index([])
+    monkeypatch.setenv("CHATKV_HOME", str(tmp_path / "host-c"))
+    rebuilt = _cache(capsys, "rebuild")
+    assert (rebuilt["indexed"], rebuilt["objects"], rebuilt["bad"]) == (n - 1, n - 1, [])
+    assert _cache(capsys, "stats")["count"] == n - 1
 
 
 def _keys(remote) -> set[str]:
