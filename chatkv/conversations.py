@@ -92,7 +92,7 @@ class Conversations:
         remote = self._chunk_remote()  # before anything goes: a cache.url it cannot use is a ConfigError
         if self.kv is not None:
             self.kv.flush()  # a spill still queued for it would write its chunks again
-        with lease.acquire(conversation_id) as held:
+        with lease.acquire(conversation_id, engine=self.store.engine) as held:
             try:
                 keys = self.store.private_chunks(conversation_id)
             except exc.DatabaseError:  # a damaged chunk index: the files go by `cache gc`

@@ -157,7 +157,7 @@ class Chat(Conversations, Housekeeping):
             conv, msg = self.store.start_conversation(
                 text, model=self.model_name, system_prompt=prompt, settings=asdict(self.defaults)
             )
-            held = lease.acquire(conv.id)
+            held = lease.acquire(conv.id, engine=self.store.engine)
             return Turn(
                 self, conv.id, settings or self.defaults, held, new_user_message=msg, new_conversation=True
             )
@@ -211,7 +211,7 @@ class Chat(Conversations, Housekeeping):
         """Take the conversation for one turn (no other turn, in this process or another, runs
         in it until the lease is released), saving first any reply that a dead turn left in
         its journal. Raises BusyError."""
-        held = lease.acquire(conversation_id)
+        held = lease.acquire(conversation_id, engine=self.store.engine)
         try:
             journal.replay(self.store, conversation_id)
         except BaseException:
