@@ -106,27 +106,35 @@ class Housekeeping:
     @contextmanager
     def _tiers(self) -> Iterator[Tiers | None]:
         """The tiers of cache.url for one maintenance command (None without cache.url)."""
-        from chatkv.kv.objects import Tiers
+        from chatkv.kv.objects import Tiers, local_budget
 
         remote = self._remote()
         if remote is None:
             yield None
             return
-        tiers = Tiers(kv_dir(), remote, self.settings.cache.local_bytes)
+        c = self.settings.cache
+        tiers = Tiers(kv_dir(), remote, local_budget(c.local_bytes, c.disk_bytes))
         try:
             yield tiers
         finally:
             tiers.close()
 
-    def cache_gc(self, max_bytes: int) -> GcReport:
-        """Drop index rows without a chunk and old orphan files, then evict down to `max_bytes`;
-        with cache.url, also trim the local copies and collect the bucket's unnamed objects."""
+    def cache_budget(self) -> int | None:
+        """What `chatkv cache gc` evicts the index down to by default: cache.disk_bytes, or with
+        cache.url cache.remote_bytes (None: unlimited)."""
+        c = self.settings.cache
+        return c.remote_bytes if c.url else c.disk_bytes
+
+    def cache_gc(self, max_bytes: int | None) -> GcReport:
+        """Drop index rows without a chunk and old orphan files, then evict down to `max_bytes`
+        (None: no eviction); with cache.url, also trim the local copies and collect the
+        bucket's unnamed objects."""
         from chatkv.kv.maintenance import gc, gc_tiers
 
         with self._tiers() as tiers:
             if tiers is not None:
                 return gc_tiers(self.store, tiers, max_bytes)
-            return gc(self.store, kv_dir(), max_bytes)
+            return gc(self.store, kv_dir(), max_bytes)  # without a bucket the budget is always set
 
     def cache_verify(self, fix: bool = True) -> VerifyReport:
         """Read every chunk (through the bucket with cache.url) and check it; with `fix`,

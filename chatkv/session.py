@@ -107,7 +107,7 @@ class Chat(Conversations, Housekeeping):
                 return
             from chatkv.engine.model import load_model
             from chatkv.kv.manager import KVManager
-            from chatkv.kv.objects import tiers_for
+            from chatkv.kv.objects import local_budget, tiers_for
             from chatkv.progress import CallbackProgress
 
             m, c = self.settings.model, self.settings.cache
@@ -128,7 +128,8 @@ class Chat(Conversations, Housekeeping):
                 chunk_tokens=c.chunk_tokens,
                 live_bytes=c.live_bytes,
                 disk_bytes=c.disk_bytes,
-                tiers=tiers_for(kv_dir(), c.url, c.local_bytes, c.shared),  # cache.url, if set
+                # cache.url, if set
+                tiers=tiers_for(kv_dir(), c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared),
             )
             self.lm = lm
             self.activity = ""

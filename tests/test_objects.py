@@ -374,3 +374,56 @@ def test_rm_removes_the_objects_only_its_conversation_used(
     assert collect(remote, kept, grace_s=-60)[0] >= len(left)  # what gc does an hour later
     assert _keys(remote) == chains[ids[1]]
     offline.close()
+
+
+def test_a_spill_on_one_host_never_evicts_another_hosts_chunks(
+    s3_env, tiny_settings, tiny_lm, tmp_path, monkeypatch, capsys
+) -> None:
+    """With cache.url the index is shared: disk_bytes bounds this host's copies only (with
+    local_bytes unset) and the spill trims them; the index and bucket are bounded by
+    cache.remote_bytes (unset: unlimited), by `chatkv cache gc` only."""
+    from chatkv.api import GenerationSettings
+    from chatkv.config import load_settings
+    from chatkv.session import Chat
+
+    url, index = f"s3://{s3_env}/kv", f"sqlite:///{tmp_path}/shared.db"
+    tiny_settings.set("cache.url", url)
+    tiny_settings.set("store.url", index)
+    settings = GenerationSettings(max_new_tokens=2, temperature=0.0)
+    host_a = Chat(tiny_settings, lm=tiny_lm)
+    host_a.load()
+    "".join(host_a.send(None, " ".join(f"alpha{i}" for i in range(120)), settings))
+    host_a.close()
+    theirs = {r.key for r in host_a.store.all_chunks()}
+    assert theirs
+
+    # Host B, its disk budget smaller than one chunk: its spill keeps the shared index whole
+    # and its own kv/ within the budget.
+    monkeypatch.setenv("CHATKV_HOME", str(tmp_path / "host-b"))
+    tiny_settings.set("cache.disk_bytes", 1000)
+    host_b = Chat(tiny_settings, lm=tiny_lm)
+    host_b.load()
+    "".join(host_b.send(None, " ".join(f"beta{i}" for i in range(120)), settings))
+    host_b.close()
+    keys = {r.key for r in host_b.store.all_chunks()}
+    assert theirs < keys  # host A's chunks are all indexed still, and host B's added
+    assert len(list(open_objects(url).names())) == len(keys)
+    assert sum(p.stat().st_size for p in (tmp_path / "host-b" / "kv").rglob("*.safetensors")) <= 1000
+
+    # gc: remote_bytes unset bounds nothing; set, it evicts the shared index down to it.
+    for k, v in {"CACHE_URL": url, "STORE_URL": index, "CACHE_DISK_BYTES": "1000"}.items():
+        monkeypatch.setenv(f"CHATKV_{k}", v)
+    gc = _cache(capsys, "gc")
+    assert (gc["removed"], gc["budget"]) == (0, None)
+    assert _cache(capsys, "stats")["count"] == len(keys)
+    monkeypatch.setenv("CHATKV_CACHE_REMOTE_BYTES", "1")
+    gc = _cache(capsys, "gc")
+    assert gc["removed"] == len(keys) and gc["budget"] == 1
+    assert _cache(capsys, "stats")["count"] == 0
+
+    from chatkv.kv.objects import local_budget
+
+    monkeypatch.delenv("CHATKV_CACHE_REMOTE_BYTES")
+    monkeypatch.delenv("CHATKV_CACHE_DISK_BYTES")
+    assert load_settings().cache.local_bytes is None and load_settings().cache.remote_bytes is None
+    assert local_budget(None, 123) == 123 and local_budget(7, 123) == 7

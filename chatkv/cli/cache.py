@@ -24,7 +24,8 @@ def register(sub, common) -> None:
     g.add_argument(
         "--max-bytes",
         type=byte_size,
-        help="budget, e.g. 500MiB (default: cache.disk_bytes); 0 empties the store",
+        help="budget, e.g. 500MiB (default: cache.disk_bytes; with cache.url, cache.remote_bytes); "
+        "0 empties the store",
     )
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=run_gc)
@@ -85,17 +86,17 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_gc(args: argparse.Namespace) -> int:
     """Trim the chunk store."""
-    from chatkv.cli import settings_from
     from chatkv.fmt import format_bytes
 
+    chat = _chat(args)
     if args.max_bytes is not None:
         try:
             budget = parse_size(args.max_bytes)
         except ValueError:
             raise UsageError(f"--max-bytes {args.max_bytes!r} is not a size; use e.g. 500MiB or 0") from None
     else:
-        budget = settings_from(args).cache.disk_bytes
-    report = _chat(args).cache_gc(budget)
+        budget = chat.cache_budget()
+    report = chat.cache_gc(budget)
     if args.json:
         json.dump(asdict(report) | {"budget": budget}, sys.stdout)
         print()
@@ -103,7 +104,7 @@ def run_gc(args: argparse.Namespace) -> int:
         print(
             f"removed {report.removed} chunks ({format_bytes(report.freed)}), {report.orphan_files} orphan "
             f"files, {report.missing_files} index rows without a file, {report.damaged_rows} damaged "
-            f"index rows; budget {format_bytes(budget)}"
+            f"index rows; budget {format_bytes(budget) if budget is not None else 'unlimited'}"
         )
         if report.local_removed or report.objects_removed:
             print(

@@ -344,14 +344,14 @@ def _named_object(rec: ChunkRecord) -> str | None:
 def gc_tiers(
     store: ChunkIndex,
     tiers: Tiers,
-    max_bytes: int,
+    max_bytes: int | None,
     orphan_min_age_s: float = ORPHAN_MIN_AGE_S,
     grace_s: float | None = None,
 ) -> GcReport:
     """gc with cache.url: the index is shared, and a row whose chunk is not in this host's
     kv/ is another host's chunk, in the bucket. So a row goes only when its chunk is in
-    neither (the bucket listed fine); then the index comes down to `max_bytes` (eviction as
-    `gc`: a miss for every host, recomputed), this host's copies to the tiers' local
+    neither (the bucket listed fine); then the index comes down to `max_bytes` (None: no
+    bound; eviction as `gc`: a miss for every host, recomputed), this host's copies to the tiers' local
     budget, and the bucket loses the objects no row names, older than `grace_s`
     (objects.collect: evicted and deleted chunks, old versions of re-coded ones). A bucket
     that cannot be listed is left alone (`remote_error` says why); the rest is done."""
@@ -376,7 +376,8 @@ def gc_tiers(
         gone = {r.key for r in missing}
         recs = [r for r in recs if r.key not in gone]
     report.orphan_files += _remove_orphans(kv_dir, recs, young)
-    report.removed, report.freed = evict_lru(store, kv_dir, max_bytes)
+    if max_bytes is not None:  # cache.remote_bytes unset: the bucket is unbounded
+        report.removed, report.freed = evict_lru(store, kv_dir, max_bytes)
     report.local_removed, report.local_freed = tiers.trim()
     if listed is not None:
         try:

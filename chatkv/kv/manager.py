@@ -388,7 +388,10 @@ class KVManager:
             except NotFoundError:  # deleted while its spill was queued: take its chunks too
                 self._forget_orphans(wanted)
         self.bytes_written += written
-        if self.disk_bytes and written:
+        if self.tiers is not None:
+            if written:  # the index is shared (cache.remote_bytes, by gc only): this host's copies
+                self.tiers.trim()
+        elif self.disk_bytes and written:
             self.gc(self.disk_bytes, keep=set(wanted))
         return written
 

@@ -3,8 +3,10 @@ tiers a resume reads through.
 
 Tiers, each with its own budget and least recently used first out:
   memory      the live pool (kv/live.py, cache.live_bytes)
-  local disk  the data dir's kv/ (cache.disk_bytes; with a remote, cache.local_bytes
-              bounds the copies kept of remote chunks)
+  local disk  the data dir's kv/ (cache.disk_bytes; with a remote, cache.local_bytes, or
+              disk_bytes when that is unset, bounds the copies kept here: `local_budget`)
+  (index)     with a remote the index is shared by every host: cache.remote_bytes bounds
+              it and the bucket, enforced by `chatkv cache gc` only, never by a spill
   remote      cache.url: S3-compatible object storage (s3://BUCKET/PREFIX) or a shared
               directory (file:///PATH), read by every host
 
@@ -421,6 +423,12 @@ def remove_objects(remote: ObjectStore, keys: Iterable[str]) -> int:
     if doomed:
         remote.delete(doomed)
     return len(doomed)
+
+
+def local_budget(local_bytes: int | None, disk_bytes: int) -> int:
+    """Bytes of local copies with a remote: cache.local_bytes, else cache.disk_bytes (which,
+    with a remote, bounds nothing else: the shared index is cache.remote_bytes's)."""
+    return disk_bytes if local_bytes is None else local_bytes
 
 
 def tiers_for(kv_dir: Path, url: str, local_bytes: int, shared: bool = False) -> Tiers | None:
