@@ -427,3 +427,29 @@ def test_a_spill_on_one_host_never_evicts_another_hosts_chunks(
     monkeypatch.delenv("CHATKV_CACHE_DISK_BYTES")
     assert load_settings().cache.local_bytes is None and load_settings().cache.remote_bytes is None
     assert local_budget(None, 123) == 123 and local_budget(7, 123) == 7
+
+
+def test_a_spill_for_a_conversation_deleted_meanwhile_takes_its_objects_too(tiny_lm, store, tmp_path) -> None:
+    """`chatkv rm` while the conversation's spill is queued: the spill writes the chunks, finds
+    the conversation gone and removes them, from the bucket as well (they hold its text)."""
+    import torch
+
+    from chatkv.kv import live
+    from chatkv.kv.manager import KVManager
+    from chatkv.kv.objects import DirObjects
+
+    bucket = DirObjects(tmp_path / "bucket")
+    kv = tmp_path / "kv"
+    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16, tiers=Tiers(kv, bucket, 1 << 30))
+    conv = store.create_conversation()
+    tokens = list(range(3, 40))
+    cache = live.new_cache(tiny_lm.model)
+    with torch.no_grad():
+        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    store.delete_conversation(conv.id)  # deleted before its spill ran
+    kvm.spill(conv.id, tokens, cache)
+    kvm.close()
+    assert kvm.bytes_written > 0  # written (and pushed), then taken back
+    assert store.all_chunks() == [] and list(bucket.names()) == []
+    assert not any(kv.rglob("*.safetensors"))
+    kvm.tiers.close()
