@@ -127,14 +127,16 @@ class Housekeeping:
 
     def cache_gc(self, max_bytes: int | None) -> GcReport:
         """Drop index rows without a chunk and old orphan files, then evict down to `max_bytes`
-        (None: no eviction); with cache.url, also trim the local copies and collect the
-        bucket's unnamed objects."""
+        (None: with cache.url no eviction, else cache.disk_bytes); with cache.url, also trim
+        the local copies and collect the bucket's unnamed objects."""
         from chatkv.kv.maintenance import gc, gc_tiers
 
         with self._tiers() as tiers:
             if tiers is not None:
                 return gc_tiers(self.store, tiers, max_bytes)
-            return gc(self.store, kv_dir(), max_bytes)  # without a bucket the budget is always set
+            return gc(
+                self.store, kv_dir(), self.settings.cache.disk_bytes if max_bytes is None else max_bytes
+            )
 
     def cache_verify(self, fix: bool = True) -> VerifyReport:
         """Read every chunk (through the bucket with cache.url) and check it; with `fix`,

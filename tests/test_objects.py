@@ -453,3 +453,13 @@ def test_a_spill_for_a_conversation_deleted_meanwhile_takes_its_objects_too(tiny
     assert store.all_chunks() == [] and list(bucket.names()) == []
     assert not any(kv.rglob("*.safetensors"))
     kvm.tiers.close()
+
+
+def test_cache_gc_without_a_budget_uses_the_configured_one() -> None:
+    from chatkv.config import load_settings
+    from chatkv.session import Chat
+
+    chat = Chat(load_settings())  # no cache.url: disk_bytes
+    assert chat.cache_budget() == load_settings().cache.disk_bytes
+    assert chat.cache_gc(None).removed == 0
+    chat.close()
