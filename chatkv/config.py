@@ -125,6 +125,17 @@ def _size() -> tuple[Callable[[Any], Any], str]:
     return parse_size, 'a byte size such as 1073741824, "512MiB" or "2GB"'
 
 
+def _size_or_unset() -> tuple[Callable[[Any], Any], str]:
+    """A byte size, or "" for none set (None: what the key's comment in default.toml says)."""
+
+    def check(v: Any) -> int | None:
+        if isinstance(v, str) and not v.strip():
+            return None
+        return parse_size(v)
+
+    return check, '"" (unset) or a byte size such as 1073741824, "512MiB" or "2GB"'
+
+
 def _bool() -> tuple[Callable[[Any], Any], str]:
     def check(v: Any) -> bool:
         if isinstance(v, str):  # from the environment
@@ -172,7 +183,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], str]] = {
     "cache.live_bytes": _size(),
     "cache.disk_bytes": _size(),
     "cache.url": _url("s3", "file"),
-    "cache.local_bytes": _size(),
+    "cache.local_bytes": _size_or_unset(),
+    "cache.remote_bytes": _size_or_unset(),
     "cache.shared": _bool(),
     "store.url": _url("postgresql", "postgresql+psycopg", "sqlite"),
     "chat.system_prompt": _str(),

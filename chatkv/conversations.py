@@ -6,6 +6,7 @@ ChunkIndex and Finding are parts of the Store)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,8 +19,11 @@ from chatkv.errors import InputError
 from chatkv.paths import kv_dir
 from chatkv.store import Store
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from chatkv.kv.manager import KVManager
+    from chatkv.kv.objects import ObjectStore
 
 
 class Conversations:
@@ -85,9 +89,10 @@ class Conversations:
         that only it used (chunk files hold token ids, which decode back to its text).
         Chunks shared with other conversations stay. Raises NotFoundError, BusyError."""
         self.store.get_conversation(conversation_id)
+        remote = self._chunk_remote()  # before anything goes: a cache.url it cannot use is a ConfigError
         if self.kv is not None:
             self.kv.flush()  # a spill still queued for it would write its chunks again
-        with lease.acquire(conversation_id) as held:
+        with lease.acquire(conversation_id, engine=self.store.engine) as held:
             try:
                 keys = self.store.private_chunks(conversation_id)
             except exc.DatabaseError:  # a damaged chunk index: the files go by `cache gc`
@@ -97,10 +102,31 @@ class Conversations:
                 self.kv.pool.drop(conversation_id)
             journal.discard(conversation_id)
             if keys:
-                from chatkv.kv.maintenance import remove_keys
-
-                remove_keys(self.store, kv_dir(), keys)
+                self._remove_chunks(conversation_id, keys, remote)
             held.release(forget=True)
+
+    def _chunk_remote(self) -> ObjectStore | None:
+        """The object store of cache.url (the loaded KV layer's, when there is one); None
+        without cache.url."""
+        from chatkv.kv.objects import open_objects
+
+        c, kv = self.settings.cache, self.kv
+        if not c.url:
+            return None
+        return kv.tiers.remote if kv is not None and kv.tiers is not None else open_objects(c.url, c.shared)
+
+    def _remove_chunks(self, conversation_id: int, keys: list[str], remote: ObjectStore | None) -> None:
+        """The chunks only a deleted conversation used: rows, local files and, with cache.url,
+        the bucket's objects. A bucket that cannot be reached leaves the objects (named by no
+        row now, so `chatkv cache gc` takes them later) and says so in one warning line: the
+        conversation itself is deleted all the same."""
+        from chatkv.errors import CacheError
+        from chatkv.kv.maintenance import remove_keys
+
+        try:
+            remove_keys(self.store, kv_dir(), keys, remote)
+        except CacheError as e:
+            log.warning("conversation %d is deleted, but %s", conversation_id, e)
 
     def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
         self.store.set_system_prompt(conversation_id, system_prompt)

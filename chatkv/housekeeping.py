@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from chatkv.api import GenerationSettings, ModelInfo
 from chatkv.config import Settings
 from chatkv.engine.defaults import generation_defaults
-from chatkv.errors import InputError
 from chatkv.paths import kv_dir
 from chatkv.store import Store
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from chatkv.imports import ImportReport
     from chatkv.kv.maintenance import GcReport, RebuildReport, VerifyReport
     from chatkv.kv.manager import KVManager
+    from chatkv.kv.objects import ObjectStore, Tiers
     from chatkv.store.search import SearchHit
 
 log = logging.getLogger(__name__)
@@ -66,47 +68,93 @@ class Housekeeping:
 
     def cache_stats(self) -> dict[str, Any]:
         """Chunks and bytes by codec and model (named where chatkv has seen it load), what
-        cannot attach, and leftover temp files."""
+        cannot attach, leftover temp files, and each tier's count and bytes: "memory" (this
+        process's live caches), "local" (kv/) and, with cache.url, "remote" (the bucket; an
+        "error" instead when it cannot be listed)."""
         from chatkv.engine import seen
-        from chatkv.kv.maintenance import reachable_stats, temp_files
+        from chatkv.kv.maintenance import chunk_files, reachable_stats, temp_files
 
         stats = self.store.chunk_stats() | reachable_stats(self.store)
         stats["temp_files"], stats["temp_bytes"] = temp_files(kv_dir())
         names = seen.names_by_fingerprint()
         for fp, entry in (stats.get("by_fingerprint") or {}).items():
             entry["model"] = names.get(fp)
-        return stats | {"kv_dir": str(kv_dir())}
+        kv = self.kv
+        local_count, local_bytes = chunk_files(kv_dir())
+        tiers: dict[str, dict[str, Any]] = {
+            "memory": {"count": len(kv.pool) if kv else 0, "bytes": kv.pool.bytes if kv else 0},
+            "local": {"count": local_count, "bytes": local_bytes},
+        }
+        remote = self._remote()
+        if remote is not None:
+            try:
+                sizes = [size for _, size, _ in remote.names()]
+                tiers["remote"] = {"count": len(sizes), "bytes": sum(sizes), "where": remote.where}
+            except OSError as e:
+                tiers["remote"] = {"error": str(e), "where": remote.where}
+        return stats | {"kv_dir": str(kv_dir()), "tiers": tiers}
 
-    def _local_cache_only(self, command: str) -> None:
-        """Refuse a maintenance command that would take a chunk in the bucket but not in
-        this host's kv/ for damage and drop its shared index row (README, "Sharing")."""
-        if self.settings.cache.url:
-            raise InputError(
-                f"`chatkv cache {command}` does not know the shared chunk store yet (cache.url is set): "
-                "it would drop chunks other hosts wrote; run it with CHATKV_CACHE_URL= on a host that "
-                "has every chunk, or not at all"
+    def _remote(self) -> ObjectStore | None:
+        """The object store of cache.url (the loaded KV layer's when there is one); None without."""
+        from chatkv.kv.objects import open_objects
+
+        c, kv = self.settings.cache, self.kv
+        if not c.url:
+            return None
+        return kv.tiers.remote if kv is not None and kv.tiers is not None else open_objects(c.url, c.shared)
+
+    @contextmanager
+    def _tiers(self) -> Iterator[Tiers | None]:
+        """The tiers of cache.url for one maintenance command (None without cache.url)."""
+        from chatkv.kv.objects import Tiers, local_budget
+
+        remote = self._remote()
+        if remote is None:
+            yield None
+            return
+        c = self.settings.cache
+        tiers = Tiers(kv_dir(), remote, local_budget(c.local_bytes, c.disk_bytes))
+        try:
+            yield tiers
+        finally:
+            tiers.close()
+
+    def cache_budget(self) -> int | None:
+        """What `chatkv cache gc` evicts the index down to by default: cache.disk_bytes, or with
+        cache.url cache.remote_bytes (None: unlimited)."""
+        c = self.settings.cache
+        return c.remote_bytes if c.url else c.disk_bytes
+
+    def cache_gc(self, max_bytes: int | None) -> GcReport:
+        """Drop index rows without a chunk and old orphan files, then evict down to `max_bytes`
+        (None: with cache.url no eviction, else cache.disk_bytes); with cache.url, also trim
+        the local copies and collect the bucket's unnamed objects."""
+        from chatkv.kv.maintenance import gc, gc_tiers
+
+        with self._tiers() as tiers:
+            if tiers is not None:
+                return gc_tiers(self.store, tiers, max_bytes)
+            return gc(
+                self.store, kv_dir(), self.settings.cache.disk_bytes if max_bytes is None else max_bytes
             )
 
-    def cache_gc(self, max_bytes: int) -> GcReport:
-        """Drop index rows without files and old orphan files, then evict down to `max_bytes`."""
-        from chatkv.kv.maintenance import gc
-
-        self._local_cache_only("gc")
-        return gc(self.store, kv_dir(), max_bytes)
-
     def cache_verify(self, fix: bool = True) -> VerifyReport:
-        """Read every chunk and check it; with `fix`, remove the bad ones."""
+        """Read every chunk (through the bucket with cache.url) and check it; with `fix`,
+        remove the bad ones."""
         from chatkv.kv.maintenance import verify
 
-        self._local_cache_only("verify")
-        return verify(self.store, kv_dir(), fix=fix)
+        with self._tiers() as tiers:
+            return verify(self.store, kv_dir(), fix=fix, tiers=tiers)
 
     def cache_rebuild(self) -> RebuildReport:
-        """Rebuild the chunk index from the chunk files' own metadata."""
-        from chatkv.kv.maintenance import rebuild
+        """Rebuild the chunk index from the chunk files' own metadata (with cache.url, from
+        the bucket's objects first)."""
+        from chatkv.kv.maintenance import rebuild, rebuild_tiers
 
-        self._local_cache_only("rebuild")
-        return rebuild(self.store, kv_dir())
+        with self._tiers() as tiers:
+            if tiers is not None:
+                return rebuild_tiers(self.store, tiers)
+            return rebuild(self.store, kv_dir())
 
     def switch_model(self, name: str, conversation_id: int | None = None) -> None:
         """Use model `name` from now on (blocking: it is loaded before this returns) and, given

@@ -107,7 +107,7 @@ class Chat(Conversations, Housekeeping):
                 return
             from chatkv.engine.model import load_model
             from chatkv.kv.manager import KVManager
-            from chatkv.kv.objects import tiers_for
+            from chatkv.kv.objects import local_budget, tiers_for
             from chatkv.progress import CallbackProgress
 
             m, c = self.settings.model, self.settings.cache
@@ -128,7 +128,8 @@ class Chat(Conversations, Housekeeping):
                 chunk_tokens=c.chunk_tokens,
                 live_bytes=c.live_bytes,
                 disk_bytes=c.disk_bytes,
-                tiers=tiers_for(kv_dir(), c.url, c.local_bytes, c.shared),  # cache.url, if set
+                # cache.url, if set
+                tiers=tiers_for(kv_dir(), c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared),
             )
             self.lm = lm
             self.activity = ""
@@ -157,7 +158,7 @@ class Chat(Conversations, Housekeeping):
             conv, msg = self.store.start_conversation(
                 text, model=self.model_name, system_prompt=prompt, settings=asdict(self.defaults)
             )
-            held = lease.acquire(conv.id)
+            held = lease.acquire(conv.id, engine=self.store.engine)
             return Turn(
                 self, conv.id, settings or self.defaults, held, new_user_message=msg, new_conversation=True
             )
@@ -211,7 +212,7 @@ class Chat(Conversations, Housekeeping):
         """Take the conversation for one turn (no other turn, in this process or another, runs
         in it until the lease is released), saving first any reply that a dead turn left in
         its journal. Raises BusyError."""
-        held = lease.acquire(conversation_id)
+        held = lease.acquire(conversation_id, engine=self.store.engine)
         try:
             journal.replay(self.store, conversation_id)
         except BaseException:

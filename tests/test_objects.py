@@ -147,7 +147,7 @@ def _ask(home: Path, env: dict[str, str], *args: str) -> tuple[dict, str]:
 
 
 def test_a_conversation_resumes_on_another_host_from_the_bucket(
-    s3_env, pg_server, tiny_model_dir, tmp_path: Path
+    s3_env, pg_server, tiny_model_dir, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     from servers import new_database
 
@@ -167,6 +167,14 @@ def test_a_conversation_resumes_on_another_host_from_the_bucket(
     prompt = " ".join(f"word{i}" for i in range(120))  # several chunks
     first, _ = _ask(tmp_path / "host-a", env, prompt)
     conv = first["conversation_id"]
+    # `cache gc` and `verify` on a host with none of the chunks on its disk leave them all.
+    for k, v in env.items():
+        if k.startswith("CHATKV_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CHATKV_HOME", str(tmp_path / "host-gc"))
+    gc = _cache(capsys, "gc")
+    assert (gc["missing_files"], gc["removed"], gc["objects_removed"]) == (0, 0, 0)
+    assert _cache(capsys, "verify")["bad"] == []
     second, _ = _ask(tmp_path / "host-b", env, "-C", str(conv), "and then?")
     stats = second["stats"]
     assert stats["cache_source"] == "remote", stats
@@ -182,6 +190,13 @@ def test_a_conversation_resumes_on_another_host_from_the_bucket(
     assert third["reply"] and third["stats"]["cache_source"] == "none"
     assert third["stats"]["prefilled_tokens"] > second["stats"]["prompt_tokens"]
     assert "not usable" in err and SECRET not in err and "Traceback" not in err
+
+    # gc on one host evicts every chunk of the shared index: on another, the next resume
+    # misses and recomputes; nothing fails.
+    assert _cache(capsys, "gc", "--max-bytes", "0")["removed"] > 0
+    fourth, _ = _ask(tmp_path / "host-b", env, "-C", str(conv), "one more?")
+    assert fourth["reply"] and fourth["stats"]["cache_source"] == "none"
+    assert fourth["stats"]["prefilled_tokens"] > third["stats"]["prompt_tokens"]
 
 
 def test_bench_resume_from_a_cold_local_disk(tiny_model_dir, tmp_path: Path, capsys) -> None:
@@ -218,11 +233,233 @@ def test_collect_removes_only_old_objects_no_index_row_names(s3_env) -> None:
     assert [n for n, _, _ in remote.names()] == [object_name(recs[0])]
 
 
-@pytest.mark.parametrize("command", ["gc", "verify", "rebuild"])
-def test_cache_maintenance_refuses_to_drop_chunks_of_a_shared_store(command, monkeypatch, tmp_path, capsys):
+def _cache(capsys, *args: str) -> dict:
     from chatkv.cli import main
 
-    monkeypatch.setenv("CHATKV_CACHE_URL", f"file://{tmp_path}/bucket")
-    assert main(["cache", command]) == 1
+    assert main(["cache", *args, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cache_commands_work_on_the_tiers_of_a_shared_store(
+    s3_env, s3_endpoint, tiny_settings, tiny_lm, tmp_path, monkeypatch, capsys
+) -> None:
+    """With cache.url, `chatkv cache stats|gc|verify|rebuild` on a host that has none of the
+    chunks locally: they are the other host's, in the bucket, and stay indexed; a chunk
+    really gone goes; an unreachable bucket drops nothing."""
+    from chatkv.api import GenerationSettings
+    from chatkv.session import Chat
+    from chatkv.store import Store
+
+    url, index = f"s3://{s3_env}/kv", f"sqlite:///{tmp_path}/shared.db"  # one index for both hosts
+    tiny_settings.set("cache.url", url)
+    tiny_settings.set("store.url", index)
+    host_a = Chat(tiny_settings, lm=tiny_lm)
+    host_a.load()
+    "".join(host_a.send(None, " ".join(f"word{i}" for i in range(150)), GenerationSettings(max_new_tokens=2)))
+    host_a.close()
+    remote = open_objects(url)
+    n = len(list(remote.names()))
+    assert n >= 3
+
+    # Host B: its own data dir, the same index and bucket, none of the chunks on its disk.
+    home_b = tmp_path / "host-b"
+    for k, v in {"HOME": home_b, "CACHE_URL": url, "STORE_URL": index, "CACHE_LOCAL_BYTES": "1GiB"}.items():
+        monkeypatch.setenv(f"CHATKV_{k}", str(v))
+    stats = _cache(capsys, "stats")
+    assert stats["count"] == n and stats["tiers"]["local"] == {"count": 0, "bytes": 0}
+    assert stats["tiers"]["remote"]["count"] == n and stats["tiers"]["remote"]["bytes"] == stats["bytes"]
+    assert stats["tiers"]["memory"] == {"count": 0, "bytes": 0}
+    gc = _cache(capsys, "gc")
+    assert (gc["missing_files"], gc["removed"], gc["objects_removed"], gc["remote_error"]) == (0, 0, 0, "")
+    assert _cache(capsys, "stats")["count"] == n  # host A's rows stay
+    verify = _cache(capsys, "verify")
+    assert (verify["checked"], verify["bad"], verify["unreadable"]) == (n, [], 0)
+    copies = sorted((home_b / "kv").rglob("*.safetensors"))
+    assert len(copies) == n  # read through the bucket
+    # A damaged local copy is replaced by the bucket's sound object, not dropped.
+    blob = bytearray(copies[0].read_bytes())
+    blob[-1] ^= 0xFF
+    copies[0].write_bytes(bytes(blob))
+    verify = _cache(capsys, "verify")
+    assert (verify["checked"], verify["bad"], verify["refetched"]) == (n, [], 1)
+
+    # The bucket unreachable: a miss, not damage; nothing is dropped.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    for copy in copies:
+        copy.unlink()
+    verify = _cache(capsys, "verify")
+    assert (verify["checked"], verify["removed"], verify["unreadable"]) == (0, 0, n)
+    gc = _cache(capsys, "gc")
+    assert gc["remote_error"] and gc["missing_files"] == 0 and _cache(capsys, "stats")["count"] == n
+    from chatkv.cli import main
+
+    assert main(["cache", "rebuild"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"`chatkv cache {command}` does not know the shared chunk store" in err
+    assert err.count("\n") == 1 and "index is left as it is" in err and SECRET not in err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # reachable again
+
+    # An object really gone (and no local copy): its row goes.
+    gone = sorted(remote.names())[0][0]
+    remote.delete([gone])
+    verify = _cache(capsys, "verify")
+    assert (verify["checked"], verify["removed"]) == (n, 1) and gone.split("/")[1] in verify["bad"][0]["key"]
+
+    # Rebuild from the bucket's objects, on a host with an empty kv/ and an empty index.
+    with Store(index) as store:
+        store.replace_chunk_index([])
+    monkeypatch.setenv("CHATKV_HOME", str(tmp_path / "host-c"))
+    rebuilt = _cache(capsys, "rebuild")
+    assert (rebuilt["indexed"], rebuilt["objects"], rebuilt["bad"]) == (n - 1, n - 1, [])
+    assert _cache(capsys, "stats")["count"] == n - 1
+
+
+def _keys(remote) -> set[str]:
+    return {name.split("/")[1] for name, _, _ in remote.names()}
+
+
+def _chain(store, conversation_id: int) -> set[str]:
+    """The keys of a conversation's chunk chain, from its head back to position 0."""
+    key, keys = store.get_kv_head(conversation_id).key, set()
+    while key:
+        keys.add(key)
+        key = store.get_chunks([key])[key].parent
+    return keys
+
+
+def test_rm_removes_the_objects_only_its_conversation_used(
+    s3_env, tiny_settings, tiny_lm, monkeypatch, caplog
+) -> None:
+    """`chatkv rm` with cache.url: the deleted conversation's chunk objects leave the bucket
+    (they hold token ids: its text), those another conversation's chain names stay; a bucket
+    unreachable at rm time leaves them for `cache gc` and says so in one line."""
+    from chatkv.api import GenerationSettings
+    from chatkv.errors import NotFoundError
+    from chatkv.paths import kv_dir
+    from chatkv.session import Chat
+
+    tiny_settings.set("cache.url", f"s3://{s3_env}/kv")
+    remote = open_objects(f"s3://{s3_env}/kv")
+    common = " ".join(f"word{i}" for i in range(40))  # the chunks both conversations begin with
+    chat = Chat(tiny_settings, lm=tiny_lm)
+    chat.load()
+    settings = GenerationSettings(max_new_tokens=2, temperature=0.0)
+    ids = []
+    for tail in ("alpha beta gamma " * 12, "delta epsilon " * 14, "zeta eta theta " * 12):
+        turn = chat.send(None, common + " " + tail, settings)
+        "".join(turn)
+        ids.append(turn.conversation_id)
+    chat.kv.flush()
+    chains = {cid: _chain(chat.store, cid) for cid in ids}
+    assert chains[ids[0]] & chains[ids[1]] and chains[ids[0]] - chains[ids[1]]  # shared and own chunks
+    assert _keys(remote) == set().union(*chains.values())
+    own = chains[ids[0]] - chains[ids[1]] - chains[ids[2]]
+    chat.delete(ids[0])
+    assert _keys(remote) == chains[ids[1]] | chains[ids[2]]  # its own went, the shared stayed
+    assert not any(chunk_path(kv_dir(), k).exists() for k in own)
+    chat.close()
+
+    # The bucket is unreachable at rm time (a CLI process: no model loaded).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    caplog.set_level(logging.WARNING)
+    offline = Chat(tiny_settings, lm=tiny_lm)
+    offline.delete(ids[2])
+    with pytest.raises(NotFoundError):
+        offline.get_conversation(ids[2])  # deleted all the same
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"conversation {ids[2]} is deleted, but the" in line and "could not be removed" in line
+    assert "chatkv cache gc" in line and SECRET not in line and "\n" not in line
+    left = chains[ids[2]] - chains[ids[1]]
+    assert left and left <= _keys(remote)  # still there: no index row names them now
+    kept = offline.store.all_chunks()
+    assert collect(remote, kept, grace_s=-60)[0] >= len(left)  # what gc does an hour later
+    assert _keys(remote) == chains[ids[1]]
+    offline.close()
+
+
+def test_a_spill_on_one_host_never_evicts_another_hosts_chunks(
+    s3_env, tiny_settings, tiny_lm, tmp_path, monkeypatch, capsys
+) -> None:
+    """With cache.url the index is shared: disk_bytes bounds this host's copies only (with
+    local_bytes unset) and the spill trims them; the index and bucket are bounded by
+    cache.remote_bytes (unset: unlimited), by `chatkv cache gc` only."""
+    from chatkv.api import GenerationSettings
+    from chatkv.config import load_settings
+    from chatkv.session import Chat
+
+    url, index = f"s3://{s3_env}/kv", f"sqlite:///{tmp_path}/shared.db"
+    tiny_settings.set("cache.url", url)
+    tiny_settings.set("store.url", index)
+    settings = GenerationSettings(max_new_tokens=2, temperature=0.0)
+    host_a = Chat(tiny_settings, lm=tiny_lm)
+    host_a.load()
+    "".join(host_a.send(None, " ".join(f"alpha{i}" for i in range(120)), settings))
+    host_a.close()
+    theirs = {r.key for r in host_a.store.all_chunks()}
+    assert theirs
+
+    # Host B, its disk budget smaller than one chunk: its spill keeps the shared index whole
+    # and its own kv/ within the budget.
+    monkeypatch.setenv("CHATKV_HOME", str(tmp_path / "host-b"))
+    tiny_settings.set("cache.disk_bytes", 1000)
+    host_b = Chat(tiny_settings, lm=tiny_lm)
+    host_b.load()
+    "".join(host_b.send(None, " ".join(f"beta{i}" for i in range(120)), settings))
+    host_b.close()
+    keys = {r.key for r in host_b.store.all_chunks()}
+    assert theirs < keys  # host A's chunks are all indexed still, and host B's added
+    assert len(list(open_objects(url).names())) == len(keys)
+    assert sum(p.stat().st_size for p in (tmp_path / "host-b" / "kv").rglob("*.safetensors")) <= 1000
+
+    # gc: remote_bytes unset bounds nothing; set, it evicts the shared index down to it.
+    for k, v in {"CACHE_URL": url, "STORE_URL": index, "CACHE_DISK_BYTES": "1000"}.items():
+        monkeypatch.setenv(f"CHATKV_{k}", v)
+    gc = _cache(capsys, "gc")
+    assert (gc["removed"], gc["budget"]) == (0, None)
+    assert _cache(capsys, "stats")["count"] == len(keys)
+    monkeypatch.setenv("CHATKV_CACHE_REMOTE_BYTES", "1")
+    gc = _cache(capsys, "gc")
+    assert gc["removed"] == len(keys) and gc["budget"] == 1
+    assert _cache(capsys, "stats")["count"] == 0
+
+    from chatkv.kv.objects import local_budget
+
+    monkeypatch.delenv("CHATKV_CACHE_REMOTE_BYTES")
+    monkeypatch.delenv("CHATKV_CACHE_DISK_BYTES")
+    assert load_settings().cache.local_bytes is None and load_settings().cache.remote_bytes is None
+    assert local_budget(None, 123) == 123 and local_budget(7, 123) == 7
+
+
+def test_a_spill_for_a_conversation_deleted_meanwhile_takes_its_objects_too(tiny_lm, store, tmp_path) -> None:
+    """`chatkv rm` while the conversation's spill is queued: the spill writes the chunks, finds
+    the conversation gone and removes them, from the bucket as well (they hold its text)."""
+    import torch
+
+    from chatkv.kv import live
+    from chatkv.kv.manager import KVManager
+    from chatkv.kv.objects import DirObjects
+
+    bucket = DirObjects(tmp_path / "bucket")
+    kv = tmp_path / "kv"
+    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16, tiers=Tiers(kv, bucket, 1 << 30))
+    conv = store.create_conversation()
+    tokens = list(range(3, 40))
+    cache = live.new_cache(tiny_lm.model)
+    with torch.no_grad():
+        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    store.delete_conversation(conv.id)  # deleted before its spill ran
+    kvm.spill(conv.id, tokens, cache)
+    kvm.close()
+    assert kvm.bytes_written > 0  # written (and pushed), then taken back
+    assert store.all_chunks() == [] and list(bucket.names()) == []
+    assert not any(kv.rglob("*.safetensors"))
+    kvm.tiers.close()
+
+
+def test_cache_gc_without_a_budget_uses_the_configured_one() -> None:
+    from chatkv.config import load_settings
+    from chatkv.session import Chat
+
+    chat = Chat(load_settings())  # no cache.url: disk_bytes
+    assert chat.cache_budget() == load_settings().cache.disk_bytes
+    assert chat.cache_gc(None).removed == 0
+    chat.close()

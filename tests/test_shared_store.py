@@ -250,3 +250,60 @@ def test_each_database_user_has_a_namespace_of_its_own(pg_server) -> None:
         schemas = {r[0] for r in conn.exec_driver_sql("SELECT nspname FROM pg_namespace")}
     admin.dispose()
     assert {"chatkv_postgres", f"chatkv_{role}"} <= schemas
+
+
+# Another host's turn in a conversation: holds its lease (its own data dir) until killed.
+_HOLDER = """
+import sys
+from chatkv.config import load_settings
+from chatkv.session import Chat
+held = Chat(load_settings()).hold(int(sys.argv[2]))  # what a turn takes first
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_one_turn_at_a_time_across_hosts(pg_server, tiny_model_dir, tmp_path: Path) -> None:
+    """On PostgreSQL the lease is the server's: a second host's `ask -C` in a conversation
+    another host is answering in gets the busy line, and the lease of a killed holder is
+    free again (the server drops it with the connection)."""
+    from chatkv import lease
+
+    url = new_database(pg_server)
+    with Store(url) as store:
+        conv, _ = store.start_conversation("hello")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
+            "CHATKV_STORE_URL": url,
+            "CHATKV_MODEL_NAME": str(tiny_model_dir),
+            "CHATKV_MODEL_DEVICE": "cpu",
+            "CHATKV_GENERATION_MAX_NEW_TOKENS": "2",
+        }
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, url, str(conv.id)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**env, "CHATKV_HOME": str(tmp_path / "host-a")},
+        )
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            other = subprocess.run(
+                [sys.executable, "-m", "chatkv", "ask", "-C", str(conv.id), "me too?"],
+                env={**env, "CHATKV_HOME": str(tmp_path / "host-b")},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert other.returncode == 1, other.stderr
+            assert other.stderr.count("\n") == 1 and f"conversation {conv.id} is busy" in other.stderr
+            assert [m.content for m in store.messages(conv.id)] == ["hello"]  # nothing of the refused turn
+        finally:
+            holder.kill()
+            holder.wait()
+        with lease.acquire(conv.id, wait_s=30, engine=store.engine) as held:
+            assert held.held
+        # Released: a later lease of this process takes it again at once.
+        lease.acquire(conv.id, wait_s=0, engine=store.engine).release()

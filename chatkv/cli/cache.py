@@ -24,7 +24,8 @@ def register(sub, common) -> None:
     g.add_argument(
         "--max-bytes",
         type=byte_size,
-        help="budget, e.g. 500MiB (default: cache.disk_bytes); 0 empties the store",
+        help="budget, e.g. 500MiB (default: cache.disk_bytes; with cache.url, cache.remote_bytes); "
+        "0 empties the store",
     )
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=run_gc)
@@ -66,6 +67,15 @@ def run_stats(args: argparse.Namespace) -> int:
             f"  {stats['unreachable']} chunks ({format_bytes(stats['unreachable_bytes'])}) cannot attach "
             "(an earlier chunk of their chain is gone); evicted first"
         )
+    for tier, t in stats["tiers"].items():
+        if "error" in t:
+            print(f"  {tier}: {t['where']} could not be listed ({t['error']})")
+        else:
+            where = f" in {t['where']}" if t.get("where") else ""
+            print(
+                f"  {tier}: {t['count']} {'caches' if tier == 'memory' else 'chunks'}, "
+                f"{format_bytes(t['bytes'])}{where}"
+            )
     if stats["temp_files"]:
         print(
             f"  {stats['temp_files']} leftover temp files, {format_bytes(stats['temp_bytes'])} "
@@ -76,17 +86,17 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_gc(args: argparse.Namespace) -> int:
     """Trim the chunk store."""
-    from chatkv.cli import settings_from
     from chatkv.fmt import format_bytes
 
+    chat = _chat(args)
     if args.max_bytes is not None:
         try:
             budget = parse_size(args.max_bytes)
         except ValueError:
             raise UsageError(f"--max-bytes {args.max_bytes!r} is not a size; use e.g. 500MiB or 0") from None
     else:
-        budget = settings_from(args).cache.disk_bytes
-    report = _chat(args).cache_gc(budget)
+        budget = chat.cache_budget()
+    report = chat.cache_gc(budget)
     if args.json:
         json.dump(asdict(report) | {"budget": budget}, sys.stdout)
         print()
@@ -94,8 +104,19 @@ def run_gc(args: argparse.Namespace) -> int:
         print(
             f"removed {report.removed} chunks ({format_bytes(report.freed)}), {report.orphan_files} orphan "
             f"files, {report.missing_files} index rows without a file, {report.damaged_rows} damaged "
-            f"index rows; budget {format_bytes(budget)}"
+            f"index rows; budget {format_bytes(budget) if budget is not None else 'unlimited'}"
         )
+        if report.local_removed or report.objects_removed:
+            print(
+                f"local copies: removed {report.local_removed} ({format_bytes(report.local_freed)}); bucket: "
+                f"removed {report.objects_removed} objects no index row names "
+                f"({format_bytes(report.objects_freed)})"
+            )
+        if report.remote_error:
+            print(
+                f"the bucket was left alone this time ({report.remote_error}); "
+                "run gc again once it is reachable"
+            )
     return 0
 
 
@@ -108,6 +129,7 @@ def run_verify(args: argparse.Namespace) -> int:
                 "checked": report.checked,
                 "removed": report.removed,
                 "unreadable": report.unreadable,
+                "refetched": report.refetched,
                 "bad": [{"key": k, "problem": p} for k, p in report.bad],
             },
             sys.stdout,
@@ -119,6 +141,8 @@ def run_verify(args: argparse.Namespace) -> int:
         action = "would remove" if args.dry_run else "removed"
         count = len(report.bad) if args.dry_run else report.removed
         print(f"checked {report.checked} chunks: {len(report.bad)} bad, {action} {count}")
+        if report.refetched:
+            print(f"{report.refetched} damaged local copies were replaced by the bucket's sound objects")
         if report.unreadable:
             print(f"{report.unreadable} chunks could not be read this time (kept); run verify again later")
     return 0
@@ -134,6 +158,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
             {
                 "indexed": report.indexed,
                 "bytes": report.bytes,
+                "objects": report.objects,
                 "bad": [{"file": f, "problem": p} for f, p in report.bad],
             },
             sys.stdout,

@@ -169,6 +169,11 @@ class LivePool:
         with self._lock:
             return key in self._items
 
+    def __len__(self) -> int:
+        """How many conversations' caches are live."""
+        with self._lock:
+            return len(self._items)
+
     @property
     def bytes(self) -> int:
         """Live caches plus the snapshots queued for spilling whose cache is no longer live."""

@@ -21,10 +21,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chatkv.errors import CacheError
-from chatkv.kv.chunks import KEY_RE, FileId, chunk_path, file_id, inspect_chunk, relpath, verify_chunk
+from chatkv.kv.chunks import (
+    KEY_RE,
+    FileId,
+    chunk_path,
+    file_id,
+    inspect_chunk,
+    relpath,
+    verify_chunk,
+    write_atomic,
+)
 from chatkv.kv.codecs import get_codec
 
 if TYPE_CHECKING:
+    from chatkv.kv.objects import ObjectStore, Tiers
     from chatkv.store.chunk_index import ChunkIndex, ChunkRecord
 
 
@@ -36,6 +46,13 @@ class GcReport:
     missing_files: int = 0
     damaged_rows: int = 0  # index rows with a malformed key (dropped, no file touched)
     temp_files: int = 0  # of the orphan files, leftover `.tmp-*.part` files of interrupted spills
+    # With cache.url (gc_tiers): local copies trimmed to cache.local_bytes, the bucket's
+    # objects no row names removed, and why the bucket was left alone ("" when it was not).
+    local_removed: int = 0
+    local_freed: int = 0
+    objects_removed: int = 0
+    objects_freed: int = 0
+    remote_error: str = ""
 
 
 @dataclass
@@ -43,7 +60,8 @@ class VerifyReport:
     checked: int = 0
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     removed: int = 0
-    unreadable: int = 0  # transient read errors: kept, checked again next time
+    unreadable: int = 0  # transient read errors (or the bucket unreachable): kept, checked again next time
+    refetched: int = 0  # damaged local copies replaced by the bucket's sound object
 
 
 @dataclass
@@ -51,6 +69,7 @@ class RebuildReport:
     indexed: int = 0
     bytes: int = 0
     bad: list[tuple[str, str]] = field(default_factory=list)  # (file relative to kv dir, reason)
+    objects: int = 0  # of `indexed`, chunks indexed from the bucket's objects (cache.url)
 
 
 # A file no row points at may be a spill of a running chatkv between writing and
@@ -103,10 +122,17 @@ def remove(
     return len(gone) + len(damaged)
 
 
-def remove_keys(store: ChunkIndex, kv_dir: Path, keys: Iterable[str]) -> int:
+def remove_keys(
+    store: ChunkIndex, kv_dir: Path, keys: Iterable[str], remote: ObjectStore | None = None
+) -> int:
     """Remove chunks by key, whether indexed or not (a file whose row was lost still holds
-    token ids): for `chatkv rm`, which takes the chunks only its conversation used.
-    Malformed keys are skipped. Returns how many files went."""
+    token ids): for `chatkv rm`, which takes the chunks only its conversation used. With a
+    `remote` (cache.url), their objects go from it too, every version of each key.
+    Malformed keys are skipped. Returns how many local files went.
+
+    Raises CacheError (damaged=False) when the remote could not be listed or written: the
+    rows and local files are gone by then, so the objects are named by no row and
+    `chatkv cache gc` removes them (once an hour old) when the bucket answers again."""
     keys = [k for k in dict.fromkeys(keys) if isinstance(k, str) and KEY_RE.fullmatch(k)]
     store.delete_chunks(keys)
     gone = 0
@@ -116,6 +142,18 @@ def remove_keys(store: ChunkIndex, kv_dir: Path, keys: Iterable[str]) -> int:
             gone += 1
         except (OSError, CacheError):
             pass
+    if remote is not None and keys:
+        from chatkv.kv.objects import remove_objects
+
+        try:
+            remove_objects(remote, keys)
+        except OSError as e:  # its text names the bucket and an error code, never a credential
+            raise CacheError(
+                f"the {len(keys)} cache chunks only it used could not be removed from {remote.where} ({e}); "
+                "`chatkv cache gc` removes them once the bucket is reachable again "
+                "(objects no index row names, an hour after they were written)",
+                damaged=False,
+            ) from None
     return gone
 
 
@@ -216,6 +254,19 @@ def temp_files(kv_dir: Path) -> tuple[int, int]:
     return count, size
 
 
+def chunk_files(kv_dir: Path) -> tuple[int, int]:
+    """(count, bytes) of the chunk files in kv_dir (this host's local tier)."""
+    count = size = 0
+    for path, rel in _files(kv_dir):
+        if rel.endswith(".safetensors") and not _is_temp(path.name):
+            try:
+                size += os.lstat(path).st_size
+                count += 1
+            except OSError:  # removed meanwhile
+                pass
+    return count, size
+
+
 def clean_temp(kv_dir: Path, min_age_s: float = ORPHAN_MIN_AGE_S) -> int:
     """Remove `.tmp-*.part` files older than `min_age_s` (spills killed half-way); how many."""
     young, removed = time.time() - min_age_s, 0
@@ -260,7 +311,14 @@ def gc(
     report.missing_files = len(store.delete_chunks_if(missing)) if missing else 0
     gone = {r.key for r in missing}
     recs = [r for r in recs if r.key not in gone]
-    indexed = {relpath(r.key) for r in recs}
+    report.orphan_files += _remove_orphans(kv_dir, recs, young)
+    report.removed, report.freed = evict_lru(store, kv_dir, max_bytes)
+    return report
+
+
+def _remove_orphans(kv_dir: Path, recs: Sequence[ChunkRecord], young: float) -> int:
+    """Remove the files of kv_dir no record of `recs` names, written before `young`."""
+    indexed, removed = {relpath(r.key) for r in recs}, 0
     for path, rel in _files(kv_dir):
         if rel in indexed or _is_temp(path.name):
             continue
@@ -270,17 +328,82 @@ def gc(
             path.unlink()
         except OSError:
             continue
-        report.orphan_files += 1
-    report.removed, report.freed = evict_lru(store, kv_dir, max_bytes)
+        removed += 1
+    return removed
+
+
+def _named_object(rec: ChunkRecord) -> str | None:
+    from chatkv.kv.objects import object_name
+
+    try:
+        return object_name(rec)
+    except (ValueError, CacheError):  # a damaged row names no object
+        return None
+
+
+def gc_tiers(
+    store: ChunkIndex,
+    tiers: Tiers,
+    max_bytes: int | None,
+    orphan_min_age_s: float = ORPHAN_MIN_AGE_S,
+    grace_s: float | None = None,
+) -> GcReport:
+    """gc with cache.url: the index is shared, and a row whose chunk is not in this host's
+    kv/ is another host's chunk, in the bucket. So a row goes only when its chunk is in
+    neither (the bucket listed fine); then the index comes down to `max_bytes` (None: no
+    bound; eviction as `gc`: a miss for every host, recomputed), this host's copies to the tiers' local
+    budget, and the bucket loses the objects no row names, older than `grace_s`
+    (objects.collect: evicted and deleted chunks, old versions of re-coded ones). A bucket
+    that cannot be listed is left alone (`remote_error` says why); the rest is done."""
+    from chatkv.kv.objects import GC_GRACE_S, collect
+
+    kv_dir = tiers.kv_dir
+    temps = clean_temp(kv_dir, orphan_min_age_s)
+    report = GcReport(temp_files=temps, orphan_files=temps)
+    young = time.time() - orphan_min_age_s
+    recs, damaged = split_rows(store.all_chunks())
+    if damaged:
+        store.delete_chunks([r.key for r in damaged])
+    report.damaged_rows = len(damaged)
+    listed: set[str] | None
+    try:  # read after the rows: a row is written after its object, so its object is listed
+        listed = {name for name, _, _ in tiers.remote.names()}
+    except OSError as e:
+        listed, report.remote_error = None, str(e)
+    if listed is not None:
+        missing = [r for r in recs if _named_object(r) not in listed and _file_missing(kv_dir, r.key)]
+        report.missing_files = len(store.delete_chunks_if(missing)) if missing else 0
+        gone = {r.key for r in missing}
+        recs = [r for r in recs if r.key not in gone]
+    report.orphan_files += _remove_orphans(kv_dir, recs, young)
+    if max_bytes is not None:  # cache.remote_bytes unset: the bucket is unbounded
+        report.removed, report.freed = evict_lru(store, kv_dir, max_bytes)
+    report.local_removed, report.local_freed = tiers.trim()
+    if listed is not None:
+        try:
+            report.objects_removed, report.objects_freed = collect(
+                tiers.remote, store.all_chunks(), GC_GRACE_S if grace_s is None else grace_s
+            )
+        except OSError as e:
+            report.remote_error = str(e)
     return report
 
 
 def verify(
-    store: ChunkIndex, kv_dir: Path, fix: bool = True, progress: Callable[[int, int], None] | None = None
+    store: ChunkIndex,
+    kv_dir: Path,
+    fix: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    tiers: Tiers | None = None,
 ) -> VerifyReport:
     """Read every indexed chunk and check it against its record and checksum.
     With `fix`, bad chunks are removed (their tokens will be prefilled again); a chunk that
-    could not be read for a transient reason (EIO, EMFILE...) is kept and counted apart."""
+    could not be read for a transient reason (EIO, EMFILE...) is kept and counted apart.
+
+    With `tiers` (cache.url), a chunk is read through them: one not in kv/ is fetched from
+    the bucket (the copies are trimmed to the local budget after), a damaged local copy is
+    replaced by the bucket's object when that one is sound, a chunk in neither is bad (its
+    row goes), and one the bucket could not be asked for is unreadable (kept)."""
     report = VerifyReport()
     recs = store.all_chunks()
     bad: list[ChunkRecord] = []
@@ -289,7 +412,15 @@ def verify(
         try:
             if not (isinstance(rec.key, str) and KEY_RE.fullmatch(rec.key)):
                 raise CacheError(f"malformed key {str(rec.key)[:80]!r} (a damaged index row)")
-            verify_chunk(chunk_path(kv_dir, rec.key), rec)
+            if tiers is not None:
+                tiers.prefetch(
+                    r for r in recs[i : i + 16] if isinstance(r.key, str) and KEY_RE.fullmatch(r.key)
+                )
+                if not _verify_through(tiers, rec, report):
+                    report.unreadable += 1
+                    continue
+            else:
+                verify_chunk(chunk_path(kv_dir, rec.key), rec)
             report.checked += 1
         except CacheError as e:
             if not e.damaged:
@@ -302,48 +433,156 @@ def verify(
             report.bad.append((rec.key, str(e)))
             bad.append(rec)
             judged[rec.key] = e.file_id
+        finally:
+            if tiers is not None and i % 256 == 255:
+                tiers.trim()
         if progress:
             progress(i + 1, len(recs))
     if fix and bad:
         report.removed = remove(store, kv_dir, bad, judged)
+    if tiers is not None:
+        tiers.trim()
     return report
+
+
+def _verify_through(tiers: Tiers, rec: ChunkRecord, report: VerifyReport) -> bool:
+    """Check one chunk read through the tiers: True when it is sound, False when it could
+    not be read this time (the bucket unreachable); raises CacheError when it is bad."""
+    path = chunk_path(tiers.kv_dir, rec.key)
+    where = tiers.ensure_local(rec)
+    if where == "failed":
+        return False
+    if where == "missing":
+        raise CacheError(f"chunk {rec.key[:12]} is neither in {tiers.kv_dir} nor in {tiers.remote.where}")
+    try:
+        verify_chunk(path, rec)
+        return True
+    except CacheError as e:
+        if not e.damaged or where != "local":
+            raise
+        # The local copy is damaged; the bucket's object may be sound: fetch it again.
+        if e.file_id is not None and _stat_id(path) == e.file_id:
+            path.unlink(missing_ok=True)
+        again = tiers.ensure_local(rec)
+        if again == "failed":
+            return False
+        if again == "missing":
+            raise
+        verify_chunk(path, rec)
+        report.refetched += 1
+        return True
+
+
+def _record_of(path: Path, key: str, rel: str, checksum: str | None = None) -> ChunkRecord:
+    """The index row of the chunk file at `path`, from its own metadata (`checksum`: the one
+    it must have). Raises CacheError when the file fails verification."""
+    from chatkv.store.chunk_index import ChunkRecord
+
+    if relpath(key) != rel:
+        raise CacheError(f"{rel} is not where chunk {key[:12]} belongs")
+    meta, _, fid = inspect_chunk(path, key, checksum=checksum)
+    mtime = datetime.fromtimestamp(os.lstat(path).st_mtime, UTC)
+    return ChunkRecord(
+        key=key,
+        parent=meta["parent"] or None,
+        fingerprint=meta["fingerprint"],
+        codec=get_codec(meta["codec"]).tag,  # inspect_chunk checked it is registered
+        start=int(meta["start"]),
+        n_tokens=int(meta["n_tokens"]),
+        partial=meta["partial"] == "1",
+        path=rel,
+        nbytes=fid[3],
+        checksum=meta["checksum"],
+        created_at=mtime,
+        last_used_at=mtime,
+    )
+
+
+def _local_records(kv_dir: Path, report: RebuildReport, skip: set[str]) -> list[ChunkRecord]:
+    """Rows for every sound chunk file of kv_dir whose key is not in `skip`."""
+    recs = []
+    for path, rel in _files(kv_dir):
+        if _is_temp(path.name) or not rel.endswith(".safetensors"):
+            continue
+        key = path.name.removesuffix(".safetensors")
+        if key in skip:
+            continue
+        try:
+            recs.append(_record_of(chunk_path(kv_dir, key), key, rel))
+        except CacheError as e:
+            report.bad.append((rel, str(e)))
+    return recs
 
 
 def rebuild(store: ChunkIndex, kv_dir: Path) -> RebuildReport:
     """Drop the whole chunk index and index again every chunk file that passes verification,
     from the file's own metadata. Files that fail are reported, not removed (gc removes
     them later as orphans). Works whatever state the `kv_chunks` table is in."""
-    from chatkv.store.chunk_index import ChunkRecord
-
-    report, recs = RebuildReport(), []
-    for path, rel in _files(kv_dir):
-        if _is_temp(path.name) or not rel.endswith(".safetensors"):
-            continue
-        key = path.name.removesuffix(".safetensors")
-        try:
-            if relpath(key) != rel:
-                raise CacheError(f"{rel} is not where chunk {key[:12]} belongs")
-            meta, _, fid = inspect_chunk(chunk_path(kv_dir, key), key)
-        except CacheError as e:
-            report.bad.append((rel, str(e)))
-            continue
-        mtime = datetime.fromtimestamp(os.lstat(path).st_mtime, UTC)
-        recs.append(
-            ChunkRecord(
-                key=key,
-                parent=meta["parent"] or None,
-                fingerprint=meta["fingerprint"],
-                codec=get_codec(meta["codec"]).tag,  # inspect_chunk checked it is registered
-                start=int(meta["start"]),
-                n_tokens=int(meta["n_tokens"]),
-                partial=meta["partial"] == "1",
-                path=rel,
-                nbytes=fid[3],
-                checksum=meta["checksum"],
-                created_at=mtime,
-                last_used_at=mtime,
-            )
-        )
+    report = RebuildReport()
+    recs = _local_records(kv_dir, report, set())
     store.replace_chunk_index(recs)
+    report.indexed, report.bytes = len(recs), sum(r.nbytes for r in recs)
+    return report
+
+
+def rebuild_tiers(store: ChunkIndex, tiers: Tiers) -> RebuildReport:
+    """rebuild with cache.url: the shared index again from the bucket's objects (for each
+    key, its newest sound version, fetched unless this host has that exact copy), then from
+    this host's chunk files the bucket lacks (a push that failed). Refuses with CacheError,
+    changing nothing, when the bucket cannot be listed: an index of this host's files alone
+    would drop every other host's chunks."""
+    from chatkv.kv.objects import SUFFIX
+
+    kv_dir, report = tiers.kv_dir, RebuildReport()
+    try:
+        listing = list(tiers.remote.names())
+    except OSError as e:
+        raise CacheError(
+            f"cannot list the chunk store {tiers.remote.where} ({e}); the chunk index is left as it "
+            "is; run `chatkv cache rebuild` again once the bucket is reachable",
+            damaged=False,
+        ) from None
+    versions: dict[str, list[tuple[float, str, int, str]]] = {}
+    for name, size, written in listing:
+        parts = name.split("/")
+        if (
+            len(parts) != 3
+            or not KEY_RE.fullmatch(parts[1])
+            or parts[0] != parts[1][:2]
+            or not name.endswith(SUFFIX)
+        ):
+            report.bad.append((name, "not the name of a chunk object"))
+            continue
+        versions.setdefault(parts[1], []).append((written, name, size, parts[2].removesuffix(SUFFIX)))
+    recs: list[ChunkRecord] = []
+    for key, objs in versions.items():
+        path, rel = chunk_path(kv_dir, key), relpath(key)
+        for _, name, size, checksum in sorted(objs, reverse=True):  # newest first
+            try:
+                try:
+                    recs.append(_record_of(path, key, rel, checksum))  # this host's copy is that object
+                    break
+                except CacheError:
+                    pass
+                blob = tiers.remote.get(name, size)
+                if blob is None:
+                    raise CacheError("gone from the bucket while the index was rebuilt")
+                write_atomic(path, blob)
+                recs.append(_record_of(path, key, rel, checksum))
+                break
+            except CacheError as e:
+                report.bad.append((name, str(e)))
+            except OSError as e:
+                raise CacheError(
+                    f"reading {tiers.remote.where} failed ({e}); the chunk index is left as it is; "
+                    "run `chatkv cache rebuild` again once the bucket is reachable",
+                    damaged=False,
+                ) from None
+        if len(recs) % 256 == 255:  # the copies fetched so far, within the local budget
+            tiers.trim()
+    report.objects = len(recs)
+    recs += _local_records(kv_dir, report, set(versions))
+    store.replace_chunk_index(recs)
+    tiers.trim()
     report.indexed, report.bytes = len(recs), sum(r.nbytes for r in recs)
     return report

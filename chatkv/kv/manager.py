@@ -388,7 +388,10 @@ class KVManager:
             except NotFoundError:  # deleted while its spill was queued: take its chunks too
                 self._forget_orphans(wanted)
         self.bytes_written += written
-        if self.disk_bytes and written:
+        if self.tiers is not None:
+            if written:  # the index is shared (cache.remote_bytes, by gc only): this host's copies
+                self.tiers.trim()
+        elif self.disk_bytes and written:
             self.gc(self.disk_bytes, keep=set(wanted))
         return written
 
@@ -442,7 +445,11 @@ class KVManager:
         while this spill ran)."""
         orphans = self.store.unreferenced_chunks(keys)
         if orphans:
-            maintenance.remove_keys(self.store, self.kv_dir, orphans)
+            remote = self.tiers.remote if self.tiers is not None else None  # pushed already: take them back
+            try:
+                maintenance.remove_keys(self.store, self.kv_dir, orphans, remote)
+            except CacheError as e:  # the bucket unreachable: no row names them, `cache gc` collects them
+                log.warning("a deleted conversation's %s", str(e).removeprefix("the "))
 
     def _drop_superseded(self, old_head: str | None, new_head: str | None) -> None:
         """A conversation's previous partial tail chunk is replaced by the new head."""

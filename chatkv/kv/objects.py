@@ -3,8 +3,10 @@ tiers a resume reads through.
 
 Tiers, each with its own budget and least recently used first out:
   memory      the live pool (kv/live.py, cache.live_bytes)
-  local disk  the data dir's kv/ (cache.disk_bytes; with a remote, cache.local_bytes
-              bounds the copies kept of remote chunks)
+  local disk  the data dir's kv/ (cache.disk_bytes; with a remote, cache.local_bytes, or
+              disk_bytes when that is unset, bounds the copies kept here: `local_budget`)
+  (index)     with a remote the index is shared by every host: cache.remote_bytes bounds
+              it and the bucket, enforced by `chatkv cache gc` only, never by a spill
   remote      cache.url: S3-compatible object storage (s3://BUCKET/PREFIX) or a shared
               directory (file:///PATH), read by every host
 
@@ -78,8 +80,9 @@ class ObjectStore(Protocol):
         """Remove objects; absent ones are no error. Raises OSError."""
         ...
 
-    def names(self) -> Iterator[tuple[str, int, float]]:
-        """Every object's (name, size, time written as a Unix timestamp). Raises OSError."""
+    def names(self, under: str = "") -> Iterator[tuple[str, int, float]]:
+        """Every object's (name, size, time written as a Unix timestamp), only those whose
+        name starts with `under` when given (a key's folder, `key_folder`). Raises OSError."""
         ...
 
 
@@ -89,7 +92,14 @@ def object_name(rec: ChunkRecord) -> str:
     key = check_key(rec.key)
     if not isinstance(rec.checksum, str) or not HEX64.fullmatch(rec.checksum):
         raise ValueError(f"chunk {key[:12]} has no sha256 checksum: {str(rec.checksum)[:80]!r}")
-    return f"{key[:2]}/{key}/{rec.checksum}{SUFFIX}"
+    return f"{key_folder(key)}{rec.checksum}{SUFFIX}"
+
+
+def key_folder(key: str) -> str:
+    """The folder ("ab/<key>/") holding every object ever written for chunk `key`: each
+    version it was coded in. Raises CacheError for a malformed key."""
+    key = check_key(key)
+    return f"{key[:2]}/{key}/"
 
 
 def namespace(shared: bool, user: str | None = None) -> str:
@@ -130,8 +140,9 @@ class DirObjects:
         for name in names:
             self._path(name).unlink(missing_ok=True)
 
-    def names(self) -> Iterator[tuple[str, int, float]]:
-        for path in sorted(self.root.rglob("*" + SUFFIX)):
+    def names(self, under: str = "") -> Iterator[tuple[str, int, float]]:
+        top = self.root / under if under else self.root
+        for path in sorted(top.rglob("*" + SUFFIX)):
             if path.is_file() and not path.is_symlink():
                 st = path.stat()
                 yield path.relative_to(self.root).as_posix(), st.st_size, st.st_mtime
@@ -191,12 +202,12 @@ class S3Objects:
         except BotoCoreError as e:
             raise OSError(f"{self.where}: {type(e).__name__}") from None
 
-    def names(self) -> Iterator[tuple[str, int, float]]:
+    def names(self, under: str = "") -> Iterator[tuple[str, int, float]]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.prefix
+                Bucket=self.bucket, Prefix=self.prefix + under
             )
             for page in pages:
                 for item in page.get("Contents", []):
@@ -395,6 +406,29 @@ def collect(
     doomed = [(name, size) for name, size, written in remote.names() if name not in keep and written < cutoff]
     remote.delete([name for name, _ in doomed])
     return len(doomed), sum(size for _, size in doomed)
+
+
+def remove_objects(remote: ObjectStore, keys: Iterable[str]) -> int:
+    """Remove every object written for the chunks `keys` (each version: a re-coded chunk
+    leaves its older objects under the same key). For `chatkv rm`: the caller has made
+    sure no other conversation names these keys. Malformed keys are skipped. Returns how
+    many objects went; raises OSError when the store cannot be listed or written."""
+    doomed: list[str] = []
+    for key in dict.fromkeys(keys):
+        try:
+            folder = key_folder(key)
+        except CacheError:
+            continue
+        doomed += [name for name, _, _ in remote.names(folder)]
+    if doomed:
+        remote.delete(doomed)
+    return len(doomed)
+
+
+def local_budget(local_bytes: int | None, disk_bytes: int) -> int:
+    """Bytes of local copies with a remote: cache.local_bytes, else cache.disk_bytes (which,
+    with a remote, bounds nothing else: the shared index is cache.remote_bytes's)."""
+    return disk_bytes if local_bytes is None else local_bytes
 
 
 def tiers_for(kv_dir: Path, url: str, local_bytes: int, shared: bool = False) -> Tiers | None:

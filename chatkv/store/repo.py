@@ -84,6 +84,11 @@ class Store(ChunkIndex, Finding):
         self._reader = sessionmaker(self._engine, expire_on_commit=False)
         self._writer = sessionmaker(writer(self._engine), expire_on_commit=False)
 
+    @property
+    def engine(self) -> Any:
+        """The database engine: what a conversation's lease locks on PostgreSQL (chatkv.lease)."""
+        return self._engine
+
     def close(self) -> None:
         """Close pooled connections. Safe to call twice."""
         self._engine.dispose()
