@@ -123,7 +123,8 @@ class Housekeeping:
         """What `chatkv cache gc` evicts the index down to by default: cache.disk_bytes, or with
         cache.url cache.remote_bytes (None: unlimited)."""
         c = self.settings.cache
-        return c.remote_bytes if c.url else c.disk_bytes
+        budget: int | None = c.remote_bytes if c.url else c.disk_bytes
+        return budget
 
     def cache_gc(self, max_bytes: int | None) -> GcReport:
         """Drop index rows without a chunk and old orphan files, then evict down to `max_bytes`
