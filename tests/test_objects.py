@@ -463,3 +463,49 @@ def test_cache_gc_without_a_budget_uses_the_configured_one() -> None:
     assert chat.cache_budget() == load_settings().cache.disk_bytes
     assert chat.cache_gc(None).removed == 0
     chat.close()
+
+
+def test_a_local_copy_trimmed_between_fetch_and_read_is_a_miss_not_damage(tiny_lm, store, tmp_path) -> None:
+    """Another process on this host may trim a local copy just after this one found it: the
+    chunk is still in the bucket, so the resume recomputes and keeps the shared index row
+    (dropping it would make every host miss the chunk), and the next resume fetches it again."""
+    import torch
+
+    from chatkv.kv import live
+    from chatkv.kv.chunks import chunk_path
+    from chatkv.kv.manager import KVManager
+    from chatkv.kv.objects import DirObjects
+
+    bucket, kv = DirObjects(tmp_path / "bucket"), tmp_path / "kv"
+
+    def manager() -> KVManager:
+        return KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16, tiers=Tiers(kv, bucket, 1 << 30))
+
+    conv = store.create_conversation()
+    tokens = list(range(3, 40))
+    cache = live.new_cache(tiny_lm.model)
+    with torch.no_grad():
+        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    writer = manager()
+    writer.spill(conv.id, tokens, cache)
+    writer.close()
+    rows = {r.key for r in store.all_chunks()}
+    assert rows
+
+    reader = manager()
+    assert reader.tiers is not None
+    fetch = reader.tiers.ensure_local
+
+    def fetch_then_trimmed(rec: ChunkRecord) -> str:
+        where = fetch(rec)
+        chunk_path(kv, rec.key).unlink()  # the other process's trim, right after
+        return where
+
+    reader.tiers.ensure_local = fetch_then_trimmed  # type: ignore[method-assign]
+    att = reader.attach(conv.id, tokens + [7])
+    assert att.cached == 0 and att.problems  # recomputed ...
+    assert {r.key for r in store.all_chunks()} == rows  # ... and the shared rows kept
+    reader.tiers.ensure_local = fetch  # type: ignore[method-assign]
+    assert reader.attach(conv.id, tokens + [7]).cached == len(tokens)  # fetched from the bucket again
+    reader.close()
+    reader.tiers.close()

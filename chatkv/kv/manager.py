@@ -261,7 +261,19 @@ class KVManager:
                 where[rec.key] = tiers.ensure_local(rec)
                 if where[rec.key] == "failed":
                     return CacheError(f"chunk {rec.key[:12]} could not be fetched", damaged=False)
-            return self._read_into(rec, offset, k_buf, v_buf)
+            got = self._read_into(rec, offset, k_buf, v_buf)
+            if (
+                tiers is not None
+                and isinstance(got, CacheError)
+                and got.damaged
+                and where[rec.key] != "missing"
+                and not chunk_path(self.kv_dir, rec.key).exists()
+            ):
+                # The local copy went between the fetch and the read (another process on this
+                # host trimmed its tier): the object is still in the bucket, so this is a miss,
+                # not damage; dropping the shared row would cost every other host the chunk.
+                return CacheError(f"chunk {rec.key[:12]}: local copy trimmed meanwhile", damaged=False)
+            return got
 
         with ThreadPoolExecutor(
             max_workers=min(LOAD_THREADS, len(plan)), thread_name_prefix="chatkv-load"
