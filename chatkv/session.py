@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from chatkv.imports import ImportReport
     from chatkv.kv.maintenance import GcReport, RebuildReport, VerifyReport
     from chatkv.kv.manager import Attached, KVManager
+    from chatkv.kv.prefetch import Prefetch
     from chatkv.store.search import SearchHit
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ class Chat:
         # while a long prompt prefills (tokens); done is -1 or total at the end. Called from
         # the thread doing the work. chatkv.progress has adapters for it.
         self.on_progress: Callable[[str, int, int], None] | None = None
+        # A conversation's chunks being read while the model loads (`prefetch`), handed to
+        # the KV layer by `load`; kept after for its timings.
+        self.prefetched: Prefetch | None = None
+        self._warm_up: threading.Thread | None = None  # the first forward, run by `load`
         journal.replay(self.store)  # replies an earlier run streamed but could not save
 
     # -- model ---------------------------------------------------------------
@@ -97,6 +102,27 @@ class Chat:
         assert self.lm is not None and self.kv is not None
         return self.lm, self.kv
 
+    def prefetch(self, conversation_id: int) -> None:
+        """Start reading the conversation's saved KV cache in the background, so that it is
+        in memory when the model has loaded (chatkv.kv.prefetch). Call before `load`; does
+        nothing once a model is loaded. Its next turn checks and uses what was read."""
+        if self.lm is not None:
+            return
+        from chatkv.kv.prefetch import start
+
+        m = self.settings.model
+        old, self.prefetched = self.prefetched, None
+        if old is not None:
+            old.cancel()
+        self.prefetched = start(
+            self.store,
+            kv_dir(),
+            conversation_id,
+            self.settings.cache.codec,
+            model=(m.name, m.device, m.dtype, m.load_in),
+            lm=self._preloaded,
+        )
+
     def load(self) -> None:
         """Load the model and the KV layer (blocking; idempotent; thread-safe)."""
         with self._load_lock:
@@ -125,6 +151,12 @@ class Chat:
                 live_bytes=c.live_bytes,
                 disk_bytes=c.disk_bytes,
             )
+            if self.prefetched is not None and not self.prefetched.taken:
+                self.kv.prefetch = self.prefetched
+            if self._preloaded is None:  # a fresh model: its first forward runs now, aside
+                from chatkv.engine.model import warm_up
+
+                self._warm_up = warm_up(lm)
             self.lm = lm
             self.activity = ""
 
@@ -295,6 +327,9 @@ class Chat:
         `ids` (batch's shared prefix, which its lines continue each on its own)."""
         _, kv = self.loaded()
         att = kv.attach(conversation_id, ids, whole=whole)
+        warm, self._warm_up = self._warm_up, None
+        if warm is not None:
+            warm.join()  # the turn's forward comes next: not two at once on the same cores
         stats = TurnStats(
             prompt_tokens=len(ids),
             cached_tokens=att.cached,
@@ -518,6 +553,8 @@ class Chat:
             self.kv.flush()
 
     def close(self) -> None:
+        if self.prefetched is not None:
+            self.prefetched.cancel()
         if self.kv is not None:
             self.kv.close()
 

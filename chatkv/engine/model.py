@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,6 +341,7 @@ def load_model(
     if dev.type == "cpu" and dt == torch.float16:
         raise ModelError("float16 is slow and inexact on the CPU; use --dtype float32 or bfloat16")
     source = resolve(name)
+    setting = _setting(source, dt, load_in, dev)  # before loading adds a hub commit to the identity
     if source.gguf_file:
         if load_in != "none":
             raise ModelError("--load-in applies to Hugging Face weights, not GGUF files; use --load-in none")
@@ -366,6 +368,7 @@ def load_model(
     )
     fp = fingerprint(source, model, tok, dt, load_in, dev)
     _remember(source, fp)
+    _memo_fingerprint(setting, fp)
     return LoadedModel(
         name=name,
         model=model,
@@ -377,6 +380,79 @@ def load_model(
         eos_ids=eos_ids,
         load_s=time.perf_counter() - t0,
     )
+
+
+FINGERPRINTS = "fingerprints.json"  # beside the converted copies: what each setting loaded as
+
+
+def _setting(source: ModelSource, dtype: torch.dtype, load_in: str, device: torch.device) -> str:
+    """What a fingerprint follows from, as far as it is known before the weights load: the
+    weights' identity (as `resolve` gives it), compute dtype, quantization and device kind."""
+    return f"{source.identity}|{str(dtype).removeprefix('torch.')}|{load_in}|{device.type}"
+
+
+def _memo_fingerprint(setting: str, fp: str) -> None:
+    """Remember that `setting` loaded as `fp`, for `predict_fingerprint`. Never raises: a memo
+    that cannot be written costs only the next start's prefetch."""
+    memo = models_dir() / FINGERPRINTS
+    try:
+        known = json.loads(memo.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    if known.get(setting) == fp:
+        return
+    known[setting] = fp
+    try:
+        _write_private(memo, json.dumps(known, indent=1, sort_keys=True))
+    except OSError as e:
+        log.warning("could not remember the model's fingerprint in %s: %s", memo, e)
+
+
+def predict_fingerprint(name: str, device: str = "auto", dtype: str = "auto", load_in: str = "none") -> str:
+    """The fingerprint `load_model` gave these arguments last time, found without loading the
+    weights ("" when unknown or the model cannot be resolved).
+
+    Only a guess to start work early with (reading a conversation's KV chunks while the
+    model loads): the loaded model's own fingerprint decides, and work done for another
+    one is thrown away. Nothing here raises."""
+    try:
+        dev = pick_device(device)
+        source = resolve(name)
+        known = json.loads((models_dir() / FINGERPRINTS).read_text())
+    except (ModelError, OSError, ValueError, RuntimeError):
+        return ""
+    fp = (
+        known.get(_setting(source, pick_dtype(dtype, dev), load_in, dev)) if isinstance(known, dict) else None
+    )
+    return fp if isinstance(fp, str) else ""
+
+
+def warm_up(lm: LoadedModel) -> threading.Thread:
+    """Start running one token through the model on a throwaway cache, in a daemon thread,
+    and return the thread.
+
+    A fresh process's first forward pays once for what later ones don't: paging in the
+    weights, first-call setup in the kernels and the allocator. Done while the caller
+    does other work (rendering and tokenizing the prompt, attaching its cache, or the user
+    typing), it is off the path to the first token; join the thread before the first real
+    forward so the two don't compete for the cores. A failure is only logged: the real
+    forward will meet it and report it."""
+    from transformers import DynamicCache
+
+    from chatkv.engine.generate import prefill
+
+    def run() -> None:
+        try:
+            token = lm.eos_ids[0] if lm.eos_ids else 0
+            prefill(lm.model, [token], DynamicCache(config=lm.model.config), 0)
+        except Exception as e:
+            log.debug("warm-up forward failed: %s", e)
+
+    thread = threading.Thread(target=run, name="chatkv-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _remember(source: ModelSource, fp: str) -> None:
