@@ -128,6 +128,8 @@ class Chat:
         with self._load_lock:
             if self.lm is not None:
                 return
+            if self.prefetched is not None:  # not two threads importing transformers at once
+                self.prefetched.imported.wait()
             from chatkv.engine.model import load_model
             from chatkv.kv.manager import KVManager
             from chatkv.progress import CallbackProgress

@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 
+import chatkv.engine.model as chatkv_model
 from chatkv.api import GenerationSettings
 from chatkv.cli import main
 from chatkv.engine.model import load_model, predict_fingerprint
@@ -234,3 +235,32 @@ def test_ctrl_c_while_the_model_loads_exits_130_and_stops_the_prefetch(capsys, c
         if t.name == "chatkv-prefetch":
             t.join(timeout=30)
             assert not t.is_alive()
+
+
+def test_each_turn_tokenizes_only_the_text_it_has_not_seen(tiny_lm, monkeypatch):
+    from chatkv.engine.model import chat_ids
+
+    tok = tiny_lm.tokenizer
+    seen: list[str] = []
+    real = type(tok).encode
+
+    def encode(self, text, *args, **kwargs):
+        seen.append(text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "encode", encode)
+    history = [{"role": "user", "content": f"Question {i}: {QUESTIONS[i % 2]}"} for i in range(6)]
+    whole = chat_ids(tok, history)
+    seen.clear()
+    longer = history + [{"role": "assistant", "content": "A new reply to the last question."}]
+    ids = chat_ids(tok, longer)
+    assert "A new reply to the last question." in seen  # the new message
+    assert not any(m["content"] in seen for m in history)  # not the old ones again
+    assert ids[: len(whole) - 3] == whole[: len(whole) - 3]  # (the generation prompt differs)
+    seen.clear()
+    edited = [dict(history[0], content="An edited first question.")] + longer[1:]
+    edited_ids = chat_ids(tok, edited)
+    assert edited_ids != ids and "An edited first question." in seen
+    # the remembered ids are the tokenizer's own: the same as without the memo
+    monkeypatch.setattr("chatkv.engine.model._PART_IDS", type(chatkv_model._PART_IDS)())
+    assert chat_ids(tok, longer) == ids and chat_ids(tok, edited) == edited_ids

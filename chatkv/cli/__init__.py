@@ -147,6 +147,7 @@ def run_chat(args: argparse.Namespace) -> int:
     chat = Chat(settings)
     if args.id is not None:
         chat.get_conversation(args.id)  # unknown id: one line, before the screen opens
+        chat.prefetch(args.id)  # its saved cache is read while the UI opens and the model loads
     app = create_app(chat, settings, args.id)
     try:
         app.run()

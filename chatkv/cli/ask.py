@@ -157,6 +157,9 @@ def _startup(chat, attach_s: float, load_began: float, loaded_at: float, first_a
         # the turn's chunk reads: in the background during the load, plus what the turn's
         # attach read itself (and checking what was read ahead)
         "chunk_read_s": (pre.read_s if used else 0.0) + attach_s,
+        # the background reads' own processor time: their wall time above includes waiting
+        # for the loading thread, with which they share the interpreter
+        "chunk_read_cpu_s": (pre.read_cpu_s if used else 0.0) + attach_s,
         "prefetched_tokens": pre.used_tokens if used else 0,
         "read_overlapped_load": bool(used and pre.started_at < loaded_at),
         "read_hidden_by_load": bool(used and pre.finished_at <= loaded_at),

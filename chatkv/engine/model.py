@@ -16,6 +16,8 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -521,5 +523,36 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prom
         else:  # the template's own text
             plain = False
         if part:
-            ids += tokenizer.encode(part, add_special_tokens=False, split_special_tokens=plain)
-    return [int(i) for i in ids]
+            ids += _encode(tokenizer, part, plain)
+    return ids
+
+
+# Each turn renders the whole conversation again; its parts are tokenized on their own (see
+# chat_ids), so a part's ids depend only on its text and the tokenizer: remembered per
+# tokenizer (a model switch brings another one), keyed by the text (an edit is a new key).
+class _PartIds(OrderedDict[tuple[bool, str], list[int]]):
+    chars = 0  # characters of the texts held
+
+
+_PART_IDS: weakref.WeakKeyDictionary[Any, _PartIds] = weakref.WeakKeyDictionary()
+_PART_IDS_LOCK = threading.Lock()
+PART_IDS_CHARS = 8 << 20  # characters of text remembered per tokenizer, least recently used dropped
+
+
+def _encode(tokenizer: Any, part: str, plain: bool) -> list[int]:
+    key = (plain, part)
+    with _PART_IDS_LOCK:
+        memo = _PART_IDS.setdefault(tokenizer, _PartIds())
+        hit = memo.get(key)
+        if hit is not None:
+            memo.move_to_end(key)
+            return hit
+    ids = [int(i) for i in tokenizer.encode(part, add_special_tokens=False, split_special_tokens=plain)]
+    with _PART_IDS_LOCK:
+        if key not in memo:
+            memo.chars += len(part)
+        memo[key] = ids
+        while memo.chars > PART_IDS_CHARS and len(memo) > 1:
+            (_, old), _ = memo.popitem(last=False)
+            memo.chars -= len(old)
+    return ids

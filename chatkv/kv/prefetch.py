@@ -64,7 +64,7 @@ class Prefetch:
     index: ChunkIndex
     kv_dir: Path
     conversation_id: int
-    policy: Policy
+    codec: str  # the storage policy's name (kv.policy)
     fingerprint: str = ""  # "" with `model` given: predicted in the thread
     dtype: torch.dtype | None = None
     device: torch.device | None = None
@@ -74,10 +74,16 @@ class Prefetch:
     started_at: float = 0.0  # time.perf_counter() when the thread began
     reads_began: float = 0.0  # when it began reading (after imports and finding the chain)
     finished_at: float = 0.0  # and when it ended
+    read_cpu_s: float = 0.0  # processor time of the reads (their wall time counts waits for the loader)
     read_tokens: int = 0  # tokens read and checked
     used_tokens: int = 0  # of those, how many the attach took
     taken: bool = False
     problem: str = ""  # why the reads stopped early, if they did
+    policy: Policy | None = None
+    # Set once the thread has imported what it needs (torch, part of transformers): a loader
+    # waits for it before importing the rest, since two threads importing transformers at
+    # once can see its lazy module half-built (ImportError).
+    imported: threading.Event = field(default_factory=threading.Event)
     _result: Prefetched | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -121,6 +127,14 @@ class Prefetch:
     def _run(self) -> None:
         self.started_at = time.perf_counter()
         try:
+            try:
+                import chatkv.engine.model  # noqa: F401
+                import chatkv.kv.chunks  # noqa: F401
+                import chatkv.kv.growable  # noqa: F401
+                from chatkv.kv.policy import get_policy
+            finally:
+                self.imported.set()
+            self.policy = get_policy(self.codec)
             if self.model is not None:
                 self._predict(*self.model)
             self._result = self._read() if self.fingerprint else None
@@ -148,6 +162,7 @@ class Prefetch:
             return []
         if not head.key or head.fingerprint != self.fingerprint:
             return []
+        assert self.policy is not None  # set before the chain is looked up
         chain: list[ChunkRecord] = []
         for rec in self.index.chunk_chain(head.key):
             if (
@@ -167,10 +182,10 @@ class Prefetch:
         from chatkv.kv.growable import capacity
 
         chain = self._chain()
-        if not chain or self.dtype is None or self.device is None:
+        if not chain or self.dtype is None or self.device is None or self.policy is None:
             return None
         total = sum(r.n_tokens for r in chain)
-        self.reads_began = time.perf_counter()
+        self.reads_began, cpu0 = time.perf_counter(), time.thread_time()
         data: list[ChunkData] = []
         k_buf = v_buf = None
         offset = 0
@@ -213,6 +228,7 @@ class Prefetch:
                 d.k, d.v = k_buf[..., : rec.n_tokens, :], v_buf[..., : rec.n_tokens, :]
             data.append(d)
             offset += rec.n_tokens
+        self.read_cpu_s = time.thread_time() - cpu0
         if not data or k_buf is None or v_buf is None:
             return None
         self.read_tokens = offset
@@ -230,14 +246,7 @@ def start(
     """Begin reading the conversation's chunks in the background under storage policy
     `codec`, for the model that `model` = (name, device, dtype, load_in) will load as, or
     for `lm`, a model loaded already but not yet given to the KV layer."""
-    # Everything the thread uses is imported here, by the caller: two threads importing
-    # transformers at once can see its lazy module half-built (ImportError).
-    import chatkv.engine.model  # noqa: F401
-    import chatkv.kv.chunks  # noqa: F401
-    import chatkv.kv.growable  # noqa: F401
-    from chatkv.kv.policy import get_policy
-
-    pre = Prefetch(index, kv_dir, conversation_id, get_policy(codec), model=model)
+    pre = Prefetch(index, kv_dir, conversation_id, codec, model=model)
     if lm is not None:
         pre.fingerprint, pre.dtype, pre.device, pre.model = lm.fingerprint, lm.dtype, lm.device, None
     return pre.start()
