@@ -264,3 +264,38 @@ def test_each_turn_tokenizes_only_the_text_it_has_not_seen(tiny_lm, monkeypatch)
     # the remembered ids are the tokenizer's own: the same as without the memo
     monkeypatch.setattr("chatkv.engine.model._PART_IDS", type(chatkv_model._PART_IDS)())
     assert chat_ids(tok, longer) == ids and chat_ids(tok, edited) == edited_ids
+
+
+READ_ONE_CHUNK = """
+import sys, torch
+from pathlib import Path
+from chatkv.kv.chunks import chunk_key, encode_chunk, read_chunk
+from chatkv.kv.codecs import get_codec
+from chatkv.kv.policy import get_policy
+tokens = list(range(8))
+key = chunk_key("f" * 32, None, tokens)
+layers = [(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)) for _ in range(2)]
+blob, _ = encode_chunk(get_codec("int8"), "f" * 32, key, None, 0, tokens, layers, False, sink=4)
+path = Path(sys.argv[1])
+path.write_bytes(blob)
+data = read_chunk(path, get_policy("int8"), "f" * 32, key, torch.float32, torch.device("cpu"))
+assert data.tokens == tokens
+print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
+"""
+
+
+def test_reading_a_chunk_does_not_import_torchs_compiler_stack(tmp_path):
+    """The first chunk read of a fresh process used to check its tensors' shapes on the meta
+    device, whose first use imports torch._dynamo and sympy: seconds on the way to a resumed
+    conversation's first token."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", READ_ONE_CHUNK, str(tmp_path / "chunk.safetensors")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
