@@ -299,3 +299,33 @@ def test_reading_a_chunk_does_not_import_torchs_compiler_stack(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_bench_resume_fresh_process_runs_the_cli_and_reports_the_ratios(capsys, tiny_model_dir):
+    code, out, err = run_cli(
+        capsys,
+        "bench",
+        "resume",
+        "--fresh-process",
+        "--json",
+        "--context",
+        "300",
+        "--repeat",
+        "1",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--codec",
+        "fp16",
+    )
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["rounds"] == 1 and r["prompt_tokens"] >= 300
+    assert r["reprefill_cached_tokens"] == 0  # the baseline prefilled everything
+    # the resume: all but the new question, read during the model's load
+    assert r["prompt_tokens"] - 60 < r["cached_tokens"] < r["prompt_tokens"]
+    assert r["read_overlapped_load"] is True
+    for ratio in ("speedup", "ttft_over_chunk_read_cpu", "process_over_import"):
+        assert r[ratio] > 0
+    assert r["speedup"] == pytest.approx(r["reprefill_ttft_s"] / r["resume_ttft_s"])

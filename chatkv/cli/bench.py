@@ -24,6 +24,12 @@ def _resume(p: argparse.ArgumentParser) -> None:
         help="tokens of history to resume (default 4096)",
     )
     p.add_argument("--repeat", type=REPEAT, default=3, help="resume measurements; the median is reported")
+    p.add_argument(
+        "--fresh-process",
+        action="store_true",
+        help="run the real CLI in fresh processes: resume versus re-prefill versus importing torch "
+        "(rounds of three, --repeat of them; a re-prefill each round)",
+    )
 
 
 def _quality(p: argparse.ArgumentParser) -> None:
@@ -127,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Imported only when it runs (the parser never imports torch), but each by name, so that
     # the import graph shows which modules the bench command uses.
-    if args.bench == "resume":
+    if args.bench == "resume" and args.fresh_process:
+        from chatkv.bench import startup as bench
+    elif args.bench == "resume":
         from chatkv.bench import resume as bench
     elif args.bench == "quality":
         from chatkv.bench import quality as bench
