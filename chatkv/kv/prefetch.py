@@ -56,7 +56,8 @@ class Prefetched:
 @dataclass
 class Prefetch:
     """A background read of conversation `conversation_id`'s saved chunk chain, made for a
-    model with `fingerprint`, `dtype` and `device` under storage `policy`.
+    model with `fingerprint`, `dtype` and `device` (or those `model` will load as) under
+    the storage policy named `codec`.
 
     `start()` begins it; `take()` waits for it and hands over what was read (once); the
     timing attributes say how long the reads took and when, for statistics."""
