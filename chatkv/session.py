@@ -136,6 +136,7 @@ class Chat:
 
             m, c = self.settings.model, self.settings.cache
             progress = CallbackProgress(self.progress)
+            aside: list[threading.Thread] = []
             lm = self._preloaded or load_model(
                 m.name,
                 device=m.device,
@@ -143,7 +144,10 @@ class Chat:
                 load_in=m.load_in,
                 context=m.context,
                 progress=progress,
+                on_tokenizer=lambda tok: aside.extend(self._pretokenize(tok)),
             )
+            for thread in aside:
+                thread.join()  # done with the tokenizer before anyone else uses it
             self.kv = KVManager(
                 self.store,
                 kv_dir(),
@@ -161,6 +165,24 @@ class Chat:
                 self._warm_up = warm_up(lm)
             self.lm = lm
             self.activity = ""
+
+    def _pretokenize(self, tokenizer: Any) -> list[threading.Thread]:
+        """While the weights load: tokenize the prefetched conversation's history in a
+        thread, so that its turn finds the ids remembered (chatkv.engine.model.chat_ids)."""
+        pre = self.prefetched
+        if pre is None:
+            return []
+        from chatkv.engine.model import chat_ids
+
+        def run() -> None:
+            try:
+                chat_ids(tokenizer, self.render(pre.conversation_id))
+            except Exception as e:  # only a head start: the turn tokenizes what is missing
+                log.debug("could not tokenize conversation %s ahead: %s", pre.conversation_id, e)
+
+        thread = threading.Thread(target=run, name="chatkv-pretokenize", daemon=True)
+        thread.start()
+        return [thread]
 
     # -- conversations -------------------------------------------------------
 

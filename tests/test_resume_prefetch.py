@@ -329,3 +329,43 @@ def test_bench_resume_fresh_process_runs_the_cli_and_reports_the_ratios(capsys, 
     for ratio in ("speedup", "ttft_over_chunk_read_cpu", "process_over_import"):
         assert r[ratio] > 0
     assert r["speedup"] == pytest.approx(r["reprefill_ttft_s"] / r["resume_ttft_s"])
+
+
+def test_a_resumed_conversation_is_tokenized_while_the_weights_load(chat, tiny_settings, monkeypatch):
+    cid = saved_conversation(chat)
+    chat.close()
+    history = [m.content for m in chat.messages(cid)]
+    encoded: list[str] = []
+
+    def spy(tok):
+        real = type(tok).encode
+
+        def encode(self, text, *args, **kwargs):
+            encoded.append(text)
+            return real(self, text, *args, **kwargs)
+
+        monkeypatch.setattr(type(tok), "encode", encode)
+
+    import chatkv.engine.model as model
+
+    load = model.load_model
+
+    def load_and_spy(*args, on_tokenizer=None, **kwargs):
+        def hook(tok):
+            spy(tok)
+            if on_tokenizer is not None:
+                on_tokenizer(tok)
+
+        return load(*args, on_tokenizer=hook, **kwargs)
+
+    monkeypatch.setattr(model, "load_model", load_and_spy)
+    again = Chat(tiny_settings, store=Store(chat.store.path))  # loads its own model: a new tokenizer
+    again.prefetch(cid)
+    again.load()
+    assert all(text in encoded for text in history)  # tokenized during the load
+    encoded.clear()
+    turn = again.send(cid, "Tell me a story.", GREEDY)
+    "".join(turn)
+    assert "Tell me a story." in encoded and not any(text in encoded for text in history)
+    assert turn.stats.cache_source == "disk"
+    again.close()

@@ -18,6 +18,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,12 @@ def _converted_dir(source: ModelSource) -> Path:
     return models_dir() / f"{Path(source.gguf_file or 'model').stem}-{digest}"
 
 
-def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: Progress = NULL) -> tuple[Any, Any]:
+def _load_gguf(
+    source: ModelSource,
+    dtype: torch.dtype,
+    progress: Progress = NULL,
+    on_tokenizer: Callable[[Any], None] | None = None,
+) -> tuple[Any, Any]:
     """Load a GGUF model, from its converted copy when one exists (seconds saved per start)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,6 +182,8 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: Progress = NUL
         progress.start(f"loading {source.name}")
         try:
             tok = AutoTokenizer.from_pretrained(conv)
+            if on_tokenizer is not None:
+                on_tokenizer(tok)
             model: Any = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)  # untyped enough: Any
             return model, tok
         except Exception as e:  # a damaged copy is rebuilt from the GGUF
@@ -219,7 +227,13 @@ def _save_converted(model: Any, tok: Any, conv: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_hf(source: ModelSource, dtype: torch.dtype, device: torch.device, load_in: str) -> tuple[Any, Any]:
+def _load_hf(
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_in: str,
+    on_tokenizer: Callable[[Any], None] | None = None,
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -238,6 +252,8 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, device: torch.device, load
     local = source.path != source.name or hub.hub_offline()
     try:
         tok = AutoTokenizer.from_pretrained(source.path, local_files_only=local)
+        if on_tokenizer is not None:
+            on_tokenizer(tok)
         model = AutoModelForCausalLM.from_pretrained(source.path, local_files_only=local, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -321,6 +337,7 @@ def load_model(
     load_in: str = "none",
     context: int = 0,
     progress: Progress | None = None,
+    on_tokenizer: Callable[[Any], None] | None = None,
 ) -> LoadedModel:
     """Load a model for chatkv. Raises ModelError with the fix when that is not possible.
 
@@ -329,6 +346,9 @@ def load_model(
         device, dtype, load_in: as in config/default.toml.
         context: largest context in tokens; 0 uses the model's maximum.
         progress: told about each slow step (conversion, loading); chatkv.progress.
+        on_tokenizer: given the tokenizer as soon as it is loaded, before the weights (to
+            start tokenizing a prompt meanwhile; what it starts must be done with the
+            tokenizer before the caller uses it: a fast tokenizer is not for two threads).
     A loaded model is recorded in the registry of models seen (chatkv.engine.seen).
     """
     progress = progress or NULL
@@ -347,11 +367,11 @@ def load_model(
     if source.gguf_file:
         if load_in != "none":
             raise ModelError("--load-in applies to Hugging Face weights, not GGUF files; use --load-in none")
-        model, tok = _load_gguf(source, dt, progress)
+        model, tok = _load_gguf(source, dt, progress, on_tokenizer)
     else:
         progress.start(f"loading {name}")
         try:
-            model, tok = _load_hf(source, dt, dev, load_in)
+            model, tok = _load_hf(source, dt, dev, load_in, on_tokenizer)
         finally:
             progress.done()
     if load_in == "none":
