@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-CacheSource = Literal["memory", "disk", "none"]
+CacheSource = Literal["memory", "disk", "remote", "none"]  # remote: chunks from cache.url
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 

@@ -23,14 +23,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from chatkv.api import GenerationSettings, TurnStats
 from chatkv.errors import ChatKVError, InputError
-
-if TYPE_CHECKING:
-    from chatkv.kv.manager import Attached
+from chatkv.tokens import common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +225,6 @@ class Runner:
                 self._release(line)
 
     def _serve_round(self, items: list[Item]) -> None:
-        from chatkv.kv.manager import common_prefix
-
         ready: list[Item] = []
         for item in items:
             try:
@@ -284,34 +280,25 @@ class Runner:
     def _shared(self, items: list[Item], p: int) -> None:
         """Lines sharing their first `p` tokens: attach/prefill/spill the prefix once."""
         from chatkv.engine.batch import BatchRow
-        from chatkv.engine.generate import prefill
-        from chatkv.kv import live
 
         t0 = time.perf_counter()
-        prefix = items[0].ids[:p]
-        att, _ = self.chat.prepare(None, prefix, whole=True)
-        if att.cached < p:
-            prefill(self.lm.model, prefix[att.cached :], att.cache, att.cached)
-            self.chat.keep_prefix(prefix, att.cache)  # the next run attaches it from disk
+        prefix, layers = self.chat.prepare_prefix(items[0].ids[:p])
         self.summary.prefix_tokens += p
-        self.summary.prefix_from_disk += att.cached
-        layers = live.layers_of(att.cache)
+        self.summary.prefix_from_disk += prefix.cached_tokens
         for n, part in enumerate(self._batches(items, p)):
             rows = [BatchRow(i.ids, i.settings, None, p, keep_cache=self._saves(i)) for i in part]
-            stats = [self._stats(i, att) for i in part]
+            stats = [self._stats(i, prefix) for i in part]
             self._decode(part, rows, layers, stats, t0 if n == 0 else time.perf_counter())
 
-    def _stats(self, item: Item, att: Attached) -> TurnStats:
+    @staticmethod
+    def _stats(item: Item, prefix: TurnStats) -> TurnStats:
         """A line over a shared prefix: its statistics before decoding, as the session's
         `prepare` makes them, with the prefix's cache as the line's own."""
-        return TurnStats(
+        return replace(
+            prefix,
             prompt_tokens=len(item.ids),
-            cached_tokens=att.cached,
-            prefilled_tokens=len(item.ids) - att.cached,
-            cache_source=att.source,
-            cache_load_s=att.load_s,
+            prefilled_tokens=len(item.ids) - prefix.cached_tokens,
             dropped_messages=item.dropped,
-            codec=self.chat.settings.cache.codec,
         )
 
     def _own(self, items: list[Item]) -> None:

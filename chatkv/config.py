@@ -125,6 +125,32 @@ def _size() -> tuple[Callable[[Any], Any], str]:
     return parse_size, 'a byte size such as 1073741824, "512MiB" or "2GB"'
 
 
+def _bool() -> tuple[Callable[[Any], Any], str]:
+    def check(v: Any) -> bool:
+        if isinstance(v, str):  # from the environment
+            v = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(v.lower())
+        if not isinstance(v, bool):
+            raise ValueError
+        return v
+
+    return check, "true or false"
+
+
+def _url(*schemes: str) -> tuple[Callable[[Any], Any], str]:
+    """ "" (the default) or a URL whose scheme is one of `schemes`. Only the scheme is checked
+    here (without importing a client); opening the store or cache checks the rest."""
+
+    def check(v: Any) -> str:
+        if not isinstance(v, str):
+            raise ValueError
+        v = v.strip()
+        if v and (v.split("://", 1)[0] not in schemes or "://" not in v):
+            raise ValueError
+        return v
+
+    return check, '"" (the default) or a URL starting ' + " or ".join(f"{s}://" for s in schemes)
+
+
 # `cache.codec` names a storage policy (kv/policy.py): "tiered" by age, or one fixed codec.
 # Listed here, not imported, so that reading the config never imports torch.
 CODEC_NAMES = ("tiered", "fp16", "int8", "int4", "int2")
@@ -145,6 +171,10 @@ SCHEMA: dict[str, tuple[Callable[[Any], Any], str]] = {
     "cache.chunk_tokens": _int(16, 65536),
     "cache.live_bytes": _size(),
     "cache.disk_bytes": _size(),
+    "cache.url": _url("s3", "file"),
+    "cache.local_bytes": _size(),
+    "cache.shared": _bool(),
+    "store.url": _url("postgresql", "postgresql+psycopg", "sqlite"),
     "chat.system_prompt": _str(),
     "batch.batch_size": _int(0, 4096),
     "ui.theme": _nonempty(),

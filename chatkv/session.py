@@ -1,6 +1,17 @@
-"""One conversation's turn: the only place where transcript, cache and engine meet.
+"""The session: where a turn is prepared, run and saved, and the only place where
+transcript, cache and engine meet.
 
-`Chat` implements `chatkv.api.ChatBackend` for the CLI, the TUI and batch.
+`Chat` implements `chatkv.api.ChatBackend` for the CLI, the TUI and batch. A turn reads
+in two places: `Chat.send` (or `regenerate`, `edit`) saves the user's message and makes a
+`chatkv.turn.Turn`, whose iteration renders the conversation (`render`, `fit`), attaches the
+longest cached prefix (`prepare`), runs the engine and saves the reply (`journal.apply`),
+then keeps and spills the cache. Batch prepares and saves its lines through the same
+`prepare`, `prepare_prefix`, `hold` and `save_exchange`.
+
+The rest of the front ends' contract is in two parts of `Chat`: chatkv.conversations
+(listing, reading, naming, deleting, versions, export) and chatkv.housekeeping (models and
+switching them, search, import, the chunk store's upkeep).
+
 The transcript is the source of truth: a cache can always be rebuilt by prefill,
 a message cannot be rebuilt at all, so messages are saved before and after
 generation and a cache problem never costs one.
@@ -8,52 +19,45 @@ generation and a cache problem never costs one.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any, Literal
-
-from sqlalchemy import exc
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from chatkv import journal, lease
-from chatkv.api import (
-    ChatBackend,
-    ConversationSummary,
-    GenerationSettings,
-    MessageView,
-    ModelInfo,
-    TurnStats,
-)
+from chatkv.api import ChatBackend, GenerationSettings, TurnStats
 from chatkv.config import Settings
+from chatkv.conversations import Conversations
+from chatkv.conversations import message_dict as message_dict  # re-exported: `chatkv show --json`
 from chatkv.engine.defaults import generation_defaults
 from chatkv.errors import InputError
-from chatkv.paths import db_path, kv_dir
+from chatkv.housekeeping import Housekeeping
+from chatkv.kv import prefetch as kv_prefetch
+from chatkv.paths import kv_dir
 from chatkv.store import Store
 from chatkv.store.common import new_turn_id
+from chatkv.store.db import database_target
 from chatkv.turn import Replace, Turn
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
     from chatkv.engine.model import LoadedModel
-    from chatkv.imports import ImportReport
-    from chatkv.kv.maintenance import GcReport, RebuildReport, VerifyReport
+    from chatkv.kv.chunks import Layers
     from chatkv.kv.manager import Attached, KVManager
     from chatkv.kv.prefetch import Prefetch
-    from chatkv.store.search import SearchHit
 
 log = logging.getLogger(__name__)
 
 
-class Chat:
+class Chat(Conversations, Housekeeping):
     """The session layer over a store, a model (loaded on demand) and the KV layer."""
 
     def __init__(self, settings: Settings, store: Store | None = None, lm: LoadedModel | None = None):
         """`lm`: an already loaded model (tests and benchmarks share one); else loaded by `load()`."""
         self.settings = settings
-        self.store = store or Store(db_path())
+        self.store = store or Store(database_target(settings))  # [store] url, else the data dir's SQLite
         self.model_name = settings.model.name
         self._preloaded = lm
         self.lm: LoadedModel | None = None
@@ -68,10 +72,7 @@ class Chat:
         # while a long prompt prefills (tokens); done is -1 or total at the end. Called from
         # the thread doing the work. chatkv.progress has adapters for it.
         self.on_progress: Callable[[str, int, int], None] | None = None
-        # A conversation's chunks being read while the model loads (`prefetch`), handed to
-        # the KV layer by `load`; kept after for its timings.
-        self.prefetched: Prefetch | None = None
-        self._warm_up: threading.Thread | None = None  # the first forward, run by `load`
+        self.prefetched: Prefetch | None = None  # see `prefetch`; kept for its timings
         journal.replay(self.store)  # replies an earlier run streamed but could not save
 
     # -- model ---------------------------------------------------------------
@@ -103,40 +104,28 @@ class Chat:
         return self.lm, self.kv
 
     def prefetch(self, conversation_id: int) -> None:
-        """Start reading the conversation's saved KV cache in the background, so that it is
-        in memory when the model has loaded (chatkv.kv.prefetch). Call before `load`; does
-        nothing once a model is loaded. Its next turn checks and uses what was read."""
-        if self.lm is not None:
-            return
-        from chatkv.kv.prefetch import start
-
-        m = self.settings.model
-        old, self.prefetched = self.prefetched, None
-        if old is not None:
-            old.cancel()
-        self.prefetched = start(
-            self.store,
-            kv_dir(),
-            conversation_id,
-            self.settings.cache.codec,
-            model=(m.name, m.device, m.dtype, m.load_in),
-            lm=self._preloaded,
-        )
+        """Before `load`: read (and tokenize) the conversation while the model loads (kv.prefetch)."""
+        if self.lm is None:
+            render = lambda: self.render(conversation_id)  # noqa: E731
+            self.prefetched = kv_prefetch.start(
+                self.store, kv_dir(), conversation_id, self.settings, self._preloaded, render
+            )
 
     def load(self) -> None:
         """Load the model and the KV layer (blocking; idempotent; thread-safe)."""
         with self._load_lock:
             if self.lm is not None:
                 return
-            if self.prefetched is not None:  # not two threads importing transformers at once
-                self.prefetched.imported.wait()
-            from chatkv.engine.model import load_model
+            pre = self.prefetched
+            if pre is not None:  # not two threads importing transformers at once
+                pre.imported.wait()
+            from chatkv.engine.model import load_model, warm_up
             from chatkv.kv.manager import KVManager
+            from chatkv.kv.objects import tiers_for
             from chatkv.progress import CallbackProgress
 
             m, c = self.settings.model, self.settings.cache
             progress = CallbackProgress(self.progress)
-            aside: list[threading.Thread] = []
             lm = self._preloaded or load_model(
                 m.name,
                 device=m.device,
@@ -144,10 +133,8 @@ class Chat:
                 load_in=m.load_in,
                 context=m.context,
                 progress=progress,
-                on_tokenizer=lambda tok: aside.extend(self._pretokenize(tok)),
+                on_tokenizer=pre.tokenize if pre is not None else None,
             )
-            for thread in aside:
-                thread.join()  # done with the tokenizer before anyone else uses it
             self.kv = KVManager(
                 self.store,
                 kv_dir(),
@@ -156,152 +143,12 @@ class Chat:
                 chunk_tokens=c.chunk_tokens,
                 live_bytes=c.live_bytes,
                 disk_bytes=c.disk_bytes,
+                tiers=tiers_for(kv_dir(), c.url, c.local_bytes, c.shared),  # cache.url, if set
             )
-            if self.prefetched is not None and not self.prefetched.taken:
-                self.kv.prefetch = self.prefetched
-            if self._preloaded is None:  # a fresh model: its first forward runs now, aside
-                from chatkv.engine.model import warm_up
-
-                self._warm_up = warm_up(lm)
+            self.kv.prefetch = pre
+            self.kv.warm_up = warm_up(lm) if self._preloaded is None else None
             self.lm = lm
             self.activity = ""
-
-    def _pretokenize(self, tokenizer: Any) -> list[threading.Thread]:
-        """While the weights load: tokenize the prefetched conversation's history in a
-        thread, so that its turn finds the ids remembered (chatkv.engine.model.chat_ids)."""
-        pre = self.prefetched
-        if pre is None:
-            return []
-        from chatkv.engine.model import chat_ids
-
-        def run() -> None:
-            try:
-                chat_ids(tokenizer, self.render(pre.conversation_id))
-            except Exception as e:  # only a head start: the turn tokenizes what is missing
-                log.debug("could not tokenize conversation %s ahead: %s", pre.conversation_id, e)
-
-        thread = threading.Thread(target=run, name="chatkv-pretokenize", daemon=True)
-        thread.start()
-        return [thread]
-
-    # -- conversations -------------------------------------------------------
-
-    def list_conversations(self, query: str = "", limit: int = 200) -> list[ConversationSummary]:
-        convs = self.store.list_conversations(query=query, limit=limit)
-        return [self._mark_live(c) for c in convs]
-
-    def latest_conversation(self) -> ConversationSummary | None:
-        """The most recently updated conversation (None when there is none)."""
-        found = self.list_conversations(limit=1)
-        return found[0] if found else None
-
-    def get_conversation(self, conversation_id: int) -> ConversationSummary:
-        return self._mark_live(self.store.get_conversation(conversation_id))
-
-    def _mark_live(self, conv: ConversationSummary) -> ConversationSummary:
-        kv = self.kv  # read once: a model switch may drop it meanwhile
-        if kv is not None and conv.id in kv.pool:
-            return replace(
-                conv, cache_state="live", token_count=kv.pool.peek_tokens(conv.id) or conv.token_count
-            )
-        return conv
-
-    def messages(self, conversation_id: int) -> list[MessageView]:
-        return self.store.messages(conversation_id)
-
-    def new_conversation(
-        self, system_prompt: str | None = None, title: str | None = None
-    ) -> ConversationSummary:
-        prompt = self.settings.chat.system_prompt if system_prompt is None else system_prompt
-        return self.store.create_conversation(
-            title=title or "", model=self.model_name, system_prompt=prompt, settings=asdict(self.defaults)
-        )
-
-    def rename(self, conversation_id: int, title: str) -> None:
-        if not title.strip():
-            raise InputError("a conversation title cannot be empty")
-        self.store.rename(conversation_id, title.strip())
-
-    def delete(self, conversation_id: int) -> None:
-        """Delete the conversation, its earlier versions, its journals, and every cache chunk
-        that only it used (chunk files hold token ids, which decode back to its text).
-        Chunks shared with other conversations stay. Raises NotFoundError, BusyError."""
-        self.store.get_conversation(conversation_id)
-        if self.kv is not None:
-            self.kv.flush()  # a spill still queued for it would write its chunks again
-        with lease.acquire(conversation_id) as held:
-            try:
-                keys = self.store.private_chunks(conversation_id)
-            except exc.DatabaseError:  # a damaged chunk index: the files go by `cache gc`
-                keys = []
-            self.store.delete_conversation(conversation_id)
-            if self.kv is not None:
-                self.kv.pool.drop(conversation_id)
-            journal.discard(conversation_id)
-            if keys:
-                from chatkv.kv.maintenance import remove_keys
-
-                remove_keys(self.store, kv_dir(), keys)
-            held.release(forget=True)
-
-    def models(self) -> list[ModelInfo]:
-        """The models usable offline, with their KV chunks on disk (chatkv.catalog)."""
-        from chatkv.catalog import list_models
-
-        return list_models(self.store.chunk_stats())
-
-    def set_system_prompt(self, conversation_id: int, system_prompt: str) -> None:
-        self.store.set_system_prompt(conversation_id, system_prompt)
-
-    def search(
-        self,
-        query: str,
-        limit: int = 100,
-        mark: tuple[str, str] = ("[", "]"),
-        conversation_ids: list[int] | None = None,
-    ) -> list[SearchHit]:
-        """Messages and titles matching `query`, each with the match in context."""
-        return self.store.search(query, limit=limit, mark=mark, conversation_ids=conversation_ids)
-
-    def import_from(self, kind: str, path: str, dry_run: bool = False) -> ImportReport:
-        """Bring in conversations from another tool ("llm", "chatgpt"); those imported before
-        are skipped (chatkv.imports)."""
-        from chatkv.imports import import_all
-
-        return import_all(self.store, kind, path, dry_run=dry_run)
-
-    # -- the chunk store, for `chatkv cache` (none of it needs the model) -------
-
-    def cache_stats(self) -> dict[str, Any]:
-        """Chunks and bytes by codec and model (named where chatkv has seen it load), what
-        cannot attach, and leftover temp files."""
-        from chatkv.engine import seen
-        from chatkv.kv.maintenance import reachable_stats, temp_files
-
-        stats = self.store.chunk_stats() | reachable_stats(self.store)
-        stats["temp_files"], stats["temp_bytes"] = temp_files(kv_dir())
-        names = seen.names_by_fingerprint()
-        for fp, entry in (stats.get("by_fingerprint") or {}).items():
-            entry["model"] = names.get(fp)
-        return stats | {"kv_dir": str(kv_dir())}
-
-    def cache_gc(self, max_bytes: int) -> GcReport:
-        """Drop index rows without files and old orphan files, then evict down to `max_bytes`."""
-        from chatkv.kv.maintenance import gc
-
-        return gc(self.store, kv_dir(), max_bytes)
-
-    def cache_verify(self, fix: bool = True) -> VerifyReport:
-        """Read every chunk and check it; with `fix`, remove the bad ones."""
-        from chatkv.kv.maintenance import verify
-
-        return verify(self.store, kv_dir(), fix=fix)
-
-    def cache_rebuild(self) -> RebuildReport:
-        """Rebuild the chunk index from the chunk files' own metadata."""
-        from chatkv.kv.maintenance import rebuild
-
-        return rebuild(self.store, kv_dir())
 
     # -- turns ---------------------------------------------------------------
 
@@ -351,9 +198,6 @@ class Chat:
         `ids` (batch's shared prefix, which its lines continue each on its own)."""
         _, kv = self.loaded()
         att = kv.attach(conversation_id, ids, whole=whole)
-        warm, self._warm_up = self._warm_up, None
-        if warm is not None:
-            warm.join()  # the turn's forward comes next: not two at once on the same cores
         stats = TurnStats(
             prompt_tokens=len(ids),
             cached_tokens=att.cached,
@@ -365,11 +209,20 @@ class Chat:
         )
         return att, stats
 
-    def keep_prefix(self, tokens: list[int], cache: DynamicCache) -> None:
-        """Spill a cache that belongs to no conversation (batch's shared prefix): the next run
-        attaches it from disk."""
-        _, kv = self.loaded()
-        kv.spill(None, tokens, cache)
+    def prepare_prefix(self, tokens: list[int]) -> tuple[TurnStats, Layers]:
+        """Prepare a prefix that several turns continue each on their own (batch's shared
+        prefix; it belongs to no conversation): attach what is cached of it, prefill the rest
+        and spill it, so the next run attaches it from disk. Returns its statistics (cached
+        tokens, from where) and its cache, per layer (keys, values) each (1, H, len(tokens), D)."""
+        from chatkv.engine.generate import prefill
+        from chatkv.kv import live
+
+        lm, kv = self.loaded()
+        att, stats = self.prepare(None, tokens, whole=True)
+        if att.cached < len(tokens):
+            prefill(lm.model, tokens[att.cached :], att.cache, att.cached)
+            kv.spill(None, tokens, att.cache)
+        return stats, live.layers_of(att.cache)
 
     def hold(self, conversation_id: int) -> lease.Lease:
         """Take the conversation for one turn (no other turn, in this process or another, runs
@@ -450,21 +303,6 @@ class Chat:
         held = self.hold(msg.conversation_id)
         return Turn(self, msg.conversation_id, settings or self.defaults, held, replace=change)
 
-    def later_messages(self, message_id: int) -> int:
-        """How many messages follow this one (an edit sets them aside)."""
-        msg = self.store.get_message(message_id)
-        return sum(1 for m in self.store.messages(msg.conversation_id) if m.position > msg.position)
-
-    def versions(self, message_id: int) -> list[MessageView]:
-        """Earlier versions of a message, oldest first (ids are version ids for `restore`)."""
-        return self.store.versions(message_id)
-
-    def restore(self, message_id: int, version_id: int) -> None:
-        """Make an earlier version current again (what it replaced becomes a version in turn)."""
-        msg = self.store.get_message(message_id)
-        with self.hold(msg.conversation_id):
-            self.store.restore(message_id, version_id)
-
     def count_tokens(self, text: str) -> int | None:
         """Tokens `text` adds as a user message; None while the model is not loaded."""
         lm = self.lm  # read once: a model switch may drop it meanwhile
@@ -542,34 +380,7 @@ class Chat:
 
         return len(chat_ids(lm.tokenizer, self.render(conversation_id)))
 
-    # -- export and shutdown ---------------------------------------------------
-
-    def export(self, conversation_id: int, fmt: Literal["md", "json"] = "md") -> str:
-        conv = self.store.get_conversation(conversation_id)
-        msgs = self.store.messages(conversation_id)
-        if fmt == "json":
-            return json.dumps(
-                {
-                    "id": conv.id,
-                    "title": conv.title,
-                    "model": conv.model,
-                    "system_prompt": conv.system_prompt,
-                    "created_at": conv.created_at.isoformat(),
-                    "updated_at": conv.updated_at.isoformat(),
-                    "messages": [message_dict(m) for m in msgs],
-                },
-                indent=2,
-                ensure_ascii=False,
-            )
-        if fmt != "md":
-            raise InputError(f"unknown export format {fmt!r}; use md or json")
-        lines = [f"# {conv.title or 'Untitled conversation'}", ""]
-        lines += [f"*{conv.model} · {conv.created_at:%Y-%m-%d %H:%M} UTC*", ""]
-        if conv.system_prompt:
-            lines += ["## System", "", conv.system_prompt, ""]
-        for m in msgs:
-            lines += [f"## {m.role.capitalize()}", "", m.content, ""]
-        return "\n".join(lines)
+    # -- shutdown --------------------------------------------------------------
 
     def flush(self) -> None:
         """Wait until every queued spill is on disk."""
@@ -581,60 +392,6 @@ class Chat:
             self.prefetched.cancel()
         if self.kv is not None:
             self.kv.close()
-
-    def switch_model(self, name: str, conversation_id: int | None = None) -> None:
-        """Use model `name` from now on (blocking: it is loaded before this returns) and, given
-        `conversation_id`, record it as that conversation's model.
-
-        The conversation's cache starts anew by itself: chunk keys and kv heads carry the
-        model's fingerprint, so the old model's chunks never attach to the new one. Raises
-        ModelError when `name` cannot be loaded, after loading the previous model again;
-        ConfigError for a name model.name refuses (nothing changes then). Must not run while
-        a turn does (the front ends refuse to)."""
-        if conversation_id is not None:
-            self.store.get_conversation(conversation_id)  # NotFoundError before anything changes
-        previous = self.model_name
-
-        def use(model: str) -> None:
-            # First, so a name the config refuses changes nothing.
-            self.settings.set("model.name", model, source="the model picker")
-            if self.kv is not None:
-                self.kv.close()  # flushes the spills still queued, made with the old model
-            # Dropped before the next one loads, so two models never share the memory.
-            self.kv = self.lm = self._preloaded = None
-            self.model_name = model
-            self.defaults = generation_defaults(self.settings)  # the new model's sampling
-
-        if name != previous or self.lm is None:
-            # The teardown holds the load lock so no load() interleaves with it; the load takes
-            # the lock itself in load() (a plain Lock: it cannot be held across that call).
-            with self._load_lock:
-                use(name)
-            try:
-                self.load()
-            except Exception:
-                with self._load_lock:
-                    use(previous)
-                try:
-                    self.load()
-                except Exception as e:  # the previous one fails too: the switch's error is the news
-                    log.warning("could not load %s again after a failed switch: %s", previous, e)
-                raise
-        if conversation_id is not None:
-            self.store.set_model(conversation_id, name)
-
-
-def message_dict(m: MessageView) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "id": m.id,
-        "position": m.position,
-        "role": m.role,
-        "content": m.content,
-        "created_at": m.created_at.isoformat(),
-    }
-    if m.stats is not None:
-        d["stats"] = m.stats.to_dict()
-    return d
 
 
 if TYPE_CHECKING:

@@ -4,6 +4,7 @@ once per session, so the fast suite never needs the real model."""
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -108,6 +109,40 @@ def tiny_settings(tiny_model_dir):
 
 
 @pytest.fixture
+def cli_env(request, monkeypatch, tiny_model_dir):
+    """The CLI on the tiny model, set up through the environment as a user would: greedy, fp16
+    chunks, nothing on standard input. A module using it (`pytestmark =
+    pytest.mark.usefixtures("cli_env")`) sets CLI_MAX_NEW_TOKENS (default 6) and
+    CLI_CHUNK_TOKENS (None, the default: the configured chunk size). The process umask,
+    which some tests change, is restored after."""
+    max_new = getattr(request.module, "CLI_MAX_NEW_TOKENS", 6)
+    chunk_tokens = getattr(request.module, "CLI_CHUNK_TOKENS", None)
+    monkeypatch.setenv("CHATKV_MODEL_NAME", str(tiny_model_dir))
+    monkeypatch.setenv("CHATKV_MODEL_DEVICE", "cpu")
+    monkeypatch.setenv("CHATKV_GENERATION_TEMPERATURE", "0")
+    monkeypatch.setenv("CHATKV_GENERATION_MAX_NEW_TOKENS", str(max_new))
+    if chunk_tokens is not None:
+        monkeypatch.setenv("CHATKV_CACHE_CHUNK_TOKENS", str(chunk_tokens))
+    monkeypatch.setenv("CHATKV_CACHE_CODEC", "fp16")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)
+
+
+@pytest.fixture
+def store(chatkv_home):
+    """An open Store on the test's own database (in its CHATKV_HOME), closed after."""
+    from chatkv.paths import db_path
+    from chatkv.store import Store
+
+    s = Store(db_path())
+    yield s
+    s.close()
+
+
+@pytest.fixture
 def chat(tiny_settings, tiny_lm):
     """A Chat on the tiny model (the loaded model is shared across tests)."""
     from chatkv.session import Chat
@@ -116,3 +151,20 @@ def chat(tiny_settings, tiny_lm):
     c.load()
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server for the whole run (tests/servers.py); new_database(pg_server)
+    gives each test its own database."""
+    from servers import postgres
+
+    yield from postgres()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 for the whole run (tests/servers.py): its endpoint URL."""
+    from servers import s3
+
+    yield from s3()

@@ -35,7 +35,6 @@ from chatkv.kv.chunks import (
 from chatkv.kv.codecs import get_codec
 from chatkv.kv.live import LivePool
 from chatkv.kv.policy import get_policy
-from chatkv.store import Store
 from chatkv.store.common import ChunkRecord
 
 FP = "f" * 32
@@ -211,13 +210,6 @@ def test_write_atomic_leaves_only_the_finished_file(tmp_path, monkeypatch):
 
 
 # -- index and maintenance -------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "db" / "chatkv.db")
-    yield s
-    s.close()
 
 
 def index_chunk(store, kv_dir: Path, tokens, parent=None, start=0, seed=0, used_at=None) -> ChunkRecord:

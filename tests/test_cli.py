@@ -25,20 +25,9 @@ from chatkv.store import Store
 MAX_NEW = 6
 
 
-@pytest.fixture(autouse=True)
-def cli_env(monkeypatch, tiny_model_dir):
-    """The tiny model, greedy and short replies; the test's umask is restored after."""
-    monkeypatch.setenv("CHATKV_MODEL_NAME", str(tiny_model_dir))
-    monkeypatch.setenv("CHATKV_MODEL_DEVICE", "cpu")
-    monkeypatch.setenv("CHATKV_GENERATION_TEMPERATURE", "0")
-    monkeypatch.setenv("CHATKV_GENERATION_MAX_NEW_TOKENS", str(MAX_NEW))
-    monkeypatch.setenv("CHATKV_CACHE_CHUNK_TOKENS", "32")
-    monkeypatch.setenv("CHATKV_CACHE_CODEC", "fp16")
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    yield
-    os.umask(umask)
+# The tiny model, greedy and short replies (conftest's cli_env).
+CLI_MAX_NEW_TOKENS, CLI_CHUNK_TOKENS = MAX_NEW, 32
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -10,7 +10,6 @@ their settings built, except `ask`, which runs on the tiny model.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sqlite3
@@ -27,18 +26,9 @@ MODEL_COMMANDS = {"chat", "ask", "batch", "bench"}
 BAD_INTS = ["0", "-1", str(10**24), "abc", "1e3", str(INT64_MAX)]
 
 
-@pytest.fixture(autouse=True)
-def cli_env(monkeypatch, tiny_model_dir):
-    monkeypatch.setenv("CHATKV_MODEL_NAME", str(tiny_model_dir))
-    monkeypatch.setenv("CHATKV_MODEL_DEVICE", "cpu")
-    monkeypatch.setenv("CHATKV_GENERATION_TEMPERATURE", "0")
-    monkeypatch.setenv("CHATKV_GENERATION_MAX_NEW_TOKENS", "6")
-    monkeypatch.setenv("CHATKV_CACHE_CODEC", "fp16")
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    yield
-    os.umask(umask)
+# The tiny model, greedy, 6-token replies, the configured chunk size (conftest's cli_env).
+CLI_MAX_NEW_TOKENS, CLI_CHUNK_TOKENS = 6, None
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -97,13 +97,6 @@ def index_chain(store, kv: Path, n: int, used_at=None, first_token: int = 0) -> 
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "db" / "chatkv.db")
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def kv(tmp_path):
     path = tmp_path / "kv"
     path.mkdir(mode=0o700)

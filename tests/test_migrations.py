@@ -120,12 +120,43 @@ def _check_0003(store: Store) -> None:
     assert [c.id for c in store.list_conversations("OLD CHAT")] == [7]
 
 
+def _seed_0004(db: sqlite3.Connection) -> None:
+    _seed_0003(db)
+    # A second conversation that never spilled a cache: it gets no kv_heads row.
+    db.execute(
+        "INSERT INTO conversations (id, title, model, system_prompt, settings, created_at, updated_at) "
+        "VALUES (9, 'no cache yet', 'm', '', '{}', ?, ?)",
+        (CREATED, CREATED),
+    )
+
+
+def _check_0004(store: Store) -> None:
+    _check_0003(store)
+    # 0005: each conversation's pointer into the chunk index moved to kv_heads, unchanged.
+    head = store.get_kv_head(7)
+    assert (head.key, head.tokens, head.fingerprint) == ("ab" * 32, 9, "fp")
+    assert store.chunk_is_head("ab" * 32)
+    conv = store.get_conversation(7)
+    assert (conv.token_count, conv.cache_state, conv.cache_bytes) == (9, "disk", 123)
+    empty = store.get_kv_head(9)
+    assert (empty.key, empty.tokens, empty.fingerprint) == (None, 0, None)
+    assert store.get_conversation(9).token_count == 0
+    # The rebuilt conversations table kept its full-text triggers and its AUTOINCREMENT.
+    store.rename(9, "renamed after the upgrade")
+    assert [c.id for c in store.list_conversations("RENAMED after")] == [9]
+    store.delete_conversation(9)
+    assert store.create_conversation(title="later").id > 9
+    store.delete_conversation(7)  # its kv head goes with it
+    assert not store.chunk_is_head("ab" * 32)
+
+
 # For each earlier head: rows to write at that revision, and how to check them after
 # the upgrade to head. A new migration must add an entry for the head it supersedes.
 SEEDS: dict[str, tuple[Callable[[sqlite3.Connection], None], Callable[[Store], None]]] = {
     "0001": (_seed_0001, _check_0001),
     "0002": (_seed_0002, _check_0002),
     "0003": (_seed_0003, _check_0003),
+    "0004": (_seed_0004, _check_0004),
 }
 
 
@@ -200,3 +231,37 @@ def test_database_from_newer_chatkv_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ChatKVError, match="newer") as info:
         Store(path)
     assert str(path) in str(info.value)
+
+
+def _downgrade(path: Path, revision: str) -> None:
+    """Run the migrations down to `revision`, as chatkv.store.db.upgrade runs them up
+    (one transaction, foreign keys off while tables are rebuilt)."""
+    engine = store_db.make_engine(path, foreign_keys=False, pooled=False)
+    try:
+        with engine.connect() as conn, conn.begin():
+            command.downgrade(store_db.alembic_config(conn), revision)
+    finally:
+        engine.dispose()
+
+
+def test_kv_heads_downgrade_puts_the_pointers_back_into_conversations(tmp_path: Path) -> None:
+    path = tmp_path / "chatkv.db"
+    with Store(path) as store:
+        cached = store.create_conversation(title="cached")
+        store.add_message(cached.id, "user", "hello")
+        store.set_kv_head(cached.id, "cd" * 32, 42, "fp")
+        plain = store.create_conversation(title="plain")
+    _downgrade(path, "0004")
+    with _sqlite(path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
+        rows = db.execute("SELECT id, kv_head, kv_tokens, kv_fingerprint FROM conversations ORDER BY id")
+        assert rows.fetchall() == [(cached.id, "cd" * 32, 42, "fp"), (plain.id, None, 0, None)]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "kv_heads" not in tables
+        assert db.execute("SELECT content FROM messages").fetchall() == [("hello",)]
+        triggers = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        assert {"conversations_fts_ai", "conversations_fts_ad", "conversations_fts_au"} <= triggers
+    with Store(path) as store:  # and up again, as at the next start
+        head = store.get_kv_head(cached.id)
+        assert (head.key, head.tokens, head.fingerprint) == ("cd" * 32, 42, "fp")
+        assert [c.id for c in store.list_conversations("plai")] == [plain.id]

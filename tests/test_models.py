@@ -3,7 +3,6 @@ its chunks on disk, and `cache stats` naming models instead of hashes."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
@@ -16,16 +15,9 @@ from chatkv.engine import seen
 from chatkv.errors import ModelError
 from chatkv.paths import models_dir
 
-
-@pytest.fixture(autouse=True)
-def cli_env(monkeypatch, tiny_model_dir):
-    monkeypatch.setenv("CHATKV_MODEL_NAME", str(tiny_model_dir))
-    monkeypatch.setenv("CHATKV_MODEL_DEVICE", "cpu")
-    monkeypatch.setenv("CHATKV_GENERATION_TEMPERATURE", "0")
-    monkeypatch.setenv("CHATKV_GENERATION_MAX_NEW_TOKENS", "4")
-    monkeypatch.setenv("CHATKV_CACHE_CHUNK_TOKENS", "32")
-    monkeypatch.setenv("CHATKV_CACHE_CODEC", "fp16")
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+# The tiny model, greedy, 4-token replies, 32-token chunks (conftest's cli_env).
+CLI_MAX_NEW_TOKENS, CLI_CHUNK_TOKENS = 4, 32
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

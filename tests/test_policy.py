@@ -27,19 +27,11 @@ from chatkv.kv.chunks import encode_chunk, read_chunk, write_atomic
 from chatkv.kv.codecs import get_codec
 from chatkv.kv.manager import KVManager
 from chatkv.kv.policy import DEFAULT_POLICY, INT4_AFTER, POLICIES, get_policy
-from chatkv.paths import db_path, kv_dir
+from chatkv.paths import kv_dir
 from chatkv.session import Chat
-from chatkv.store import Store
 
 C = 32  # chunk tokens
 GREEDY = GenerationSettings(max_new_tokens=12, temperature=0.0)
-
-
-@pytest.fixture
-def store():
-    s = Store(db_path())
-    yield s
-    s.close()
 
 
 def ids(n: int, seed: int = 0) -> list[int]:

@@ -76,14 +76,14 @@ def test_the_fingerprint_is_predicted_from_the_last_load_with_the_same_settings(
     assert predict_fingerprint(str(tiny_model_dir / "missing"), "cpu", "float32") == ""
 
 
-def test_a_prefetch_is_handed_over_only_for_the_model_it_was_read_for(chat, tiny_lm):
+def test_a_prefetch_is_handed_over_only_for_the_model_it_was_read_for(chat, tiny_settings, tiny_lm):
     cid = saved_conversation(chat)
-    pre = prefetch.start(chat.store, kv_dir(), cid, "fp16", lm=tiny_lm)
+    pre = prefetch.start(chat.store, kv_dir(), cid, tiny_settings, lm=tiny_lm)
     assert pre.take(tiny_lm.fingerprint, torch.bfloat16, tiny_lm.device) is None  # another dtype
     assert pre.take(tiny_lm.fingerprint, tiny_lm.dtype, tiny_lm.device) is None  # once only
-    pre = prefetch.start(chat.store, kv_dir(), cid, "fp16", lm=tiny_lm)
+    pre = prefetch.start(chat.store, kv_dir(), cid, tiny_settings, lm=tiny_lm)
     assert pre.take("0" * 32, tiny_lm.dtype, tiny_lm.device) is None  # another model
-    pre = prefetch.start(chat.store, kv_dir(), cid, "fp16", lm=tiny_lm)
+    pre = prefetch.start(chat.store, kv_dir(), cid, tiny_settings, lm=tiny_lm)
     got = pre.take(tiny_lm.fingerprint, tiny_lm.dtype, tiny_lm.device)
     assert got is not None and got.tokens == pre.read_tokens > 32
 
@@ -182,7 +182,7 @@ def test_a_fresh_model_is_warmed_up_aside_and_the_turn_waits_for_it(tiny_setting
     assert len(started) == 1
     conv = chat.new_conversation()
     "".join(chat.send(conv.id, "Hello!", GREEDY))
-    assert not started[0].is_alive() and chat._warm_up is None  # joined before the forward
+    assert not started[0].is_alive() and chat.kv.warm_up is None  # joined before the forward
     chat.close()
 
 

@@ -6,19 +6,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
-
-import pytest
 
 from chatkv.cli import main
 from chatkv.store import Store
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store(tmp_path / "chatkv.db")
-    yield s
-    s.close()
 
 
 def _fill(store: Store) -> tuple[int, int, int]:

@@ -253,3 +253,32 @@ def test_switch_model_starts_the_cache_anew_and_a_failed_one_keeps_the_model(cha
     # The model loaded back finds the new model's chunks (flushed when the switch closed them).
     t3, _ = send(chat, conv.id, "Which one is brighter?")
     assert t3.stats.cache_source == "disk" and t3.stats.cached_tokens > 0
+
+
+def test_new_conversation_with_history_writes_it_in_order(chat):
+    history = [
+        {"role": "user", "content": "first question\nwith a second line"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second question"},
+    ]
+    conv = chat.new_conversation(system_prompt="be brief", history=history)
+    assert conv.title == "first question"  # from the first user message, as a sent one would
+    assert [(m.role, m.content) for m in chat.messages(conv.id)] == [
+        (h["role"], h["content"]) for h in history
+    ]
+    assert chat.render(conv.id)[0] == {"role": "system", "content": "be brief"}
+    with pytest.raises(ValueError, match="role"):
+        chat.new_conversation(history=[{"role": "tool", "content": "x"}])
+    assert [c.id for c in chat.list_conversations()] == [conv.id]  # nothing half-written
+
+
+def test_bench_resume_writes_its_history_through_the_session_and_resumes_from_disk(tiny_settings):
+    from types import SimpleNamespace
+
+    from chatkv.bench import resume
+
+    args = SimpleNamespace(history_tokens=120, repeat=1, json=True)
+    result = resume.run(args, tiny_settings)
+    assert result["cache_source"] == "disk"
+    assert 120 <= result["cached_tokens"] < result["prompt_tokens"]
+    assert result["disk_bytes"] > 0

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from servers import new_database
 
 import chatkv
 from chatkv.api import TurnStats
@@ -22,12 +23,31 @@ from chatkv.store import ChunkRecord, Store
 REPO = Path(chatkv.__file__).resolve().parents[1]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
+    """A new store on each backend: the SQLite file (the default) and PostgreSQL (a fresh
+    database on the session's server, tests/servers.py)."""
+    monkeypatch.setenv("CHATKV_HOME", str(tmp_path))
+    if request.param == "sqlite":
+        s = Store(tmp_path / "chatkv.db")
+    else:
+        s = Store(new_database(request.getfixturevalue("pg_server"), migrated=True))
+    yield s
+    s.close()
+
+
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
+def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
     monkeypatch.setenv("CHATKV_HOME", str(tmp_path))
     s = Store(tmp_path / "chatkv.db")
     yield s
     s.close()
+
+
+def _rows(store: Store, sql: str) -> list[tuple]:
+    """Rows of a raw query on either backend."""
+    with store._engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql(sql)]
 
 
 def _chunk(
@@ -66,8 +86,8 @@ def test_database_file_is_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
-def test_database_is_in_wal_mode(store: Store) -> None:
-    with sqlite3.connect(store.path) as db:
+def test_database_is_in_wal_mode(sqlite_store: Store) -> None:
+    with sqlite3.connect(sqlite_store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
@@ -150,8 +170,7 @@ def test_delete_conversation_cascades_to_messages(store: Store) -> None:
         store.get_conversation(conv.id)
     with pytest.raises(NotFoundError):
         store.get_message(msg.id)
-    with sqlite3.connect(store.path) as db:
-        assert db.execute("SELECT conversation_id FROM messages").fetchall() == [(keep.id,)]
+    assert _rows(store, "SELECT conversation_id FROM messages") == [(keep.id,)]
     # A deleted id is never reused.
     assert store.create_conversation().id > conv.id
 

@@ -3,10 +3,13 @@
 Both are measured in the same run on the same prompt: a conversation of about
 `--context` tokens plus a new question. The resume uses a fresh Chat (empty live
 pool, reopened database), as a new process would; model load is not counted.
+With `--cache-url`, chunks also go to that object store, and each resume starts with an
+empty local kv/ (a cold local disk, as on another host): every chunk comes from the remote.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 
 from chatkv.api import GenerationSettings
@@ -16,20 +19,22 @@ from chatkv.bench.common import emit, history_messages, load, say, scratch_home
 def run(args, settings) -> dict:
     from chatkv.engine.generate import generate
     from chatkv.kv import live
-    from chatkv.paths import db_path
+    from chatkv.paths import db_path, kv_dir
     from chatkv.session import Chat
     from chatkv.store import Store
 
     quiet = getattr(args, "json", False)
+    remote = getattr(args, "cache_url", None)
+    if remote:
+        settings = settings.copy()
+        settings.set("cache.url", remote, "--cache-url")
     lm = load(settings)
     one = GenerationSettings(max_new_tokens=1, temperature=0.0)
     with scratch_home():
         chat = Chat(settings, lm=lm)
         chat.load()
         msgs = history_messages(lm.tokenizer, args.history_tokens)
-        conv = chat.new_conversation(system_prompt="")
-        for m in msgs:
-            chat.store.add_message(conv.id, m["role"], m["content"])
+        conv = chat.new_conversation(system_prompt="", history=msgs)
         say(
             f"prefilling {args.history_tokens} tokens of history, spilling as {settings.cache.codec} ...",
             quiet,
@@ -41,6 +46,8 @@ def run(args, settings) -> dict:
 
         resumes = []
         for _ in range(args.repeat):
+            if remote:
+                shutil.rmtree(kv_dir(), ignore_errors=True)  # cold local disk: fetch everything
             fresh = Chat(settings, store=Store(db_path()), lm=lm)  # empty live pool, as in a new process
             fresh.load()
             t = fresh.regenerate(conv.id, one)
@@ -67,6 +74,7 @@ def run(args, settings) -> dict:
         "cached_tokens": med.cached_tokens,
         "cached_fraction": med.cached_tokens / med.prompt_tokens,
         "cache_source": med.cache_source,
+        "cache_url": remote or "",
         "disk_bytes": disk_bytes,
         "reprefill_s": prefill_s,
         "resume_ttft_s": med.ttft_s,

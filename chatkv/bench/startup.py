@@ -87,9 +87,7 @@ def run(args, settings) -> dict:
     with scratch_home() as home:
         _link_models(real_models, home / "models")
         chat = Chat(settings)
-        conv = chat.new_conversation(system_prompt="")
-        for m in msgs:
-            chat.store.add_message(conv.id, m["role"], m["content"])
+        conv = chat.new_conversation(system_prompt="", history=msgs)
         chat.close()
         env = dict(os.environ, CHATKV_HOME=str(home))
         ask = [*_cli(settings), "-C", str(conv.id), "--json", "-n", "1", "-t", "0", QUESTION]

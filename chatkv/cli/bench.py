@@ -30,6 +30,11 @@ def _resume(p: argparse.ArgumentParser) -> None:
         help="run the real CLI in fresh processes: resume versus re-prefill versus importing torch "
         "(rounds of three, --repeat of them; a re-prefill each round)",
     )
+    p.add_argument(
+        "--cache-url",
+        help="resume from this object store (s3://BUCKET/PREFIX or file:///PATH) with a cold local "
+        "disk: each resume starts with an empty kv/ and fetches every chunk",
+    )
 
 
 def _quality(p: argparse.ArgumentParser) -> None:

@@ -68,10 +68,16 @@ class LoadedModel:
     @property
     def kv_shape(self) -> tuple[int, int, int]:
         """(layers, kv_heads, head_dim)."""
-        c = self.model.config
-        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return c.num_hidden_layers, heads, head_dim
+        return kv_shape(self.model.config)
+
+
+def kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a transformers model config: the one place that reads
+    them (grouped-query models cache fewer heads than they attend with; some configs name
+    head_dim, others leave it to hidden_size / heads)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, heads, head_dim
 
 
 def _file_identity(path: Path) -> str:
@@ -337,7 +343,7 @@ def load_model(
     load_in: str = "none",
     context: int = 0,
     progress: Progress | None = None,
-    on_tokenizer: Callable[[Any], None] | None = None,
+    on_tokenizer: Callable[[Any], Callable[[], None] | None] | None = None,
 ) -> LoadedModel:
     """Load a model for chatkv. Raises ModelError with the fix when that is not possible.
 
@@ -347,8 +353,8 @@ def load_model(
         context: largest context in tokens; 0 uses the model's maximum.
         progress: told about each slow step (conversion, loading); chatkv.progress.
         on_tokenizer: given the tokenizer as soon as it is loaded, before the weights (to
-            start tokenizing a prompt meanwhile; what it starts must be done with the
-            tokenizer before the caller uses it: a fast tokenizer is not for two threads).
+            start tokenizing a prompt meanwhile); it may return a function to wait for that
+            work, called before this returns (a fast tokenizer is not for two threads).
     A loaded model is recorded in the registry of models seen (chatkv.engine.seen).
     """
     progress = progress or NULL
@@ -364,14 +370,21 @@ def load_model(
         raise ModelError("float16 is slow and inexact on the CPU; use --dtype float32 or bfloat16")
     source = resolve(name)
     setting = _setting(source, dt, load_in, dev)  # before loading adds a hub commit to the identity
+    waits: list[Callable[[], None]] = []
+
+    def given(tok: Any) -> None:
+        wait = on_tokenizer(tok) if on_tokenizer is not None else None
+        if wait is not None:
+            waits.append(wait)
+
     if source.gguf_file:
         if load_in != "none":
             raise ModelError("--load-in applies to Hugging Face weights, not GGUF files; use --load-in none")
-        model, tok = _load_gguf(source, dt, progress, on_tokenizer)
+        model, tok = _load_gguf(source, dt, progress, given)
     else:
         progress.start(f"loading {name}")
         try:
-            model, tok = _load_hf(source, dt, dev, load_in, on_tokenizer)
+            model, tok = _load_hf(source, dt, dev, load_in, given)
         finally:
             progress.done()
     if load_in == "none":
@@ -388,6 +401,8 @@ def load_model(
             *([tok.eos_token_id] if tok.eos_token_id is not None else []),
         }
     )
+    for wait in waits:
+        wait()  # the caller's work with the tokenizer is done before anything else uses it
     fp = fingerprint(source, model, tok, dt, load_in, dev)
     _remember(source, fp)
     _memo_fingerprint(setting, fp)
@@ -449,6 +464,23 @@ def predict_fingerprint(name: str, device: str = "auto", dtype: str = "auto", lo
         known.get(_setting(source, pick_dtype(dtype, dev), load_in, dev)) if isinstance(known, dict) else None
     )
     return fp if isinstance(fp, str) else ""
+
+
+def tokenize_aside(tokenizer: Any, render: Callable[[], list[dict[str, str]]]) -> threading.Thread:
+    """Start tokenizing the messages `render()` gives (chat_ids) in a daemon thread, so that
+    chat_ids finds their ids remembered later; return the thread. Join it before the
+    tokenizer is used elsewhere: a fast tokenizer is not for two threads at once. A failure
+    is only logged: whoever tokenizes next does it all."""
+
+    def run() -> None:
+        try:
+            chat_ids(tokenizer, render())
+        except Exception as e:
+            log.debug("could not tokenize ahead: %s", e)
+
+    thread = threading.Thread(target=run, name="chatkv-tokenize", daemon=True)
+    thread.start()
+    return thread
 
 
 def warm_up(lm: LoadedModel) -> threading.Thread:

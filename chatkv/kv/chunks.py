@@ -42,7 +42,7 @@ from chatkv.kv.codecs import CODECS, Codec, get_codec
 
 if TYPE_CHECKING:
     from chatkv.kv.policy import Policy
-    from chatkv.store.common import ChunkRecord
+    from chatkv.store.chunk_index import ChunkRecord
 
 FORMAT = "chatkv-kv/2"
 

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from chatkv.engine.model import kv_shape
 from chatkv.kv.chunks import Layers as Layers  # re-exported: engine.batch spells it live.Layers
 from chatkv.kv.growable import GrowableLayer, capacity
 
@@ -94,10 +95,8 @@ def buffers(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty key and value storage for all layers, (L, B, H, capacity, D), with room for
     `n` positions and some to grow (see GrowableLayer)."""
-    c = model.config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    shape = (c.num_hidden_layers, batch, heads, capacity(n), head_dim)
+    layers, heads, head_dim = kv_shape(model.config)
+    shape = (layers, batch, heads, capacity(n), head_dim)
     dtype, device = dtype or model.dtype, device or model.device
     return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 

@@ -25,8 +25,7 @@ from chatkv.kv.chunks import KEY_RE, FileId, chunk_path, file_id, inspect_chunk,
 from chatkv.kv.codecs import get_codec
 
 if TYPE_CHECKING:
-    from chatkv.store.chunk_index import ChunkIndex
-    from chatkv.store.common import ChunkRecord
+    from chatkv.store.chunk_index import ChunkIndex, ChunkRecord
 
 
 @dataclass
@@ -314,7 +313,7 @@ def rebuild(store: ChunkIndex, kv_dir: Path) -> RebuildReport:
     """Drop the whole chunk index and index again every chunk file that passes verification,
     from the file's own metadata. Files that fail are reported, not removed (gc removes
     them later as orphans). Works whatever state the `kv_chunks` table is in."""
-    from chatkv.store.common import ChunkRecord
+    from chatkv.store.chunk_index import ChunkRecord
 
     report, recs = RebuildReport(), []
     for path, rel in _files(kv_dir):

@@ -32,7 +32,8 @@ from chatkv.kv.chunks import (
 from chatkv.kv.codecs import Codec, codec_by_tag, get_codec
 from chatkv.kv.growable import GrowableLayer
 from chatkv.kv.policy import DEFAULT_POLICY, get_policy
-from chatkv.store.common import ChunkRecord
+from chatkv.store.chunk_index import ChunkRecord
+from chatkv.tokens import common_prefix as common_prefix  # re-exported: tests use it from here
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
     from chatkv.engine.model import LoadedModel
     from chatkv.kv.chunks import ChunkData, FileId, Layers
+    from chatkv.kv.objects import Tiers
     from chatkv.kv.prefetch import Prefetch, Prefetched
     from chatkv.store.chunk_index import ChunkIndex
 
@@ -59,20 +61,12 @@ class Attached:
     problems: list[str] = field(default_factory=list)
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class KVManager:
     """Attach, keep and spill KV caches for one loaded model.
 
     Args:
-        store: the chunk index (chatkv.store.Store; only its chunk methods and
-            set_kv_head / get_conversation are used).
+        store: the chunk index (chatkv.store.chunk_index.ChunkIndex, usually the Store:
+            only its chunk, conversation-chunk and kv-head methods are used).
         kv_dir: where chunk files live.
         lm: the LoadedModel (model, fingerprint, device, dtype).
         codec: the storage policy for chunks on disk (kv/policy.py): a tiered policy's
@@ -88,8 +82,11 @@ class KVManager:
         chunk_tokens: int = 256,
         live_bytes: int = 1 << 30,
         disk_bytes: int = 10 << 30,
+        tiers: Tiers | None = None,
     ) -> None:
         self.store = store
+        # cache.url: chunks also in an object store, read through kv_dir (kv/objects.py)
+        self.tiers = tiers
         self.kv_dir = kv_dir
         self.lm = lm
         self.policy = get_policy(codec)
@@ -124,6 +121,10 @@ class KVManager:
         # Chunks of one conversation read while the model loaded (kv/prefetch.py): used by
         # that conversation's next attach from disk, then dropped.
         self.prefetch: Prefetch | None = None
+        # The model's first forward on a throwaway cache (engine.model.warm_up), run aside
+        # while the first prompt is attached: joined at the end of that attach, since the
+        # caller's own forward comes next and the two should not share the cores.
+        self.warm_up: threading.Thread | None = None
 
     # -- attach --------------------------------------------------------------
 
@@ -134,14 +135,16 @@ class KVManager:
         gets the next-token logits from it; `whole` lets it cover all of `tokens` (batch
         attaches a shared prefix that its lines then continue each on its own)."""
         pre = self.prefetch if self.prefetch is not None and self.prefetch.conversation_id == conv else None
-        if pre is None:
-            return self._attach(conv, tokens, whole)
-        self.prefetch = None  # one attach uses it, or nothing does
+        if pre is not None:
+            self.prefetch = None  # one attach uses it, or nothing does
         try:
             return self._attach(conv, tokens, whole, pre)
         finally:
-            if not pre.taken:  # memory had it, or disk was not worth reading: free the buffers
-                pre.cancel()
+            if pre is not None and not pre.taken:  # memory had it, or disk was not worth reading
+                pre.cancel()  # frees its buffers
+            warm, self.warm_up = self.warm_up, None
+            if warm is not None:
+                warm.join()
 
     def _attach(
         self, conv: object, tokens: Sequence[int], whole: bool, pre: Prefetch | None = None
@@ -156,10 +159,11 @@ class KVManager:
             try:
                 plan, disk = self._disk_plan(tokens, limit, conv)
                 if disk > (mem + self.chunk_tokens if mem else 0):  # worth reading over memory
-                    cache, n, problems = self._load(plan, tokens, limit, pre)
+                    cache, n, problems, remote = self._load(plan, tokens, limit, pre)
                     if n > mem:
                         assert cache is not None  # n > 0: _load returns a cache with it
-                        return Attached(cache, n, "disk", time.perf_counter() - t0, problems)
+                        source: CacheSource = "remote" if remote else "disk"
+                        return Attached(cache, n, source, time.perf_counter() - t0, problems)
             except Exception as e:  # never fail a turn for its cache: prefill instead
                 log.warning("could not read the saved KV cache (%s); recomputing it", e)
                 problems.append(str(e))
@@ -282,11 +286,14 @@ class KVManager:
 
     def _load(
         self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int, pre: Prefetch | None = None
-    ) -> tuple[DynamicCache | None, int, list[str]]:
+    ) -> tuple[DynamicCache | None, int, list[str], bool]:
         """Read chunks two at a time (file reads, checksums and dequantizing overlap)
         straight into one preallocated cache, use them in order, and stop at the first one
         that cannot be trusted (it is removed; its tokens will be prefilled again).
-        Chunks `pre` read already (while the model loaded) are taken as read."""
+        Chunks `pre` read already (while the model loaded) are taken as read.
+        With a remote tier, all of the plan's other chunks missing locally are fetched in
+        parallel first, each decoded as soon as it is here. The last result: whether a used
+        chunk came from the remote."""
         offsets = [sum(r.n_tokens for r in plan[:i]) for i in range(len(plan))]
         total = offsets[-1] + plan[-1].n_tokens
         got, ahead = self._prefetched(pre, plan, total)
@@ -297,10 +304,23 @@ class KVManager:
         problems: list[str] = []
         n, used, inexact = 0, 0, 0
         rest = plan[ahead:]
+        where: dict[str, str] = {}
+        tiers = self.tiers
+        if tiers is not None:
+            tiers.prefetch(rest)
+
+        def read(rec: ChunkRecord, offset: int) -> ChunkData | CacheError:
+            if tiers is not None:
+                # "missing": no file, read_chunk finds the row stale; "failed": keep the row
+                where[rec.key] = tiers.ensure_local(rec)
+                if where[rec.key] == "failed":
+                    return CacheError(f"chunk {rec.key[:12]} could not be fetched", damaged=False)
+            return self._read_into(rec, offset, k_buf, v_buf)
+
         with ThreadPoolExecutor(
             max_workers=max(1, min(LOAD_THREADS, len(rest))), thread_name_prefix="chatkv-load"
         ) as ex:
-            reads = ex.map(self._read_into, rest, offsets[ahead:], [k_buf] * len(rest), [v_buf] * len(rest))
+            reads = ex.map(read, rest, offsets[ahead:])
             results = itertools.chain(got.data[:ahead] if got is not None else [], reads)
             for rec, data in zip(plan, results, strict=True):
                 if isinstance(data, CacheError):
@@ -321,15 +341,20 @@ class KVManager:
                 if same < len(data.tokens):
                     break
             ex.shutdown(cancel_futures=True)  # after a break: don't read chunks that won't be used
+        remote = any(where.get(r.key) == "remote" for r in plan[:used])
+        if tiers is not None:
+            tiers.forget(plan)
+            if "remote" in where.values():
+                tiers.trim()  # the copies just made count against cache.local_bytes
         if n == 0:
-            return None, 0, problems
+            return None, 0, problems, False
         self.store.touch_chunks([r.key for r in plan[:used]])
         if pre is not None and got is not None:
             pre.used_tokens = min(n, sum(r.n_tokens for r in plan[:ahead]))
         n = min(n, limit)
         cache = live.cache_from_buffers(self.lm.model, k_buf, v_buf, n)
         self._inexact[cache] = min(inexact, n)
-        return cache, n, problems
+        return cache, n, problems, remote
 
     # -- keep and spill ------------------------------------------------------
 
@@ -450,22 +475,23 @@ class KVManager:
         rel = relpath(key)
         write_atomic(chunk_path(self.kv_dir, key), blob)
         now = datetime.now(UTC)
-        self.store.add_chunk(
-            ChunkRecord(
-                key=key,
-                parent=parent,
-                fingerprint=self.lm.fingerprint,
-                codec=codec.tag,
-                start=start,
-                n_tokens=len(tokens),
-                partial=partial,
-                path=rel,
-                nbytes=len(blob),
-                checksum=checksum,
-                created_at=now,
-                last_used_at=now,
-            )
+        rec = ChunkRecord(
+            key=key,
+            parent=parent,
+            fingerprint=self.lm.fingerprint,
+            codec=codec.tag,
+            start=start,
+            n_tokens=len(tokens),
+            partial=partial,
+            path=rel,
+            nbytes=len(blob),
+            checksum=checksum,
+            created_at=now,
+            last_used_at=now,
         )
+        if self.tiers is not None:
+            self.tiers.push(rec, blob)  # before the row: a host that finds the row finds the object
+        self.store.add_chunk(rec)
         return len(blob)
 
     def _forget_orphans(self, keys: list[str]) -> None:

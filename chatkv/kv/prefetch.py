@@ -21,20 +21,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from chatkv.errors import CacheError, NotFoundError
 
 if TYPE_CHECKING:
     import torch
 
+    from chatkv.config import Settings
     from chatkv.engine.model import LoadedModel
     from chatkv.kv.chunks import ChunkData
     from chatkv.kv.policy import Policy
-    from chatkv.store.chunk_index import ChunkIndex
-    from chatkv.store.common import ChunkRecord
+    from chatkv.store.chunk_index import ChunkIndex, ChunkRecord
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class Prefetch:
     # (name, device, dtype, load_in) as in config's [model]: the fingerprint, dtype and device
     # are found from them in the thread, so the caller goes on loading at once
     model: tuple[str, str, str, str] | None = None
+    # the conversation as chat-template messages, tokenized while the weights load (`tokenize`)
+    render: Callable[[], list[dict[str, str]]] | None = None
     started_at: float = 0.0  # time.perf_counter() when the thread began
     reads_began: float = 0.0  # when it began reading (after imports and finding the chain)
     finished_at: float = 0.0  # and when it ended
@@ -85,6 +88,7 @@ class Prefetch:
     # waits for it before importing the rest, since two threads importing transformers at
     # once can see its lazy module half-built (ImportError).
     imported: threading.Event = field(default_factory=threading.Event)
+    _tokenizing: threading.Thread | None = None
     _result: Prefetched | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -105,6 +109,22 @@ class Prefetch:
         """Stop reading (after the chunk being read) and drop what was read."""
         self._cancel.set()
         self._result = None
+
+    def tokenize(self, tokenizer: Any) -> Callable[[], None] | None:
+        """Start tokenizing the conversation with `tokenizer`, so that its turn finds the ids
+        remembered (chat_ids); returns what waits for it. For load_model's on_tokenizer: the
+        weights load meanwhile."""
+        from chatkv.engine.model import tokenize_aside
+
+        if self.render is None:
+            return None
+        self._tokenizing = tokenize_aside(tokenizer, self.render)
+        return self.tokenized
+
+    def tokenized(self) -> None:
+        """Until `tokenize` is done with the tokenizer."""
+        if self._tokenizing is not None:
+            self._tokenizing.join()
 
     def wait(self) -> None:
         """Until the reads have ended."""
@@ -240,14 +260,23 @@ def start(
     index: ChunkIndex,
     kv_dir: Path,
     conversation_id: int,
-    codec: str,
-    model: tuple[str, str, str, str] | None = None,
+    settings: Settings,
     lm: LoadedModel | None = None,
+    render: Callable[[], list[dict[str, str]]] | None = None,
 ) -> Prefetch:
-    """Begin reading the conversation's chunks in the background under storage policy
-    `codec`, for the model that `model` = (name, device, dtype, load_in) will load as, or
-    for `lm`, a model loaded already but not yet given to the KV layer."""
-    pre = Prefetch(index, kv_dir, conversation_id, codec, model=model)
+    """Begin reading the conversation's chunks in the background, under the storage policy
+    `settings` names, for the model its [model] settings will load as, or for `lm`, a model
+    loaded already but not yet given to the KV layer. `render` gives the conversation's
+    messages, to tokenize while the weights load (Prefetch.tokenize)."""
+    m = settings.model
+    pre = Prefetch(
+        index,
+        kv_dir,
+        conversation_id,
+        settings.cache.codec,
+        model=(m.name, m.device, m.dtype, m.load_in),
+        render=render,
+    )
     if lm is not None:
         pre.fingerprint, pre.dtype, pre.device, pre.model = lm.fingerprint, lm.dtype, lm.device, None
     return pre.start()

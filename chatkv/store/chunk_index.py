@@ -1,6 +1,7 @@
-"""The KV chunk index: where each chunk file is and what it holds, which chunks each
-conversation made, and which chunk its cache ends in. The kv layer's only way into the
-database (chatkv.kv.manager and chatkv.kv.maintenance use nothing else of the Store)."""
+"""The KV chunk index: where each chunk file is and what it holds (kv_chunks), which chunks
+each conversation made (conversation_chunks), and which chunk its cache ends in (kv_heads).
+The kv layer's only way into the database (chatkv.kv.manager and chatkv.kv.maintenance use
+nothing else of the Store); of the transcript's tables it reads only conversation ids."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import (
+    Integer,
+    cast,
     delete,
     func,
     select,
     update,
 )
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
+from chatkv.errors import NotFoundError
 from chatkv.store.common import (
     _IN_BATCH,
     ChunkRecord,
@@ -24,11 +27,13 @@ from chatkv.store.common import (
     StoreBase,
     _batches,
     _chunk_record,
+    _conversation_missing,
 )
 from chatkv.store.models import (
     Conversation,
     ConversationChunk,
     KVChunk,
+    KVHeadRow,
     utcnow,
 )
 
@@ -39,22 +44,40 @@ class ChunkIndex(StoreBase):
     def set_kv_head(
         self, conversation_id: int, key: str | None, tokens: int, fingerprint: str | None
     ) -> None:
-        """Record the newest chunk spilled for the conversation and the tokens its chain covers.
-
-        Does not touch updated_at: a background spill is not activity. Raises NotFoundError.
-        """
-        self._update_conversation(conversation_id, kv_head=key, kv_tokens=tokens, kv_fingerprint=fingerprint)
+        """Record the newest chunk spilled for the conversation and the tokens its chain covers
+        (the kv_heads table: the conversation's own row is not touched, so a background spill
+        is not activity). Raises NotFoundError."""
+        with self._writer.begin() as s:
+            self._require_conversation(s, conversation_id)
+            row = s.get(KVHeadRow, conversation_id)
+            if row is None:
+                row = KVHeadRow(conversation_id=conversation_id)
+                s.add(row)
+            row.key, row.tokens, row.fingerprint = key, tokens, fingerprint
 
     def get_kv_head(self, conversation_id: int) -> KVHead:
-        """The conversation's kv_head, kv_tokens and kv_fingerprint. Raises NotFoundError."""
+        """The conversation's kv head: its newest chunk, the tokens the chain covers and the
+        model fingerprint (None, 0, None before anything was spilled). Raises NotFoundError."""
         with self._reader() as s:
-            c = self._get_conversation(s, conversation_id)
-            return KVHead(key=c.kv_head, tokens=c.kv_tokens, fingerprint=c.kv_fingerprint)
+            self._require_conversation(s, conversation_id)
+            row = s.get(KVHeadRow, conversation_id)
+            if row is None:
+                return KVHead(key=None, tokens=0, fingerprint=None)
+            return KVHead(key=row.key, tokens=row.tokens, fingerprint=row.fingerprint)
 
     def chunk_is_head(self, key: str) -> bool:
-        """Whether any conversation's kv_head is this chunk (so it must not be dropped as superseded)."""
+        """Whether any conversation's kv head is this chunk (so it must not be dropped as superseded)."""
         with self._reader() as s:
-            return s.scalar(select(Conversation.id).where(Conversation.kv_head == key).limit(1)) is not None
+            return (
+                s.scalar(select(KVHeadRow.conversation_id).where(KVHeadRow.key == key).limit(1)) is not None
+            )
+
+    @staticmethod
+    def _require_conversation(s: Session, conversation_id: int) -> None:
+        """Raise NotFoundError unless the conversation exists (its id is all the chunk index
+        reads of the conversations table)."""
+        if s.scalar(select(Conversation.id).where(Conversation.id == conversation_id)) is None:
+            raise _conversation_missing(conversation_id)
 
     # -- which chunks each conversation made -------------------------------------
 
@@ -63,10 +86,12 @@ class ChunkIndex(StoreBase):
         if not keys:
             return
         with self._writer.begin() as s:
-            if s.get(Conversation, conversation_id) is None:
+            try:
+                self._require_conversation(s, conversation_id)
+            except NotFoundError:
                 return  # deleted while its spill was queued
             for batch in _batches(keys):
-                stmt = sqlite_insert(ConversationChunk).values(
+                stmt = self._insert(ConversationChunk).values(
                     [{"conversation_id": conversation_id, "key": k} for k in batch]
                 )
                 s.execute(stmt.on_conflict_do_nothing())
@@ -106,7 +131,7 @@ class ChunkIndex(StoreBase):
         values = asdict(rec)
         values["created_at"] = rec.created_at or now
         values["last_used_at"] = rec.last_used_at or now
-        stmt = sqlite_insert(KVChunk).values(**values)
+        stmt = self._insert(KVChunk).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[KVChunk.key],
             set_={c: stmt.excluded[c] for c in ("codec", "path", "nbytes", "checksum", "last_used_at")},
@@ -182,7 +207,7 @@ class ChunkIndex(StoreBase):
             ]
             for i in range(0, len(rows), _IN_BATCH // 16):  # 12 columns a row: under 999 parameters
                 s.execute(
-                    sqlite_insert(KVChunk).values(rows[i : i + _IN_BATCH // 16]).on_conflict_do_nothing()
+                    self._insert(KVChunk).values(rows[i : i + _IN_BATCH // 16]).on_conflict_do_nothing()
                 )
 
     def chunk_chain(self, head_key: str) -> list[ChunkRecord]:
@@ -215,7 +240,7 @@ class ChunkIndex(StoreBase):
             KVChunk.fingerprint,
             func.count(),
             func.coalesce(func.sum(KVChunk.nbytes), 0),
-            func.coalesce(func.sum(KVChunk.partial), 0),
+            func.coalesce(func.sum(cast(KVChunk.partial, Integer)), 0),  # PostgreSQL has no sum(boolean)
         ).group_by(KVChunk.codec, KVChunk.fingerprint)
         stats: dict[str, Any] = {"count": 0, "bytes": 0, "partial": 0, "by_codec": {}, "by_fingerprint": {}}
         with self._reader() as s:
@@ -242,3 +267,7 @@ class ChunkIndex(StoreBase):
         with self._reader() as s:
             rows = s.scalars(select(KVChunk).order_by(KVChunk.created_at, KVChunk.key))
             return [_chunk_record(c) for c in rows]
+
+
+# What the kv layer imports from the store: this module's names, nothing else.
+__all__ = ["ChunkIndex", "ChunkRecord", "KVHead"]

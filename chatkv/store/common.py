@@ -192,6 +192,19 @@ class StoreBase:
     _reader: sessionmaker[Session]
     _writer: sessionmaker[Session]
 
+    def _dialect(self) -> str:
+        """The database's SQL dialect: "sqlite" or "postgresql"."""
+        return self._reader.kw["bind"].dialect.name
+
+    def _insert(self, table: Any) -> Any:
+        """INSERT with ON CONFLICT for this database: SQLite's and PostgreSQL's constructs
+        take the same on_conflict_do_nothing / on_conflict_do_update arguments."""
+        if self._dialect() == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
     @staticmethod
     def _get_conversation(s: Session, conversation_id: int) -> Conversation:
         conv = s.get(Conversation, conversation_id)

@@ -34,13 +34,33 @@ from chatkv.store.models import (
 from chatkv.store.search import FTS_TABLES, SNIPPET_TOKENS, SearchHit, fts_phrase, substring_snippet
 
 
+def _imported_from(dialect: str) -> tuple[str, str]:
+    """SQL for a conversation's settings["imported_from"], and the condition under which it
+    may be read (SQLite's json_extract needs valid JSON; settings are always written as
+    JSON, which PostgreSQL's jsonb reads)."""
+    if dialect == "postgresql":
+        return "(CAST(settings AS jsonb) ->> 'imported_from')", "TRUE"
+    return "json_extract(settings, '$.imported_from')", "json_valid(settings)"
+
+
 class Finding(StoreBase):
     """The search and import part of the Store."""
+
+    def _contains(self, haystack: Any, needle: str) -> ColumnElement[bool]:
+        """Whether `haystack` (a column), case-folded, contains the case-folded `needle`."""
+        fold = func.chatkv_casefold  # SQLite: registered on each connection; PostgreSQL: migration 0004
+        if self._dialect() == "postgresql":
+            # LIKE '%…%', which pg_trgm's indexes on chatkv_casefold(…) answer (migration 0004).
+            return fold(haystack).contains(needle, autoescape=True)
+        return func.instr(fold(haystack), needle) > 0
 
     # -- full-text search (migration 0004) ---------------------------------------
 
     def has_fts(self) -> bool:
-        """Whether the database has the FTS5 index (SQLite without FTS5/trigram has none)."""
+        """Whether the database has the FTS5 index (SQLite without FTS5/trigram has none;
+        PostgreSQL searches by _contains instead)."""
+        if getattr(self, "_fts", None) is None and self._dialect() != "sqlite":
+            self._fts = False
         if getattr(self, "_fts", None) is None:
             with self._reader() as s:
                 found = s.execute(
@@ -69,14 +89,13 @@ class Finding(StoreBase):
             )
             return Conversation.id.in_(in_messages) | Conversation.id.in_(in_titles)
         needle = query.casefold()
-        fold = func.chatkv_casefold  # registered on each connection by chatkv.store.db
         in_messages = (
             select(Message.id)
             .where(Message.conversation_id == Conversation.id)
-            .where(func.instr(fold(Message.content), needle) > 0)
+            .where(self._contains(Message.content, needle))
             .exists()
         )
-        return (func.instr(fold(Conversation.title), needle) > 0) | in_messages
+        return self._contains(Conversation.title, needle) | in_messages
 
     def search(
         self,
@@ -97,6 +116,7 @@ class Finding(StoreBase):
         with self._reader() as s:
             if phrase is None:
                 return self._scan(s, query, limit, mark, ids)
+            # From here on SQLite with FTS5 (has_fts).
             args: dict[str, Any] = {"q": phrase, "a": mark[0], "b": mark[1], "n": SNIPPET_TOKENS}
             args["limit"] = limit
             within = ""
@@ -129,17 +149,15 @@ class Finding(StoreBase):
         hits += [SearchHit(cid, title, mid, role, snip) for cid, title, mid, role, snip in msgs]
         return hits[:limit]
 
-    @staticmethod
     def _scan(
-        s: Session, query: str, limit: int, mark: tuple[str, str], ids: list[int] | None
+        self, s: Session, query: str, limit: int, mark: tuple[str, str], ids: list[int] | None
     ) -> list[SearchHit]:
         needle = query.casefold()
-        fold = func.chatkv_casefold
-        in_titles = select(Conversation).where(func.instr(fold(Conversation.title), needle) > 0)
+        in_titles = select(Conversation).where(self._contains(Conversation.title, needle))
         in_messages = (
             select(Message, Conversation.title)
             .join(Conversation, Conversation.id == Message.conversation_id)
-            .where(func.instr(fold(Message.content), needle) > 0)
+            .where(self._contains(Message.content, needle))
             .order_by(Message.id.desc())
         )
         if ids is not None:
@@ -160,12 +178,10 @@ class Finding(StoreBase):
 
     def imported_sources(self) -> set[str]:
         """The source ids of every conversation imported so far ("llm:01J…", "chatgpt:…")."""
+        source, readable = _imported_from(self._dialect())
         with self._reader() as s:
             rows = s.execute(
-                text(
-                    "SELECT json_extract(settings, '$.imported_from') FROM conversations "
-                    "WHERE json_valid(settings) AND json_extract(settings, '$.imported_from') IS NOT NULL"
-                )
+                text(f"SELECT {source} FROM conversations WHERE {readable} AND {source} IS NOT NULL")
             ).scalars()
             return {str(r) for r in rows}
 
@@ -188,12 +204,10 @@ class Finding(StoreBase):
         start = created_at or now
         last = max([start, *(t for _, _, t in messages if t is not None)])
         first_user = next((c for r, c, _ in messages if r == "user"), "")
+        imported_from, readable = _imported_from(self._dialect())
         with self._writer.begin() as s:
             taken = s.execute(
-                text(
-                    "SELECT 1 FROM conversations WHERE json_valid(settings) "
-                    "AND json_extract(settings, '$.imported_from') = :source LIMIT 1"
-                ),
+                text(f"SELECT 1 FROM conversations WHERE {readable} AND {imported_from} = :source LIMIT 1"),
                 {"source": source},
             ).first()
             if taken is not None:
@@ -205,7 +219,6 @@ class Finding(StoreBase):
                 settings=_settings_json({"imported_from": source}),
                 created_at=start,
                 updated_at=last,
-                kv_tokens=0,
             )
             s.add(conv)
             s.flush()

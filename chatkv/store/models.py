@@ -77,11 +77,6 @@ class Conversation(Base):
     settings: Mapped[str] = mapped_column(Text, default="{}")  # JSON object
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # The newest chunk spilled for this conversation; its parent chain is the cache.
-    # Not a foreign key: chunks are shared and evicted independently of conversations.
-    kv_head: Mapped[str | None]
-    kv_tokens: Mapped[int] = mapped_column(default=0, server_default="0")
-    kv_fingerprint: Mapped[str | None]
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -158,6 +153,24 @@ class ConversationChunk(Base):
     key: Mapped[str] = mapped_column(primary_key=True, index=True)
 
 
+class KVHeadRow(Base):
+    """Which chunk chain is a conversation's cache: the newest chunk spilled for it (its
+    parent chain is the cache), the tokens that chain covers and the model fingerprint it
+    was made with. Owned by the chunk index (chatkv.store.chunk_index): the kv layer keeps
+    it, the transcript's tables know nothing of it. A conversation without a spilled cache
+    has no row."""
+
+    __tablename__ = "kv_heads"
+
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Not a foreign key: chunks are shared and evicted independently of conversations.
+    key: Mapped[str | None] = mapped_column(index=True)
+    tokens: Mapped[int] = mapped_column(default=0, server_default="0")
+    fingerprint: Mapped[str | None]
+
+
 class KVChunk(Base):
     """One chunk file under the kv dir. The key is content-derived (chatkv.kv.chunks.chunk_key)."""
 
@@ -183,6 +196,7 @@ __all__ = [
     "Conversation",
     "ConversationChunk",
     "KVChunk",
+    "KVHeadRow",
     "Message",
     "MessageVersion",
     "UTCDateTime",

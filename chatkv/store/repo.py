@@ -38,12 +38,13 @@ from chatkv.store.common import (
     _warn_index_damaged,
     new_turn_id,
 )
-from chatkv.store.db import open_database, writer
+from chatkv.store.db import as_target, open_database, writer
 from chatkv.store.finding import Finding
 from chatkv.store.models import (
     ROLES,
     Conversation,
     KVChunk,
+    KVHeadRow,
     Message,
     MessageVersion,
     utcnow,
@@ -61,7 +62,6 @@ def _new_conversation(
         settings=_settings_json(settings),
         created_at=now,
         updated_at=now,
-        kv_tokens=0,
     )
 
 
@@ -69,14 +69,15 @@ class Store(ChunkIndex, Finding):
     """chatkv's database. Opening it creates the file (mode 0600) and upgrades the schema.
 
     Args:
-        path: the SQLite file, usually chatkv.paths.db_path().
+        path: the SQLite file, usually chatkv.paths.db_path(), or a database URL
+            (chatkv.store.db.database_target(settings) picks one).
 
     Raises:
         ChatKVError: the file is not a SQLite database, or was written by a newer chatkv.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str) -> None:
+        self.path = as_target(path)
         self._engine = open_database(self.path)
         # A Session per call. Reads begin DEFERRED (a consistent snapshot); writes go
         # through _writer.begin(), IMMEDIATE, so they queue for the write lock.
@@ -107,13 +108,19 @@ class Store(ChunkIndex, Finding):
             .group_by(Message.conversation_id)
         )
         counts: dict[int, int] = dict(s.execute(count_stmt).all())
-        # Each conversation's chain from kv_head to the root. UNION (not UNION ALL)
+        # The tokens each conversation's cache covers (the chunk index's kv_heads).
+        tokens: dict[int, int] = dict(
+            s.execute(
+                select(KVHeadRow.conversation_id, KVHeadRow.tokens).where(KVHeadRow.conversation_id.in_(ids))
+            ).all()
+        )
+        # Each conversation's chain from its kv head to the root. UNION (not UNION ALL)
         # stops on a repeated row, so even a corrupt, cyclic index terminates.
         chain = (
-            select(Conversation.id.label("conversation_id"), KVChunk.key, KVChunk.parent, KVChunk.nbytes)
-            .select_from(Conversation)
-            .join(KVChunk, KVChunk.key == Conversation.kv_head)
-            .where(Conversation.id.in_(ids))
+            select(KVHeadRow.conversation_id, KVChunk.key, KVChunk.parent, KVChunk.nbytes)
+            .select_from(KVHeadRow)
+            .join(KVChunk, KVChunk.key == KVHeadRow.key)
+            .where(KVHeadRow.conversation_id.in_(ids))
             .cte("chain", recursive=True)
         )
         up = aliased(KVChunk)
@@ -142,7 +149,7 @@ class Store(ChunkIndex, Finding):
                 created_at=c.created_at,
                 updated_at=c.updated_at,
                 message_count=counts.get(c.id, 0),
-                token_count=c.kv_tokens,
+                token_count=tokens.get(c.id, 0),
                 cache_state="disk" if c.id in on_disk else "none",
                 cache_bytes=int(on_disk.get(c.id, 0)),
             )
@@ -155,12 +162,20 @@ class Store(ChunkIndex, Finding):
         model: str = "",
         system_prompt: str = "",
         settings: dict[str, Any] | None = None,
+        messages: Sequence[tuple[str, str]] = (),
     ) -> ConversationSummary:
-        """Create an empty conversation. `settings` (generation settings) must be JSON-serializable."""
+        """Create a conversation holding `messages` ((role, content) each; none: an empty one),
+        in one transaction. Without a title it takes the first line of its first user message.
+        `settings` (generation settings) must be JSON-serializable. Raises ValueError for a
+        role other than system/user/assistant."""
         now = utcnow()
-        conv = _new_conversation(title, model, system_prompt, settings, now)
+        first_user = next((c for r, c in messages if r == "user"), "")
+        conv = _new_conversation(title or _title_from(first_user), model, system_prompt, settings, now)
         with self._writer.begin() as s:
             s.add(conv)
+            s.flush()
+            for position, (role, content) in enumerate(messages):
+                s.add(_new_message(conv.id, position, role, content, now))
             s.flush()
             return self._summaries(s, [conv])[0]
 

@@ -41,8 +41,11 @@ def is_fts_table(name: str | None) -> bool:
 
 
 def include_object(obj, name, type_, reflected, compare_to) -> bool:
-    """Alembic's include_object hook: the FTS5 tables are raw SQL with no ORM model, so
-    autogenerate leaves them out of its comparison."""
+    """Alembic's include_object hook: the FTS5 tables (and PostgreSQL's trigram indexes,
+    its equivalent) are raw SQL with no ORM model, so autogenerate leaves them out of its
+    comparison."""
+    if type_ == "index" and name and name.endswith("_trgm"):
+        return False
     return not (type_ == "table" and is_fts_table(name))
 
 

@@ -68,8 +68,9 @@ def turn_summary(stats: TurnStats, *, brief: bool = False) -> str:
     """Where a turn's cache came from and what it saved, outcome first, e.g.
     'stopped · resumed 3,812 tokens from disk in 48 ms · prefilled 14 · first token 61 ms · 48.5 tok/s'.
     `brief`: the outcome and where the cache came from only."""
-    if stats.cache_source == "disk" and stats.cached_tokens:
-        head = f"resumed {stats.cached_tokens:,} tokens from disk in {stats.cache_load_s * 1000:.0f} ms"
+    if stats.cache_source in ("disk", "remote") and stats.cached_tokens:
+        where = "disk" if stats.cache_source == "disk" else "the shared cache"
+        head = f"resumed {stats.cached_tokens:,} tokens from {where} in {stats.cache_load_s * 1000:.0f} ms"
     elif stats.cache_source == "memory" and stats.cached_tokens:
         head = f"reused {stats.cached_tokens:,} tokens from memory"
     else:

@@ -16,6 +16,10 @@ context (`chatkv ls -q`, as `llm logs -q` does).
   triggers again.
 - SQLite builds without FTS5 or the trigram tokenizer (older than 3.34) get no index:
   the store then searches as before.
+- PostgreSQL has no FTS5. Its equivalent keeps the same answers (a case-insensitive
+  substring match, snippets made in Python): `chatkv_casefold(text)` (lower(), which
+  SQLite's connections register in Python), and where the server has the pg_trgm
+  extension, trigram GIN indexes on the folded text that `LIKE '%…%'` uses.
 
 Revision ID: 0004
 Revises: 0003
@@ -72,8 +76,45 @@ TRIGGERS = [
 ]
 
 
+PG_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION chatkv_casefold(text) RETURNS text "
+    "LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS 'SELECT lower($1)'"
+)
+PG_INDEXES = [
+    "CREATE INDEX ix_messages_content_trgm ON messages USING gin (chatkv_casefold(content) {ops})",
+    "CREATE INDEX ix_conversations_title_trgm ON conversations USING gin (chatkv_casefold(title) {ops})",
+]
+
+
+def _upgrade_postgresql(conn) -> None:
+    conn.exec_driver_sql(PG_FUNCTION)
+    has_trgm = conn.exec_driver_sql("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'").first()
+    if has_trgm is None:
+        log.warning("pg_trgm is not installed on the server; searching without an index")
+        return
+    try:
+        # A savepoint: a failure (no right to create extensions, or to use its schema) must
+        # not abort the upgrade's transaction; search then scans without an index.
+        with conn.begin_nested():
+            # In public, not in this user's schema (chatkv.store.db.user_schema): an extension
+            # exists once per database, and every user's indexes name its operator class.
+            conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA public")
+            schema = conn.exec_driver_sql(
+                "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                "WHERE e.extname = 'pg_trgm'"
+            ).scalar()
+            ops = '"' + schema.replace('"', '""') + '".gin_trgm_ops'
+            for ddl in PG_INDEXES:
+                conn.exec_driver_sql(ddl.format(ops=ops))
+    except sa.exc.DBAPIError as e:
+        log.warning("no pg_trgm indexes (%s); searching without an index", str(e.orig).splitlines()[0])
+
+
 def upgrade() -> None:
     conn = op.get_bind()
+    if conn.dialect.name == "postgresql":
+        _upgrade_postgresql(conn)
+        return
     try:
         conn.exec_driver_sql(TABLES[0])
     except sa.exc.OperationalError as e:  # no FTS5 or no trigram tokenizer in this SQLite
@@ -88,6 +129,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP INDEX IF EXISTS ix_messages_content_trgm")
+        op.execute("DROP INDEX IF EXISTS ix_conversations_title_trgm")
+        op.execute("DROP FUNCTION IF EXISTS chatkv_casefold(text)")
+        return
     for name in ("messages_fts_ai", "messages_fts_ad", "messages_fts_au"):
         op.execute(f"DROP TRIGGER IF EXISTS {name}")
     for name in ("conversations_fts_ai", "conversations_fts_ad", "conversations_fts_au"):

@@ -1,0 +1,103 @@
+"""Each conversation's pointer into the chunk index moves into the chunk index's own table.
+
+Why: `conversations.kv_head`, `kv_tokens` and `kv_fingerprint` made the KV layer read and
+write the transcript's table (issue 10: kv reaches the database through the chunk index
+alone). `kv_heads` holds the same three facts, one row per conversation that has spilled a
+cache, owned by the chunk index and gone with its conversation (ON DELETE CASCADE).
+
+- The rows are copied over, then the columns dropped. SQLite's batch mode rebuilds
+  `conversations` (copy, drop, rename): foreign keys are off while migrating
+  (chatkv.store.db.upgrade), so the drop cascades nowhere; AUTOINCREMENT is kept (an id
+  is never handed out twice); the triggers on `conversations` (0004's full-text index)
+  go with the old table and are created again as they were.
+- Downgrade copies the rows back into the columns and drops the table.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-11-23
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import sqlalchemy as sa
+from alembic import op
+from alembic.operations import BatchOperations
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def _triggers_on(table: str) -> dict[str, str]:
+    """The triggers on `table`, name -> CREATE TRIGGER statement (SQLite only: a table
+    rebuild drops them)."""
+    conn = op.get_bind()
+    if conn.dialect.name != "sqlite":
+        return {}
+    rows = conn.execute(
+        sa.text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = :t"), {"t": table}
+    )
+    return {name: sql for name, sql in rows}
+
+
+def _alter_conversations(change: Callable[[BatchOperations], None]) -> None:
+    """Apply `change` to `conversations` in batch mode, keeping its AUTOINCREMENT and, when
+    the table was rebuilt, creating its triggers again."""
+    triggers = _triggers_on("conversations")
+    with op.batch_alter_table("conversations", table_kwargs={"sqlite_autoincrement": True}) as batch:
+        change(batch)
+    left = _triggers_on("conversations")
+    conn = op.get_bind()
+    for name, ddl in triggers.items():
+        if name not in left:
+            conn.exec_driver_sql(ddl)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "kv_heads",
+        sa.Column("conversation_id", sa.Integer(), nullable=False),
+        sa.Column("key", sa.String(), nullable=True),
+        sa.Column("tokens", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("fingerprint", sa.String(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["conversation_id"],
+            ["conversations.id"],
+            name="fk_kv_heads_conversation_id_conversations",
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("conversation_id", name="pk_kv_heads"),
+    )
+    op.create_index("ix_kv_heads_key", "kv_heads", ["key"])
+    op.execute(
+        "INSERT INTO kv_heads (conversation_id, key, tokens, fingerprint) "
+        "SELECT id, kv_head, kv_tokens, kv_fingerprint FROM conversations "
+        "WHERE kv_head IS NOT NULL OR kv_tokens != 0 OR kv_fingerprint IS NOT NULL"
+    )
+
+    def drop(batch: BatchOperations) -> None:
+        batch.drop_column("kv_fingerprint")
+        batch.drop_column("kv_tokens")
+        batch.drop_column("kv_head")
+
+    _alter_conversations(drop)
+
+
+def downgrade() -> None:
+    def add(batch: BatchOperations) -> None:
+        batch.add_column(sa.Column("kv_head", sa.String(), nullable=True))
+        batch.add_column(sa.Column("kv_tokens", sa.Integer(), server_default="0", nullable=False))
+        batch.add_column(sa.Column("kv_fingerprint", sa.String(), nullable=True))
+
+    _alter_conversations(add)
+    for column, source in (("kv_head", "key"), ("kv_tokens", "tokens"), ("kv_fingerprint", "fingerprint")):
+        op.execute(
+            f"UPDATE conversations SET {column} = (SELECT {source} FROM kv_heads "
+            "WHERE kv_heads.conversation_id = conversations.id) "
+            "WHERE id IN (SELECT conversation_id FROM kv_heads)"
+        )
+    op.drop_index("ix_kv_heads_key", table_name="kv_heads")
+    op.drop_table("kv_heads")
