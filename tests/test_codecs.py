@@ -78,7 +78,8 @@ def test_fp16_encode_owns_its_storage():
 @pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4)])
 @pytest.mark.parametrize("t", T_VALUES)
 def test_error_bounds(name, bits, t):
-    """Max error <= half a quantization step of the value range (+ float16 parameter rounding).
+    """Max error <= half a quantization step of the value range (+ float16 parameter rounding);
+    of [-absmax, absmax] for a side quantized on a symmetric range.
 
     Rotating codecs quantize Hadamard-rotated values, so the bound holds in that space.
     """
@@ -88,7 +89,10 @@ def test_error_bounds(name, bits, t):
     for side, x, xd in (("k", k, kd), ("v", v, vd)):
         if codec.params()[f"{side}_rotate"] == "hadamard":
             x, xd = _rotate(x), _rotate(xd)
-        step = (x.amax() - x.amin()).item() / (2**bits - 1)
+        span = (x.amax() - x.amin()).item()
+        if codec.params().get(f"{side}_zero") == "symmetric":  # [-absmax, absmax] per group
+            span = 2 * x.abs().max().item()
+        step = span / (2**bits - 1)
         assert (xd - x).abs().max().item() <= step / 2 + x.abs().max().item() * 2**-10
 
 
@@ -193,3 +197,86 @@ def test_cuda_matches_cpu(name):
     assert kd.device.type == "cuda"
     _, (kc, vc) = roundtrip(codec, k, v)
     assert torch.allclose(kd.cpu(), kc, atol=1e-3) and torch.allclose(vd.cpu(), vc, atol=1e-3)
+
+
+def reference_decode(codec, parts, shape):
+    """The plain reading of a GroupQuantCodec's layout (unpack, dequantize, transpose, rotate
+    back, prepend the 8-bit sink tokens), float32: what the fast decode must reproduce."""
+    from chatkv.kv.codecs import _dequantize_groups, _sym_zero, _unpack
+
+    b, h, t, d = shape
+    out = []
+    for side in ("k", "v"):
+        axis, group, rotate, zero_as = codec.layout[side]
+        s = min(codec.sink, t)
+        n = t - s
+        q = _unpack(parts[f"{side}.q"], codec.bits, b * h * n * d).reshape(b, h, n, d)  # token order
+        scale = parts[f"{side}.scale"]
+        if zero_as == "symmetric":
+            zero = _sym_zero(scale, codec.bits)
+        elif zero_as == "uint8":  # whole steps below 0
+            zero = -parts[f"{side}.zero"].float() * scale.float()
+        else:
+            zero = parts[f"{side}.zero"]
+        if axis == "token":  # groups along T: parameters (B, H, G, D)
+            x = _dequantize_groups(q.mT, scale.mT, zero.mT, group or max(n, 1)).mT
+        else:
+            x = _dequantize_groups(q, scale, zero, group or d)
+        if rotate:
+            x = _rotate(x)
+        if s:
+            head = _dequantize_groups(
+                parts[f"{side}.sink_q"], parts[f"{side}.sink_scale"], parts[f"{side}.sink_zero"], d
+            )
+            x = torch.cat([head, x], dim=-2)
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("t", [1, 2, 33, 255, 256])
+@pytest.mark.parametrize("d", [64, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_decode_matches_the_plain_reading_of_the_layout(name, t, d, dtype):
+    """decode and decode_into (into strided views of a larger cache, as the chunk reader
+    uses it) give what unpack + dequantize + rotate give, in the destination dtype."""
+    codec = get_codec(name)
+    k, v = make_kv(t, dtype, b=2, d=d)
+    parts = codec.encode(k, v)
+    want_k, want_v = reference_decode(codec, parts, tuple(k.shape))
+    kd, vd = codec.decode(parts, tuple(k.shape), dtype, "cpu")
+    tol = 1e-5 * max(want_k.abs().max().item(), 1.0)
+    assert torch.allclose(
+        kd.float(), want_k.to(dtype).float(), atol=tol, rtol=1e-2 if dtype != torch.float32 else 0
+    )
+    assert torch.allclose(
+        vd.float(), want_v.to(dtype).float(), atol=tol, rtol=1e-2 if dtype != torch.float32 else 0
+    )
+    big_k = torch.full((2, 3, t + 9, d), float("nan"), dtype=dtype)
+    big_v = torch.full((2, 3, t + 9, d), float("nan"), dtype=dtype)
+    codec.decode_into(parts, big_k[:, :, 4 : 4 + t], big_v[:, :, 4 : 4 + t])
+    assert torch.equal(big_k[:, :, 4 : 4 + t], kd) and torch.equal(big_v[:, :, 4 : 4 + t], vd)
+    assert big_k[:, :, :4].isnan().all() and big_k[:, :, 4 + t :].isnan().all()  # nothing outside
+
+
+def test_an_integer_zero_point_keeps_half_a_step_and_costs_one_byte():
+    """int4 values store their zero point as whole steps below 0 in one byte (uint8): the
+    error stays within half a step of each group's range (widened to take in 0), and the
+    parameters cost 3 bytes a group instead of 4."""
+    from chatkv.kv.codecs import GroupQuantCodec
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 50, 64, generator=g) + torch.linspace(-1, 3, 64)  # groups straddle 0 unevenly
+    args = dict(k_axis="channel", k_group=64, v_axis="channel", v_group=64)
+    coded = GroupQuantCodec("t", 4, **args, v_zero="uint8")
+    plain = GroupQuantCodec("t", 4, **args)
+    parts = coded.encode(x, x)
+    assert parts["v.zero"].dtype == torch.uint8 and parts["k.zero"].dtype == torch.float16
+    assert nbytes(parts) == nbytes(plain.encode(x, x)) - parts["v.zero"].numel()
+    _, vd = coded.decode(parts, tuple(x.shape), torch.float32, "cpu")
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    step = (hi - lo) / 15
+    assert ((vd - x).abs() <= step / 2 + x.abs().amax(-1, keepdim=True) * 2**-10).all()
+    assert get_codec("int4").params()["v_zero"] == "uint8"
+    with pytest.raises(ValueError, match="zero must be"):
+        GroupQuantCodec("t", 4, **args, v_zero="int8")

@@ -58,6 +58,9 @@ DECLARED: dict[tuple[str, str], str] = {
     ("chatkv.engine.batch", "chatkv.kv.live"): (
         "batched decoding builds, pads and splits DynamicCaches with the KV layer's live-cache helpers"
     ),
+    ("chatkv.engine.lean", "chatkv.kv.live"): (
+        "the lean decode step appends each layer's new key and value to the live cache's layers in place"
+    ),
     ("chatkv.batch", "chatkv.store.db"): (
         "a line's database error is translated where its record is written (as the turn does)"
     ),

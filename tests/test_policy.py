@@ -71,10 +71,10 @@ def file_meta(path: Path) -> dict:
     return json.loads(blob[8 : 8 + n])["__metadata__"]
 
 
-def test_the_config_lists_every_policy_and_defaults_to_int8_with_an_exact_tail():
-    # int8, not tiered, while int4 chunks are slow to decode (see kv/policy.py)
+def test_the_config_lists_every_policy_and_defaults_to_tiered_with_an_exact_tail():
+    # tiered since int4 chunks decode fast (see kv/policy.py)
     assert set(CODEC_NAMES) == set(POLICIES)
-    assert load_settings().cache.codec == DEFAULT_POLICY == "int8"
+    assert load_settings().cache.codec == DEFAULT_POLICY == "tiered"
     assert get_policy(DEFAULT_POLICY).tail.lossless and get_policy(DEFAULT_POLICY).sink > 0
     with pytest.raises(ValueError, match="allowed: tiered"):
         get_policy("int3")
@@ -256,3 +256,37 @@ def test_a_chunk_is_not_recoded_from_a_cache_that_was_decoded_from_it(store, tin
     # A conversation holding the exact cache re-codes it.
     spilled(store, tiny_lm, "tiered", tokens)
     assert store.get_chunks([aging.key])[aging.key].codec.startswith("int4:")
+
+
+def test_a_chunk_in_the_previous_int4_layout_is_refused_and_recomputed(store, tiny_lm):
+    """int4 version 2 changed its stored layout (symmetric values, key codes in token order):
+    a file written by version 1 under the same name is refused by the reader, whatever its
+    index row says, and the conversation's next spill replaces it with the current layout."""
+    from chatkv.errors import CacheError
+    from chatkv.kv.codecs import GroupQuantCodec
+
+    old = GroupQuantCodec(  # int4 as chatkv wrote it before version 2
+        "int4", 4, k_axis="token", k_group=32, v_axis="channel", v_group=64,
+        k_rotate=True, v_rotate=True, sink=1,
+    )  # fmt: skip
+    assert old.params()["version"] == "1" and get_codec("int4").params()["version"] == "2"
+    assert old.tag != get_codec("int4").tag
+    tokens = ids(2 * C + 6)
+    spilled(store, tiny_lm, "int4", tokens)
+    rec = next(r for r in store.all_chunks() if r.start == C)
+    path = kv_dir() / rec.path
+    data = read_chunk(path, get_policy("int4"), tiny_lm.fingerprint, rec.key, torch.float32, "cpu")
+    blob, checksum = encode_chunk(
+        old, tiny_lm.fingerprint, rec.key, rec.parent, C, data.tokens, data.layers, False
+    )
+    write_atomic(path, blob)
+    store.add_chunk(type(rec)(**{**rec.__dict__, "nbytes": len(blob), "checksum": checksum}))
+    with pytest.raises(CacheError, match="codec 'int4'"):
+        read_chunk(path, get_policy("int4"), tiny_lm.fingerprint, rec.key, torch.float32, "cpu")
+    att, _ = from_disk(store, tiny_lm, "int4", tokens)
+    assert att.source == "disk" and att.cached == C  # the chunk before it, no further
+    assert any(rec.key[:12] in p for p in att.problems)
+    spilled(store, tiny_lm, "int4", tokens)  # the conversation goes on: the chunk is rewritten
+    assert file_meta(path)["codec_params"] == json.dumps(get_codec("int4").params(), sort_keys=True)
+    att, _ = from_disk(store, tiny_lm, "int4", tokens)
+    assert att.cached == len(tokens) and att.problems == []

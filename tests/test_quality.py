@@ -149,3 +149,28 @@ def test_bitsandbytes_codecs_register_exactly_when_it_is_installed():
         assert codec.bits == bits and not codec.lossless
         assert 0 < (k - k2).abs().max() < tol and 0 < (v - v2).abs().max() < tol
         assert nbytes(parts) < k.numel() * 2 * (bits / 8 + 0.1)
+
+
+def test_the_floors_stand_beside_the_codecs(tiny_llama, ids):
+    """The bf16-rounded exact cache and the prefix prefilled in steps are measured like a
+    codec (a noise floor for top-1): bf16 changes the model a little, at 2 bytes a value;
+    the stepped prefill is as exact as one forward, at the native 4 bytes; neither takes part
+    in same-prompt-twice, which needs a codec."""
+    from chatkv.bench.quality import FLOOR_BF16, FLOOR_STEPS, fidelity, prefill, prefill_in_steps
+
+    one, stepped = prefill(tiny_llama, ids[:, :250]), prefill_in_steps(tiny_llama, ids[:, :250], 100)
+    assert all(
+        torch.allclose(a, b, atol=1e-5)
+        for p, q in zip(one, stepped, strict=True)
+        for a, b in zip(p, q, strict=True)
+    )
+    schemes = {FLOOR_BF16: (None, None), FLOOR_STEPS: (None, None), "codec int2": (get_codec("int2"), None)}
+    rows = {
+        (r["scheme"], r["prefix_tokens"]): r for r in fidelity(tiny_llama, ids, [40, 250], schemes, 64, 16, 4)
+    }
+    assert len(rows) == 6
+    for n in (40, 250):
+        bf16, steps, int2 = rows[FLOOR_BF16, n], rows[FLOOR_STEPS, n], rows["codec int2", n]
+        assert 0.0 < bf16["kl_mean"] < int2["kl_mean"]
+        assert steps["kl_mean"] < 1e-6 and steps["top1_agreement"] == 1.0
+        assert bf16["ratio_vs_fp16"] == 1.0 and steps["ratio_vs_fp16"] == 2.0  # float32 model

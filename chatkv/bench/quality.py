@@ -268,6 +268,36 @@ def same_prompt_twice(lm, prompts: list[str], schemes: dict, chunk_tokens: int, 
     return {label: n / len(prompts) for label, n in same.items()}
 
 
+# Floors: caches as exact as a cache can be, computed or rounded otherwise. Where one of
+# them already flips a near-tied top-1 choice, so can any codec: the bench shows them beside
+# the codecs so that a top-1 below 100% can be read as noise or as loss.
+FLOOR_BF16 = "floor: exact in bf16"  # the exact cache rounded to bfloat16 (what a bf16 model keeps)
+FLOOR_STEPS = "floor: prefill in 100s"  # the prefix prefilled 100 tokens at a time (other rounding)
+FLOOR_STEP = 100
+
+
+@torch.inference_mode()
+def prefill_in_steps(model, prefix_ids: torch.LongTensor, step: int) -> Layers:
+    """The prefix's K/V computed ``step`` tokens at a time: as exact as one forward, rounded
+    differently (other matrix shapes); on some CPUs bit-identical for 512-token steps."""
+    cache = DynamicCache()
+    for s in range(0, prefix_ids.shape[-1], step):
+        model(input_ids=prefix_ids[:, s : s + step], past_key_values=cache, use_cache=True)
+    return layers_of(cache)
+
+
+def floor_layers(label: str, exact: Layers, stepped: Layers | None) -> tuple[Layers, int]:
+    """A floor's stand-in for a stored-and-reloaded ``exact`` (B, H, n, D per layer), and its
+    bytes: bf16 rounding (2 bytes a value) or the stepped prefill cut to n (native bytes)."""
+    if label == FLOOR_BF16:
+        layers = [(k.to(torch.bfloat16).to(k.dtype), v.to(torch.bfloat16).to(v.dtype)) for k, v in exact]
+        return layers, sum(k.numel() + v.numel() for k, v in exact) * 2
+    assert stepped is not None
+    n = exact[0][0].shape[-2]
+    layers = [(k[..., :n, :], v[..., :n, :]) for k, v in stepped]  # causal: the stepped prefix of n
+    return layers, sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+
+
 def fidelity(
     model,
     ids: torch.LongTensor,
@@ -279,10 +309,12 @@ def fidelity(
     quiet: bool = True,
 ) -> list[dict]:
     """KL, top-1 and greedy divergence of each scheme at each prefix length of ``ids``
-    (1, N): one prefill of the longest prefix serves every length (the cache is causal)."""
+    (1, N): one prefill of the longest prefix serves every length (the cache is causal).
+    A scheme whose value is ``(None, None)`` is a floor (:data:`FLOOR_BF16`, :data:`FLOOR_STEPS`)."""
     from chatkv.bench.common import say
 
     longest = prefill(model, ids[:, : max(lengths)])
+    stepped = prefill_in_steps(model, ids[:, : max(lengths)], FLOOR_STEP) if FLOOR_STEPS in schemes else None
     rows = []
     for n in lengths:
         exact = [(k[..., :n, :], v[..., :n, :]) for k, v in longest]  # (B, H, n, D)
@@ -292,7 +324,10 @@ def fidelity(
         fp16_bytes = sum(k.numel() + v.numel() for k, v in exact) * 2
         for label, (scheme, recoded_from) in schemes.items():
             say(f"  {label} at {n} tokens", quiet)
-            stored, used = roundtrip_layers(exact, scheme, chunk_tokens, recoded_from)
+            if scheme is None:
+                stored, used = floor_layers(label, exact, stepped)
+            else:
+                stored, used = roundtrip_layers(exact, scheme, chunk_tokens, recoded_from)
             stats = compare_logits(want_logits, continue_logits(model, cont, stored), cont[:, 1:])
             got = greedy(model, stored, int(ids[0, n]), n_greedy, until=want)
             rows.append(
@@ -310,17 +345,19 @@ def fidelity(
     return rows
 
 
-def schemes_to_measure(explore: bool) -> dict[str, tuple[Codec | Policy, str | None]]:
-    """Rows of the table: every registered lossy codec bare (each chunk with it, as before
-    policies), every policy, and with ``explore`` the variants the default was chosen from."""
+def schemes_to_measure(explore: bool) -> dict[str, tuple[Codec | Policy | None, str | None]]:
+    """Rows of the table: the bf16 floor, every registered lossy codec bare (each chunk with
+    it, as before policies), every policy, and with ``explore`` the stepped-prefill floor and
+    the variants the default was chosen from."""
     from dataclasses import replace
 
     from chatkv.kv.codecs import CODECS
     from chatkv.kv.policy import INT4_AFTER, POLICIES
 
-    rows: dict[str, tuple[Codec | Policy, str | None]] = {
-        f"codec {name}": (c, None) for name, c in CODECS.items() if not c.lossless
-    }
+    rows: dict[str, tuple[Codec | Policy | None, str | None]] = {FLOOR_BF16: (None, None)}
+    if explore:
+        rows[FLOOR_STEPS] = (None, None)
+    rows |= {f"codec {name}": (c, None) for name, c in CODECS.items() if not c.lossless}
     rows |= {f"policy {name}": (p, None) for name, p in POLICIES.items() if not p.lossless}
     if explore:
         tiered = POLICIES["tiered"]
@@ -391,7 +428,8 @@ def run(args, settings) -> dict:
     if args.prompts > 0:
         say(f"same prompt twice over {args.prompts} short prompts ...", quiet)
         prompts = SHORT_PROMPTS[: args.prompts]
-        twice = same_prompt_twice(lm, prompts, {k: v[0] for k, v in schemes.items()}, c, args.reply_tokens)
+        measured = {k: v[0] for k, v in schemes.items() if v[0] is not None}  # not the floors
+        twice = same_prompt_twice(lm, prompts, measured, c, args.reply_tokens)
     result = {
         "benchmark": "quality",
         "model": settings.model.name,

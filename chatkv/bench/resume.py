@@ -17,6 +17,9 @@ from chatkv.bench.common import emit, history_messages, load, say, scratch_home
 
 
 def run(args, settings) -> dict:
+    import torch
+
+    from chatkv.bench.peer import open_peer
     from chatkv.engine.generate import generate
     from chatkv.kv import live
     from chatkv.paths import db_path, kv_dir
@@ -65,6 +68,12 @@ def run(args, settings) -> dict:
             break
         prefill_s = time.perf_counter() - t0
 
+    # The peer: llama.cpp on the same GGUF has no cache across launches; its first token
+    # after a restart costs the prefill of the whole prompt.
+    peer, peer_note = open_peer(settings.model.name, len(ids) + 8, torch.get_num_threads())
+    say(peer_note, quiet)
+    peer_s = peer.prefill(ids) if peer is not None else None
+
     result = {
         "benchmark": "resume",
         "model": settings.model.name,
@@ -80,7 +89,20 @@ def run(args, settings) -> dict:
         "resume_ttft_s": med.ttft_s,
         "resume_load_s": med.cache_load_s,
         "speedup": prefill_s / med.ttft_s,
+        "peer": peer_note,
     }
+    peer_lines = []
+    if peer_s is not None:
+        result["llamacpp_ttft_s"] = peer_s
+        result["speedup_vs_llamacpp"] = peer_s / med.ttft_s
+        result["prefill_vs_llamacpp"] = peer_s / prefill_s
+        peer_lines = [
+            f"  llama.cpp, first token (prefill of all {len(ids)} tokens): {peer_s * 1000:8.1f} ms",
+            f"  resume vs llama.cpp: {result['speedup_vs_llamacpp']:.1f}x sooner; "
+            f"chatkv's own re-prefill {result['prefill_vs_llamacpp']:.2f}x llama.cpp's speed",
+        ]
+    else:
+        peer_lines = [f"  {peer_note}"]
     emit(
         result,
         args.json,
@@ -92,6 +114,7 @@ def run(args, settings) -> dict:
             f"(chunks loaded in {med.cache_load_s * 1000:.1f} ms, {disk_bytes / 2**20:.1f} MiB on disk)",
             f"  cached: {med.cached_tokens}/{med.prompt_tokens} tokens ({result['cached_fraction']:.1%})",
             f"  speedup: {result['speedup']:.1f}x",
+            *peer_lines,
         ],
     )
     return result

@@ -82,9 +82,20 @@ def _lengths(text: str) -> str:
 
 
 def _decode(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=TOKENS, default=128, help="tokens generated per run (default 128)")
+    p.add_argument("--tokens", type=TOKENS, default=64, help="tokens generated per run (default 64)")
     p.add_argument(
         "--repeat", type=REPEAT, default=3, help="runs of each, alternated; the median is reported"
+    )
+    p.add_argument(
+        "--long-context",
+        type=count(0, 1_000_000, "a number of tokens"),
+        default=3500,
+        help="tokens of context for the second measurement and the prefill figure (default 3500; 0: skip)",
+    )
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also chatkv's loop through transformers' forward instead of the lean step",
     )
 
 
@@ -114,7 +125,10 @@ BENCHES = {
         "how far each codec's and policy's reloaded cache is from the exact one (KL, top-1, greedy, bytes)",
         _quality,
     ),
-    "decode": ("chatkv's decode loop versus transformers generate", _decode),
+    "decode": (
+        "chatkv's decode and prefill versus transformers generate and llama.cpp (when installed)",
+        _decode,
+    ),
     "batch": ("chatkv batch with a shared system prompt versus one generate per prompt", _batch),
 }
 

@@ -1,0 +1,186 @@
+"""The lean decode step (engine/lean.py): the same function as transformers' forward on
+the models it takes, and a fallback to that forward, with one log line, on the others."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from chatkv.api import GenerationSettings
+from chatkv.engine import lean
+from chatkv.engine.generate import generate, prefill
+from chatkv.kv import live
+
+
+def fresh_model(tiny_model_dir, dtype=torch.float32, attn="sdpa"):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation=attn).eval()
+
+
+def forward_step(model, token, cache, pos):
+    """One token through transformers' forward, as decode_one does for other models."""
+    p = torch.tensor([pos])
+    with torch.inference_mode():
+        out = model(
+            input_ids=token.view(1, 1),
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=p,
+            position_ids=p[None],
+        )
+    return out.logits[:, -1]
+
+
+def test_the_lean_step_computes_what_the_forward_computes(tiny_model_dir):
+    model = fresh_model(tiny_model_dir)
+    ids = list(range(5, 70))
+    a, b = live.new_cache(model), live.new_cache(model)
+    prefill(model, ids, a, 0)
+    prefill(model, ids, b, 0)
+    step = lean.lean_for(model)
+    assert step is not None
+    token = torch.tensor([17])
+    for pos in range(len(ids), len(ids) + 5):
+        ref = forward_step(model, token, a, pos)
+        got = step.step(token, b, pos)
+        assert got.shape == ref.shape == (1, model.config.vocab_size)
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+        for (ka, va), (kb, vb) in zip(live.layers_of(a), live.layers_of(b), strict=True):
+            assert (
+                ka.shape[-2] == pos + 1
+                and torch.allclose(ka, kb, atol=1e-5)
+                and torch.allclose(va, vb, atol=1e-5)
+            )
+        token = ref.argmax(-1)
+
+
+def test_fused_weights_are_views_so_the_forward_sees_the_same_numbers(tiny_model_dir):
+    model = fresh_model(tiny_model_dir)
+    x = torch.tensor([list(range(5, 40))])
+    with torch.inference_mode():
+        before = model(input_ids=x).logits
+    params = sum(p.numel() for p in model.parameters())
+    step = lean.lean_for(model)
+    assert step is not None
+    attn = model.model.layers[0].self_attn
+    fused = step.layers[0].qkv.w
+    assert attn.k_proj.weight.data_ptr() == fused[attn.q_proj.weight.shape[0] :].data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == params
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=x).logits, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_through_the_lean_step_match_transformers_generate(tiny_model_dir, dtype):
+    model = fresh_model(tiny_model_dir, dtype)
+    ids = list(range(5, 60))
+    steps = generate(
+        model, ids, live.new_cache(model), 0, GenerationSettings(max_new_tokens=16, temperature=0), [], 10**6
+    )
+    ours = [s.token for s in steps if s.token is not None]
+    assert lean.lean_for(model) is not None
+    x = torch.tensor([ids])
+    ref = model.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=16, min_new_tokens=16, do_sample=False
+    )[0, len(ids) :].tolist()
+    assert ours == ref
+
+
+def test_a_model_the_lean_step_does_not_cover_decodes_through_the_forward(tiny_model_dir, caplog):
+    model = fresh_model(tiny_model_dir, attn="eager")
+    assert "eager" in (lean.why_not(model) or "")
+    settings = GenerationSettings(max_new_tokens=6, temperature=0)
+    with caplog.at_level(logging.INFO, logger="chatkv.engine.lean"):
+        for _ in range(2):
+            toks = [
+                s.token for s in generate(model, [5, 6, 7], live.new_cache(model), 0, settings, [], 10**6)
+            ]
+    assert len([t for t in toks if t is not None]) == 6
+    said = [r.getMessage() for r in caplog.records if r.name == "chatkv.engine.lean"]
+    assert len(said) == 1 and "eager" in said[0]  # once per model, not per token
+    assert lean.lean_for(model) is None and model.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+
+
+def snapped_to_4_bits(model):
+    """The model with every projection's groups of 32 inputs on a 16-level grid, as the
+    weights of a Q4_1 GGUF are once dequantized."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                n, k = p.shape
+                g = p.float().view(n, k // 32, 32)
+                low = g.amin(-1, keepdim=True)
+                step = (g.amax(-1, keepdim=True) - low) / 15
+                p.copy_((((g - low) / step).round() * step + low).view(n, k))
+    return model
+
+
+def test_weights_on_a_4_bit_grid_decode_as_int4_and_compute_the_same(tiny_model_dir):
+    grid = snapped_to_4_bits(fresh_model(tiny_model_dir)).to(torch.bfloat16)
+    step = lean.lean_for(grid)
+    assert step is not None
+    projections = [p for layer in step.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    assert all(p.int4 is not None for p in projections)
+    plain = lean.lean_for(fresh_model(tiny_model_dir, torch.bfloat16))
+    assert plain is not None and all(p.int4 is None for p in (plain.layers[0].qkv, plain.layers[0].down))
+
+    ids = list(range(5, 60))
+    a, b = live.new_cache(grid), live.new_cache(grid)
+    prefill(grid, ids, a, 0)
+    prefill(grid, ids, b, 0)
+    token = torch.tensor([17])
+    for pos in range(len(ids), len(ids) + 4):
+        ref = forward_step(grid, token, a, pos).float()
+        got = step.step(token, b, pos).float()
+        # Both are the grid's weights in bfloat16 arithmetic; they differ by rounding only
+        # (test_int4_errs_from_the_grid_by_the_order_of_bfloat16_rounding).
+        assert (got - ref).abs().max() <= 0.03 * ref.abs().max()
+        assert int(got.argmax()) == int(ref.argmax())
+        token = ref.argmax(-1)
+
+
+def test_int4_errs_from_the_grid_by_the_order_of_bfloat16_rounding():
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    g = w.view(96, 4, 32)
+    low = g.amin(-1, keepdim=True)
+    step = (g.amax(-1, keepdim=True) - low) / 15
+    w = (((g - low) / step).round() * step + low).view(96, 128)  # on the grid, float32
+    x = torch.randn(1, 1, 128).bfloat16()
+    exact = x.float() @ w.T  # (1, 1, 96)
+    proj = lean._Linear(w.bfloat16())
+    assert proj.int4 is not None
+    int4_err = (proj(x).float() - exact).abs().max()
+    dense_err = (torch.nn.functional.linear(x, w.bfloat16()).float() - exact).abs().max()
+    # The kernel's scales and zeros are bfloat16 too: a few roundings per group instead of
+    # one per weight: measured 2.4x the dense bfloat16 error here.
+    assert int4_err <= 3 * dense_err
+    off_grid = lean._Linear(torch.randn(96, 128).bfloat16())  # weights that int4 would round
+    assert off_grid.int4 is None
+
+
+def test_a_lean_step_that_cannot_be_built_falls_back_with_one_log_line(tiny_model_dir, caplog, monkeypatch):
+    model = fresh_model(tiny_model_dir)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(lean, "_fuse", broken)
+    with caplog.at_level(logging.INFO, logger="chatkv.engine.lean"):
+        steps = list(
+            generate(
+                model,
+                [5, 6, 7],
+                live.new_cache(model),
+                0,
+                GenerationSettings(max_new_tokens=4, temperature=0),
+                [],
+                10**6,
+            )
+        )
+    assert [s.finish_reason for s in steps][-1] == "length" and len(steps) == 5
+    said = [r.getMessage() for r in caplog.records if r.name == "chatkv.engine.lean"]
+    assert len(said) == 1 and "no such kernel" in said[0]
