@@ -104,6 +104,7 @@ def test_a_prefetch_for_another_model_is_discarded_and_the_cache_recomputed(
     assert predict_fingerprint(str(other), "cpu", "float32") == tiny_lm.fingerprint
 
     tiny_settings.set("model.name", str(other))
+    tiny_settings.set("model.dtype", "float32")  # as the chunks were made (auto may pick bfloat16)
     again = Chat(tiny_settings, store=Store(chat.store.path))
     again.prefetch(cid)
     again.load()
@@ -359,6 +360,7 @@ def test_a_resumed_conversation_is_tokenized_while_the_weights_load(chat, tiny_s
         return load(*args, on_tokenizer=hook, **kwargs)
 
     monkeypatch.setattr(model, "load_model", load_and_spy)
+    tiny_settings.set("model.dtype", "float32")  # as the chunks were made (auto may pick bfloat16)
     again = Chat(tiny_settings, store=Store(chat.store.path))  # loads its own model: a new tokenizer
     again.prefetch(cid)
     again.load()
