@@ -33,6 +33,7 @@ from chatkv.conversations import message_dict as message_dict  # re-exported: `c
 from chatkv.engine.defaults import generation_defaults
 from chatkv.errors import InputError
 from chatkv.housekeeping import Housekeeping
+from chatkv.kv import prefetch as kv_prefetch
 from chatkv.paths import kv_dir
 from chatkv.store import Store
 from chatkv.store.common import new_turn_id
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from chatkv.engine.model import LoadedModel
     from chatkv.kv.chunks import Layers
     from chatkv.kv.manager import Attached, KVManager
+    from chatkv.kv.prefetch import Prefetch
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Chat(Conversations, Housekeeping):
         # while a long prompt prefills (tokens); done is -1 or total at the end. Called from
         # the thread doing the work. chatkv.progress has adapters for it.
         self.on_progress: Callable[[str, int, int], None] | None = None
+        self.prefetched: Prefetch | None = None  # see `prefetch`; kept for its timings
         journal.replay(self.store)  # replies an earlier run streamed but could not save
 
     # -- model ---------------------------------------------------------------
@@ -100,12 +103,23 @@ class Chat(Conversations, Housekeeping):
         assert self.lm is not None and self.kv is not None
         return self.lm, self.kv
 
+    def prefetch(self, conversation_id: int) -> None:
+        """Before `load`: read (and tokenize) the conversation while the model loads (kv.prefetch)."""
+        if self.lm is None:
+            render = lambda: self.render(conversation_id)  # noqa: E731
+            self.prefetched = kv_prefetch.start(
+                self.store, kv_dir(), conversation_id, self.settings, self._preloaded, render
+            )
+
     def load(self) -> None:
         """Load the model and the KV layer (blocking; idempotent; thread-safe)."""
         with self._load_lock:
             if self.lm is not None:
                 return
-            from chatkv.engine.model import load_model
+            pre = self.prefetched
+            if pre is not None:  # not two threads importing transformers at once
+                pre.imported.wait()
+            from chatkv.engine.model import load_model, warm_up
             from chatkv.kv.manager import KVManager
             from chatkv.kv.objects import local_budget, tiers_for
             from chatkv.progress import CallbackProgress
@@ -119,6 +133,7 @@ class Chat(Conversations, Housekeeping):
                 load_in=m.load_in,
                 context=m.context,
                 progress=progress,
+                on_tokenizer=pre.tokenize if pre is not None else None,
             )
             self.kv = KVManager(
                 self.store,
@@ -131,6 +146,8 @@ class Chat(Conversations, Housekeeping):
                 # cache.url, if set
                 tiers=tiers_for(kv_dir(), c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared),
             )
+            self.kv.prefetch = pre
+            self.kv.warm_up = warm_up(lm) if self._preloaded is None else None
             self.lm = lm
             self.activity = ""
 
@@ -372,6 +389,8 @@ class Chat(Conversations, Housekeeping):
             self.kv.flush()
 
     def close(self) -> None:
+        if self.prefetched is not None:
+            self.prefetched.cancel()
         if self.kv is not None:
             self.kv.close()
 

@@ -59,7 +59,7 @@ SYSTEM = "You are terse. Caches keep keys and values of attention for every toke
 
 def test_ask_new_continue_and_resume(capsys, monkeypatch):
     first = ask_json(capsys, "--system", SYSTEM, "Summarise the GNU GPL in three bullet points.")
-    assert set(first) == {"conversation_id", "message_id", "reply", "stats"}
+    assert set(first) == {"conversation_id", "message_id", "reply", "stats", "startup"}
     cid = first["conversation_id"]
     s = first["stats"]
     assert s["cache_source"] == "none" and s["cached_tokens"] == 0

@@ -12,12 +12,15 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 
 from chatkv import __version__
 from chatkv.cli.args import INT64_MAX, NumberArg, Parser, conversation_id, count, seed
 from chatkv.config import CODEC_NAMES, Settings, load_settings
 from chatkv.errors import ChatKVError
+
+STARTED = time.perf_counter()  # for `ask --json`'s startup figures: about when the CLI began
 
 COMMANDS = (
     "chat",
@@ -144,6 +147,7 @@ def run_chat(args: argparse.Namespace) -> int:
     chat = Chat(settings)
     if args.id is not None:
         chat.get_conversation(args.id)  # unknown id: one line, before the screen opens
+        chat.prefetch(args.id)  # its saved cache is read while the UI opens and the model loads
     app = create_app(chat, settings, args.id)
     try:
         app.run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from chatkv.cli.args import conversation_id
 from chatkv.errors import InputError, UsageError
@@ -87,15 +88,21 @@ def run(args: argparse.Namespace) -> int:
 
         # Conversion, loading and a long prefill show a bar on stderr (a terminal only).
         chat.on_progress = driver(RichProgress())
+        if conv is not None:
+            chat.prefetch(conv.id)  # its saved cache is read while the model loads
+        load_began = time.perf_counter()
         chat.load()
+        loaded_at = time.perf_counter()
         # A new conversation is created together with the message, by the session: a
         # refused or failed first turn leaves nothing behind.
         turn = chat.send(conv.id if conv else None, text, system_prompt=args.system)
         out = sys.stdout
         pieces = iter(turn)
         streamed = False
+        first_at = 0.0
         try:
             for piece in pieces:
+                first_at = first_at or time.perf_counter()
                 if not args.json and piece:
                     out.write(piece)
                     out.flush()
@@ -119,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
                     "message_id": msg.id if msg else None,
                     "reply": msg.content if msg else "",
                     "stats": turn.stats.to_dict(),
+                    "startup": _startup(chat, turn.stats.cache_load_s, load_began, loaded_at, first_at),
                 },
                 out,
                 ensure_ascii=False,
@@ -132,6 +140,31 @@ def run(args: argparse.Namespace) -> int:
     finally:
         chat.close()
     return 0
+
+
+def _startup(chat, attach_s: float, load_began: float, loaded_at: float, first_at: float) -> dict:
+    """Where a fresh process's time to the first token went: importing and starting up,
+    loading the model, and reading the conversation's saved cache, which a resumed
+    conversation reads while the model loads (chat.prefetch)."""
+    from chatkv.cli import STARTED
+
+    pre = chat.prefetched
+    used = pre is not None and pre.used_tokens > 0
+    out = {
+        "process_first_token_s": (first_at or time.perf_counter()) - STARTED,
+        "before_load_s": load_began - STARTED,
+        "model_load_s": loaded_at - load_began,
+        # the turn's chunk reads: in the background during the load, plus what the turn's
+        # attach read itself (and checking what was read ahead)
+        "chunk_read_s": (pre.read_s if used else 0.0) + attach_s,
+        # the background reads' own processor time: their wall time above includes waiting
+        # for the loading thread, with which they share the interpreter
+        "chunk_read_cpu_s": (pre.read_cpu_s if used else 0.0) + attach_s,
+        "prefetched_tokens": pre.used_tokens if used else 0,
+        "read_overlapped_load": bool(used and pre.started_at < loaded_at),
+        "read_hidden_by_load": bool(used and pre.finished_at <= loaded_at),
+    }
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def _say_interrupted(cid: int, saved: bool) -> None:

@@ -25,6 +25,12 @@ def _resume(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--repeat", type=REPEAT, default=3, help="resume measurements; the median is reported")
     p.add_argument(
+        "--fresh-process",
+        action="store_true",
+        help="run the real CLI in fresh processes: resume versus re-prefill versus importing torch "
+        "(rounds of three, --repeat of them; a re-prefill each round)",
+    )
+    p.add_argument(
         "--cache-url",
         help="resume from this object store (s3://BUCKET/PREFIX or file:///PATH) with a cold local "
         "disk: each resume starts with an empty kv/ and fetches every chunk",
@@ -146,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Imported only when it runs (the parser never imports torch), but each by name, so that
     # the import graph shows which modules the bench command uses.
-    if args.bench == "resume":
+    if args.bench == "resume" and args.fresh_process:
+        from chatkv.bench import startup as bench
+    elif args.bench == "resume":
         from chatkv.bench import resume as bench
     elif args.bench == "quality":
         from chatkv.bench import quality as bench

@@ -14,7 +14,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +190,12 @@ def _converted_dir(source: ModelSource) -> Path:
     return models_dir() / f"{Path(source.gguf_file or 'model').stem}-{digest}"
 
 
-def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: Progress = NULL) -> tuple[Any, Any]:
+def _load_gguf(
+    source: ModelSource,
+    dtype: torch.dtype,
+    progress: Progress = NULL,
+    on_tokenizer: Callable[[Any], None] | None = None,
+) -> tuple[Any, Any]:
     """Load a GGUF model, from its converted copy when one exists (seconds saved per start)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,6 +204,8 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype, progress: Progress = NUL
         progress.start(f"loading {source.name}")
         try:
             tok = AutoTokenizer.from_pretrained(conv)
+            if on_tokenizer is not None:
+                on_tokenizer(tok)
             model: Any = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)  # untyped enough: Any
             return model, tok
         except Exception as e:  # a damaged copy is rebuilt from the GGUF
@@ -238,7 +249,13 @@ def _save_converted(model: Any, tok: Any, conv: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_hf(source: ModelSource, dtype: torch.dtype, device: torch.device, load_in: str) -> tuple[Any, Any]:
+def _load_hf(
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_in: str,
+    on_tokenizer: Callable[[Any], None] | None = None,
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -257,6 +274,8 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, device: torch.device, load
     local = source.path != source.name or hub.hub_offline()
     try:
         tok = AutoTokenizer.from_pretrained(source.path, local_files_only=local)
+        if on_tokenizer is not None:
+            on_tokenizer(tok)
         model = AutoModelForCausalLM.from_pretrained(source.path, local_files_only=local, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -340,6 +359,7 @@ def load_model(
     load_in: str = "none",
     context: int = 0,
     progress: Progress | None = None,
+    on_tokenizer: Callable[[Any], Callable[[], None] | None] | None = None,
 ) -> LoadedModel:
     """Load a model for chatkv. Raises ModelError with the fix when that is not possible.
 
@@ -348,6 +368,9 @@ def load_model(
         device, dtype, load_in: as in config/default.toml.
         context: largest context in tokens; 0 uses the model's maximum.
         progress: told about each slow step (conversion, loading); chatkv.progress.
+        on_tokenizer: given the tokenizer as soon as it is loaded, before the weights (to
+            start tokenizing a prompt meanwhile); it may return a function to wait for that
+            work, called before this returns (a fast tokenizer is not for two threads).
     A loaded model is recorded in the registry of models seen (chatkv.engine.seen).
     """
     progress = progress or NULL
@@ -362,14 +385,22 @@ def load_model(
     if dev.type == "cpu" and dt == torch.float16:
         raise ModelError("float16 is slow and inexact on the CPU; use --dtype float32 or bfloat16")
     source = resolve(name)
+    setting = _setting(source, dt, load_in, dev)  # before loading adds a hub commit to the identity
+    waits: list[Callable[[], None]] = []
+
+    def given(tok: Any) -> None:
+        wait = on_tokenizer(tok) if on_tokenizer is not None else None
+        if wait is not None:
+            waits.append(wait)
+
     if source.gguf_file:
         if load_in != "none":
             raise ModelError("--load-in applies to Hugging Face weights, not GGUF files; use --load-in none")
-        model, tok = _load_gguf(source, dt, progress)
+        model, tok = _load_gguf(source, dt, progress, given)
     else:
         progress.start(f"loading {name}")
         try:
-            model, tok = _load_hf(source, dt, dev, load_in)
+            model, tok = _load_hf(source, dt, dev, load_in, given)
         finally:
             progress.done()
     if load_in == "none":
@@ -386,8 +417,11 @@ def load_model(
             *([tok.eos_token_id] if tok.eos_token_id is not None else []),
         }
     )
+    for wait in waits:
+        wait()  # the caller's work with the tokenizer is done before anything else uses it
     fp = fingerprint(source, model, tok, dt, load_in, dev)
     _remember(source, fp)
+    _memo_fingerprint(setting, fp)
     return LoadedModel(
         name=name,
         model=model,
@@ -399,6 +433,96 @@ def load_model(
         eos_ids=eos_ids,
         load_s=time.perf_counter() - t0,
     )
+
+
+FINGERPRINTS = "fingerprints.json"  # beside the converted copies: what each setting loaded as
+
+
+def _setting(source: ModelSource, dtype: torch.dtype, load_in: str, device: torch.device) -> str:
+    """What a fingerprint follows from, as far as it is known before the weights load: the
+    weights' identity (as `resolve` gives it), compute dtype, quantization and device kind."""
+    return f"{source.identity}|{str(dtype).removeprefix('torch.')}|{load_in}|{device.type}"
+
+
+def _memo_fingerprint(setting: str, fp: str) -> None:
+    """Remember that `setting` loaded as `fp`, for `predict_fingerprint`. Never raises: a memo
+    that cannot be written costs only the next start's prefetch."""
+    memo = models_dir() / FINGERPRINTS
+    try:
+        known = json.loads(memo.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    if known.get(setting) == fp:
+        return
+    known[setting] = fp
+    try:
+        _write_private(memo, json.dumps(known, indent=1, sort_keys=True))
+    except OSError as e:
+        log.warning("could not remember the model's fingerprint in %s: %s", memo, e)
+
+
+def predict_fingerprint(name: str, device: str = "auto", dtype: str = "auto", load_in: str = "none") -> str:
+    """The fingerprint `load_model` gave these arguments last time, found without loading the
+    weights ("" when unknown or the model cannot be resolved).
+
+    Only a guess to start work early with (reading a conversation's KV chunks while the
+    model loads): the loaded model's own fingerprint decides, and work done for another
+    one is thrown away. Nothing here raises."""
+    try:
+        dev = pick_device(device)
+        source = resolve(name)
+        known = json.loads((models_dir() / FINGERPRINTS).read_text())
+    except (ModelError, OSError, ValueError, RuntimeError):
+        return ""
+    fp = (
+        known.get(_setting(source, pick_dtype(dtype, dev), load_in, dev)) if isinstance(known, dict) else None
+    )
+    return fp if isinstance(fp, str) else ""
+
+
+def tokenize_aside(tokenizer: Any, render: Callable[[], list[dict[str, str]]]) -> threading.Thread:
+    """Start tokenizing the messages `render()` gives (chat_ids) in a daemon thread, so that
+    chat_ids finds their ids remembered later; return the thread. Join it before the
+    tokenizer is used elsewhere: a fast tokenizer is not for two threads at once. A failure
+    is only logged: whoever tokenizes next does it all."""
+
+    def run() -> None:
+        try:
+            chat_ids(tokenizer, render())
+        except Exception as e:
+            log.debug("could not tokenize ahead: %s", e)
+
+    thread = threading.Thread(target=run, name="chatkv-tokenize", daemon=True)
+    thread.start()
+    return thread
+
+
+def warm_up(lm: LoadedModel) -> threading.Thread:
+    """Start running one token through the model on a throwaway cache, in a daemon thread,
+    and return the thread.
+
+    A fresh process's first forward pays once for what later ones don't: paging in the
+    weights, first-call setup in the kernels and the allocator. Done while the caller
+    does other work (rendering and tokenizing the prompt, attaching its cache, or the user
+    typing), it is off the path to the first token; join the thread before the first real
+    forward so the two don't compete for the cores. A failure is only logged: the real
+    forward will meet it and report it."""
+    from transformers import DynamicCache
+
+    from chatkv.engine.generate import prefill
+
+    def run() -> None:
+        try:
+            token = lm.eos_ids[0] if lm.eos_ids else 0
+            prefill(lm.model, [token], DynamicCache(config=lm.model.config), 0)
+        except Exception as e:
+            log.debug("warm-up forward failed: %s", e)
+
+    thread = threading.Thread(target=run, name="chatkv-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _remember(source: ModelSource, fp: str) -> None:
@@ -467,5 +591,36 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prom
         else:  # the template's own text
             plain = False
         if part:
-            ids += tokenizer.encode(part, add_special_tokens=False, split_special_tokens=plain)
-    return [int(i) for i in ids]
+            ids += _encode(tokenizer, part, plain)
+    return ids
+
+
+# Each turn renders the whole conversation again; its parts are tokenized on their own (see
+# chat_ids), so a part's ids depend only on its text and the tokenizer: remembered per
+# tokenizer (a model switch brings another one), keyed by the text (an edit is a new key).
+class _PartIds(OrderedDict[tuple[bool, str], list[int]]):
+    chars = 0  # characters of the texts held
+
+
+_PART_IDS: weakref.WeakKeyDictionary[Any, _PartIds] = weakref.WeakKeyDictionary()
+_PART_IDS_LOCK = threading.Lock()
+PART_IDS_CHARS = 8 << 20  # characters of text remembered per tokenizer, least recently used dropped
+
+
+def _encode(tokenizer: Any, part: str, plain: bool) -> list[int]:
+    key = (plain, part)
+    with _PART_IDS_LOCK:
+        memo = _PART_IDS.setdefault(tokenizer, _PartIds())
+        hit = memo.get(key)
+        if hit is not None:
+            memo.move_to_end(key)
+            return hit
+    ids = [int(i) for i in tokenizer.encode(part, add_special_tokens=False, split_special_tokens=plain)]
+    with _PART_IDS_LOCK:
+        if key not in memo:
+            memo.chars += len(part)
+        memo[key] = ids
+        while memo.chars > PART_IDS_CHARS and len(memo) > 1:
+            (_, old), _ = memo.popitem(last=False)
+            memo.chars -= len(old)
+    return ids

@@ -324,14 +324,12 @@ def _expected_tensors(
     codec: Codec, params: str, shape: tuple[int, ...], dtype: torch.dtype
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of what `codec` writes for K and V of `shape` (L*B, H, T, D):
-    found by encoding zeros, so every codec is checked without code of its own. Zeros on the
-    meta device cost no memory; a codec whose encode needs real values gets real zeros."""
-    try:
-        zeros = torch.zeros(shape, dtype=dtype, device="meta")  # (L*B, H, T, D)
-        parts = codec.encode(zeros, zeros)
-    except Exception:  # an op without a meta kernel
-        zeros = torch.zeros(shape, dtype=dtype)
-        parts = codec.encode(zeros, zeros)
+    found by encoding zeros, so every codec is checked without code of its own. Real zeros
+    on the CPU (a chunk's worth, once per shape): the meta device's first use in a process
+    imports torch's compiler stack (seconds, measured 2-4 s), on the path of the first
+    chunk read of a resumed conversation."""
+    zeros = torch.zeros(shape, dtype=dtype)  # (L*B, H, T, D)
+    parts = codec.encode(zeros, zeros)
     return {name: (tuple(t.shape), t.dtype) for name, t in parts.items()}
 
 

@@ -4,6 +4,7 @@ live across turns, and spill what is new to the chunk store off the critical pat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from chatkv.engine.model import LoadedModel
     from chatkv.kv.chunks import ChunkData, FileId, Layers
     from chatkv.kv.objects import Tiers
+    from chatkv.kv.prefetch import Prefetch, Prefetched
     from chatkv.store.chunk_index import ChunkIndex
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,13 @@ class KVManager:
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self._temp_cleaned = False
+        # Chunks of one conversation read while the model loaded (kv/prefetch.py): used by
+        # that conversation's next attach from disk, then dropped.
+        self.prefetch: Prefetch | None = None
+        # The model's first forward on a throwaway cache (engine.model.warm_up), run aside
+        # while the first prompt is attached: joined at the end of that attach, since the
+        # caller's own forward comes next and the two should not share the cores.
+        self.warm_up: threading.Thread | None = None
 
     # -- attach --------------------------------------------------------------
 
@@ -125,6 +134,21 @@ class KVManager:
         It covers at most len-1 tokens, so that the caller prefills at least one token and
         gets the next-token logits from it; `whole` lets it cover all of `tokens` (batch
         attaches a shared prefix that its lines then continue each on its own)."""
+        pre = self.prefetch if self.prefetch is not None and self.prefetch.conversation_id == conv else None
+        if pre is not None:
+            self.prefetch = None  # one attach uses it, or nothing does
+        try:
+            return self._attach(conv, tokens, whole, pre)
+        finally:
+            if pre is not None and not pre.taken:  # memory had it, or disk was not worth reading
+                pre.cancel()  # frees its buffers
+            warm, self.warm_up = self.warm_up, None
+            if warm is not None:
+                warm.join()
+
+    def _attach(
+        self, conv: object, tokens: Sequence[int], whole: bool, pre: Prefetch | None = None
+    ) -> Attached:
         t0 = time.perf_counter()
         limit = len(tokens) if whole else len(tokens) - 1
         item = self.pool.take(conv) if conv is not None else None
@@ -135,7 +159,7 @@ class KVManager:
             try:
                 plan, disk = self._disk_plan(tokens, limit, conv)
                 if disk > (mem + self.chunk_tokens if mem else 0):  # worth reading over memory
-                    cache, n, problems, remote = self._load(plan, tokens, limit)
+                    cache, n, problems, remote = self._load(plan, tokens, limit, pre)
                     if n > mem:
                         assert cache is not None  # n > 0: _load returns a cache with it
                         source: CacheSource = "remote" if remote else "disk"
@@ -235,25 +259,55 @@ class KVManager:
             return CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {offset}")
         return data
 
+    def _prefetched(
+        self, pre: Prefetch | None, plan: list[ChunkRecord], total: int
+    ) -> tuple[Prefetched | None, int]:
+        """What a prefetch read of `plan`'s first chunks (and how many), when it was read for
+        this model, into buffers of this cache's shape with room for `total` tokens, from
+        the index rows `plan` has now (a chunk re-coded since is read again)."""
+        got = pre.take(self.lm.fingerprint, self.lm.dtype, self.lm.device) if pre is not None else None
+        if got is None:
+            return None, 0
+        layers, heads, dim = self.lm.kv_shape
+        shape = got.k.shape  # (L, B, H, capacity, D)
+        if (shape[0], shape[1], shape[2], shape[4]) != (layers, 1, heads, dim) or shape[3] < total:
+            return None, 0
+        same = 0
+        for want, have in zip(plan, got.records, strict=False):
+            if (want.key, want.start, want.nbytes, want.checksum) != (
+                have.key,
+                have.start,
+                have.nbytes,
+                have.checksum,
+            ):
+                break
+            same += 1
+        return (got, same) if same else (None, 0)
+
     def _load(
-        self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int
+        self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int, pre: Prefetch | None = None
     ) -> tuple[DynamicCache | None, int, list[str], bool]:
         """Read chunks two at a time (file reads, checksums and dequantizing overlap)
         straight into one preallocated cache, use them in order, and stop at the first one
         that cannot be trusted (it is removed; its tokens will be prefilled again).
-        With a remote tier, all of the plan's chunks missing locally are fetched in parallel
-        first, each decoded as soon as it is here. The last result: whether a used chunk
-        came from the remote."""
+        Chunks `pre` read already (while the model loaded) are taken as read.
+        With a remote tier, all of the plan's other chunks missing locally are fetched in
+        parallel first, each decoded as soon as it is here. The last result: whether a used
+        chunk came from the remote."""
         offsets = [sum(r.n_tokens for r in plan[:i]) for i in range(len(plan))]
-        k_buf, v_buf = live.buffers(
-            self.lm.model, offsets[-1] + plan[-1].n_tokens, dtype=self.lm.dtype, device=self.lm.device
-        )
+        total = offsets[-1] + plan[-1].n_tokens
+        got, ahead = self._prefetched(pre, plan, total)
+        if got is not None:
+            k_buf, v_buf = got.k, got.v
+        else:
+            k_buf, v_buf = live.buffers(self.lm.model, total, dtype=self.lm.dtype, device=self.lm.device)
         problems: list[str] = []
         n, used, inexact = 0, 0, 0
+        rest = plan[ahead:]
         where: dict[str, str] = {}
         tiers = self.tiers
         if tiers is not None:
-            tiers.prefetch(plan)
+            tiers.prefetch(rest)
 
         def read(rec: ChunkRecord, offset: int) -> ChunkData | CacheError:
             if tiers is not None:
@@ -276,9 +330,10 @@ class KVManager:
             return got
 
         with ThreadPoolExecutor(
-            max_workers=min(LOAD_THREADS, len(plan)), thread_name_prefix="chatkv-load"
+            max_workers=max(1, min(LOAD_THREADS, len(rest))), thread_name_prefix="chatkv-load"
         ) as ex:
-            results = ex.map(read, plan, offsets)
+            reads = ex.map(read, rest, offsets[ahead:])
+            results = itertools.chain(got.data[:ahead] if got is not None else [], reads)
             for rec, data in zip(plan, results, strict=True):
                 if isinstance(data, CacheError):
                     problems.append(str(data))
@@ -306,6 +361,8 @@ class KVManager:
         if n == 0:
             return None, 0, problems, False
         self.store.touch_chunks([r.key for r in plan[:used]])
+        if pre is not None and got is not None:
+            pre.used_tokens = min(n, sum(r.n_tokens for r in plan[:ahead]))
         n = min(n, limit)
         cache = live.cache_from_buffers(self.lm.model, k_buf, v_buf, n)
         self._inexact[cache] = min(inexact, n)

@@ -1,0 +1,373 @@
+"""Resuming at disk speed, on the tiny model: a conversation's chunks are read while the
+model loads (chatkv.kv.prefetch), through the same checks as any read; a prefetch made
+for another model is thrown away; the reply is what it would have been without one; the
+model's first forward is run aside (a warm-up); `ask --json` reports where the time went.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+
+import pytest
+import torch
+
+import chatkv.engine.model as chatkv_model
+from chatkv.api import GenerationSettings
+from chatkv.cli import main
+from chatkv.engine.model import load_model, predict_fingerprint
+from chatkv.kv import prefetch
+from chatkv.paths import kv_dir, models_dir
+from chatkv.session import Chat
+from chatkv.store import Store
+from tests.test_session import fresh_tokens, perturbed_copy
+
+GREEDY = GenerationSettings(max_new_tokens=12, temperature=0.0)
+QUESTIONS = ["Summarise the GNU GPL in three bullet points.", "How does the Apache license differ?"]
+
+
+def saved_conversation(chat: Chat) -> int:
+    """A conversation of a few chunks, spilled to disk."""
+    conv = chat.new_conversation(system_prompt="You are terse.")
+    for q in QUESTIONS:
+        "".join(chat.send(conv.id, q, GREEDY))
+    chat.flush()
+    return conv.id
+
+
+def expected_reply(chat: Chat, conv_id: int, text: str) -> list[int]:
+    """The tokens a prefill from nothing answers `text` with (the message is added, then
+    removed)."""
+    chat.store.add_message(conv_id, "user", text)
+    expected = fresh_tokens(chat, conv_id, GREEDY)
+    chat.store.delete_messages_from(conv_id, chat.messages(conv_id)[-1].position)
+    return expected
+
+
+def reply_tokens(turn) -> list[int]:
+    return turn.tokens[turn.stats.prompt_tokens :]
+
+
+def test_chunks_read_while_loading_are_used_and_the_reply_is_unchanged(chat, tiny_settings, tiny_lm):
+    cid = saved_conversation(chat)
+    chat.close()
+
+    again = Chat(tiny_settings, store=Store(chat.store.path), lm=tiny_lm)  # a new process
+    again.prefetch(cid)
+    again.load()
+    expected = expected_reply(again, cid, "Tell me a story.")
+    turn = again.send(cid, "Tell me a story.", GREEDY)
+    "".join(turn)
+    pre = again.prefetched
+    assert turn.stats.cache_source == "disk"
+    assert pre.taken and pre.read_tokens >= turn.stats.cached_tokens > 32
+    assert pre.used_tokens == turn.stats.cached_tokens
+    assert reply_tokens(turn) == expected
+    again.close()
+
+
+def test_the_fingerprint_is_predicted_from_the_last_load_with_the_same_settings(tiny_model_dir):
+    name = str(tiny_model_dir)
+    assert predict_fingerprint(name, "cpu", "float32") == ""  # never loaded in this data dir
+    lm = load_model(name, device="cpu", dtype="float32")
+    assert predict_fingerprint(name, "cpu", "float32") == lm.fingerprint
+    assert predict_fingerprint(name, "cpu", "bfloat16") == ""  # another dtype: another cache
+    assert predict_fingerprint(str(tiny_model_dir / "missing"), "cpu", "float32") == ""
+
+
+def test_a_prefetch_is_handed_over_only_for_the_model_it_was_read_for(chat, tiny_settings, tiny_lm):
+    cid = saved_conversation(chat)
+    pre = prefetch.start(chat.store, kv_dir(), cid, tiny_settings, lm=tiny_lm)
+    assert pre.take(tiny_lm.fingerprint, torch.bfloat16, tiny_lm.device) is None  # another dtype
+    assert pre.take(tiny_lm.fingerprint, tiny_lm.dtype, tiny_lm.device) is None  # once only
+    pre = prefetch.start(chat.store, kv_dir(), cid, tiny_settings, lm=tiny_lm)
+    assert pre.take("0" * 32, tiny_lm.dtype, tiny_lm.device) is None  # another model
+    pre = prefetch.start(chat.store, kv_dir(), cid, tiny_settings, lm=tiny_lm)
+    got = pre.take(tiny_lm.fingerprint, tiny_lm.dtype, tiny_lm.device)
+    assert got is not None and got.tokens == pre.read_tokens > 32
+
+
+def test_a_prefetch_for_another_model_is_discarded_and_the_cache_recomputed(
+    chat, tiny_settings, tiny_lm, tiny_model_dir, tmp_path
+):
+    cid = saved_conversation(chat)
+    chat.close()
+    other = perturbed_copy(tiny_model_dir, tmp_path / "other-model")
+    # The memo claims the other model loads as the first one: the prefetch reads the saved
+    # chunks, which the loaded model (another fingerprint) must not use.
+    lm_other = load_model(str(other), device="cpu", dtype="float32")
+    memo = models_dir() / "fingerprints.json"
+    known = json.loads(memo.read_text())
+    known = {k: (tiny_lm.fingerprint if v == lm_other.fingerprint else v) for k, v in known.items()}
+    memo.write_text(json.dumps(known))
+    assert predict_fingerprint(str(other), "cpu", "float32") == tiny_lm.fingerprint
+
+    tiny_settings.set("model.name", str(other))
+    tiny_settings.set("model.dtype", "float32")  # as the chunks were made (auto may pick bfloat16)
+    again = Chat(tiny_settings, store=Store(chat.store.path))
+    again.prefetch(cid)
+    again.load()
+    assert again.lm.fingerprint == lm_other.fingerprint != tiny_lm.fingerprint
+    expected = expected_reply(again, cid, "Tell me a story.")
+    turn = again.send(cid, "Tell me a story.", GREEDY)
+    "".join(turn)
+    pre = again.prefetched
+    assert pre.read_tokens > 32 and pre.used_tokens == 0  # read, then thrown away
+    assert turn.stats.cache_source == "none" and turn.stats.cached_tokens == 0
+    assert reply_tokens(turn) == expected
+    again.close()
+
+
+def test_a_chunk_damaged_before_the_prefetch_is_judged_by_the_attach_as_before(chat, tiny_settings, tiny_lm):
+    cid = saved_conversation(chat)
+    chat.close()
+    chain = chat.store.chunk_chain(chat.store.get_kv_head(cid).key)
+    assert len(chain) >= 3
+    bad = chain[1]
+    path = kv_dir() / bad.path
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF  # tensor data changes: the checksum no longer matches
+    path.write_bytes(bytes(blob))
+
+    again = Chat(tiny_settings, store=Store(chat.store.path), lm=tiny_lm)
+    again.prefetch(cid)
+    again.load()
+    expected = expected_reply(again, cid, "Tell me a story.")
+    turn = again.send(cid, "Tell me a story.", GREEDY)
+    "".join(turn)
+    pre = again.prefetched
+    assert pre.read_tokens == chain[0].n_tokens and bad.key[:12] in pre.problem  # stopped there
+    assert turn.stats.cache_source == "disk" and turn.stats.cached_tokens == chain[0].n_tokens
+    assert any(bad.key[:12] in w for w in turn.warnings)
+    assert bad.key not in again.store.get_chunks([bad.key])  # removed, as any read removes it
+    assert not path.exists()
+    assert reply_tokens(turn) == expected
+    again.close()
+
+
+def test_a_chunk_recoded_after_the_prefetch_read_it_is_read_again(chat, tiny_settings, tiny_lm):
+    cid = saved_conversation(chat)
+    chat.close()
+    again = Chat(tiny_settings, store=Store(chat.store.path), lm=tiny_lm)
+    again.prefetch(cid)
+    again.load()
+    again.prefetched.wait()
+    # Another process re-codes chunk 1 (same key, new row) after the prefetch read it.
+    head = again.store.get_kv_head(cid).key
+    rec = again.store.chunk_chain(head)[1]
+    again.store.add_chunk(dataclasses.replace(rec, checksum="f" * 64))
+    turn = again.send(cid, "Tell me a story.", GREEDY)
+    "".join(turn)
+    # The prefetched chunk 0 is used; chunk 1 is read again under its new row (which the
+    # file no longer matches: refused and recomputed, exactly as without a prefetch).
+    assert again.prefetched.used_tokens == rec.start
+    assert turn.stats.cached_tokens == rec.start
+    again.close()
+
+
+def test_a_fresh_model_is_warmed_up_aside_and_the_turn_waits_for_it(tiny_settings, monkeypatch):
+    import chatkv.engine.model as model
+
+    started = []
+    real = model.warm_up
+
+    def spy(lm):
+        thread = real(lm)
+        started.append(thread)
+        return thread
+
+    monkeypatch.setattr(model, "warm_up", spy)
+    chat = Chat(tiny_settings)
+    chat.load()
+    assert len(started) == 1
+    conv = chat.new_conversation()
+    "".join(chat.send(conv.id, "Hello!", GREEDY))
+    assert not started[0].is_alive() and chat.kv.warm_up is None  # joined before the forward
+    chat.close()
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cli_env(monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("CHATKV_MODEL_NAME", str(tiny_model_dir))
+    monkeypatch.setenv("CHATKV_MODEL_DEVICE", "cpu")
+    monkeypatch.setenv("CHATKV_GENERATION_TEMPERATURE", "0")
+    monkeypatch.setenv("CHATKV_GENERATION_MAX_NEW_TOKENS", "6")
+    monkeypatch.setenv("CHATKV_CACHE_CHUNK_TOKENS", "32")
+    monkeypatch.setenv("CHATKV_CACHE_CODEC", "fp16")
+
+
+def test_ask_json_reports_the_chunk_reads_beside_the_model_load(capsys, cli_env):
+    code, out, err = run_cli(capsys, "ask", "--json", QUESTIONS[0] + " " + QUESTIONS[1])
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["startup"]["prefetched_tokens"] == 0 and not first["startup"]["read_overlapped_load"]
+    cid = str(first["conversation_id"])
+    code, out, err = run_cli(capsys, "ask", "--json", "-C", cid, "Tell me a story.")
+    assert code == 0, err
+    second = json.loads(out)
+    s, st = second["startup"], second["stats"]
+    assert st["cache_source"] == "disk"
+    assert s["prefetched_tokens"] == st["cached_tokens"] > 32
+    assert s["read_overlapped_load"] is True  # it began before the model had loaded
+    assert s["chunk_read_s"] > 0 and s["model_load_s"] > 0
+    assert s["process_first_token_s"] >= s["model_load_s"]
+
+
+def test_ctrl_c_while_the_model_loads_exits_130_and_stops_the_prefetch(capsys, cli_env, monkeypatch):
+    code, out, err = run_cli(capsys, "ask", "--json", QUESTIONS[0])
+    cid = str(json.loads(out)["conversation_id"])
+    import chatkv.engine.model as model
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "load_model", interrupted)
+    code, out, err = run_cli(capsys, "ask", "-C", cid, "Tell me a story.")
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    for t in threading.enumerate():
+        if t.name == "chatkv-prefetch":
+            t.join(timeout=30)
+            assert not t.is_alive()
+
+
+def test_each_turn_tokenizes_only_the_text_it_has_not_seen(tiny_lm, monkeypatch):
+    from chatkv.engine.model import chat_ids
+
+    tok = tiny_lm.tokenizer
+    seen: list[str] = []
+    real = type(tok).encode
+
+    def encode(self, text, *args, **kwargs):
+        seen.append(text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "encode", encode)
+    history = [{"role": "user", "content": f"Question {i}: {QUESTIONS[i % 2]}"} for i in range(6)]
+    whole = chat_ids(tok, history)
+    seen.clear()
+    longer = history + [{"role": "assistant", "content": "A new reply to the last question."}]
+    ids = chat_ids(tok, longer)
+    assert "A new reply to the last question." in seen  # the new message
+    assert not any(m["content"] in seen for m in history)  # not the old ones again
+    assert ids[: len(whole) - 3] == whole[: len(whole) - 3]  # (the generation prompt differs)
+    seen.clear()
+    edited = [dict(history[0], content="An edited first question.")] + longer[1:]
+    edited_ids = chat_ids(tok, edited)
+    assert edited_ids != ids and "An edited first question." in seen
+    # the remembered ids are the tokenizer's own: the same as without the memo
+    monkeypatch.setattr("chatkv.engine.model._PART_IDS", type(chatkv_model._PART_IDS)())
+    assert chat_ids(tok, longer) == ids and chat_ids(tok, edited) == edited_ids
+
+
+READ_ONE_CHUNK = """
+import sys, torch
+from pathlib import Path
+from chatkv.kv.chunks import chunk_key, encode_chunk, read_chunk
+from chatkv.kv.codecs import get_codec
+from chatkv.kv.policy import get_policy
+tokens = list(range(8))
+key = chunk_key("f" * 32, None, tokens)
+layers = [(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)) for _ in range(2)]
+blob, _ = encode_chunk(get_codec("int8"), "f" * 32, key, None, 0, tokens, layers, False, sink=4)
+path = Path(sys.argv[1])
+path.write_bytes(blob)
+data = read_chunk(path, get_policy("int8"), "f" * 32, key, torch.float32, torch.device("cpu"))
+assert data.tokens == tokens
+print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
+"""
+
+
+def test_reading_a_chunk_does_not_import_torchs_compiler_stack(tmp_path):
+    """The first chunk read of a fresh process used to check its tensors' shapes on the meta
+    device, whose first use imports torch._dynamo and sympy: seconds on the way to a resumed
+    conversation's first token."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", READ_ONE_CHUNK, str(tmp_path / "chunk.safetensors")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_bench_resume_fresh_process_runs_the_cli_and_reports_the_ratios(capsys, tiny_model_dir):
+    code, out, err = run_cli(
+        capsys,
+        "bench",
+        "resume",
+        "--fresh-process",
+        "--json",
+        "--context",
+        "300",
+        "--repeat",
+        "1",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--codec",
+        "fp16",
+    )
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["rounds"] == 1 and r["prompt_tokens"] >= 300
+    assert r["reprefill_cached_tokens"] == 0  # the baseline prefilled everything
+    # the resume: all but the new question, read during the model's load
+    assert r["prompt_tokens"] - 60 < r["cached_tokens"] < r["prompt_tokens"]
+    assert r["read_overlapped_load"] is True
+    for ratio in ("speedup", "ttft_over_chunk_read_cpu", "process_over_import"):
+        assert r[ratio] > 0
+    assert r["speedup"] == pytest.approx(r["reprefill_ttft_s"] / r["resume_ttft_s"])
+
+
+def test_a_resumed_conversation_is_tokenized_while_the_weights_load(chat, tiny_settings, monkeypatch):
+    cid = saved_conversation(chat)
+    chat.close()
+    history = [m.content for m in chat.messages(cid)]
+    encoded: list[str] = []
+
+    def spy(tok):
+        real = type(tok).encode
+
+        def encode(self, text, *args, **kwargs):
+            encoded.append(text)
+            return real(self, text, *args, **kwargs)
+
+        monkeypatch.setattr(type(tok), "encode", encode)
+
+    import chatkv.engine.model as model
+
+    load = model.load_model
+
+    def load_and_spy(*args, on_tokenizer=None, **kwargs):
+        def hook(tok):
+            spy(tok)
+            if on_tokenizer is not None:
+                on_tokenizer(tok)
+
+        return load(*args, on_tokenizer=hook, **kwargs)
+
+    monkeypatch.setattr(model, "load_model", load_and_spy)
+    tiny_settings.set("model.dtype", "float32")  # as the chunks were made (auto may pick bfloat16)
+    again = Chat(tiny_settings, store=Store(chat.store.path))  # loads its own model: a new tokenizer
+    again.prefetch(cid)
+    again.load()
+    assert all(text in encoded for text in history)  # tokenized during the load
+    encoded.clear()
+    turn = again.send(cid, "Tell me a story.", GREEDY)
+    "".join(turn)
+    assert "Tell me a story." in encoded and not any(text in encoded for text in history)
+    assert turn.stats.cache_source == "disk"
+    again.close()
