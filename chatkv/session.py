@@ -65,8 +65,7 @@ class Chat(Conversations, Housekeeping):
         self._load_lock = threading.Lock()
         # The model's recommended sampling where the user set none (chatkv.engine.defaults).
         self.defaults = generation_defaults(settings)
-        # What the backend is doing, for a front end to show while it waits (a plain str,
-        # read from the UI thread); "" when idle.
+        # What the backend is doing, for a front end to show while it waits; "" when idle.
         self.activity = ""
         # Told (label, done, total) while the model converts or loads (total 0: unknown) and
         # while a long prompt prefills (tokens); done is -1 or total at the end. Called from
@@ -143,7 +142,6 @@ class Chat(Conversations, Housekeeping):
                 chunk_tokens=c.chunk_tokens,
                 live_bytes=c.live_bytes,
                 disk_bytes=c.disk_bytes,
-                # cache.url, if set
                 tiers=tiers_for(kv_dir(), c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared),
             )
             self.kv.prefetch = pre
