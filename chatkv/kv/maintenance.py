@@ -293,6 +293,21 @@ def _file_missing(kv_dir: Path, key: str) -> bool:
         return e.errno in (errno.ENOENT, errno.ENOTDIR)
 
 
+def _gc_start(
+    store: ChunkIndex, kv_dir: Path, orphan_min_age_s: float
+) -> tuple[GcReport, float, list[ChunkRecord]]:
+    """What every gc does first: temp files removed, rows with a malformed key dropped.
+    Returns the report so far, the mtime before which an unnamed file is an orphan, and the
+    well-formed rows."""
+    temps = clean_temp(kv_dir, orphan_min_age_s)
+    report = GcReport(temp_files=temps, orphan_files=temps)
+    recs, damaged = split_rows(store.all_chunks())
+    if damaged:
+        store.delete_chunks([r.key for r in damaged])
+    report.damaged_rows = len(damaged)
+    return report, time.time() - orphan_min_age_s, recs
+
+
 def gc(
     store: ChunkIndex, kv_dir: Path, max_bytes: int, orphan_min_age_s: float = ORPHAN_MIN_AGE_S
 ) -> GcReport:
@@ -300,13 +315,7 @@ def gc(
     malformed key or without a file, then eviction down to `max_bytes` (chunks that cannot
     attach first). Those are kept until then: when their missing ancestor is computed and
     spilled again (same key), they attach again."""
-    temps = clean_temp(kv_dir, orphan_min_age_s)
-    report = GcReport(temp_files=temps, orphan_files=temps)
-    young = time.time() - orphan_min_age_s
-    recs, damaged = split_rows(store.all_chunks())
-    if damaged:
-        store.delete_chunks([r.key for r in damaged])
-    report.damaged_rows = len(damaged)
+    report, young, recs = _gc_start(store, kv_dir, orphan_min_age_s)
     missing = [r for r in recs if _file_missing(kv_dir, r.key)]
     report.missing_files = len(store.delete_chunks_if(missing)) if missing else 0
     gone = {r.key for r in missing}
@@ -358,13 +367,7 @@ def gc_tiers(
     from chatkv.kv.objects import GC_GRACE_S, collect
 
     kv_dir = tiers.kv_dir
-    temps = clean_temp(kv_dir, orphan_min_age_s)
-    report = GcReport(temp_files=temps, orphan_files=temps)
-    young = time.time() - orphan_min_age_s
-    recs, damaged = split_rows(store.all_chunks())
-    if damaged:
-        store.delete_chunks([r.key for r in damaged])
-    report.damaged_rows = len(damaged)
+    report, young, recs = _gc_start(store, kv_dir, orphan_min_age_s)
     listed: set[str] | None
     try:  # read after the rows: a row is written after its object, so its object is listed
         listed = {name for name, _, _ in tiers.remote.names()}
