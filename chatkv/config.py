@@ -238,6 +238,10 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
+# "scheme://user:password@": a URL's password, never repeated in an error message
+_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
+
 def validate(key: str, value: Any, source: str) -> Any:
     """Check one value against the schema; return it normalised or raise ConfigError."""
     if key not in SCHEMA:
@@ -246,7 +250,8 @@ def validate(key: str, value: Any, source: str) -> Any:
     try:
         return check(value)
     except (ValueError, TypeError, OverflowError):
-        raise ConfigError(f"invalid value for {key} in {source}: {value!r} (allowed: {allowed})") from None
+        shown = _PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value  # store.url, cache.url
+        raise ConfigError(f"invalid value for {key} in {source}: {shown!r} (allowed: {allowed})") from None
 
 
 class Settings:

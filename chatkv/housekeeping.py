@@ -129,12 +129,17 @@ class Housekeeping:
     def cache_gc(self, max_bytes: int | None) -> GcReport:
         """Drop index rows without a chunk and old orphan files, then evict down to `max_bytes`
         (None: with cache.url no eviction, else cache.disk_bytes); with cache.url, also trim
-        the local copies and collect the bucket's unnamed objects."""
+        the local copies and, when the index is shared (store.url set), collect the bucket's
+        unnamed objects."""
         from chatkv.kv.maintenance import gc, gc_tiers
 
         with self._tiers() as tiers:
             if tiers is not None:
-                return gc_tiers(self.store, tiers, max_bytes)
+                c = self.settings.cache
+                # Unnamed objects are garbage only when every host writes this one index: a
+                # store.url set (a shared database) and the user's own prefix (not cache.shared).
+                shared_index = bool(self.settings.store.url) and not c.shared
+                return gc_tiers(self.store, tiers, max_bytes, collect_objects=shared_index)
             return gc(
                 self.store, kv_dir(), self.settings.cache.disk_bytes if max_bytes is None else max_bytes
             )

@@ -307,3 +307,23 @@ def test_one_turn_at_a_time_across_hosts(pg_server, tiny_model_dir, tmp_path: Pa
             assert held.held
         # Released: a later lease of this process takes it again at once.
         lease.acquire(conv.id, wait_s=0, engine=store.engine).release()
+
+
+def test_a_bad_url_setting_never_repeats_its_password() -> None:
+    from chatkv.config import validate
+
+    with pytest.raises(ConfigError) as e:
+        validate("store.url", "postgres://alice:s3cret@db.internal/chatkv", "CHATKV_STORE_URL")
+    assert "s3cret" not in str(e.value) and "alice:***@db.internal" in str(e.value)
+
+
+def test_benches_never_reach_the_users_shared_store(monkeypatch) -> None:
+    """A bench's scratch home hides CHATKV_STORE_URL and CHATKV_CACHE_URL from the CLI processes
+    it starts (their `cache gc --max-bytes 0` would empty the user's bucket), then restores them."""
+    from chatkv.bench.common import scratch_home
+
+    monkeypatch.setenv("CHATKV_STORE_URL", "postgresql://alice@db.internal/chatkv")
+    monkeypatch.setenv("CHATKV_CACHE_URL", "s3://team-kv/chatkv")
+    with scratch_home():
+        assert "CHATKV_STORE_URL" not in os.environ and "CHATKV_CACHE_URL" not in os.environ
+    assert os.environ["CHATKV_CACHE_URL"] == "s3://team-kv/chatkv"

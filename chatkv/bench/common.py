@@ -22,17 +22,23 @@ def load(settings):
 @contextmanager
 def scratch_home():
     """Point CHATKV_HOME at a temporary directory for the block (after the model is loaded,
-    so its converted copy is still found in the real data dir)."""
-    old = os.environ.get("CHATKV_HOME")
+    so its converted copy is still found in the real data dir), and hide a shared store
+    (CHATKV_STORE_URL, CHATKV_CACHE_URL) from the CLI processes a bench starts: a bench's
+    `cache gc --max-bytes 0` must never reach the user's database or bucket."""
+    names = ("CHATKV_HOME", "CHATKV_STORE_URL", "CHATKV_CACHE_URL")
+    old = {name: os.environ.get(name) for name in names}
     with tempfile.TemporaryDirectory(prefix="chatkv-bench-") as tmp:
         os.environ["CHATKV_HOME"] = tmp
+        os.environ.pop("CHATKV_STORE_URL", None)
+        os.environ.pop("CHATKV_CACHE_URL", None)
         try:
             yield Path(tmp)
         finally:
-            if old is None:
-                os.environ.pop("CHATKV_HOME", None)
-            else:
-                os.environ["CHATKV_HOME"] = old
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def say(msg: str, quiet: bool = False) -> None:

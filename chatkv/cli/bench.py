@@ -164,5 +164,8 @@ def run(args: argparse.Namespace) -> int:
         from chatkv.bench import batch as bench
     else:  # the parser's choices make this unreachable
         raise ValueError(f"unknown benchmark {args.bench!r}")
-    bench.run(args, settings_from(args))
+    settings = settings_from(args).copy()
+    for key in ("store.url", "cache.url"):  # a bench works in a scratch home, never on a shared store
+        settings.set(key, "", "chatkv bench")
+    bench.run(args, settings)
     return 0

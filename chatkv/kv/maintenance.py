@@ -356,6 +356,7 @@ def gc_tiers(
     max_bytes: int | None,
     orphan_min_age_s: float = ORPHAN_MIN_AGE_S,
     grace_s: float | None = None,
+    collect_objects: bool = True,
 ) -> GcReport:
     """gc with cache.url: the index is shared, and a row whose chunk is not in this host's
     kv/ is another host's chunk, in the bucket. So a row goes only when its chunk is in
@@ -363,7 +364,10 @@ def gc_tiers(
     bound; eviction as `gc`: a miss for every host, recomputed), this host's copies to the tiers' local
     budget, and the bucket loses the objects no row names, older than `grace_s`
     (objects.collect: evicted and deleted chunks, old versions of re-coded ones). A bucket
-    that cannot be listed is left alone (`remote_error` says why); the rest is done."""
+    that cannot be listed is left alone (`remote_error` says why); the rest is done.
+    `collect_objects` False: the bucket may hold objects of indexes other than this one (an
+    index private to this host, or a team prefix written under several roles), so objects
+    no row here names are not this gc's to remove."""
     from chatkv.kv.objects import GC_GRACE_S, collect
 
     kv_dir = tiers.kv_dir
@@ -382,7 +386,7 @@ def gc_tiers(
     if max_bytes is not None:  # cache.remote_bytes unset: the bucket is unbounded
         report.removed, report.freed = evict_lru(store, kv_dir, max_bytes)
     report.local_removed, report.local_freed = tiers.trim()
-    if listed is not None:
+    if listed is not None and collect_objects:
         try:
             report.objects_removed, report.objects_freed = collect(
                 tiers.remote, store.all_chunks(), GC_GRACE_S if grace_s is None else grace_s
