@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -509,3 +510,81 @@ def test_a_local_copy_trimmed_between_fetch_and_read_is_a_miss_not_damage(tiny_l
     assert reader.attach(conv.id, tokens + [7]).cached == len(tokens)  # fetched from the bucket again
     reader.close()
     reader.tiers.close()
+
+
+def test_a_damaged_local_copy_is_fetched_again_and_the_shared_row_kept(tiny_lm, store, tmp_path) -> None:
+    """This host's copy of a chunk is damaged but the bucket's is sound: the resume recomputes,
+    removes only the local copy and keeps the shared row; the next resume fetches the chunk
+    from the bucket. Closing the manager stops the tier's fetches and leaves it usable."""
+    import torch
+
+    from chatkv.kv import live
+    from chatkv.kv.chunks import chunk_path
+    from chatkv.kv.manager import KVManager
+    from chatkv.kv.objects import DirObjects
+
+    bucket, kv = DirObjects(tmp_path / "bucket"), tmp_path / "kv"
+    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16, tiers=Tiers(kv, bucket, 1 << 30))
+    conv = store.create_conversation()
+    tokens = list(range(3, 40))
+    cache = live.new_cache(tiny_lm.model)
+    with torch.no_grad():
+        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    kvm.spill(conv.id, tokens, cache)
+    kvm.close()
+    rows = {r.key for r in store.all_chunks()}
+    first = store.get_kv_head(conv.id).key
+    chain = store.chunk_chain(first)
+    damaged = chunk_path(kv, chain[0].key)
+    raw = bytearray(damaged.read_bytes())
+    raw[-8:] = b"\xff" * 8  # the payload, not the header: the checksum finds it
+    damaged.write_bytes(bytes(raw))
+
+    kvm.pool.drop(conv.id)
+    att = kvm.attach(conv.id, tokens + [7])
+    assert att.cached == 0 and att.problems
+    assert {r.key for r in store.all_chunks()} == rows and not damaged.exists()
+    assert kvm.attach(conv.id, tokens + [7]).cached == len(tokens)  # from the bucket again
+    kvm.close()
+
+
+def test_gc_collects_unnamed_objects_only_when_every_host_writes_this_index(
+    tiny_settings, tmp_path, monkeypatch
+) -> None:
+    """An object no row of this index names is garbage only when the index is the one every
+    host writes (store.url set) and the prefix is the user's own: with a host-local SQLite
+    index, or a team prefix (cache.shared) written under several roles, it is another index's
+    chunk and gc leaves it."""
+    from chatkv.session import Chat
+
+    bucket = tmp_path / "bucket"
+    url = f"file://{bucket}"
+    blob = b"\x01" * 500
+    rec = _rec(blob)
+
+    def old_object(shared: bool) -> Path:
+        remote = open_objects(url, shared)
+        assert isinstance(remote, objects.DirObjects)
+        remote.put(object_name(rec), blob)
+        path = remote.root / object_name(rec)
+        os.utime(path, (time.time() - 2 * 3600,) * 2)  # older than gc's grace
+        return path
+
+    def gc(store_url: str, shared: bool) -> int:
+        tiny_settings.set("cache.url", url)
+        tiny_settings.set("cache.shared", shared)
+        tiny_settings.set("store.url", store_url)
+        chat = Chat(tiny_settings)
+        try:
+            return chat.cache_gc(None).objects_removed
+        finally:
+            chat.close()
+
+    index = f"sqlite:///{tmp_path}/shared.db"
+    mine = old_object(shared=False)
+    assert gc("", shared=False) == 0 and mine.exists()  # this host's own index
+    team = old_object(shared=True)
+    assert team != mine
+    assert gc(index, shared=True) == 0 and team.exists()  # a team prefix
+    assert gc(index, shared=False) == 1  # the user's prefix, the index every host writes
+    assert not mine.exists() and team.exists()

@@ -72,4 +72,5 @@ def open_peer(model_name: str, n_ctx: int, threads: int) -> tuple[Peer | None, s
     llm = llama_cpp.Llama(
         model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
     )
-    return Peer(llm, path, getattr(llama_cpp, "__version__", "?")), f"llama.cpp {llama_cpp.__version__}"
+    version = getattr(llama_cpp, "__version__", "?")
+    return Peer(llm, path, version), f"llama.cpp {version}"

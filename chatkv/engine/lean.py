@@ -7,8 +7,9 @@ step does only the arithmetic, with the model's own modules' weights:
 
 - q, k and v projections as one matrix product, gate and up as another. The fused
   weights are built once and the modules' own weights become views into them, so
-  nothing is held twice and transformers' forward (prefill, the fallback) reads the
-  very same numbers.
+  the fused copies cost no memory and transformers' forward (prefill, the fallback)
+  reads the very same numbers. (Weights on a 4-bit grid are held twice: dense for the
+  forward, packed int4 for this step.)
 - keys and values appended in place into the live cache (`GrowableLayer`), then one
   SDPA call per layer with the GQA groups folded into the query length: a single
   query attends to every cached key, so no mask and no repeated keys are needed.

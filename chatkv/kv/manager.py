@@ -316,17 +316,18 @@ class KVManager:
                 if where[rec.key] == "failed":
                     return CacheError(f"chunk {rec.key[:12]} could not be fetched", damaged=False)
             got = self._read_into(rec, offset, k_buf, v_buf)
-            if (
-                tiers is not None
-                and isinstance(got, CacheError)
-                and got.damaged
-                and where[rec.key] != "missing"
-                and not chunk_path(self.kv_dir, rec.key).exists()
-            ):
-                # The local copy went between the fetch and the read (another process on this
-                # host trimmed its tier): the object is still in the bucket, so this is a miss,
-                # not damage; dropping the shared row would cost every other host the chunk.
+            if tiers is None or not isinstance(got, CacheError) or not got.damaged:
+                return got
+            # With a bucket, the shared row goes only when the bucket's object itself is bad
+            # ("remote": just fetched) or gone ("missing"); dropping it for this host's copy
+            # would cost every other host the chunk.
+            path = chunk_path(self.kv_dir, rec.key)
+            if where[rec.key] != "missing" and not path.exists():
+                # trimmed by another process on this host between the fetch and the read
                 return CacheError(f"chunk {rec.key[:12]}: local copy trimmed meanwhile", damaged=False)
+            if where[rec.key] == "local":  # this host's copy is bad: fetch it again next time
+                path.unlink(missing_ok=True)
+                return CacheError(f"{got}; the local copy is removed", damaged=False)
             return got
 
         with ThreadPoolExecutor(
@@ -536,10 +537,13 @@ class KVManager:
         return maintenance.evict_lru(self.store, self.kv_dir, max_bytes, keep)
 
     def close(self) -> None:
-        """Finish queued spills and stop the spill thread (a later spill starts a new one)."""
+        """Finish queued spills and stop the spill thread (a later spill starts a new one);
+        stop the remote tier's fetches."""
         self.flush()
         with self._worker_lock:
             worker, self._worker = self._worker, None
             if worker is not None and worker.is_alive():
                 self._q.put(None)
                 worker.join()
+        if self.tiers is not None:
+            self.tiers.close()

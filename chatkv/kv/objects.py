@@ -385,7 +385,12 @@ class Tiers:
         return removed, freed
 
     def close(self) -> None:
+        """Cancel queued fetches and wait for running ones; the tiers stay usable (a new pool
+        starts no thread until a fetch is submitted)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._inflight.clear()
+        self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="chatkv-fetch")
 
 
 def collect(
