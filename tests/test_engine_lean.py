@@ -184,3 +184,14 @@ def test_a_lean_step_that_cannot_be_built_falls_back_with_one_log_line(tiny_mode
     assert [s.finish_reason for s in steps][-1] == "length" and len(steps) == 5
     said = [r.getMessage() for r in caplog.records if r.name == "chatkv.engine.lean"]
     assert len(said) == 1 and "no such kernel" in said[0]
+
+
+def test_the_warm_up_builds_the_lean_step_off_the_first_token(tiny_model_dir):
+    """Fusing the weights (and packing a Q4 model's to int4) is done by the warm-up thread,
+    which a turn joins before its first forward, not by the first decoded token."""
+    from chatkv.engine.model import load_model, warm_up
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert getattr(lm.model, lean._ATTR, None) is None
+    warm_up(lm).join()
+    assert isinstance(getattr(lm.model, lean._ATTR, None), lean.LeanLlama)

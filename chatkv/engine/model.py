@@ -512,11 +512,13 @@ def warm_up(lm: LoadedModel) -> threading.Thread:
     from transformers import DynamicCache
 
     from chatkv.engine.generate import prefill
+    from chatkv.engine.lean import lean_for
 
     def run() -> None:
         try:
             token = lm.eos_ids[0] if lm.eos_ids else 0
             prefill(lm.model, [token], DynamicCache(config=lm.model.config), 0)
+            lean_for(lm.model)  # fuses (and packs to int4) the decode step's weights: not on the first token
         except Exception as e:
             log.debug("warm-up forward failed: %s", e)
 
