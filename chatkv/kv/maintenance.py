@@ -241,30 +241,27 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".tmp-") and name.endswith(".part")
 
 
-def temp_files(kv_dir: Path) -> tuple[int, int]:
-    """(count, bytes) of leftover `.tmp-*.part` files."""
+def _count(kv_dir: Path, wanted: Callable[[Path, str], bool]) -> tuple[int, int]:
+    """(count, bytes) of the files under kv_dir that `wanted(path, relative path)` picks."""
     count = size = 0
-    for path, _ in _files(kv_dir):
-        if _is_temp(path.name):
+    for path, rel in _files(kv_dir):
+        if wanted(path, rel):
             try:
                 size += os.lstat(path).st_size
                 count += 1
             except OSError:  # removed meanwhile
                 pass
     return count, size
+
+
+def temp_files(kv_dir: Path) -> tuple[int, int]:
+    """(count, bytes) of leftover `.tmp-*.part` files."""
+    return _count(kv_dir, lambda path, _: _is_temp(path.name))
 
 
 def chunk_files(kv_dir: Path) -> tuple[int, int]:
     """(count, bytes) of the chunk files in kv_dir (this host's local tier)."""
-    count = size = 0
-    for path, rel in _files(kv_dir):
-        if rel.endswith(".safetensors") and not _is_temp(path.name):
-            try:
-                size += os.lstat(path).st_size
-                count += 1
-            except OSError:  # removed meanwhile
-                pass
-    return count, size
+    return _count(kv_dir, lambda path, rel: rel.endswith(".safetensors") and not _is_temp(path.name))
 
 
 def clean_temp(kv_dir: Path, min_age_s: float = ORPHAN_MIN_AGE_S) -> int:
