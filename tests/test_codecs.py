@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load, save
+from torch import Tensor
 
 from chatkv.kv.codecs import CODECS, Codec, _rotate, get_codec, nbytes
 
@@ -75,8 +76,8 @@ def test_fp16_encode_owns_its_storage():
     assert not torch.equal(parts["k.data"], k[:, :, :256])
 
 
-@pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4)])
-@pytest.mark.parametrize("t", T_VALUES)
+@pytest.mark.parametrize("name, bits", [("int8", 8), ("int4", 4), ("int2", 2)])
+@pytest.mark.parametrize("t", [*T_VALUES, 1000])
 def test_error_bounds(name, bits, t):
     """Max error <= half a quantization step of the value range (+ float16 parameter rounding);
     of [-absmax, absmax] for a side quantized on a symmetric range.
@@ -211,13 +212,25 @@ def reference_decode(codec, parts, shape):
         s = min(codec.sink, t)
         n = t - s
         q = _unpack(parts[f"{side}.q"], codec.bits, b * h * n * d).reshape(b, h, n, d)  # token order
-        scale = parts[f"{side}.scale"]
-        if zero_as == "symmetric":
-            zero = _sym_zero(scale, codec.bits)
-        elif zero_as == "uint8":  # whole steps below 0
-            zero = -parts[f"{side}.zero"].float() * scale.float()
+        if zero_as.startswith("range"):  # group ranges as codes within the row's float16 range
+            row, grange = parts[f"{side}.range"].float(), parts[f"{side}.grange"]
+            pbits = int(zero_as.removeprefix("range"))
+            lo_code, hi_code = (grange[..., 0], grange[..., 1]) if pbits == 8 else (grange % 16, grange // 16)
+            if axis == "token":  # rows (B, H, D, 2), groups (B, H, G, D)
+                lo, hi = row[..., 0].unsqueeze(-2), row[..., 1].unsqueeze(-2)  # (B, H, 1, D)
+            else:  # rows (B, H, T, 2), groups (B, H, T, G)
+                lo, hi = row[..., :1], row[..., 1:]
+            unit = (hi - lo) / (2**pbits - 1)
+            zero = lo + lo_code.float() * unit  # the group's min
+            scale = (lo + hi_code.float() * unit - zero) / (2**codec.bits - 1)
         else:
-            zero = parts[f"{side}.zero"]
+            scale = parts[f"{side}.scale"]
+            if zero_as == "symmetric":
+                zero = _sym_zero(scale, codec.bits)
+            elif zero_as == "uint8":  # whole steps below 0
+                zero = -parts[f"{side}.zero"].float() * scale.float()
+            else:
+                zero = parts[f"{side}.zero"]
         if axis == "token":  # groups along T: parameters (B, H, G, D)
             x = _dequantize_groups(q.mT, scale.mT, zero.mT, group or max(n, 1)).mT
         else:
@@ -280,3 +293,55 @@ def test_an_integer_zero_point_keeps_half_a_step_and_costs_one_byte():
     assert get_codec("int4").params()["v_zero"] == "uint8"
     with pytest.raises(ValueError, match="zero must be"):
         GroupQuantCodec("t", 4, **args, v_zero="int8")
+
+
+def group_stats(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """Min and max of each group of ``group`` along the last dim of ``x`` (..., N), a multiple of
+    it, broadcast back to (..., N)."""
+    xg = x.reshape(*x.shape[:-1], -1, group)
+    lo = xg.amin(-1, keepdim=True).expand_as(xg).reshape(x.shape)
+    hi = xg.amax(-1, keepdim=True).expand_as(xg).reshape(x.shape)
+    return lo, hi
+
+
+@pytest.mark.parametrize("pbits", [8, 4])
+@pytest.mark.parametrize("t", [48, 256])
+def test_group_ranges_as_codes_keep_half_a_widened_step(pbits, t):
+    """A ``range8`` / ``range4`` side stores each group's min and max as codes within its row's
+    float16 range (keys: a channel over the chunk), rounded outwards: the error stays within
+    half a step of the group's range widened by at most one code at each end; the parameters
+    cost 2 (8-bit) or 1 (4-bit) bytes a group and 4 bytes a row, against 4 bytes a group."""
+    from chatkv.kv.codecs import GroupQuantCodec
+
+    mode = f"range{pbits}"
+    args = dict(k_axis="token", k_group=16, v_axis="channel", v_group=32)
+    coded = GroupQuantCodec("t", 4, **args, k_zero=mode, v_zero=mode)
+    plain = GroupQuantCodec("t", 4, **args)
+    k, v = make_kv(t, b=2)
+    parts = coded.encode(k, v)
+    kd, vd = coded.decode(parts, tuple(k.shape), torch.float32, "cpu")
+    for x, xd in ((k.mT, kd.mT), (v, vd)):  # both along their grouped axis: (..., N)
+        lo, hi = group_stats(x, 16 if x is not v else 32)
+        row = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) * (1 + 2**-9)  # float16 outward
+        step = (hi - lo + 2 * row / (2**pbits - 1)) / 15
+        assert ((xd - x).abs() <= step / 2 + 1e-5 * x.abs().amax()).all()
+    k_groups, v_groups = 2 * 3 * 64 * (t // 16), 2 * 3 * t * (64 // 32)
+    rows = 2 * 3 * 64 + 2 * 3 * t  # key channels, value tokens
+    saved = 4 * (k_groups + v_groups) - (pbits // 4) * (k_groups + v_groups) - 4 * rows
+    assert nbytes(plain.encode(k, v)) - nbytes(parts) == saved
+    assert not any(f.endswith((".scale", ".zero")) for f in parts)
+
+
+def test_int4_key_groups_cost_two_bytes():
+    """int4 version 3: a key group's range in two bytes (0.282x fp16 at 256 tokens; version 2
+    spent four, 0.294x), its values' parameters as before (a float16 scale, a one-byte zero)."""
+    codec = get_codec("int4")
+    assert codec.params()["version"] == "3" and codec.params()["k_zero"] == "range8"
+    k, v = make_kv(256, b=30)  # a chunk of all 30 layers of SmolLM2-135M, stacked
+    parts = codec.encode(k, v)
+    n = 30 * 3 * 255 * 64  # values past the 8-bit sink token, per side
+    assert parts["k.grange"].shape == (30, 3, 8, 64, 2) and parts["k.grange"].dtype == torch.uint8
+    assert parts["k.range"].shape == (30, 3, 64, 2) and parts["k.range"].dtype == torch.float16
+    params = nbytes(parts) - 2 * n // 2 - nbytes({f: p for f, p in parts.items() if "sink" in f})
+    assert params == 30 * 3 * (8 * 64 * 2 + 64 * 4 + 255 * 3)  # key groups and rows, value groups
+    assert 0.28 < nbytes(parts) / (2 * k.numel() * 2) < 0.285
