@@ -227,7 +227,9 @@ def reference_decode(codec, parts, shape):
             scale = parts[f"{side}.scale"]
             if zero_as == "symmetric":
                 zero = _sym_zero(scale, codec.bits)
-            elif zero_as == "uint8":  # whole steps below 0
+            elif zero_as in ("uint8", "log8"):  # whole steps below 0
+                if zero_as == "log8":  # the scale a power of two: 2 ** (code / 16 - 10)
+                    scale = 2.0 ** (scale.double() / 16 - 10)
                 zero = -parts[f"{side}.zero"].float() * scale.float()
             else:
                 zero = parts[f"{side}.zero"]
@@ -290,7 +292,6 @@ def test_an_integer_zero_point_keeps_half_a_step_and_costs_one_byte():
     lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
     step = (hi - lo) / 15
     assert ((vd - x).abs() <= step / 2 + x.abs().amax(-1, keepdim=True) * 2**-10).all()
-    assert get_codec("int4").params()["v_zero"] == "uint8"
     with pytest.raises(ValueError, match="zero must be"):
         GroupQuantCodec("t", 4, **args, v_zero="int8")
 
@@ -332,16 +333,45 @@ def test_group_ranges_as_codes_keep_half_a_widened_step(pbits, t):
     assert not any(f.endswith((".scale", ".zero")) for f in parts)
 
 
-def test_int4_key_groups_cost_two_bytes():
-    """int4 version 3: a key group's range in two bytes (0.282x fp16 at 256 tokens; version 2
-    spent four, 0.294x), its values' parameters as before (a float16 scale, a one-byte zero)."""
+def test_int4_groups_cost_two_bytes():
+    """int4 version 3: a key group's range in two bytes, a value group's scale and zero point
+    in one byte each (0.278x fp16 at 256 tokens; version 2 spent four and three, 0.294x)."""
     codec = get_codec("int4")
-    assert codec.params()["version"] == "3" and codec.params()["k_zero"] == "range8"
+    assert codec.params()["version"] == "3"
+    assert codec.params()["k_zero"] == "range8" and codec.params()["v_zero"] == "log8"
     k, v = make_kv(256, b=30)  # a chunk of all 30 layers of SmolLM2-135M, stacked
     parts = codec.encode(k, v)
     n = 30 * 3 * 255 * 64  # values past the 8-bit sink token, per side
     assert parts["k.grange"].shape == (30, 3, 8, 64, 2) and parts["k.grange"].dtype == torch.uint8
     assert parts["k.range"].shape == (30, 3, 64, 2) and parts["k.range"].dtype == torch.float16
     params = nbytes(parts) - 2 * n // 2 - nbytes({f: p for f, p in parts.items() if "sink" in f})
-    assert params == 30 * 3 * (8 * 64 * 2 + 64 * 4 + 255 * 3)  # key groups and rows, value groups
-    assert 0.28 < nbytes(parts) / (2 * k.numel() * 2) < 0.285
+    assert params == 30 * 3 * (8 * 64 * 2 + 64 * 4 + 255 * 2)  # key groups and rows, value groups
+    assert parts["v.scale"].dtype == torch.uint8 and parts["v.zero"].dtype == torch.uint8
+    assert 0.275 < nbytes(parts) / (2 * k.numel() * 2) < 0.28
+
+
+def test_a_log8_scale_is_a_power_of_two_rounded_up():
+    """``log8`` stores a group's scale as one byte, 2 ** (code / 16 - 10), the smallest such
+    step >= the group's (range widened to take in 0) / qmax: the error stays within half a
+    step 4.4% larger than the float16 one; a group too wide for the largest code (about 61 a
+    step) is clipped at the top code, finite; an all-zero group decodes to zeros."""
+    from chatkv.kv.codecs import GroupQuantCodec
+
+    args = dict(k_axis="channel", k_group=64, v_axis="channel", v_group=32)
+    coded = GroupQuantCodec("t", 4, **args, v_zero="log8")
+    plain = GroupQuantCodec("t", 4, **args, v_zero="uint8")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 40, 64, generator=g) * torch.logspace(-3, 1, 40)[:, None] + 0.3  # many scales
+    x[0, 0, 7] = 0.0  # an all-zero token: scale code 0
+    parts = coded.encode(x, x)
+    assert parts["v.scale"].dtype == torch.uint8 and nbytes(parts) == nbytes(plain.encode(x, x)) - (
+        parts["v.scale"].numel()
+    )
+    _, vd = coded.decode(parts, tuple(x.shape), torch.float32, "cpu")
+    lo, hi = group_stats(x, 32)
+    step = (hi.clamp(min=0) - lo.clamp(max=0)) / 15 * 2 ** (1 / 16)
+    assert ((vd - x).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(vd[0, 0, 7], x[0, 0, 7])
+    wide = torch.linspace(-2000, 2000, 64).expand(1, 1, 2, 64)  # a range past 61 x 15
+    _, vw = coded.decode(coded.encode(wide, wide), tuple(wide.shape), torch.float32, "cpu")
+    assert torch.isfinite(vw).all() and (vw - wide).abs().max() < 2000
