@@ -375,3 +375,38 @@ def test_a_log8_scale_is_a_power_of_two_rounded_up():
     wide = torch.linspace(-2000, 2000, 64).expand(1, 1, 2, 64)  # a range past 61 x 15
     _, vw = coded.decode(coded.encode(wide, wide), tuple(wide.shape), torch.float32, "cpu")
     assert torch.isfinite(vw).all() and (vw - wide).abs().max() < 2000
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n", [1, 8, 13, 64])
+def test_codes_of_any_width_pack_and_unpack(bits, n):
+    """2, 4, 8 bits pack 8 // bits codes a byte; 3, 5, 6, 7 bits 8 codes in ``bits`` bytes."""
+    from chatkv.kv.codecs import _pack, _unpack, _unpack_float
+
+    q = torch.randint(0, 2**bits, (n,), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = _pack(q, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == (-(-n // (8 // bits)) if 8 % bits == 0 else -(-n // 8) * bits)
+    assert torch.equal(_unpack(packed, bits, n), q)
+    assert torch.equal(_unpack_float(packed, bits, n), q.float())
+
+
+def test_keys_and_values_can_have_their_own_bits():
+    """``k_bits`` / ``v_bits`` (explored, not registered): each side within half a step of its
+    own bits, the codec ordered by its coarser side, the parameters saying which is which."""
+    from chatkv.kv.codecs import GroupQuantCodec
+
+    args = dict(k_axis="token", k_group=32, v_axis="channel", v_group=64, k_zero="range8")
+    mixed = GroupQuantCodec("t", 2, **args, k_bits=5, v_bits=3)
+    k, v = make_kv(100)
+    parts = mixed.encode(k, v)
+    kd, vd = mixed.decode(parts, tuple(k.shape), torch.float32, "cpu")
+    params = mixed.params()
+    assert mixed.bits == 3 and params["bits"] == "3" and params["k_bits"] == "5" and "v_bits" not in params
+    assert parts["k.q"].numel() == -(-k.numel() // 8) * 5 and parts["v.q"].numel() == -(-v.numel() // 8) * 3
+    for x, xd, bits in ((k, kd, 5), (v, vd, 3)):
+        span = (x.amax() - x.amin()).item()
+        assert (xd - x).abs().max().item() <= span / (2**bits - 1) / 2 * (1 + 2 / 255) + 1e-4
+    assert "k_bits" not in get_codec("int4").params()  # the same bits on both sides: as before
+    with pytest.raises(ValueError, match="bits must be 2 to 8"):
+        GroupQuantCodec("t", 4, **args, k_bits=9)

@@ -231,10 +231,16 @@ def _scale_in_place(y: Tensor, scale: Tensor, zero: Tensor, group: int) -> None:
 
 
 def _pack(q: Tensor, bits: int) -> Tensor:
-    """Pack uint8 codes of ``bits`` (2, 4 or 8) bits into a flat uint8 tensor, low bits first."""
+    """Pack uint8 codes of ``bits`` (2 to 8) bits into a flat uint8 tensor, low bits first: 8 // bits
+    codes a byte for 2, 4 and 8 bits; 8 codes in ``bits`` bytes for 3, 5, 6 and 7."""
     flat = q.reshape(-1)
     if bits == 8:
         return flat.contiguous()
+    if 8 % bits:
+        words = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).reshape(-1, 8).long()  # (n, 8)
+        word = sum(words[:, i] << (i * bits) for i in range(8))  # (n,): 8 codes in 8 * bits bits
+        assert isinstance(word, Tensor)
+        return torch.stack([(word >> (8 * j)) & 255 for j in range(bits)], -1).to(torch.uint8).reshape(-1)
     per = 8 // bits
     flat = torch.nn.functional.pad(flat, (0, -flat.numel() % per)).reshape(-1, per)  # (bytes, per)
     out = flat[:, 0].clone()
@@ -249,6 +255,12 @@ def _unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
         return packed.reshape(-1)[:numel]
     mask = (1 << bits) - 1
     flat = packed.reshape(-1)
+    if 8 % bits:
+        parts = flat.reshape(-1, bits).long()  # (n, bits): the bytes of 8 codes
+        word = sum(parts[:, j] << (8 * j) for j in range(bits))
+        assert isinstance(word, Tensor)
+        codes = torch.stack([(word >> (i * bits)) & mask for i in range(8)], -1).to(torch.uint8)  # (n, 8)
+        return codes.reshape(-1)[:numel]
     codes = torch.stack([(flat >> (i * bits)) & mask for i in range(8 // bits)], dim=-1)  # (bytes, per)
     return codes.reshape(-1)[:numel]
 
@@ -256,6 +268,8 @@ def _unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
 def _unpack_float(packed: Tensor, bits: int, numel: int) -> Tensor:
     """:func:`_unpack` straight into float32: the first ``numel`` codes as a flat float32
     tensor, each bit position written into its strided slot (no stacked uint8 temporary)."""
+    if 8 % bits:  # 3, 5, 6, 7 bits: only explored (bench quality --explore), not registered
+        return _unpack(packed, bits, numel).float()
     flat = packed.reshape(-1)
     per = 8 // bits
     out = torch.empty(flat.numel() * per, dtype=torch.float32, device=packed.device)
@@ -404,7 +418,9 @@ class GroupQuantCodec(SideCodec):
     Each side is quantized along one axis in groups: ``"channel"`` groups ``group``
     consecutive head_dim entries of one token; ``"token"`` groups ``group`` consecutive
     tokens of one channel (KIVI keys). ``group=0`` means the whole axis (e.g. per token
-    over all of head_dim). Codes are packed ``8 // bits`` per byte. ``rotate`` applies an
+    over all of head_dim). Codes are packed as :func:`_pack` does; ``k_bits`` or ``v_bits``
+    give a side other bits than ``bits`` (3, 5, 6: measured by ``bench quality --explore``,
+    none registered). ``rotate`` applies an
     orthonormal Hadamard rotation over head_dim first (spreads outlier channels). ``zero``
     says how a side's group parameters are stored (see :func:`_quantize_groups`): ``"float16"``
     scale and zero, ``"symmetric"`` (no zero: the range is ``[-absmax, absmax]``), ``"uint8"``
@@ -436,16 +452,20 @@ class GroupQuantCodec(SideCodec):
         v_rotate: bool = False,
         k_zero: str = "float16",
         v_zero: str = "float16",
+        k_bits: int | None = None,
+        v_bits: int | None = None,
         sink: int = 0,
         version: str = FORMAT_VERSION,
     ):
-        if bits not in (2, 4, 8):
-            raise ValueError(f"bits must be 2, 4 or 8, not {bits}")
+        self.side_bits = {"k": k_bits or bits, "v": v_bits or bits}
+        for b in (bits, *self.side_bits.values()):
+            if not 2 <= b <= 8:
+                raise ValueError(f"bits must be 2 to 8, not {b}")
         for axis in (k_axis, v_axis):
             if axis not in ("channel", "token"):
                 raise ValueError(f"axis must be 'channel' or 'token', not {axis!r}")
         self.name = name
-        self.bits = bits
+        self.bits = min(self.side_bits.values())  # the coarser side orders codecs by precision
         self.sink = sink
         self.version = version
         for zero_as in (k_zero, v_zero):
@@ -455,6 +475,7 @@ class GroupQuantCodec(SideCodec):
 
     def _encode_one(self, x: Tensor, side: str) -> dict[str, Tensor]:
         axis, group, rotate, zero_as = self.layout[side]
+        bits = self.side_bits[side]
         out: dict[str, Tensor] = {}
         if self.sink:
             q, scale, zero = _quantize_groups(x[:, :, : self.sink], 8, x.shape[-1])  # (B, H, s, D)
@@ -467,19 +488,19 @@ class GroupQuantCodec(SideCodec):
             # parameters along the grouped axis as computed: (B, H, D, ...) along tokens; small
             xt = x.mT if axis == "token" else x  # (B, H, D, T) or (B, H, T, D)
             size = group or max(xt.shape[-1], 1)
-            q, row, grange = _quantize_ranged(xt, self.bits, size, int(zero_as.removeprefix("range")))
+            q, row, grange = _quantize_ranged(xt, bits, size, int(zero_as.removeprefix("range")))
             if axis == "token":  # codes in token order (B, H, T, D), group ranges (B, H, G, D[, 2])
                 q, grange = q.mT, grange.transpose(-2, -3) if grange.dim() == 5 else grange.mT
-            out |= {f"{side}.q": _pack(q, self.bits), f"{side}.range": row, f"{side}.grange": grange}
+            out |= {f"{side}.q": _pack(q, bits), f"{side}.range": row, f"{side}.grange": grange}
             return {name: t.contiguous() for name, t in out.items()}
         if axis == "token":
             # group along tokens (B, H, D, T); codes are stored back in token order (B, H, T, D)
             # and parameters as (B, H, G, D), so that decode writes rows without a transpose
-            q, scale, zero = _quantize_groups(x.mT, self.bits, group or max(x.shape[-2], 1), zero_as)
+            q, scale, zero = _quantize_groups(x.mT, bits, group or max(x.shape[-2], 1), zero_as)
             q, scale, zero = q.mT, scale.mT, None if zero is None else zero.mT
         else:
-            q, scale, zero = _quantize_groups(x, self.bits, group or x.shape[-1], zero_as)
-        out |= {f"{side}.q": _pack(q, self.bits), f"{side}.scale": scale}
+            q, scale, zero = _quantize_groups(x, bits, group or x.shape[-1], zero_as)
+        out |= {f"{side}.q": _pack(q, bits), f"{side}.scale": scale}
         if zero is not None:
             out[f"{side}.zero"] = zero
         return {name: t.contiguous() for name, t in out.items()}
@@ -511,6 +532,7 @@ class GroupQuantCodec(SideCodec):
     def _decode_side(self, parts: dict[str, Tensor], side: str, out: Tensor) -> None:
         """Dequantize one side into ``out`` (B, H, T, D), any dtype and strides."""
         axis, group, rotate, zero_as = self.layout[side]
+        bits = self.side_bits[side]
         dev = out.device
         b, h, t, d = out.shape
         if self.sink and t:
@@ -524,23 +546,23 @@ class GroupQuantCodec(SideCodec):
         packed = parts[f"{side}.q"].to(dev)
         # Float32 arithmetic as in encode's reconstruction; in place in the output where it is
         # float32 and needs no rotation (the output's strides are fine: only T or D is split).
-        direct = not rotate and out.dtype == torch.float32 and self.bits == 8
+        direct = not rotate and out.dtype == torch.float32 and bits == 8
         if direct:
             y = out
             y.copy_(packed.view(b, h, t, d))
         else:
-            y = _unpack_float(packed, self.bits, b * h * t * d).view(b, h, t, d)
+            y = _unpack_float(packed, bits, b * h * t * d).view(b, h, t, d)
         if zero_as.startswith("range"):
             row, grange = parts[f"{side}.range"].to(dev), parts[f"{side}.grange"].to(dev)
             # rows (B, H, D, 2) of groups (B, H, G, D) along tokens, (B, H, T, 2) of (B, H, T, G) else;
             # parameters (B, H, G, D) along tokens as the other modes store them (scaling the codes
             # runs 4x faster than over (B, H, D, G))
             row = row.unsqueeze(-3) if axis == "token" else row.unsqueeze(-2)
-            scale, zero = _ranged_affine(row, grange, self.bits, int(zero_as.removeprefix("range")))
+            scale, zero = _ranged_affine(row, grange, bits, int(zero_as.removeprefix("range")))
         else:
             scale = parts[f"{side}.scale"].to(dev)  # (B, H, T, G), or (B, H, G, D) along tokens
             if zero_as == "symmetric":
-                zero = _sym_zero(scale, self.bits)
+                zero = _sym_zero(scale, bits)
             elif zero_as in ("uint8", "log8"):
                 if zero_as == "log8":
                     scale = _log_scale(scale)
@@ -561,6 +583,8 @@ class GroupQuantCodec(SideCodec):
         """Bits, per-side axis, group size and rotation, sink tokens, parameter dtype, version."""
         out = {"codec": self.name, "version": self.version, "bits": str(self.bits), "sink": str(self.sink)}
         for side, (axis, group, rotate, zero_as) in self.layout.items():
+            if self.side_bits[side] != self.bits:  # absent where both sides have the same bits
+                out[f"{side}_bits"] = str(self.side_bits[side])
             out[f"{side}_axis"] = axis
             out[f"{side}_group"] = str(group) if group else "all"
             out[f"{side}_rotate"] = "hadamard" if rotate else "none"
