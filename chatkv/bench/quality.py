@@ -403,6 +403,7 @@ def frontier_codecs() -> list[Codec]:
         variant("k3 v2", 3, 2),
         variant("k4 v2", 4, 2),
         variant("k3 v3", 3, 3),
+        variant("k4 v3", 4, 3),
     ]
 
 
