@@ -16,10 +16,9 @@ Codecs (README, "How it works" and "Cache fidelity"):
 - ``int4``: KIVI-style: keys per channel over groups of 32 tokens, each group's range as two
   8-bit codes within the channel's range over the chunk; values per token in groups of 64
   channels with a one-byte integer zero point and a one-byte power-of-two scale; two codes
-  per byte. Both sides are
-  Hadamard-rotated over head_dim first, and each chunk's first token is kept apart at 8
-  bits (it is the attention sink in a conversation's first chunk, where 4-bit error hurts
-  most).
+  per byte. Both sides are Hadamard-rotated over head_dim first, and each chunk's first
+  token is kept apart at 8 bits (it is the attention sink in a conversation's first chunk,
+  where 4-bit error hurts most).
 - ``int2``: as ``int4`` with 2 bits, key groups of 16 tokens whose ranges are 4-bit codes,
   four codes per byte (experimental: too lossy for use).
 
@@ -78,7 +77,8 @@ def _quantize_groups(
     """Min/max quantization of the last dim of ``x`` in groups of ``group``.
 
     ``x``: (..., N) float. Returns ``q`` (..., N) uint8 in ``[0, 2**bits - 1]``, and
-    ``scale``, ``zero`` (..., ceil(N / group)) float16, with ``x ~= q * scale + zero``.
+    ``scale``, ``zero`` (..., ceil(N / group)) float16 (or uint8 codes, as below), with
+    ``x ~= q * scale + zero``.
     ``zero_as`` says how the zero point is stored: ``"float16"``; ``"symmetric"``: the
     range is ``[-absmax, absmax]``, so the zero point follows from the scale
     (:func:`_sym_zero`) and is not stored (None); ``"uint8"``: an integer number of steps
