@@ -263,8 +263,6 @@ def test_a_chunk_is_not_recoded_from_a_cache_that_was_decoded_from_it(store, tin
 OLD_LAYOUTS = {
     # int4 version 1: symmetric values, key codes in channel order
     "int4 v1": ("int4", 4, dict(k_group=32, version="1")),
-    # int4 version 2: key groups' scale and zero in float16 (version 3: 8-bit codes of the range)
-    "int4 v2": ("int4", 4, dict(k_group=32, v_zero="uint8", version="2")),
     # int2 version 2: key groups of 32, float16 scales and zero points
     "int2 v2": ("int2", 2, dict(k_group=32, version="2")),
 }
@@ -272,8 +270,8 @@ OLD_LAYOUTS = {
 
 @pytest.mark.parametrize("old_layout", sorted(OLD_LAYOUTS))
 def test_a_chunk_in_a_previous_layout_is_refused_and_recomputed(store, tiny_lm, old_layout):
-    """A codec's layout version names what its files hold (int4 version 3: key group ranges
-    as 8-bit codes; int2 version 3: 4-bit codes, groups of 16): a file written by an earlier
+    """A codec's layout version names what its files hold (int4 version 2: values' zero points
+    in one byte; int2 version 3: key group ranges as 4-bit codes, groups of 16): a file written by an earlier
     version under the same name is refused by the reader, whatever its index row says, and
     the conversation's next spill replaces it with the current layout."""
     from chatkv.errors import CacheError
@@ -284,7 +282,7 @@ def test_a_chunk_in_a_previous_layout_is_refused_and_recomputed(store, tiny_lm, 
         name, bits, k_axis="token", v_axis="channel", v_group=64, k_rotate=True, v_rotate=True, sink=1,
         **layout,
     )  # fmt: skip
-    assert get_codec(name).params()["version"] == "3" != old.params()["version"]
+    assert get_codec(name).params()["version"] != old.params()["version"]
     assert old.tag != get_codec(name).tag
     tokens = ids(2 * C + 6)
     spilled(store, tiny_lm, name, tokens)

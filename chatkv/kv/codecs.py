@@ -13,14 +13,14 @@ Codecs (README, "How it works" and "Cache fidelity"):
   needs bit-exact caches. On a float32 CPU model this costs 2x the fp16 byte count.
 - ``int8``: keys per channel over the whole chunk (KIVI), values per token on a
   symmetric range; each chunk's first token apart (as below).
-- ``int4``: KIVI-style: keys per channel over groups of 32 tokens, each group's range as two
-  8-bit codes within the channel's range over the chunk; values per token in groups of 64
-  channels with a one-byte integer zero point and a one-byte power-of-two scale; two codes
+- ``int4``: KIVI-style: keys per channel over groups of 32 tokens (float16 scale and zero),
+  values per token in groups of 64 channels with a one-byte integer zero point; two codes
   per byte. Both sides are Hadamard-rotated over head_dim first, and each chunk's first
   token is kept apart at 8 bits (it is the attention sink in a conversation's first chunk,
   where 4-bit error hurts most).
-- ``int2``: as ``int4`` with 2 bits, key groups of 16 tokens whose ranges are 4-bit codes,
-  four codes per byte (experimental: too lossy for use).
+- ``int2``: as ``int4`` with 2 bits, key groups of 16 tokens whose ranges are 4-bit codes
+  within the channel's range over the chunk, four codes per byte (experimental: too lossy
+  for use).
 
 Scales and zero points are stored in float16 (a symmetric group stores no zero point: it
 follows from the scale; an integer zero point is one byte), or a group's range as codes
@@ -617,12 +617,10 @@ CODECS: dict[str, Codec] = {
     # float16 (0.294x fp16 instead of 0.298x, KL about the same). Not a symmetric range: the
     # first rotated channel carries the vector's mean, and [-absmax, absmax] wasted half the
     # levels on it (KL 1.7x at 4,096 tokens of the bundled text).
-    # Version 3: each key group's range as two 8-bit codes within its channel's range over the
-    # chunk (float16) instead of a float16 scale and zero (16 bits of parameters per group of
-    # 32 instead of 32), and the values' scale a one-byte power of two (rounded up) instead of
-    # a float16: 0.278x fp16 instead of 0.294x, KL summed over 4 lengths 7-9% higher on two
-    # texts, where a quarter bit less a value of plain precision would cost about 40% (README,
-    # "Cache fidelity").
+    # Version 3's parameter coding (key group ranges as 8-bit codes, values' scale a one-byte
+    # power of two; `chatkv bench quality --explore`, row "int4 v3") takes int4 to 0.278x fp16
+    # but moved the default policy's KL at 4,096 tokens past 0.0002 and flipped a near-tie
+    # (README, "Cache fidelity"): int4 stays at version 2, the default's fidelity first.
     "int4": GroupQuantCodec(
         "int4",
         4,
@@ -632,10 +630,9 @@ CODECS: dict[str, Codec] = {
         v_group=64,
         k_rotate=True,
         v_rotate=True,
-        k_zero="range8",
-        v_zero="log8",
+        v_zero="uint8",
         sink=1,
-        version="3",
+        version="2",
     ),
     # Version 3: key groups of 16 tokens instead of 32, their ranges in 4-bit codes within
     # the channel's (8 bits a group instead of 32), values' zero point in one byte: 0.158x

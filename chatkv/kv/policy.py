@@ -92,12 +92,11 @@ POLICIES: dict[str, Policy] = {
     "int4": Policy("int4", ((0, "int4"),)),
     "int2": Policy("int2", ((0, "int2"),)),
 }
-# Tiered by default: a 4k-token conversation in 0.34x fp16 (int4 layout version 3; 0.35x
-# with version 2) instead of int8's 0.51x, KL 0.0002 on held-out text (README, "Cache
-# fidelity"). It was int8 while int4 chunks took 17-32 ms each to decode; they take about
-# 7 ms now (int8: 2 ms), which puts a resumed 4k-token conversation's first token within
-# about 0.1 s of int8's, inside the run-to-run spread of `chatkv bench resume --codec
-# tiered|int8` on the shared machine.
+# Tiered by default: a 4k-token conversation in 0.35x fp16 instead of int8's 0.51x, every
+# top-1 choice kept on held-out text (README, "Cache fidelity"). It was int8 while int4
+# chunks took 17-32 ms each to decode; they take about 8 ms now (int8: 2 ms), which puts a
+# resumed 4k-token conversation's first token within about 0.1 s of int8's, inside the
+# run-to-run spread of `chatkv bench resume --codec tiered|int8` on the shared machine.
 DEFAULT_POLICY = "tiered"
 
 
