@@ -258,35 +258,48 @@ def test_a_chunk_is_not_recoded_from_a_cache_that_was_decoded_from_it(store, tin
     assert store.get_chunks([aging.key])[aging.key].codec.startswith("int4:")
 
 
-def test_a_chunk_in_the_previous_int4_layout_is_refused_and_recomputed(store, tiny_lm):
-    """int4 version 2 changed its stored layout (symmetric values, key codes in token order):
-    a file written by version 1 under the same name is refused by the reader, whatever its
-    index row says, and the conversation's next spill replaces it with the current layout."""
+# The layouts chatkv wrote before (GroupQuantCodec arguments past name and bits): each must
+# be refused by the current reader under the same codec name.
+OLD_LAYOUTS = {
+    # int4 version 1: symmetric values, key codes in channel order
+    "int4 v1": ("int4", 4, dict(k_group=32, version="1")),
+    # int2 version 2: key groups of 32, float16 scales and zero points
+    "int2 v2": ("int2", 2, dict(k_group=32, version="2")),
+}
+
+
+@pytest.mark.parametrize("old_layout", sorted(OLD_LAYOUTS))
+def test_a_chunk_in_a_previous_layout_is_refused_and_recomputed(store, tiny_lm, old_layout):
+    """A codec's layout version names what its files hold (int4 version 2: values' zero points
+    in one byte; int2 version 3: key group ranges as 4-bit codes, groups of 16): a file written by an earlier
+    version under the same name is refused by the reader, whatever its index row says, and
+    the conversation's next spill replaces it with the current layout."""
     from chatkv.errors import CacheError
     from chatkv.kv.codecs import GroupQuantCodec
 
-    old = GroupQuantCodec(  # int4 as chatkv wrote it before version 2
-        "int4", 4, k_axis="token", k_group=32, v_axis="channel", v_group=64,
-        k_rotate=True, v_rotate=True, sink=1,
+    name, bits, layout = OLD_LAYOUTS[old_layout]
+    old = GroupQuantCodec(
+        name, bits, k_axis="token", v_axis="channel", v_group=64, k_rotate=True, v_rotate=True, sink=1,
+        **layout,
     )  # fmt: skip
-    assert old.params()["version"] == "1" and get_codec("int4").params()["version"] == "2"
-    assert old.tag != get_codec("int4").tag
+    assert get_codec(name).params()["version"] != old.params()["version"]
+    assert old.tag != get_codec(name).tag
     tokens = ids(2 * C + 6)
-    spilled(store, tiny_lm, "int4", tokens)
+    spilled(store, tiny_lm, name, tokens)
     rec = next(r for r in store.all_chunks() if r.start == C)
     path = kv_dir() / rec.path
-    data = read_chunk(path, get_policy("int4"), tiny_lm.fingerprint, rec.key, torch.float32, "cpu")
+    data = read_chunk(path, get_policy(name), tiny_lm.fingerprint, rec.key, torch.float32, "cpu")
     blob, checksum = encode_chunk(
         old, tiny_lm.fingerprint, rec.key, rec.parent, C, data.tokens, data.layers, False
     )
     write_atomic(path, blob)
     store.add_chunk(type(rec)(**{**rec.__dict__, "nbytes": len(blob), "checksum": checksum}))
-    with pytest.raises(CacheError, match="codec 'int4'"):
-        read_chunk(path, get_policy("int4"), tiny_lm.fingerprint, rec.key, torch.float32, "cpu")
-    att, _ = from_disk(store, tiny_lm, "int4", tokens)
+    with pytest.raises(CacheError, match=f"codec '{name}'"):
+        read_chunk(path, get_policy(name), tiny_lm.fingerprint, rec.key, torch.float32, "cpu")
+    att, _ = from_disk(store, tiny_lm, name, tokens)
     assert att.source == "disk" and att.cached == C  # the chunk before it, no further
     assert any(rec.key[:12] in p for p in att.problems)
-    spilled(store, tiny_lm, "int4", tokens)  # the conversation goes on: the chunk is rewritten
-    assert file_meta(path)["codec_params"] == json.dumps(get_codec("int4").params(), sort_keys=True)
-    att, _ = from_disk(store, tiny_lm, "int4", tokens)
+    spilled(store, tiny_lm, name, tokens)  # the conversation goes on: the chunk is rewritten
+    assert file_meta(path)["codec_params"] == json.dumps(get_codec(name).params(), sort_keys=True)
+    att, _ = from_disk(store, tiny_lm, name, tokens)
     assert att.cached == len(tokens) and att.problems == []

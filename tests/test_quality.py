@@ -174,3 +174,22 @@ def test_the_floors_stand_beside_the_codecs(tiny_llama, ids):
         assert 0.0 < bf16["kl_mean"] < int2["kl_mean"]
         assert steps["kl_mean"] < 1e-6 and steps["top1_agreement"] == 1.0
         assert bf16["ratio_vs_fp16"] == 1.0 and steps["ratio_vs_fp16"] == 2.0  # float32 model
+
+
+def test_explore_measures_the_frontier_codecs_beside_the_registered_ones(tiny_llama, ids):
+    """--explore adds int4 / int2 variants that are not registered (more key bits, smaller
+    key groups): each is stored chunk by chunk like a registered codec, and more bits cost
+    more bytes and give less KL."""
+    from chatkv.bench.quality import fidelity, frontier_codecs, schemes_to_measure
+    from chatkv.kv.codecs import CODECS
+
+    rows = schemes_to_measure(explore=True)
+    variants = {c.name: c for c in frontier_codecs()}
+    assert {f"codec {name}" for name in variants} <= set(rows)
+    assert not set(variants) & set(CODECS)
+    schemes = {f"codec {n}": (variants[n], None) for n in ("k3 v2", "k6 v5")}
+    schemes["codec int4"] = (get_codec("int4"), None)
+    got = {r["scheme"]: r for r in fidelity(tiny_llama, ids, [200], schemes, 64, 16, 4)}
+    low, mid, high = got["codec k3 v2"], got["codec int4"], got["codec k6 v5"]
+    assert low["ratio_vs_fp16"] < mid["ratio_vs_fp16"] < high["ratio_vs_fp16"]
+    assert low["kl_mean"] > mid["kl_mean"] > high["kl_mean"] > 0
