@@ -145,7 +145,8 @@ class Chat(Conversations, Housekeeping):
                 tiers=tiers_for(kv_dir(), c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared),
             )
             self.kv.prefetch = pre
-            self.kv.warm_up = warm_up(lm) if self._preloaded is None else None
+            lean = "aside" if self.defaults.max_new_tokens > 1 else "none"  # first tokens need no decode step
+            self.kv.warm_up = warm_up(lm, lean) if self._preloaded is None else None
             self.lm = lm
             self.activity = ""
 

@@ -19,7 +19,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class LoadedModel:
     context_limit: int
     eos_ids: list[int]
     load_s: float
+    aside: list[threading.Thread] = field(default_factory=list)  # warm_up's threads, for settle()
 
     @property
     def description(self) -> str:
@@ -499,7 +500,7 @@ def tokenize_aside(tokenizer: Any, render: Callable[[], list[dict[str, str]]]) -
     return thread
 
 
-def warm_up(lm: LoadedModel) -> threading.Thread:
+def warm_up(lm: LoadedModel, lean: str = "same") -> threading.Thread:
     """Start running one token through the model on a throwaway cache, in a daemon thread,
     and return the thread.
 
@@ -508,23 +509,58 @@ def warm_up(lm: LoadedModel) -> threading.Thread:
     does other work (rendering and tokenizing the prompt, attaching its cache, or the user
     typing), it is off the path to the first token; join the thread before the first real
     forward so the two don't compete for the cores. A failure is only logged: the real
-    forward will meet it and report it."""
+    forward will meet it and report it.
+
+    The lean decode step (weight fusion, int4 packing: 0.7 s for SmolLM2 in bfloat16) is
+    built after that forward: `lean` "same" in the returned thread; "aside" in a second
+    thread, so that joining the returned one waits for the forward only — a resumed turn's
+    first token comes from a forward, not a decode step, and the first decode step waits
+    for the build by itself (lean_for's lock); "none" not at all (a turn of one token
+    never decodes; the first decode step would build it). `settle(lm)` joins all of it.
+    """
     from transformers import DynamicCache
 
     from chatkv.engine.generate import prefill
     from chatkv.engine.lean import lean_for
 
+    if lean not in ("same", "aside", "none"):
+        raise ValueError(f"lean must be 'same', 'aside' or 'none', not {lean!r}")
+
+    def build() -> None:
+        try:
+            lean_for(lm.model)  # fuses (and packs to int4) the decode step's weights: not on the first token
+        except Exception as e:
+            log.debug("building the lean step ahead failed: %s", e)
+
     def run() -> None:
         try:
             token = lm.eos_ids[0] if lm.eos_ids else 0
             prefill(lm.model, [token], DynamicCache(config=lm.model.config), 0)
-            lean_for(lm.model)  # fuses (and packs to int4) the decode step's weights: not on the first token
         except Exception as e:
             log.debug("warm-up forward failed: %s", e)
+        if lean == "same":
+            build()
+        elif lean == "aside":
+            _aside(lm, build, "chatkv-lean-build")
 
-    thread = threading.Thread(target=run, name="chatkv-warm-up", daemon=True)
+    return _aside(lm, run, "chatkv-warm-up")
+
+
+def _aside(lm: LoadedModel, work: Callable[[], None], name: str) -> threading.Thread:
+    """Run `work` in a daemon thread that `settle(lm)` joins."""
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    lm.aside.append(thread)  # before it starts: a thread it starts is appended after it
     thread.start()
     return thread
+
+
+def settle(lm: LoadedModel) -> None:
+    """Wait for the model's background work (warm_up's threads) to end: before the process
+    exits, so that no thread is inside torch while the interpreter shuts down."""
+    i = 0
+    while i < len(lm.aside):  # a thread may append another before it ends
+        lm.aside[i].join()
+        i += 1
 
 
 def _remember(source: ModelSource, fp: str) -> None:
