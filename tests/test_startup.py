@@ -6,9 +6,12 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
+import transformers
 
 import chatkv.engine.generate  # noqa: F401  # binds the real lean_for before a test patches lean's
 import chatkv.engine.lean as lean
+import chatkv.engine.model as model_mod
 from chatkv.engine.model import settle, warm_up
 from chatkv.session import Chat
 
@@ -73,3 +76,87 @@ def test_settle_waits_for_the_build_the_warm_up_starts(tiny_lm, held_lean_build)
     assert not tiny_lm.aside[1].is_alive()
     with pytest.raises(ValueError, match="lean must be"):
         warm_up(tiny_lm, "later")
+
+
+@pytest.fixture
+def fake_gguf(tiny_model_dir, monkeypatch):
+    """A GGUF source whose conversion loads the tiny model (in float32, as a GGUF's does);
+    every other from_pretrained is the real one, its paths recorded in `loads`."""
+    import transformers
+
+    real_model = transformers.AutoModelForCausalLM.from_pretrained
+    real_tok = transformers.AutoTokenizer.from_pretrained
+    loads: list[str] = []
+
+    def model(cls, path, **kw):
+        if "gguf_file" in kw:
+            return transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        loads.append(str(path))
+        return real_model(path, **kw)
+
+    def tok(cls, path, **kw):
+        return real_tok(tiny_model_dir if "gguf_file" in kw else path)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(tok))
+    return model_mod.ModelSource("x.gguf", str(tiny_model_dir), "x.gguf", "gguf:abc"), loads
+
+
+class Labels:
+    """A Progress that keeps the labels of the steps started."""
+
+    def __init__(self):
+        self.labels: list[str] = []
+
+    def start(self, label, total=0, unit=""):
+        self.labels.append(label)
+
+    def advance(self, n=1):
+        pass
+
+    def done(self):
+        pass
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_converted_copy_is_kept_in_the_compute_dtype(fake_gguf, tiny_model_dir, chatkv_home, caplog):
+    src, loads = fake_gguf
+    conv = model_mod._converted_dir(src)
+    bf16 = torch.bfloat16
+    reference = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(bf16)
+
+    p = Labels()
+    first, tok = model_mod._load_gguf(src, bf16, p)  # converts, keeps float32 and bfloat16 copies
+    assert [label.split(" (")[0] for label in p.labels] == [
+        "converting x.gguf",
+        "keeping a converted copy",
+        "keeping a bfloat16 copy of the weights",
+    ]
+    assert (conv / "done").exists() and (conv / "bfloat16" / "done").exists()
+    assert same_weights(first, reference)
+
+    p = Labels()
+    second, _ = model_mod._load_gguf(src, bf16, p)
+    assert p.labels == ["loading x.gguf"] and loads[-1] == str(conv / "bfloat16")
+    assert second.dtype == bf16 and same_weights(second, reference)
+    fp = model_mod.fingerprint(src, first, tok, bf16, "none", "cpu")
+    assert model_mod.fingerprint(src, second, tok, bf16, "none", "cpu") == fp
+
+    # float32 reads the float32 copy; a damaged bfloat16 copy is cast again from it, and kept.
+    model_mod._load_gguf(src, torch.float32, Labels())
+    assert loads[-1] == str(conv)
+    (conv / "bfloat16" / "model.safetensors").write_bytes(b"not safetensors")
+    p = Labels()
+    third, _ = model_mod._load_gguf(src, bf16, p)
+    assert "unusable" in caplog.text and loads[-2:] == [str(conv / "bfloat16"), str(conv)]
+    assert [label.split(" (")[0] for label in p.labels] == [
+        "loading x.gguf",
+        "keeping a bfloat16 copy of the weights",
+    ]
+    assert same_weights(third, reference) and (conv / "done").exists()
+    model_mod._load_gguf(src, bf16, Labels())
+    assert loads[-1] == str(conv / "bfloat16")

@@ -207,8 +207,7 @@ def _load_gguf(
             tok = AutoTokenizer.from_pretrained(conv)
             if on_tokenizer is not None:
                 on_tokenizer(tok)
-            model: Any = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)  # untyped enough: Any
-            return model, tok
+            return _from_converted(conv, dtype, progress), tok
         except Exception as e:  # a damaged copy is rebuilt from the GGUF
             log.warning("converted copy %s unusable (%s); converting again", conv, e)
             shutil.rmtree(conv, ignore_errors=True)
@@ -229,10 +228,53 @@ def _load_gguf(
         _save_converted(model, tok, conv)
     finally:
         progress.done()
-    return model.to(dtype), tok
+    model = model.to(dtype)
+    if dtype != torch.float32 and (conv / "done").exists():
+        _keep_dtype_copy(model, conv, dtype, progress)
+    return model, tok
+
+
+def _dtype_copy_dir(conv: Path, dtype: torch.dtype) -> Path:
+    """Where the converted copy's weights are kept cast to `dtype` (inside the copy, so that
+    removing the copy removes it)."""
+    return conv / str(dtype).removeprefix("torch.")
+
+
+def _from_converted(conv: Path, dtype: torch.dtype, progress: Progress) -> Any:
+    """The model from a converted copy in `dtype`: from its copy in that dtype when one is
+    kept, else from the float32 copy, keeping one in `dtype` for the next start.
+
+    Casting the float32 weights at every start read and converted all of them (0.45 s for
+    SmolLM2 to bfloat16 on an idle 2-core machine, over 1 s on a busy one); a copy in the
+    compute dtype loads in 0.1 s. The cast is the same either way, so the weights are
+    bit-identical (tests/test_startup.py)."""
+    from transformers import AutoModelForCausalLM
+
+    copy = _dtype_copy_dir(conv, dtype)
+    if dtype != torch.float32 and (copy / "done").exists():
+        try:
+            return AutoModelForCausalLM.from_pretrained(copy, dtype=dtype)
+        except Exception as e:  # a damaged dtype copy costs one cast from the float32 copy
+            log.warning("copy %s unusable (%s); casting the float32 copy again", copy, e)
+            shutil.rmtree(copy, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)
+    if dtype != torch.float32:
+        _keep_dtype_copy(model, conv, dtype, progress)
+    return model
+
+
+def _keep_dtype_copy(model: Any, conv: Path, dtype: torch.dtype, progress: Progress) -> None:
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    name = str(dtype).removeprefix("torch.")
+    progress.start(f"keeping a {name} copy of the weights ({nbytes / 1e6:,.0f} MB, once)")
+    try:
+        _save_converted(model, None, _dtype_copy_dir(conv, dtype))
+    finally:
+        progress.done()
 
 
 def _save_converted(model: Any, tok: Any, conv: Path) -> None:
+    """Save `model` (and `tok`, unless None) to `conv` as safetensors, whole or not at all."""
     tmp = Path(tempfile.mkdtemp(dir=ensure_private_dir(conv.parent), prefix=".convert-"))
     try:
         # The GGUF quantizer marks the model unserializable, but its weights are
@@ -241,7 +283,8 @@ def _save_converted(model: Any, tok: Any, conv: Path) -> None:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
         (tmp / "done").write_text("ok")
         shutil.rmtree(conv, ignore_errors=True)
         os.replace(tmp, conv)
