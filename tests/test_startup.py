@@ -3,6 +3,11 @@ aside (the first token comes from a forward), and not at all for a one-token tur
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -160,3 +165,57 @@ def test_a_converted_copy_is_kept_in_the_compute_dtype(fake_gguf, tiny_model_dir
     assert same_weights(third, reference) and (conv / "done").exists()
     model_mod._load_gguf(src, bf16, Labels())
     assert loads[-1] == str(conv / "bfloat16")
+
+
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+
+
+def test_the_program_ends_without_teardown_but_after_threads_and_exit_handlers():
+    done = run_python(
+        textwrap.dedent(
+            """
+            import atexit, threading, time
+            import torch
+            from chatkv.cli import end_process
+
+            atexit.register(lambda: print("exit handler ran"))
+            def late():
+                time.sleep(0.3)
+                print("thread done")
+            threading.Thread(target=late).start()
+            print("buffered", end="")  # stdout is a pipe: block-buffered, never flushed by this code
+            end_process(3)
+            """
+        )
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "bufferedthread done\nexit handler ran\n"
+
+
+def test_the_cli_as_a_program_still_reports_and_exits_with_its_code(tiny_model_dir, chatkv_home):
+    env = dict(
+        os.environ,
+        CHATKV_MODEL_NAME=str(tiny_model_dir),
+        CHATKV_MODEL_DEVICE="cpu",
+        CHATKV_GENERATION_TEMPERATURE="0",
+        CHATKV_GENERATION_MAX_NEW_TOKENS="3",
+        OMP_NUM_THREADS="1",
+    )
+    ask = [sys.executable, "-m", "chatkv", "ask", "--json"]
+    done = subprocess.run([*ask, "Hello!"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["stats"]["completion_tokens"] == 3 and reply["startup"]["process_first_token_s"] > 0
+    again = subprocess.run(
+        [*ask, "-C", str(reply["conversation_id"]), "Again!"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert again.returncode == 0 and json.loads(again.stdout)["stats"]["cached_tokens"] > 0
+    missing = subprocess.run([*ask, "-C", "999", "Hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.startswith("chatkv: error:")
