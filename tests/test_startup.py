@@ -219,3 +219,29 @@ def test_the_cli_as_a_program_still_reports_and_exits_with_its_code(tiny_model_d
     assert again.returncode == 0 and json.loads(again.stdout)["stats"]["cached_tokens"] > 0
     missing = subprocess.run([*ask, "-C", "999", "Hi"], capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 1 and missing.stderr.startswith("chatkv: error:")
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_ask_runs_no_warm_up_forward_but_a_chat_does(tiny_settings, monkeypatch, capsys):
+    """`ask` has its prompt in hand: a forward run aside would only delay its own."""
+    from chatkv.cli import main
+    from chatkv.engine import generate
+
+    fed: list[int] = []
+    real = generate.prefill
+
+    def counted(model, ids, *args, **kwargs):
+        fed.append(len(ids))
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "prefill", counted)
+    assert main(["ask", "Hello!"]) == 0
+    assert len(fed) == 1 and fed[0] > 1  # the prompt's prefill only
+    fed.clear()
+    chat = Chat(tiny_settings)
+    chat.load()
+    conv = chat.new_conversation()
+    "".join(chat.send(conv.id, "Hello!"))
+    chat.close()
+    settle(chat.lm)
+    assert fed[0] == 1 and len(fed) == 2  # the warm-up's one token, then the prompt
