@@ -172,8 +172,8 @@ def test_a_fresh_model_is_warmed_up_aside_and_the_turn_waits_for_it(tiny_setting
     started = []
     real = model.warm_up
 
-    def spy(lm, *args):
-        thread = real(lm, *args)
+    def spy(lm, *args, **kwargs):
+        thread = real(lm, *args, **kwargs)
         started.append(thread)
         return thread
 

@@ -138,11 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
             print(f"conversation {turn.conversation_id}: {stats_text(turn.stats)}", file=sys.stderr)
     finally:
-        chat.close()
-        if chat.lm is not None:  # a lean step still building when no token was decoded
-            from chatkv.engine.model import settle
-
-            settle(chat.lm)
+        chat.close()  # a lean step still building aside ends with the process (cli.end_process)
     return 0
 
 
