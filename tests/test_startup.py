@@ -245,3 +245,38 @@ def test_ask_runs_no_warm_up_forward_but_a_chat_does(tiny_settings, monkeypatch,
     chat.close()
     settle(chat.lm)
     assert fed[0] == 1 and len(fed) == 2  # the warm-up's one token, then the prompt
+
+
+def test_the_fingerprint_is_remembered_until_the_tokenizer_files_change(
+    tiny_model_dir, tmp_path, chatkv_home
+):
+    import shutil
+
+    from chatkv.engine.model import load_model
+
+    where = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, where)
+    lm = load_model(str(where), device="cpu", dtype="float32")
+    memo = model_mod.models_dir() / model_mod.FINGERPRINT_MEMO
+    assert list(json.loads(memo.read_text()).values()) == [lm.fingerprint]
+
+    calls = []
+    tok = lm.tokenizer
+    real = tok.get_vocab
+    tok.get_vocab = lambda: calls.append(1) or real()
+    source = model_mod.resolve(str(where))
+    assert model_mod.fingerprint(source, lm.model, tok, torch.float32, "none", "cpu") == lm.fingerprint
+    assert calls == []  # remembered: the vocabulary was not read
+    memo.unlink()
+    assert model_mod.fingerprint(source, lm.model, tok, torch.float32, "none", "cpu") == lm.fingerprint
+    assert calls == [1]  # computed again, the same
+
+    grown = transformers.AutoTokenizer.from_pretrained(where)
+    grown.add_tokens(["<|a new token|>"])
+    grown.save_pretrained(where)
+    again = load_model(str(where), device="cpu", dtype="float32")
+    assert again.fingerprint != lm.fingerprint
+    memo.unlink()
+    assert model_mod.fingerprint(source, again.model, again.tokenizer, torch.float32, "none", "cpu") == (
+        again.fingerprint
+    )

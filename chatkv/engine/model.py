@@ -391,9 +391,84 @@ def fingerprint(
     h.update(str(dtype).encode())
     h.update(load_in.encode())
     h.update(f"|device={where}|attn={getattr(model.config, '_attn_implementation', None)}|".encode())
+    # The vocabulary is the slow part (49k entries for SmolLM2: 60-170 ms a load here): the
+    # whole fingerprint is remembered under everything else and the tokenizer files' stamps.
+    stamp = _tokenizer_stamp(tok)
+    key = ""
+    if stamp:
+        before = h.copy()
+        before.update(stamp.encode())
+        key = before.hexdigest()
+        known = _read_json(models_dir() / FINGERPRINT_MEMO)
+        if isinstance(known.get(key), str):
+            return str(known[key])
     vocab = tok.get_vocab()
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode())
-    return h.hexdigest()[:32]
+    fp = h.hexdigest()[:32]
+    if key:
+        _remember_json(FINGERPRINT_MEMO, key, fp)
+    return fp
+
+
+FINGERPRINT_MEMO = "fingerprint-memo.json"  # fingerprint by its inputs but the vocabulary's stamp
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def _tokenizer_stamp(tok: Any) -> str:
+    """What the tokenizer's vocabulary follows from, cheaply: its library versions and its
+    files' names, sizes and modification times ("" when it was not loaded from a local
+    directory: then nothing is remembered)."""
+    where = Path(str(getattr(tok, "name_or_path", "") or ""))
+    if not str(where) or not where.is_dir():
+        return ""
+    parts = []
+    for name in _TOKENIZER_FILES:
+        try:
+            st = (where / name).stat()
+        except OSError:
+            continue
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    if not parts:
+        return ""
+    import tokenizers
+    import transformers
+
+    return f"|{where.resolve()}|{transformers.__version__}|{tokenizers.__version__}|{type(tok).__name__}|" + (
+        "|".join(parts)
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _remember_json(name: str, key: str, value: str, keep: int = 64) -> None:
+    """Set `key` in the JSON memo `name` beside the converted copies, keeping the newest
+    `keep` entries. Never raises: a memo not written costs only the next start its work."""
+    memo = models_dir() / name
+    known = _read_json(memo)
+    if known.get(key) == value:
+        return
+    known.pop(key, None)
+    known[key] = value
+    for old in list(known)[: max(0, len(known) - keep)]:
+        del known[old]
+    try:
+        _write_private(memo, json.dumps(known, indent=1))
+    except OSError as e:
+        log.warning("could not write %s: %s", memo, e)
 
 
 def load_model(
