@@ -280,3 +280,19 @@ def test_the_fingerprint_is_remembered_until_the_tokenizer_files_change(
     assert model_mod.fingerprint(source, again.model, again.tokenizer, torch.float32, "none", "cpu") == (
         again.fingerprint
     )
+
+
+def test_a_profiled_program_exits_as_usual_so_the_profile_is_written(tmp_path):
+    script = tmp_path / "prog.py"
+    script.write_text("import torch\nfrom chatkv.cli import end_process\nend_process(4)\n")
+    out = tmp_path / "prog.prof"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(out), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
+    assert done.returncode == 0, done.stderr  # cProfile swallows the SystemExit, code and all
+    assert out.stat().st_size > 0  # os._exit would have ended it before it wrote this

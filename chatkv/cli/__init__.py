@@ -205,8 +205,9 @@ def end_process(code: int) -> NoReturn:
     That teardown only frees memory, module by module, and with torch and transformers
     loaded it took 0.7 s (after running a model, 1.5 s) on a busy 2-core machine: after
     `chatkv ask` had printed its reply, the largest step left. A process that never
-    imported torch exits as usual."""
-    if "torch" not in sys.modules:
+    imported torch exits as usual, and so does one being profiled or traced (cProfile,
+    coverage): the profiler writes its file after the program returns."""
+    if "torch" not in sys.modules or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     import atexit
     import threading
