@@ -217,7 +217,7 @@ def _load_gguf(
     progress.start(f"converting {source.gguf_file} (first start only)")
     try:
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(  # untyped enough: Any
             source.path, gguf_file=source.gguf_file, dtype=torch.float32
         )
     finally:
