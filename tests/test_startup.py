@@ -296,3 +296,13 @@ def test_a_profiled_program_exits_as_usual_so_the_profile_is_written(tmp_path):
     )
     assert done.returncode == 0, done.stderr  # cProfile swallows the SystemExit, code and all
     assert out.stat().st_size > 0  # os._exit would have ended it before it wrote this
+
+
+def test_a_memo_keeps_its_newest_entries(chatkv_home):
+    for i in range(70):
+        model_mod._remember_json("m.json", f"k{i}", f"v{i}")
+    model_mod._remember_json("m.json", "k10", "v10")  # already there: kept where it is
+    model_mod._remember_json("m.json", "k8", "again")  # a new value: the newest
+    known = json.loads((model_mod.models_dir() / "m.json").read_text())
+    assert len(known) == 64 and list(known)[-1] == "k8" and known["k8"] == "again"
+    assert "k5" not in known and "k6" in known and known["k69"] == "v69"

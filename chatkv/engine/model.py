@@ -457,18 +457,18 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _remember_json(name: str, key: str, value: str, keep: int = 64) -> None:
     """Set `key` in the JSON memo `name` beside the converted copies, keeping the newest
     `keep` entries. Never raises: a memo not written costs only the next start its work."""
-    memo = models_dir() / name
-    known = _read_json(memo)
-    if known.get(key) == value:
-        return
-    known.pop(key, None)
-    known[key] = value
-    for old in list(known)[: max(0, len(known) - keep)]:
-        del known[old]
     try:
+        memo = models_dir() / name
+        known = _read_json(memo)
+        if known.get(key) == value:
+            return
+        known.pop(key, None)
+        known[key] = value  # last: the newest
+        for old in list(known)[: max(0, len(known) - keep)]:
+            del known[old]
         _write_private(memo, json.dumps(known, indent=1))
     except OSError as e:
-        log.warning("could not write %s: %s", memo, e)
+        log.warning("could not remember %s in %s: %s", key[:40], name, e)
 
 
 def load_model(
@@ -566,20 +566,7 @@ def _setting(source: ModelSource, dtype: torch.dtype, load_in: str, device: torc
 def _memo_fingerprint(setting: str, fp: str) -> None:
     """Remember that `setting` loaded as `fp`, for `predict_fingerprint`. Never raises: a memo
     that cannot be written costs only the next start's prefetch."""
-    memo = models_dir() / FINGERPRINTS
-    try:
-        known = json.loads(memo.read_text())
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    if known.get(setting) == fp:
-        return
-    known[setting] = fp
-    try:
-        _write_private(memo, json.dumps(known, indent=1, sort_keys=True))
-    except OSError as e:
-        log.warning("could not remember the model's fingerprint in %s: %s", memo, e)
+    _remember_json(FINGERPRINTS, setting, fp)
 
 
 def predict_fingerprint(name: str, device: str = "auto", dtype: str = "auto", load_in: str = "none") -> str:
