@@ -111,8 +111,8 @@ class Chat(Conversations, Housekeeping):
             )
 
     def load(self, warm: bool = True) -> None:
-        """Load the model and the KV layer (blocking; idempotent; thread-safe). `warm`: run its first
-        forward aside (engine.model.warm_up) while a user types; a prompt in hand overlaps nothing."""
+        """Load the model and the KV layer (blocking; idempotent; thread-safe). `warm`: warm it up aside
+        (engine.model.warm_up) while a user types; a prompt in hand overlaps nothing, wait for nothing."""
         with self._load_lock:
             if self.lm is not None:
                 return
@@ -146,7 +146,7 @@ class Chat(Conversations, Housekeeping):
             )
             self.kv.prefetch = pre
             lean = "aside" if self.defaults.max_new_tokens > 1 else "none"  # first tokens need no decode step
-            self.kv.warm_up = warm_up(lm, lean, forward=warm) if self._preloaded is None else None
+            self.kv.warm_up = warm_up(lm, lean) if self._preloaded is None and warm else None
             self.lm = lm
             self.activity = ""
 

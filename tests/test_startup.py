@@ -222,8 +222,8 @@ def test_the_cli_as_a_program_still_reports_and_exits_with_its_code(tiny_model_d
 
 
 @pytest.mark.usefixtures("cli_env")
-def test_ask_runs_no_warm_up_forward_but_a_chat_does(tiny_settings, monkeypatch, capsys):
-    """`ask` has its prompt in hand: a forward run aside would only delay its own."""
+def test_ask_warms_nothing_up_aside_but_a_chat_does(tiny_settings, monkeypatch, capsys):
+    """`ask` has its prompt in hand: a forward or a lean build aside would only delay its own."""
     from chatkv.cli import main
     from chatkv.engine import generate
 
@@ -234,9 +234,13 @@ def test_ask_runs_no_warm_up_forward_but_a_chat_does(tiny_settings, monkeypatch,
         fed.append(len(ids))
         return real(model, ids, *args, **kwargs)
 
+    warmed = []
+    real_warm_up = model_mod.warm_up
+    monkeypatch.setattr(model_mod, "warm_up", lambda *a: warmed.append(a) or real_warm_up(*a))
     monkeypatch.setattr(generate, "prefill", counted)
     assert main(["ask", "Hello!"]) == 0
     assert len(fed) == 1 and fed[0] > 1  # the prompt's prefill only
+    assert warmed == []  # nor a lean build aside: the first decode step builds it, after the first token
     fed.clear()
     chat = Chat(tiny_settings)
     chat.load()
@@ -245,6 +249,7 @@ def test_ask_runs_no_warm_up_forward_but_a_chat_does(tiny_settings, monkeypatch,
     chat.close()
     settle(chat.lm)
     assert fed[0] == 1 and len(fed) == 2  # the warm-up's one token, then the prompt
+    assert len(warmed) == 1
 
 
 def test_the_fingerprint_is_remembered_until_the_tokenizer_files_change(

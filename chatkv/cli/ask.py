@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         if conv is not None:
             chat.prefetch(conv.id)  # its saved cache is read while the model loads
         load_began = time.perf_counter()
-        chat.load(warm=False)  # the prompt is here: no forward to run aside while it is typed
+        chat.load(warm=False)  # the prompt is here: nothing to warm up while it is typed
         loaded_at = time.perf_counter()
         # A new conversation is created together with the message, by the session: a
         # refused or failed first turn leaves nothing behind.
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
             print(f"conversation {turn.conversation_id}: {stats_text(turn.stats)}", file=sys.stderr)
     finally:
-        chat.close()  # a lean step still building aside ends with the process (cli.end_process)
+        chat.close()
     return 0
 
 

@@ -605,7 +605,7 @@ def tokenize_aside(tokenizer: Any, render: Callable[[], list[dict[str, str]]]) -
     return thread
 
 
-def warm_up(lm: LoadedModel, lean: str = "same", forward: bool = True) -> threading.Thread:
+def warm_up(lm: LoadedModel, lean: str = "same") -> threading.Thread:
     """Start running one token through the model on a throwaway cache, in a daemon thread,
     and return the thread.
 
@@ -622,9 +622,11 @@ def warm_up(lm: LoadedModel, lean: str = "same", forward: bool = True) -> thread
     first token comes from a forward, not a decode step, and the first decode step waits
     for the build by itself (lean_for's lock); "none" not at all (a turn of one token
     never decodes; the first decode step would build it). `settle(lm)` joins all of it.
-    `forward` False skips the forward: a caller with its prompt in hand has nothing to
-    overlap it with, and a fresh process's first forward costs little more than a warm one
-    (SmolLM2: 62 ms against 54 ms for one token), the lean build aside is all it wants.
+
+    A caller with its prompt in hand (`chatkv ask`) has nothing to overlap this with: it
+    would only wait for the forward (a fresh process's first forward costs little more than
+    a warm one: SmolLM2 62 ms against 54 ms for one token), and a lean build aside would
+    share the cores with its first forward (0.35 s became 0.68 s, 3.6k tokens cached).
     """
     from transformers import DynamicCache
 
@@ -642,9 +644,8 @@ def warm_up(lm: LoadedModel, lean: str = "same", forward: bool = True) -> thread
 
     def run() -> None:
         try:
-            if forward:
-                token = lm.eos_ids[0] if lm.eos_ids else 0
-                prefill(lm.model, [token], DynamicCache(config=lm.model.config), 0)
+            token = lm.eos_ids[0] if lm.eos_ids else 0
+            prefill(lm.model, [token], DynamicCache(config=lm.model.config), 0)
         except Exception as e:
             log.debug("warm-up forward failed: %s", e)
         if lean == "same":
