@@ -1,5 +1,3 @@
-import sys
-
 from chatkv.cli import main
 
-sys.exit(main())
+main()  # ends the process itself

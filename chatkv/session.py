@@ -110,8 +110,9 @@ class Chat(Conversations, Housekeeping):
                 self.store, kv_dir(), conversation_id, self.settings, self._preloaded, render
             )
 
-    def load(self) -> None:
-        """Load the model and the KV layer (blocking; idempotent; thread-safe)."""
+    def load(self, warm: bool = True) -> None:
+        """Load the model and the KV layer (blocking; idempotent; thread-safe). `warm`: warm it up aside
+        (engine.model.warm_up) while a user types; a prompt in hand overlaps nothing, wait for nothing."""
         with self._load_lock:
             if self.lm is not None:
                 return
@@ -124,14 +125,13 @@ class Chat(Conversations, Housekeeping):
             from chatkv.progress import CallbackProgress
 
             m, c = self.settings.model, self.settings.cache
-            progress = CallbackProgress(self.progress)
             lm = self._preloaded or load_model(
                 m.name,
                 device=m.device,
                 dtype=m.dtype,
                 load_in=m.load_in,
                 context=m.context,
-                progress=progress,
+                progress=CallbackProgress(self.progress),
                 on_tokenizer=pre.tokenize if pre is not None else None,
             )
             self.kv = KVManager(
@@ -145,7 +145,8 @@ class Chat(Conversations, Housekeeping):
                 tiers=tiers_for(kv_dir(), c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared),
             )
             self.kv.prefetch = pre
-            self.kv.warm_up = warm_up(lm) if self._preloaded is None else None
+            lean = "aside" if self.defaults.max_new_tokens > 1 else "none"  # first tokens need no decode step
+            self.kv.warm_up = warm_up(lm, lean) if self._preloaded is None and warm else None
             self.lm = lm
             self.activity = ""
 

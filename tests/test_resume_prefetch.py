@@ -172,8 +172,8 @@ def test_a_fresh_model_is_warmed_up_aside_and_the_turn_waits_for_it(tiny_setting
     started = []
     real = model.warm_up
 
-    def spy(lm):
-        thread = real(lm)
+    def spy(lm, *args, **kwargs):
+        thread = real(lm, *args, **kwargs)
         started.append(thread)
         return thread
 
@@ -327,8 +327,11 @@ def test_bench_resume_fresh_process_runs_the_cli_and_reports_the_ratios(capsys, 
     # the resume: all but the new question, read during the model's load
     assert r["prompt_tokens"] - 60 < r["cached_tokens"] < r["prompt_tokens"]
     assert r["read_overlapped_load"] is True
-    for ratio in ("speedup", "ttft_over_chunk_read_cpu", "process_over_import"):
+    for ratio in ("speedup", "ttft_over_chunk_read_cpu", "process_over_import", "llama_import_over_import"):
         assert r[ratio] > 0
+    assert r["llama_import_over_import"] == pytest.approx(
+        r["import_llama_s"] / r["import_torch_transformers_s"]
+    )
     assert r["speedup"] == pytest.approx(r["reprefill_ttft_s"] / r["resume_ttft_s"])
 
 

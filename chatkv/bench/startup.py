@@ -7,12 +7,16 @@ other:
 - the re-prefill: `chatkv cache gc --max-bytes 0`, then `chatkv ask -C ID --json -n 1`
   (no chunk left: the whole history is prefilled; the turn spills its cache again);
 - the resume: the same `ask` again, which reads that cache (during the model's load);
-- `python -c "import torch, transformers"`, the floor any process that runs the model pays.
+- `python -c "import torch, transformers"`, the floor any process that runs the model pays;
+- the same importing transformers' Llama classes too (`LLAMA_IMPORT`): what any process that
+  builds a model through transformers pays before its first weight (`configuration_llama`
+  and `activations` pull in `torch._dynamo`, `torch.distributed.tensor` and sympy).
 
 Each round's ratios are taken within the round (the machine's speed drifts between them)
 and the medians reported: first token of the re-prefill over the resume's (both from the
 turn's start, as `ask --json` reports them), the resume's first token over its chunk-read
-time, and the resume's whole process over the import's.
+time, the resume's whole process over the import's, and the Llama import's over the
+import's (the part of the last ratio that no change to chatkv can remove).
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from pathlib import Path
 from chatkv.bench.common import emit, history_messages, load, say, scratch_home
 
 QUESTION = "Summarise our conversation in one sentence."
+LLAMA_IMPORT = (
+    "import torch, transformers; "
+    "from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM"
+)
 
 
 def _link_models(real: Path, scratch: Path) -> None:
@@ -93,15 +101,17 @@ def run(args, settings) -> dict:
         ask = [*_cli(settings), "-C", str(conv.id), "--json", "-n", "1", "-t", "0", QUESTION]
         gc = [sys.executable, "-m", "chatkv", "cache", "gc", "--max-bytes", "0"]
         floor = [sys.executable, "-c", "import torch, transformers"]
+        llama = [sys.executable, "-c", LLAMA_IMPORT]
         for i in range(args.repeat):
-            say(f"round {i + 1}/{args.repeat}: re-prefill, resume, import ...", quiet)
+            say(f"round {i + 1}/{args.repeat}: re-prefill, resume, imports ...", quiet)
             _run(gc, env)
             _, out = _run(ask, env)
             prefill = json.loads(out)
             resume_wall, out = _run(ask, env)
             resume = json.loads(out)
             floor_wall, _ = _run(floor, env)
-            rounds.append((prefill, resume, resume_wall, floor_wall))
+            llama_wall, _ = _run(llama, env)
+            rounds.append((prefill, resume, resume_wall, floor_wall, llama_wall))
 
     def med(values) -> float:
         return statistics.median(values)
@@ -126,12 +136,14 @@ def run(args, settings) -> dict:
         "read_hidden_by_load": all(s["read_hidden_by_load"] for s in su),
         "resume_process_s": med(r[2] for r in rounds),
         "import_torch_transformers_s": med(r[3] for r in rounds),
+        "import_llama_s": med(r[4] for r in rounds),
         # ratios within each round, then their median
         "speedup": med(r[0]["stats"]["ttft_s"] / r[1]["stats"]["ttft_s"] for r in rounds),
         "ttft_over_chunk_read_cpu": med(
             s["ttft_s"] / max(u["chunk_read_cpu_s"], 1e-9) for s, u in zip(st, su, strict=True)
         ),
         "process_over_import": med(r[2] / r[3] for r in rounds),
+        "llama_import_over_import": med(r[4] / r[3] for r in rounds),
     }
     r = result
     emit(
@@ -150,6 +162,8 @@ def run(args, settings) -> dict:
             f"  resume, whole process (-n 1):   {r['resume_process_s']:10.2f} s",
             f"  import torch, transformers:     {r['import_torch_transformers_s']:10.2f} s",
             f"  whole process / import:         {r['process_over_import']:10.2f}x",
+            f"  import with the Llama classes:  {r['import_llama_s']:10.2f} s "
+            f"({r['llama_import_over_import']:.2f}x the import: the floor of the ratio above)",
         ],
     )
     return result

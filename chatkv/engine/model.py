@@ -19,7 +19,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class LoadedModel:
     context_limit: int
     eos_ids: list[int]
     load_s: float
+    aside: list[threading.Thread] = field(default_factory=list)  # warm_up's threads, for settle()
 
     @property
     def description(self) -> str:
@@ -206,8 +207,7 @@ def _load_gguf(
             tok = AutoTokenizer.from_pretrained(conv)
             if on_tokenizer is not None:
                 on_tokenizer(tok)
-            model: Any = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)  # untyped enough: Any
-            return model, tok
+            return _from_converted(conv, dtype, progress), tok
         except Exception as e:  # a damaged copy is rebuilt from the GGUF
             log.warning("converted copy %s unusable (%s); converting again", conv, e)
             shutil.rmtree(conv, ignore_errors=True)
@@ -217,7 +217,7 @@ def _load_gguf(
     progress.start(f"converting {source.gguf_file} (first start only)")
     try:
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(  # untyped enough: Any
             source.path, gguf_file=source.gguf_file, dtype=torch.float32
         )
     finally:
@@ -228,10 +228,53 @@ def _load_gguf(
         _save_converted(model, tok, conv)
     finally:
         progress.done()
-    return model.to(dtype), tok
+    model = model.to(dtype)
+    if dtype != torch.float32 and (conv / "done").exists():
+        _keep_dtype_copy(model, conv, dtype, progress)
+    return model, tok
+
+
+def _dtype_copy_dir(conv: Path, dtype: torch.dtype) -> Path:
+    """Where the converted copy's weights are kept cast to `dtype` (inside the copy, so that
+    removing the copy removes it)."""
+    return conv / str(dtype).removeprefix("torch.")
+
+
+def _from_converted(conv: Path, dtype: torch.dtype, progress: Progress) -> Any:
+    """The model from a converted copy in `dtype`: from its copy in that dtype when one is
+    kept, else from the float32 copy, keeping one in `dtype` for the next start.
+
+    Casting the float32 weights at every start read and converted all of them (0.45 s for
+    SmolLM2 to bfloat16 on an idle 2-core machine, over 1 s on a busy one); a copy in the
+    compute dtype loads in 0.1 s. The cast is the same either way, so the weights are
+    bit-identical (tests/test_startup.py)."""
+    from transformers import AutoModelForCausalLM
+
+    copy = _dtype_copy_dir(conv, dtype)
+    if dtype != torch.float32 and (copy / "done").exists():
+        try:
+            return AutoModelForCausalLM.from_pretrained(copy, dtype=dtype)
+        except Exception as e:  # a damaged dtype copy costs one cast from the float32 copy
+            log.warning("copy %s unusable (%s); casting the float32 copy again", copy, e)
+            shutil.rmtree(copy, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)
+    if dtype != torch.float32:
+        _keep_dtype_copy(model, conv, dtype, progress)
+    return model
+
+
+def _keep_dtype_copy(model: Any, conv: Path, dtype: torch.dtype, progress: Progress) -> None:
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    name = str(dtype).removeprefix("torch.")
+    progress.start(f"keeping a {name} copy of the weights ({nbytes / 1e6:,.0f} MB, once)")
+    try:
+        _save_converted(model, None, _dtype_copy_dir(conv, dtype))
+    finally:
+        progress.done()
 
 
 def _save_converted(model: Any, tok: Any, conv: Path) -> None:
+    """Save `model` (and `tok`, unless None) to `conv` as safetensors, whole or not at all."""
     tmp = Path(tempfile.mkdtemp(dir=ensure_private_dir(conv.parent), prefix=".convert-"))
     try:
         # The GGUF quantizer marks the model unserializable, but its weights are
@@ -240,7 +283,8 @@ def _save_converted(model: Any, tok: Any, conv: Path) -> None:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
         (tmp / "done").write_text("ok")
         shutil.rmtree(conv, ignore_errors=True)
         os.replace(tmp, conv)
@@ -347,9 +391,84 @@ def fingerprint(
     h.update(str(dtype).encode())
     h.update(load_in.encode())
     h.update(f"|device={where}|attn={getattr(model.config, '_attn_implementation', None)}|".encode())
+    # The vocabulary is the slow part (49k entries for SmolLM2: 60-170 ms a load here): the
+    # whole fingerprint is remembered under everything else and the tokenizer files' stamps.
+    stamp = _tokenizer_stamp(tok)
+    key = ""
+    if stamp:
+        before = h.copy()
+        before.update(stamp.encode())
+        key = before.hexdigest()
+        known = _read_json(models_dir() / FINGERPRINT_MEMO)
+        if isinstance(known.get(key), str):
+            return str(known[key])
     vocab = tok.get_vocab()
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode())
-    return h.hexdigest()[:32]
+    fp = h.hexdigest()[:32]
+    if key:
+        _remember_json(FINGERPRINT_MEMO, key, fp)
+    return fp
+
+
+FINGERPRINT_MEMO = "fingerprint-memo.json"  # fingerprint by its inputs but the vocabulary's stamp
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def _tokenizer_stamp(tok: Any) -> str:
+    """What the tokenizer's vocabulary follows from, cheaply: its library versions and its
+    files' names, sizes and modification times ("" when it was not loaded from a local
+    directory: then nothing is remembered)."""
+    where = Path(str(getattr(tok, "name_or_path", "") or ""))
+    if not str(where) or not where.is_dir():
+        return ""
+    parts = []
+    for name in _TOKENIZER_FILES:
+        try:
+            st = (where / name).stat()
+        except OSError:
+            continue
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    if not parts:
+        return ""
+    import tokenizers
+    import transformers
+
+    return f"|{where.resolve()}|{transformers.__version__}|{tokenizers.__version__}|{type(tok).__name__}|" + (
+        "|".join(parts)
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _remember_json(name: str, key: str, value: str, keep: int = 64) -> None:
+    """Set `key` in the JSON memo `name` beside the converted copies, keeping the newest
+    `keep` entries. Never raises: a memo not written costs only the next start its work."""
+    try:
+        memo = models_dir() / name
+        known = _read_json(memo)
+        if known.get(key) == value:
+            return
+        known.pop(key, None)
+        known[key] = value  # last: the newest
+        for old in list(known)[: max(0, len(known) - keep)]:
+            del known[old]
+        _write_private(memo, json.dumps(known, indent=1))
+    except OSError as e:
+        log.warning("could not remember %s in %s: %s", key[:40], name, e)
 
 
 def load_model(
@@ -447,20 +566,7 @@ def _setting(source: ModelSource, dtype: torch.dtype, load_in: str, device: torc
 def _memo_fingerprint(setting: str, fp: str) -> None:
     """Remember that `setting` loaded as `fp`, for `predict_fingerprint`. Never raises: a memo
     that cannot be written costs only the next start's prefetch."""
-    memo = models_dir() / FINGERPRINTS
-    try:
-        known = json.loads(memo.read_text())
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    if known.get(setting) == fp:
-        return
-    known[setting] = fp
-    try:
-        _write_private(memo, json.dumps(known, indent=1, sort_keys=True))
-    except OSError as e:
-        log.warning("could not remember the model's fingerprint in %s: %s", memo, e)
+    _remember_json(FINGERPRINTS, setting, fp)
 
 
 def predict_fingerprint(name: str, device: str = "auto", dtype: str = "auto", load_in: str = "none") -> str:
@@ -499,7 +605,7 @@ def tokenize_aside(tokenizer: Any, render: Callable[[], list[dict[str, str]]]) -
     return thread
 
 
-def warm_up(lm: LoadedModel) -> threading.Thread:
+def warm_up(lm: LoadedModel, lean: str = "same") -> threading.Thread:
     """Start running one token through the model on a throwaway cache, in a daemon thread,
     and return the thread.
 
@@ -508,23 +614,63 @@ def warm_up(lm: LoadedModel) -> threading.Thread:
     does other work (rendering and tokenizing the prompt, attaching its cache, or the user
     typing), it is off the path to the first token; join the thread before the first real
     forward so the two don't compete for the cores. A failure is only logged: the real
-    forward will meet it and report it."""
+    forward will meet it and report it.
+
+    The lean decode step (weight fusion, int4 packing: 0.7 s for SmolLM2 in bfloat16) is
+    built after that forward: `lean` "same" in the returned thread; "aside" in a second
+    thread, so that joining the returned one waits for the forward only — a resumed turn's
+    first token comes from a forward, not a decode step, and the first decode step waits
+    for the build by itself (lean_for's lock); "none" not at all (a turn of one token
+    never decodes; the first decode step would build it). `settle(lm)` joins all of it.
+
+    A caller with its prompt in hand (`chatkv ask`) has nothing to overlap this with: it
+    would only wait for the forward (a fresh process's first forward costs little more than
+    a warm one: SmolLM2 62 ms against 54 ms for one token), and a lean build aside would
+    share the cores with its first forward (0.35 s became 0.68 s, 3.6k tokens cached).
+    """
     from transformers import DynamicCache
 
     from chatkv.engine.generate import prefill
     from chatkv.engine.lean import lean_for
 
+    if lean not in ("same", "aside", "none"):
+        raise ValueError(f"lean must be 'same', 'aside' or 'none', not {lean!r}")
+
+    def build() -> None:
+        try:
+            lean_for(lm.model)  # fuses (and packs to int4) the decode step's weights: not on the first token
+        except Exception as e:
+            log.debug("building the lean step ahead failed: %s", e)
+
     def run() -> None:
         try:
             token = lm.eos_ids[0] if lm.eos_ids else 0
             prefill(lm.model, [token], DynamicCache(config=lm.model.config), 0)
-            lean_for(lm.model)  # fuses (and packs to int4) the decode step's weights: not on the first token
         except Exception as e:
             log.debug("warm-up forward failed: %s", e)
+        if lean == "same":
+            build()
+        elif lean == "aside":
+            _aside(lm, build, "chatkv-lean-build")
 
-    thread = threading.Thread(target=run, name="chatkv-warm-up", daemon=True)
+    return _aside(lm, run, "chatkv-warm-up")
+
+
+def _aside(lm: LoadedModel, work: Callable[[], None], name: str) -> threading.Thread:
+    """Run `work` in a daemon thread that `settle(lm)` joins."""
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    lm.aside.append(thread)  # before it starts: a thread it starts is appended after it
     thread.start()
     return thread
+
+
+def settle(lm: LoadedModel) -> None:
+    """Wait for the model's background work (warm_up's threads) to end: before the process
+    exits, so that no thread is inside torch while the interpreter shuts down."""
+    i = 0
+    while i < len(lm.aside):  # a thread may append another before it ends
+        lm.aside[i].join()
+        i += 1
 
 
 def _remember(source: ModelSource, fp: str) -> None:

@@ -1,0 +1,313 @@
+"""A fresh process's way to its first token, on the tiny model: the lean decode step is built
+aside (the first token comes from a forward), and not at all for a one-token turn."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+import transformers
+
+import chatkv.engine.generate  # noqa: F401  # binds the real lean_for before a test patches lean's
+import chatkv.engine.lean as lean
+import chatkv.engine.model as model_mod
+from chatkv.engine.model import settle, warm_up
+from chatkv.session import Chat
+
+
+@pytest.fixture
+def held_lean_build(monkeypatch):
+    """The warm-up's lean build blocks until `release` is set; `began` says it was reached.
+    (The decode step's own lean_for, imported by chatkv.engine.generate, is the real one.)"""
+    began, release = threading.Event(), threading.Event()
+    real = lean.lean_for
+
+    def held(model):
+        began.set()
+        release.wait(20)  # a bound: a test that waits for this build fails, not hangs
+        return real(model)
+
+    monkeypatch.setattr(lean, "lean_for", held)
+    yield began, release
+    release.set()
+
+
+def test_the_first_token_does_not_wait_for_the_lean_build(tiny_settings, held_lean_build):
+    began, release = held_lean_build
+    chat = Chat(tiny_settings)
+    chat.load()
+    conv = chat.new_conversation()
+    pieces = iter(chat.send(conv.id, "Hello!"))
+    next(pieces)  # the first token: the warm-up's forward was joined, its lean build was not
+    assert began.is_set() and not release.is_set()
+    assert [t.name for t in chat.lm.aside] == ["chatkv-warm-up", "chatkv-lean-build"]
+    assert chat.lm.aside[1].is_alive()
+    release.set()
+    list(pieces)  # the decode steps build the lean step themselves if needed
+    chat.close()
+    settle(chat.lm)
+    assert not any(t.is_alive() for t in chat.lm.aside)
+    assert isinstance(getattr(chat.lm.model, lean._ATTR, None), lean.LeanLlama)
+
+
+def test_a_one_token_turn_builds_no_lean_step(tiny_settings):
+    tiny_settings.set("generation.max_new_tokens", 1)
+    chat = Chat(tiny_settings)
+    chat.load()
+    conv = chat.new_conversation()
+    turn = chat.send(conv.id, "Hello!")
+    "".join(turn)
+    assert turn.stats.completion_tokens == 1
+    chat.close()
+    settle(chat.lm)
+    assert [t.name for t in chat.lm.aside] == ["chatkv-warm-up"]
+    assert getattr(chat.lm.model, lean._ATTR, None) is None  # nothing decoded, nothing built
+
+
+def test_settle_waits_for_the_build_the_warm_up_starts(tiny_lm, held_lean_build):
+    began, release = held_lean_build
+    tiny_lm.aside.clear()
+    warm_up(tiny_lm, "aside").join()  # the forward only
+    began.wait(20)
+    assert tiny_lm.aside[1].is_alive()
+    release.set()
+    settle(tiny_lm)
+    assert not tiny_lm.aside[1].is_alive()
+    with pytest.raises(ValueError, match="lean must be"):
+        warm_up(tiny_lm, "later")
+
+
+@pytest.fixture
+def fake_gguf(tiny_model_dir, monkeypatch):
+    """A GGUF source whose conversion loads the tiny model (in float32, as a GGUF's does);
+    every other from_pretrained is the real one, its paths recorded in `loads`."""
+    import transformers
+
+    real_model = transformers.AutoModelForCausalLM.from_pretrained
+    real_tok = transformers.AutoTokenizer.from_pretrained
+    loads: list[str] = []
+
+    def model(cls, path, **kw):
+        if "gguf_file" in kw:
+            return transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        loads.append(str(path))
+        return real_model(path, **kw)
+
+    def tok(cls, path, **kw):
+        return real_tok(tiny_model_dir if "gguf_file" in kw else path)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(tok))
+    return model_mod.ModelSource("x.gguf", str(tiny_model_dir), "x.gguf", "gguf:abc"), loads
+
+
+class Labels:
+    """A Progress that keeps the labels of the steps started."""
+
+    def __init__(self):
+        self.labels: list[str] = []
+
+    def start(self, label, total=0, unit=""):
+        self.labels.append(label)
+
+    def advance(self, n=1):
+        pass
+
+    def done(self):
+        pass
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_converted_copy_is_kept_in_the_compute_dtype(fake_gguf, tiny_model_dir, chatkv_home, caplog):
+    src, loads = fake_gguf
+    conv = model_mod._converted_dir(src)
+    bf16 = torch.bfloat16
+    reference = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(bf16)
+
+    p = Labels()
+    first, tok = model_mod._load_gguf(src, bf16, p)  # converts, keeps float32 and bfloat16 copies
+    assert [label.split(" (")[0] for label in p.labels] == [
+        "converting x.gguf",
+        "keeping a converted copy",
+        "keeping a bfloat16 copy of the weights",
+    ]
+    assert (conv / "done").exists() and (conv / "bfloat16" / "done").exists()
+    assert same_weights(first, reference)
+
+    p = Labels()
+    second, _ = model_mod._load_gguf(src, bf16, p)
+    assert p.labels == ["loading x.gguf"] and loads[-1] == str(conv / "bfloat16")
+    assert second.dtype == bf16 and same_weights(second, reference)
+    fp = model_mod.fingerprint(src, first, tok, bf16, "none", "cpu")
+    assert model_mod.fingerprint(src, second, tok, bf16, "none", "cpu") == fp
+
+    # float32 reads the float32 copy; a damaged bfloat16 copy is cast again from it, and kept.
+    model_mod._load_gguf(src, torch.float32, Labels())
+    assert loads[-1] == str(conv)
+    (conv / "bfloat16" / "model.safetensors").write_bytes(b"not safetensors")
+    p = Labels()
+    third, _ = model_mod._load_gguf(src, bf16, p)
+    assert "unusable" in caplog.text and loads[-2:] == [str(conv / "bfloat16"), str(conv)]
+    assert [label.split(" (")[0] for label in p.labels] == [
+        "loading x.gguf",
+        "keeping a bfloat16 copy of the weights",
+    ]
+    assert same_weights(third, reference) and (conv / "done").exists()
+    model_mod._load_gguf(src, bf16, Labels())
+    assert loads[-1] == str(conv / "bfloat16")
+
+
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+
+
+def test_the_program_ends_without_teardown_but_after_threads_and_exit_handlers():
+    done = run_python(
+        textwrap.dedent(
+            """
+            import atexit, threading, time
+            import torch
+            from chatkv.cli import end_process
+
+            atexit.register(lambda: print("exit handler ran"))
+            def late():
+                time.sleep(0.3)
+                print("thread done")
+            threading.Thread(target=late).start()
+            print("buffered", end="")  # stdout is a pipe: block-buffered, never flushed by this code
+            end_process(3)
+            """
+        )
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "bufferedthread done\nexit handler ran\n"
+
+
+def test_the_cli_as_a_program_still_reports_and_exits_with_its_code(tiny_model_dir, chatkv_home):
+    env = dict(
+        os.environ,
+        CHATKV_MODEL_NAME=str(tiny_model_dir),
+        CHATKV_MODEL_DEVICE="cpu",
+        CHATKV_GENERATION_TEMPERATURE="0",
+        CHATKV_GENERATION_MAX_NEW_TOKENS="3",
+        OMP_NUM_THREADS="1",
+    )
+    ask = [sys.executable, "-m", "chatkv", "ask", "--json"]
+    done = subprocess.run([*ask, "Hello!"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["stats"]["completion_tokens"] == 3 and reply["startup"]["process_first_token_s"] > 0
+    again = subprocess.run(
+        [*ask, "-C", str(reply["conversation_id"]), "Again!"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert again.returncode == 0 and json.loads(again.stdout)["stats"]["cached_tokens"] > 0
+    missing = subprocess.run([*ask, "-C", "999", "Hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.startswith("chatkv: error:")
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_ask_warms_nothing_up_aside_but_a_chat_does(tiny_settings, monkeypatch, capsys):
+    """`ask` has its prompt in hand: a forward or a lean build aside would only delay its own."""
+    from chatkv.cli import main
+    from chatkv.engine import generate
+
+    fed: list[int] = []
+    real = generate.prefill
+
+    def counted(model, ids, *args, **kwargs):
+        fed.append(len(ids))
+        return real(model, ids, *args, **kwargs)
+
+    warmed = []
+    real_warm_up = model_mod.warm_up
+    monkeypatch.setattr(model_mod, "warm_up", lambda *a: warmed.append(a) or real_warm_up(*a))
+    monkeypatch.setattr(generate, "prefill", counted)
+    assert main(["ask", "Hello!"]) == 0
+    assert len(fed) == 1 and fed[0] > 1  # the prompt's prefill only
+    assert warmed == []  # nor a lean build aside: the first decode step builds it, after the first token
+    fed.clear()
+    chat = Chat(tiny_settings)
+    chat.load()
+    conv = chat.new_conversation()
+    "".join(chat.send(conv.id, "Hello!"))
+    chat.close()
+    settle(chat.lm)
+    assert fed[0] == 1 and len(fed) == 2  # the warm-up's one token, then the prompt
+    assert len(warmed) == 1
+
+
+def test_the_fingerprint_is_remembered_until_the_tokenizer_files_change(
+    tiny_model_dir, tmp_path, chatkv_home
+):
+    import shutil
+
+    from chatkv.engine.model import load_model
+
+    where = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, where)
+    lm = load_model(str(where), device="cpu", dtype="float32")
+    memo = model_mod.models_dir() / model_mod.FINGERPRINT_MEMO
+    assert list(json.loads(memo.read_text()).values()) == [lm.fingerprint]
+
+    calls = []
+    tok = lm.tokenizer
+    real = tok.get_vocab
+    tok.get_vocab = lambda: calls.append(1) or real()
+    source = model_mod.resolve(str(where))
+    assert model_mod.fingerprint(source, lm.model, tok, torch.float32, "none", "cpu") == lm.fingerprint
+    assert calls == []  # remembered: the vocabulary was not read
+    memo.unlink()
+    assert model_mod.fingerprint(source, lm.model, tok, torch.float32, "none", "cpu") == lm.fingerprint
+    assert calls == [1]  # computed again, the same
+
+    grown = transformers.AutoTokenizer.from_pretrained(where)
+    grown.add_tokens(["<|a new token|>"])
+    grown.save_pretrained(where)
+    again = load_model(str(where), device="cpu", dtype="float32")
+    assert again.fingerprint != lm.fingerprint
+    memo.unlink()
+    assert model_mod.fingerprint(source, again.model, again.tokenizer, torch.float32, "none", "cpu") == (
+        again.fingerprint
+    )
+
+
+def test_a_profiled_program_exits_as_usual_so_the_profile_is_written(tmp_path):
+    script = tmp_path / "prog.py"
+    script.write_text("import torch\nfrom chatkv.cli import end_process\nend_process(4)\n")
+    out = tmp_path / "prog.prof"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(out), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
+    assert done.returncode == 0, done.stderr  # cProfile swallows the SystemExit, code and all
+    assert out.stat().st_size > 0  # os._exit would have ended it before it wrote this
+
+
+def test_a_memo_keeps_its_newest_entries(chatkv_home):
+    for i in range(70):
+        model_mod._remember_json("m.json", f"k{i}", f"v{i}")
+    model_mod._remember_json("m.json", "k10", "v10")  # already there: kept where it is
+    model_mod._remember_json("m.json", "k8", "again")  # a new value: the newest
+    known = json.loads((model_mod.models_dir() / "m.json").read_text())
+    assert len(known) == 64 and list(known)[-1] == "k8" and known["k8"] == "again"
+    assert "k5" not in known and "k6" in known and known["k69"] == "v69"
