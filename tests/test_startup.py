@@ -311,3 +311,24 @@ def test_a_memo_keeps_its_newest_entries(chatkv_home):
     known = json.loads((model_mod.models_dir() / "m.json").read_text())
     assert len(known) == 64 and list(known)[-1] == "k8" and known["k8"] == "again"
     assert "k5" not in known and "k6" in known and known["k69"] == "v69"
+
+
+def test_the_program_ends_with_an_idle_thread_pool_open():
+    """A thread pool left open (the remote tier's fetch pool when a second Ctrl-C skipped its
+    close) has idle non-daemon workers: the exit wakes them as the interpreter's would, instead
+    of joining them forever."""
+    done = run_python(
+        textwrap.dedent(
+            """
+            from concurrent.futures import ThreadPoolExecutor
+            import torch
+            from chatkv.cli import end_process
+
+            pool = ThreadPoolExecutor(max_workers=2)
+            print(pool.submit(lambda: 41 + 1).result())
+            end_process(5)
+            """
+        )
+    )
+    assert done.returncode == 5, done.stderr
+    assert done.stdout == "42\n"

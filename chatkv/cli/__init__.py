@@ -212,9 +212,16 @@ def end_process(code: int) -> NoReturn:
     import atexit
     import threading
 
-    for t in threading.enumerate():  # what the interpreter's own exit waits for first
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
+    # What the interpreter's own exit does first: join the non-daemon threads after running
+    # the hooks registered for it (concurrent.futures wakes its idle pool workers there; a
+    # plain join of an idle worker waits forever).
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    else:  # pragma: no cover - CPython has had threading._shutdown since 3.x began
+        for t in threading.enumerate():
+            if t is not threading.current_thread() and not t.daemon:
+                t.join()
     atexit._run_exitfuncs()  # logging's flush, temporary directories' cleanup, ...
     for stream in (sys.stdout, sys.stderr):
         try:
