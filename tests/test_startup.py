@@ -167,6 +167,39 @@ def test_a_converted_copy_is_kept_in_the_compute_dtype(fake_gguf, tiny_model_dir
     assert loads[-1] == str(conv / "bfloat16")
 
 
+@pytest.mark.parametrize("failure", ["full disk", "interrupted"])
+def test_a_failed_dtype_copy_keeps_the_converted_copy(
+    fake_gguf, tiny_model_dir, chatkv_home, caplog, monkeypatch, failure
+):
+    """Writing the bfloat16 copy can fail where the float32 copy fit: a full disk comes from
+    safetensors as its own error type (not an OSError). The start goes on from the float32
+    copy, which stays; a Ctrl-C during the write leaves no temporary folder behind."""
+    from safetensors import SafetensorError
+
+    src, loads = fake_gguf
+    conv = model_mod._converted_dir(src)
+    model_mod._load_gguf(src, torch.float32, Labels())  # the float32 copy only
+    assert (conv / "done").exists() and not (conv / "bfloat16").exists()
+    error = SafetensorError("Error while serializing: IoError(StorageFull)")
+    if failure == "interrupted":
+        error = KeyboardInterrupt()
+
+    def no_room(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", no_room)
+    if failure == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            model_mod._load_gguf(src, torch.bfloat16, Labels())
+    else:
+        model, _ = model_mod._load_gguf(src, torch.bfloat16, Labels())
+        assert model.dtype == torch.bfloat16 and "could not keep a converted copy" in caplog.text
+        assert "converting again" not in caplog.text
+    assert (conv / "done").exists() and loads[-1] == str(conv)  # read, kept, not converted again
+    assert not (conv / "bfloat16").exists()
+    assert not list(conv.parent.rglob(".convert-*"))
+
+
 def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False

@@ -274,9 +274,15 @@ def _keep_dtype_copy(model: Any, conv: Path, dtype: torch.dtype, progress: Progr
 
 
 def _save_converted(model: Any, tok: Any, conv: Path) -> None:
-    """Save `model` (and `tok`, unless None) to `conv` as safetensors, whole or not at all."""
-    tmp = Path(tempfile.mkdtemp(dir=ensure_private_dir(conv.parent), prefix=".convert-"))
+    """Save `model` (and `tok`, unless None) to `conv` as safetensors, whole or not at all.
+
+    Best effort: a read-only or full disk (safetensors reports the latter as its own error
+    type, not an OSError) only costs the next start a conversion or a cast, and never the
+    copy already there or this start. The temporary folder goes whatever happens, Ctrl-C
+    included."""
+    tmp: Path | None = None
     try:
+        tmp = Path(tempfile.mkdtemp(dir=ensure_private_dir(conv.parent), prefix=".convert-"))
         # The GGUF quantizer marks the model unserializable, but its weights are
         # already dequantized to plain tensors: save them as safetensors.
         model.hf_quantizer = None
@@ -288,9 +294,12 @@ def _save_converted(model: Any, tok: Any, conv: Path) -> None:
         (tmp / "done").write_text("ok")
         shutil.rmtree(conv, ignore_errors=True)
         os.replace(tmp, conv)
-    except OSError as e:  # a read-only or full disk only costs the next start a conversion
-        log.warning("could not keep a converted copy of the model: %s", e)
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = None
+    except Exception as e:
+        log.warning("could not keep a converted copy of the model in %s: %s", conv, e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_hf(
