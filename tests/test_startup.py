@@ -320,6 +320,25 @@ def test_the_fingerprint_is_remembered_until_the_tokenizer_files_change(
     )
 
 
+def test_the_tokenizer_stamp_sees_any_vocabulary_file_even_with_its_time_kept(tmp_path):
+    """A tokenizer may read its vocabulary from any file of its directory (vocab.txt,
+    spiece.model, *.tiktoken): each counts, weights excepted, and rewriting one with its
+    modification time put back (`cp -p`, `rsync -t`) still changes the stamp."""
+    from types import SimpleNamespace
+
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    tok = SimpleNamespace(name_or_path=str(tmp_path))
+    before = model_mod._tokenizer_stamp(tok)
+    assert "vocab.txt" in before and "model.safetensors" not in before
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")  # the weights' hash covers these
+    assert model_mod._tokenizer_stamp(tok) == before
+    st = (tmp_path / "vocab.txt").stat()
+    (tmp_path / "vocab.txt").write_text("a\nc\n")  # same size
+    os.utime(tmp_path / "vocab.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert model_mod._tokenizer_stamp(tok) != before
+
+
 def test_a_profiled_program_exits_as_usual_so_the_profile_is_written(tmp_path):
     script = tmp_path / "prog.py"
     script.write_text("import torch\nfrom chatkv.cli import end_process\nend_process(4)\n")

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -420,31 +421,29 @@ def fingerprint(
 
 
 FINGERPRINT_MEMO = "fingerprint-memo.json"  # fingerprint by its inputs but the vocabulary's stamp
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
 
 
 def _tokenizer_stamp(tok: Any) -> str:
-    """What the tokenizer's vocabulary follows from, cheaply: its library versions and its
-    files' names, sizes and modification times ("" when it was not loaded from a local
-    directory: then nothing is remembered)."""
+    """What the tokenizer's vocabulary follows from, cheaply: its library versions and the
+    names, sizes, modification and change times of every file of its directory but weights
+    (whatever a tokenizer reads its vocabulary from: tokenizer.json, vocab.txt, spiece.model,
+    *.tiktoken...; the change time moves with any write, even one that keeps the modification
+    time, as `cp -p` does). "" when it was not loaded from a local directory: then nothing is
+    remembered."""
     where = Path(str(getattr(tok, "name_or_path", "") or ""))
     if not str(where) or not where.is_dir():
         return ""
     parts = []
-    for name in _TOKENIZER_FILES:
+    for path in sorted(where.iterdir()):
+        if path.name.endswith(_WEIGHT_SUFFIXES) or path.name.startswith("."):
+            continue
         try:
-            st = (where / name).stat()
+            st = path.stat()
         except OSError:
             continue
-        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+        if stat.S_ISREG(st.st_mode):
+            parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
     if not parts:
         return ""
     import tokenizers
