@@ -34,6 +34,23 @@ def forward_step(model, token, cache, pos):
     return out.logits[:, -1]
 
 
+def forward_prefill(model, ids, step=512):
+    """A cache of `ids` through transformers' forward, as prefill does for other models."""
+    cache = live.new_cache(model)
+    with torch.inference_mode():
+        for i in range(0, len(ids), step):
+            p = torch.arange(i, min(i + step, len(ids)))
+            out = model(
+                input_ids=torch.tensor([ids[i : i + step]]),
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=p,
+                position_ids=p[None],
+                logits_to_keep=1,
+            )
+    return cache, out.logits[:, -1]
+
+
 def test_the_lean_step_computes_what_the_forward_computes(tiny_model_dir):
     model = fresh_model(tiny_model_dir)
     ids = list(range(5, 70))
@@ -128,9 +145,10 @@ def test_weights_on_a_4_bit_grid_decode_as_int4_and_compute_the_same(tiny_model_
     assert plain is not None and all(p.int4 is None for p in (plain.layers[0].qkv, plain.layers[0].down))
 
     ids = list(range(5, 60))
-    a, b = live.new_cache(grid), live.new_cache(grid)
-    prefill(grid, ids, a, 0)
-    prefill(grid, ids, b, 0)
+    # Both caches from transformers' forward: this compares the decode steps alone (the
+    # lean prefill rounds differently in its last bits, which moves this comparison by
+    # as much as the two steps differ).
+    (a, _), (b, _) = forward_prefill(grid, ids), forward_prefill(grid, ids)
     token = torch.tensor([17])
     for pos in range(len(ids), len(ids) + 4):
         ref = forward_step(grid, token, a, pos).float()
@@ -195,3 +213,81 @@ def test_the_warm_up_builds_the_lean_step_off_the_first_token(tiny_model_dir):
     assert getattr(lm.model, lean._ATTR, None) is None
     warm_up(lm).join()
     assert isinstance(getattr(lm.model, lean._ATTR, None), lean.LeanLlama)
+
+
+def rel_err(got, ref):
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
+def lean_prefill(model, ids, step):
+    """A cache of `ids` through LeanLlama.prefill in pieces of `step` tokens."""
+    cache, lean_step = live.new_cache(model), lean.lean_for(model)
+    for i in range(0, len(ids), step):
+        logits = lean_step.prefill(torch.tensor([ids[i : i + step]]), cache, i)
+    return cache, logits
+
+
+@pytest.mark.parametrize("step", [512, 9])  # one piece (is_causal), and pieces after a cached prefix (mask)
+def test_the_lean_prefill_computes_what_the_forward_computes(tiny_model_dir, step):
+    model = fresh_model(tiny_model_dir)
+    ids = [(7 * i) % 300 + 5 for i in range(70)]
+    ref, ref_logits = forward_prefill(model, ids)
+    got, logits = lean_prefill(model, ids, step)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    for (kr, vr), (kg, vg) in zip(live.layers_of(ref), live.layers_of(got), strict=True):
+        assert kg.shape == kr.shape == (1, 2, len(ids), 16)
+        assert torch.allclose(kg, kr, atol=1e-5) and torch.allclose(vg, vr, atol=1e-5)
+
+
+def test_without_wide_products_the_bfloat16_lean_prefill_is_bit_equal_to_the_forward(tiny_model_dir):
+    model = fresh_model(tiny_model_dir, torch.bfloat16)
+    lean.lean_for(model).wide = False
+    ids = [(7 * i) % 300 + 5 for i in range(70)]
+    ref, ref_logits = forward_prefill(model, ids, step=16)
+    got, logits = lean_prefill(model, ids, 16)
+    assert torch.equal(logits, ref_logits)
+    for (kr, vr), (kg, vg) in zip(live.layers_of(ref), live.layers_of(got), strict=True):
+        assert torch.equal(kg, kr) and torch.equal(vg, vr)
+
+
+@pytest.mark.parametrize("kept", [True, False])  # float32 copies kept, or converted per piece
+def test_wide_bfloat16_prefill_is_as_close_to_float32_as_the_forward_is(tiny_model_dir, monkeypatch, kept):
+    """Float32 products over the same bfloat16 numbers, rounded back: the cache differs from
+    the bfloat16 forward's by rounding only, as far from the float32 cache as that one is."""
+    if not kept:
+        monkeypatch.setattr(lean, "WIDE_MAX_BYTES", 0)
+    exact = fresh_model(tiny_model_dir)
+    model = fresh_model(tiny_model_dir, torch.bfloat16)
+    step = lean.lean_for(model)
+    step.wide = True  # whatever this CPU has
+    assert all((p.wide is not None) == kept for w in step.layers for p in (w.qkv, w.o, w.gate_up, w.down))
+    ids = [(7 * i) % 300 + 5 for i in range(70)]
+    ref32, logits32 = forward_prefill(exact, ids, step=16)
+    ref16, logits16 = forward_prefill(model, ids, step=16)
+    got, logits = lean_prefill(model, ids, 16)
+    assert rel_err(logits, logits32) <= 1.5 * rel_err(logits16, logits32) + 1e-3
+    assert int(logits.argmax()) == int(logits32.argmax())
+    for (k32, v32), (kr, vr), (kg, vg) in zip(
+        live.layers_of(ref32), live.layers_of(ref16), live.layers_of(got), strict=True
+    ):
+        assert kg.dtype == torch.bfloat16
+        assert rel_err(kg, k32) <= 1.5 * rel_err(kr, k32) + 1e-3
+        assert rel_err(vg, v32) <= 1.5 * rel_err(vr, v32) + 1e-3
+
+
+def test_prefill_takes_the_lean_path_in_bfloat16_and_the_forward_in_float32(tiny_model_dir, monkeypatch):
+    calls = []
+    real = lean.LeanLlama.prefill
+    monkeypatch.setattr(lean.LeanLlama, "prefill", lambda self, *a: calls.append(1) or real(self, *a))
+    for dtype, lean_pieces in ((torch.bfloat16, 3), (torch.float32, 0)):
+        calls.clear()
+        model = fresh_model(tiny_model_dir, dtype)
+        logits = prefill(model, list(range(5, 30)), live.new_cache(model), 0, step=10)
+        assert logits.shape == (1, model.config.vocab_size) and len(calls) == lean_pieces
+
+
+def test_wide_products_only_on_a_cpu_without_amx(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert not lean.wide_pays(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert lean.wide_pays(torch.device("cpu")) and not lean.wide_pays(torch.device("cuda"))

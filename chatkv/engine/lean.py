@@ -133,6 +133,23 @@ def _int4_form(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return packed, scales.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
+# Prefill in bfloat16 (or float16) on a CPU without AMX: torch's bfloat16 matrix product
+# runs at about half the rate of MKL's float32 one there (measured on this project's
+# AVX512-BF16 Xeon: 150-160 versus 290-300 GFLOP/s for a (512, 576) x (576, 3072) product,
+# 2 threads), and SDPA at about two thirds. So a prefill piece converts its operands to
+# float32, multiplies, and rounds the result back: the same bfloat16 numbers in, products
+# accumulated in float32 as the bfloat16 kernel accumulates them, one rounding out. Decode
+# (one token, memory-bound) stays in bfloat16.
+WIDE_MAX_BYTES = 1 << 30  # float32 copies of the projections kept for prefill, at most
+
+
+def wide_pays(device: torch.device) -> bool:
+    """Whether prefill products in float32 beat bfloat16 ones on `device`: a CPU without
+    AMX tiles (with AMX, oneDNN's bfloat16 kernels are the fast ones)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return device.type == "cpu" and not (amx is not None and amx())
+
+
 class _Linear:
     """A bias-free projection: the dense weight (N, K), or its int4 form where exact."""
 
@@ -140,6 +157,15 @@ class _Linear:
         self.w = w
         self.n = w.shape[0]
         self.int4 = _int4_form(w)
+        self.wide: torch.Tensor | None = None  # float32 copy for prefill GEMMs (LeanLlama.widen)
+
+    def many(self, x: torch.Tensor, wide: bool) -> torch.Tensor:
+        """x (1, T, K) -> (1, T, N) for a prefill piece: the dense weight, or with `wide` a
+        float32 product of the same numbers rounded back to x's dtype (see WIDE_PREFILL)."""
+        if not wide:
+            return F.linear(x, self.w)
+        w = self.wide if self.wide is not None else self.w.float()
+        return F.linear(x.float(), w).to(x.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (1, 1, K) -> (1, 1, N)."""
@@ -177,6 +203,20 @@ class LeanLlama:
         self.head = model.lm_head.weight  # (V, hidden); may be the embedding (tied)
         with torch.no_grad():
             self.layers = [_Layer(layer) for layer in model.model.layers[: c.num_hidden_layers]]
+        self.wide = self.head.dtype in (torch.bfloat16, torch.float16) and wide_pays(self.head.device)
+        if self.wide:
+            self._widen()
+
+    def _widen(self) -> None:
+        """Keep float32 copies of the projections for prefill, up to WIDE_MAX_BYTES (the
+        rest are converted per piece, which costs about a third of the gain)."""
+        left = WIDE_MAX_BYTES
+        for lin in (p for w in self.layers for p in (w.qkv, w.o, w.gate_up, w.down)):
+            size = lin.w.numel() * 4
+            if size > left:
+                return
+            lin.wide = lin.w.float()
+            left -= size
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:
@@ -207,6 +247,55 @@ class LeanLlama:
             x = x + w.down(F.silu(gate) * up)
         logits = F.linear(self.norm(x)[:, -1], self.head)  # (1, V)
         return logits
+
+    def takes_prefill(self, dtype: torch.dtype) -> bool:
+        """Whether a prefill in `dtype` goes through `prefill` (bfloat16 and float16). Float32
+        stays on transformers' forward: there a re-prefill of the same text is bit-equal to
+        the cache a conversation built turn by turn, and the tests pin that."""
+        return dtype in (torch.bfloat16, torch.float16)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        """Feed `ids` (1, T) at positions [start, start + T), extending `cache` (batch 1,
+        covering [0, start)); return the last position's next-token logits (1, V).
+
+        The same operations as transformers' forward in the same order, without its mask
+        building and per-layer dispatch; on a CPU without AMX the matrix products and
+        attention run in float32 over the same bfloat16 numbers (see `widen`)."""
+        hq, hkv, d = self.hq, self.hkv, self.d
+        t = ids.shape[1]
+        nq, nk = hq * d, hkv * d
+        x = self.embed(ids)  # (1, T, hidden)
+        dt = x.dtype
+        wide = self.wide and x.device.type == "cpu" and dt != torch.float32
+        pos = torch.arange(start, start + t, device=x.device)
+        cos, sin = self.rope(x, pos[None])  # (1, T, D) each
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, D): broadcast over heads
+        # SDPA's is_causal aligns its mask top-left; past a cached prefix the piece's rows see
+        # every cached key and their own past: one (T, start + T) mask for all layers.
+        mask = None
+        if start:
+            mask = pos[:, None] >= torch.arange(start + t, device=x.device)  # (T, start + T)
+        kv_layers = live.kv_layers(cache)
+        for i, w in enumerate(self.layers):
+            h = w.norm1(x)
+            qkv = w.qkv.many(h, wide)  # (1, T, nq + 2 nk)
+            q = qkv[..., :nq].view(1, t, hq, d).transpose(1, 2)  # (1, Hq, T, D)
+            k = qkv[..., nq : nq + nk].view(1, t, hkv, d).transpose(1, 2)  # (1, Hkv, T, D)
+            v = qkv[..., nq + nk :].view(1, t, hkv, d).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = kv_layers[i].update(k, v)  # (1, Hkv, start + T, D)
+            if wide:
+                q, keys, values = q.float(), keys.float(), values.float()
+            att = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, is_causal=mask is None, scale=w.scale, enable_gqa=True
+            ).to(dt)  # (1, Hq, T, D)
+            x = x + w.o.many(att.transpose(1, 2).reshape(1, t, nq), wide)
+            h = w.norm2(x)
+            gate, up = w.gate_up.many(h, wide).chunk(2, dim=-1)  # (1, T, inter) each
+            x = x + w.down.many(F.silu(gate) * up, wide)
+        return F.linear(self.norm(x[:, -1]), self.head)  # (1, V): only the last position's
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
