@@ -186,3 +186,39 @@ def test_rejects_row_without_tokens_to_prefill(tiny_lm):
     ids = _ids(tiny_lm, "Hello!")
     with pytest.raises(ValueError, match="cached"):
         BatchDecoder(tiny_lm.model, [BatchRow(ids, GenerationSettings(), None, len(ids))], None, [], 1024)
+
+
+def test_batched_decode_steps_take_the_lean_step_and_match_the_forward(tiny_lm, monkeypatch):
+    """Decode steps of a batch go through LeanLlama.step_rows (with this module's attention
+    for the padding masks and the shared prefix); with the lean step off, through the
+    forward: the same tokens either way, and the same as each row alone."""
+    from chatkv.engine import lean
+
+    lm = tiny_lm
+    calls = []
+    real = lean.LeanLlama.step_rows
+    monkeypatch.setattr(lean.LeanLlama, "step_rows", lambda self, *a: calls.append(1) or real(self, *a))
+    settings = GenerationSettings(max_new_tokens=10, temperature=0)
+    prompts = [_ids(lm, q) for q in QUESTIONS[:4]]
+    p = min(_common(prompts), min(map(len, prompts)) - 1)
+    cache = live.new_cache(lm.model)
+    prefill(lm.model, prompts[0][:p], cache, 0)
+    whole = live.new_cache(lm.model)
+    prefill(lm.model, prompts[2][: p + 5], whole, 0)
+    own = [(k[..., p:, :], v[..., p:, :]) for k, v in live.layers_of(whole)]  # row 2's own 5 positions
+
+    def run():
+        rows = [BatchRow(ids, settings, None, p) for ids in prompts]
+        rows[2] = BatchRow(prompts[2], settings, live.cache_from_layers(lm.model, own), p + 5)
+        return _batched(lm, rows, live.layers_of(cache))[0]
+
+    leaned = run()
+    assert len(calls) >= 9  # every decode step after the first token
+    lean.set_enabled(lm.model, False)
+    try:
+        calls.clear()
+        forward = run()
+    finally:
+        lean.set_enabled(lm.model, True)
+    assert calls == [] and leaned == forward
+    assert leaned == [_single(lm, ids, settings)[0] for ids in prompts]

@@ -291,3 +291,16 @@ def test_wide_products_only_on_a_cpu_without_amx(monkeypatch):
     assert not lean.wide_pays(torch.device("cpu"))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert lean.wide_pays(torch.device("cpu")) and not lean.wide_pays(torch.device("cuda"))
+
+
+def test_int4_projections_take_several_rows_at_once():
+    torch.manual_seed(1)
+    w = torch.randn(64, 96).view(64, 3, 32)
+    low = w.amin(-1, keepdim=True)
+    step = (w.amax(-1, keepdim=True) - low) / 15
+    proj = lean._Linear(((((w - low) / step).round() * step + low).view(64, 96)).bfloat16())
+    assert proj.int4 is not None
+    x = torch.randn(5, 1, 96).bfloat16()  # one token of 5 rows
+    rows = proj(x)
+    assert rows.shape == (5, 1, 64)
+    assert all(torch.equal(rows[i : i + 1], proj(x[i : i + 1])) for i in range(5))

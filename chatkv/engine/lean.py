@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 _ATTR = "_chatkv_lean"  # the LeanLlama (or False: not eligible) kept on the model object
 _OFF = "_chatkv_lean_off"  # True: decode through transformers' forward even where the lean step applies
 _lock = threading.Lock()
+
+# A batched step's attention for layer i: (i, q (B, Hq, 1, D), keys, values (B, Hkv, S, D))
+# -> (B, 1, Hq, D); engine/batch.py masks each row's padding and adds a shared prefix.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def why_not(model: Any) -> str | None:
@@ -168,12 +173,13 @@ class _Linear:
         return F.linear(x.float(), w).to(x.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (1, 1, K) -> (1, 1, N)."""
+        """x (B, 1, K) -> (B, 1, N): one token of each of B rows."""
         if self.int4 is None:
             return F.linear(x, self.w)
         packed, scales = self.int4
-        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(1, -1), packed, GROUP, scales)
-        return y.view(1, 1, self.n)  # from (1, N)
+        b = x.shape[0]
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(b, -1), packed, GROUP, scales)
+        return y.view(b, 1, self.n)  # from (B, N)
 
 
 class _Layer:
@@ -247,6 +253,34 @@ class LeanLlama:
             x = x + w.down(F.silu(gate) * up)
         logits = F.linear(self.norm(x)[:, -1], self.head)  # (1, V)
         return logits
+
+    @torch.inference_mode()
+    def step_rows(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any, attend: Attend) -> torch.Tensor:
+        """Feed one token of each of B rows, `ids` (B, 1) at positions `pos` (B, 1), extending
+        `cache` (a left-padded (B, Hkv, S, D) cache; engine/batch.py); layer i's attention is
+        `attend(i, q, keys, values)` with q (B, Hq, 1, D) and keys, values (B, Hkv, S + 1, D),
+        returning (B, 1, Hq, D) (the caller knows the rows' masks). Returns (B, V) logits."""
+        hq, hkv, d = self.hq, self.hkv, self.d
+        b = ids.shape[0]
+        x = self.embed(ids)  # (B, 1, hidden)
+        cos, sin = self.rope(x, pos)  # (B, 1, D) each
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D): broadcast over heads
+        kv_layers = live.kv_layers(cache)
+        nq, nk = hq * d, hkv * d
+        for i, w in enumerate(self.layers):
+            h = w.norm1(x)
+            qkv = w.qkv(h)  # (B, 1, nq + 2 nk)
+            q = qkv[..., :nq].view(b, hq, 1, d)  # one position: (B, 1, Hq*D) is (B, Hq, 1, D)
+            k = qkv[..., nq : nq + nk].view(b, hkv, 1, d)
+            v = qkv[..., nq + nk :].view(b, hkv, 1, d)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = kv_layers[i].update(k, v)  # (B, Hkv, S + 1, D)
+            x = x + w.o(attend(i, q, keys, values).reshape(b, 1, nq))
+            h = w.norm2(x)
+            gate, up = w.gate_up(h).chunk(2, dim=-1)  # (B, 1, inter) each
+            x = x + w.down(F.silu(gate) * up)
+        return F.linear(self.norm(x[:, -1]), self.head)  # (B, V)
 
     def takes_prefill(self, dtype: torch.dtype) -> bool:
         """Whether a prefill in `dtype` goes through `prefill` (bfloat16 and float16). Float32
