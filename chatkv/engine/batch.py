@@ -32,7 +32,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from chatkv.api import GenerationSettings
 from chatkv.engine.generate import PREFILL_STEP, Sampler
-from chatkv.engine.lean import lean_for
+from chatkv.engine.lean import Attend, lean_for
 from chatkv.kv import live
 
 ATTN_NAME = "chatkv_prefix"
@@ -111,6 +111,46 @@ def attend_rows(
         out = out + torch.matmul(pp, vp).view(Hkv, B, g * L, D).transpose(0, 1)
     out = out.view(B, Hkv, g, L, D).reshape(B, Hq, L, D).transpose(1, 2)  # (B, L, Hq, D)
     return out
+
+
+def attend_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor,
+    scaling: float,
+    kp: torch.Tensor | None,
+    vp: torch.Tensor | None,
+) -> torch.Tensor:
+    """`attend_rows` for one new token per row on the CPU, in two flash-attention calls:
+    each row over its own keys, all rows over the shared prefix, merged by their
+    log-sum-exps (no (B, P + S) scores, no copies of the prefix).
+
+    Args:
+        query: (B, Hq, 1, D); key, value: (B, Hkv, S, D), the padded per-row cache.
+        bias: (B, 1, 1, S) in the query's dtype, 0 where a row may attend and -inf on its padding.
+        kp, vp: the shared prefix (1, Hkv, P, D), or None.
+    Returns (B, 1, Hq, D).
+    """
+    B, Hq, _, D = query.shape
+    Hkv = key.shape[1]
+    g = Hq // Hkv  # query heads per kv head: a kv head's g queries are one row's "query length"
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q = query.reshape(B, Hkv, g, D)
+    out, lse = flash(q, key, value, attn_mask=bias, scale=scaling)  # (B, Hkv, g, D), (B, Hkv, g)
+    if kp is not None and kp.shape[-2] > 0:
+        qp = q.transpose(0, 1).reshape(1, Hkv, B * g, D)  # every row's queries against one prefix
+        out_p, lse_p = flash(qp, kp, vp, scale=scaling)  # (1, Hkv, B*g, D), (1, Hkv, B*g)
+        out_p = out_p.view(Hkv, B, g, D).transpose(0, 1)  # (B, Hkv, g, D)
+        lse_p = lse_p.view(Hkv, B, g).transpose(0, 1)
+        both = torch.logaddexp(lse, lse_p)  # (B, Hkv, g), float32
+        out = (out * (lse - both).exp()[..., None] + out_p * (lse_p - both).exp()[..., None]).to(query.dtype)
+    return out.reshape(B, 1, Hq, D)
+
+
+def flash_step(device: torch.device) -> bool:
+    """Whether decode steps on `device` attend through `attend_step` (torch's CPU flash kernel)."""
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def prepare_prefix(prefix: live.Layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -243,15 +283,7 @@ class BatchDecoder:
         mask = (valid[:, None, :] & causal[None]) | (k[None, :] == q[:, None])[None]  # (B, L, S)
         # A padding query attends only to itself: never to nothing (that would be NaN).
         if L == 1 and self.lean is not None:
-            if self._prepared is None and self.prefix:
-                self._prepared = prepare_prefix(self.prefix)
-            prefix, layers = self._prepared, self.lean.layers
-
-            def attend(i: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-                kpt, vp = prefix[i] if prefix else (None, None)
-                return attend_rows(q, keys, values, mask[:, None], layers[i].scale, kpt, vp)
-
-            return self.lean.step_rows(ids, pos, past, attend)
+            return self.lean.step_rows(ids, pos, past, self._attend(valid, mask))
         out = self.model(
             input_ids=ids,
             position_ids=pos,
@@ -263,6 +295,32 @@ class BatchDecoder:
         )
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
+
+    def _attend(self, valid: torch.Tensor, mask: torch.Tensor) -> Attend:
+        """The lean step's attention for one decode step: `attend_step` on the CPU, else
+        `attend_rows` (with the prefix prepared once per batch). valid (B, S), mask (B, 1, S)."""
+        assert self.lean is not None
+        layers, prefix = self.lean.layers, self.prefix
+        if valid.device.type == "cpu" and hasattr(
+            torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
+        ):
+            dtype = layers[0].o.w.dtype
+            bias = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))[:, None, None]
+
+            def flash(i: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+                kp, vp = prefix[i] if prefix else (None, None)
+                return attend_step(q, keys, values, bias, layers[i].scale, kp, vp)
+
+            return flash
+        if self._prepared is None and prefix:
+            self._prepared = prepare_prefix(prefix)
+        prepared = self._prepared
+
+        def rows(i: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            kpt, vp = prepared[i] if prepared else (None, None)
+            return attend_rows(q, keys, values, mask[:, None], layers[i].scale, kpt, vp)
+
+        return rows
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[BatchStep]:
