@@ -143,9 +143,13 @@ def _int4_form(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 # AVX512-BF16 Xeon: 150-160 versus 290-300 GFLOP/s for a (512, 576) x (576, 3072) product,
 # 2 threads), and SDPA at about two thirds. So a prefill piece converts its operands to
 # float32, multiplies, and rounds the result back: the same bfloat16 numbers in, products
-# accumulated in float32 as the bfloat16 kernel accumulates them, one rounding out. Decode
-# (one token, memory-bound) stays in bfloat16.
-WIDE_MAX_BYTES = 1 << 30  # float32 copies of the projections kept for prefill, at most
+# accumulated in float32 as the bfloat16 kernel accumulates them, one rounding out. The
+# weights are converted per piece, not kept: that costs 3-7% of a 512-token piece's time
+# (measured), where float32 copies would hold 425 MB more for SmolLM2-135M. Decode (one
+# token, memory-bound) and short pieces (a resumed conversation's new message) stay in
+# bfloat16, where reading half the bytes is what counts and the result is transformers'
+# bit for bit.
+WIDE_MIN_TOKENS = 64  # shorter prefill pieces multiply in bfloat16
 
 
 def wide_pays(device: torch.device) -> bool:
@@ -162,15 +166,13 @@ class _Linear:
         self.w = w
         self.n = w.shape[0]
         self.int4 = _int4_form(w)
-        self.wide: torch.Tensor | None = None  # float32 copy for prefill GEMMs (LeanLlama.widen)
 
     def many(self, x: torch.Tensor, wide: bool) -> torch.Tensor:
         """x (1, T, K) -> (1, T, N) for a prefill piece: the dense weight, or with `wide` a
-        float32 product of the same numbers rounded back to x's dtype (see WIDE_PREFILL)."""
+        float32 product of the same numbers rounded back to x's dtype (see WIDE_MIN_TOKENS)."""
         if not wide:
             return F.linear(x, self.w)
-        w = self.wide if self.wide is not None else self.w.float()
-        return F.linear(x.float(), w).to(x.dtype)
+        return F.linear(x.float(), self.w.float()).to(x.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 1, K) -> (B, 1, N): one token of each of B rows."""
@@ -210,19 +212,6 @@ class LeanLlama:
         with torch.no_grad():
             self.layers = [_Layer(layer) for layer in model.model.layers[: c.num_hidden_layers]]
         self.wide = self.head.dtype in (torch.bfloat16, torch.float16) and wide_pays(self.head.device)
-        if self.wide:
-            self._widen()
-
-    def _widen(self) -> None:
-        """Keep float32 copies of the projections for prefill, up to WIDE_MAX_BYTES (the
-        rest are converted per piece, which costs about a third of the gain)."""
-        left = WIDE_MAX_BYTES
-        for lin in (p for w in self.layers for p in (w.qkv, w.o, w.gate_up, w.down)):
-            size = lin.w.numel() * 4
-            if size > left:
-                return
-            lin.wide = lin.w.float()
-            left -= size
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:
@@ -295,13 +284,14 @@ class LeanLlama:
 
         The same operations as transformers' forward in the same order, without its mask
         building and per-layer dispatch; on a CPU without AMX the matrix products and
-        attention run in float32 over the same bfloat16 numbers (see `widen`)."""
+        attention of a long piece run in float32 over the same bfloat16 numbers (see
+        WIDE_MIN_TOKENS)."""
         hq, hkv, d = self.hq, self.hkv, self.d
         t = ids.shape[1]
         nq, nk = hq * d, hkv * d
         x = self.embed(ids)  # (1, T, hidden)
         dt = x.dtype
-        wide = self.wide and x.device.type == "cpu" and dt != torch.float32
+        wide = self.wide and t >= WIDE_MIN_TOKENS and x.device.type == "cpu" and dt != torch.float32
         pos = torch.arange(start, start + t, device=x.device)
         cos, sin = self.rope(x, pos[None])  # (1, T, D) each
         cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, D): broadcast over heads
