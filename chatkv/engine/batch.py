@@ -137,6 +137,7 @@ def attend_step(
     g = Hq // Hkv  # query heads per kv head: a kv head's g queries are one row's "query length"
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     q = query.reshape(B, Hkv, g, D)
+    out: torch.Tensor
     out, lse = flash(q, key, value, attn_mask=bias, scale=scaling)  # (B, Hkv, g, D), (B, Hkv, g)
     if kp is not None and kp.shape[-2] > 0:
         qp = q.transpose(0, 1).reshape(1, Hkv, B * g, D)  # every row's queries against one prefix
