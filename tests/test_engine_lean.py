@@ -287,6 +287,19 @@ def test_prefill_takes_the_lean_path_in_bfloat16_and_the_forward_in_float32(tiny
         assert logits.shape == (1, model.config.vocab_size) and len(calls) == lean_pieces
 
 
+def test_the_lean_prefill_extends_a_plain_dynamic_cache_as_the_warm_up_passes_one(tiny_model_dir):
+    from transformers import DynamicCache
+
+    model = fresh_model(tiny_model_dir, torch.bfloat16)
+    ids = list(range(5, 30))
+    plain, growable = DynamicCache(config=model.config), live.new_cache(model)
+    a = prefill(model, ids, plain, 0, step=10)
+    b = prefill(model, ids, growable, 0, step=10)
+    assert torch.equal(a, b)
+    for (ka, va), (kb, vb) in zip(live.layers_of(plain), live.layers_of(growable), strict=True):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
 def test_wide_products_only_on_a_cpu_without_amx(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert not lean.wide_pays(torch.device("cpu"))
