@@ -300,6 +300,22 @@ def test_the_lean_prefill_extends_a_plain_dynamic_cache_as_the_warm_up_passes_on
         assert torch.equal(ka, kb) and torch.equal(va, vb)
 
 
+@pytest.mark.parametrize("start", [0, 11])
+def test_a_long_pieces_attention_is_causal_attention_over_the_prefix_and_itself(start):
+    torch.manual_seed(0)
+    hq, hkv, t, d = 6, 2, 7, 16
+    q = torch.randn(1, hq, t, d)
+    keys, values = torch.randn(1, hkv, start + t, d), torch.randn(1, hkv, start + t, d)
+    pos = torch.arange(start, start + t)
+    mask = pos[:, None] >= torch.arange(start + t)  # (T, start + T)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, keys.repeat_interleave(3, 1), values.repeat_interleave(3, 1), attn_mask=mask, scale=0.2
+    )
+    got = lean._attend_piece(q, keys, values, start, 0.2)
+    assert got.shape == want.shape == (1, hq, t, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_wide_products_only_on_a_cpu_without_amx(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert not lean.wide_pays(torch.device("cpu"))

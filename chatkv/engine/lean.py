@@ -156,7 +156,8 @@ def wide_pays(device: torch.device) -> bool:
     """Whether prefill products in float32 beat bfloat16 ones on `device`: a CPU without
     AMX tiles (with AMX, oneDNN's bfloat16 kernels are the fast ones)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return device.type == "cpu" and not (amx is not None and amx())
+    flash = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")  # _attend_piece's
+    return device.type == "cpu" and flash and not (amx is not None and amx())
 
 
 class _Linear:
@@ -296,9 +297,10 @@ class LeanLlama:
         cos, sin = self.rope(x, pos[None])  # (1, T, D) each
         cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, D): broadcast over heads
         # SDPA's is_causal aligns its mask top-left; past a cached prefix the piece's rows see
-        # every cached key and their own past: one (T, start + T) mask for all layers.
+        # every cached key and their own past: one (T, start + T) mask for all layers
+        # (_attend_piece needs none).
         mask = None
-        if start:
+        if start and not wide:
             mask = pos[:, None] >= torch.arange(start + t, device=x.device)  # (T, start + T)
         kv_layers = live.kv_layers(cache)
         for i, w in enumerate(self.layers):
@@ -311,15 +313,43 @@ class LeanLlama:
             k = k * cos + _rotate_half(k) * sin
             keys, values = kv_layers[i].update(k, v)  # (1, Hkv, start + T, D)
             if wide:
-                q, keys, values = q.float(), keys.float(), values.float()
-            att = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=mask is None, scale=w.scale, enable_gqa=True
-            ).to(dt)  # (1, Hq, T, D)
+                att = _attend_piece(q.float(), keys.float(), values.float(), start, w.scale).to(dt)
+            else:
+                att = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, is_causal=mask is None, scale=w.scale, enable_gqa=True
+                )  # (1, Hq, T, D)
             x = x + w.o.many(att.transpose(1, 2).reshape(1, t, nq), wide)
             h = w.norm2(x)
             gate, up = w.gate_up.many(h, wide).chunk(2, dim=-1)  # (1, T, inter) each
             x = x + w.down.many(F.silu(gate) * up, wide)
         return F.linear(self.norm(x[:, -1]), self.head)  # (1, V): only the last position's
+
+
+def _attend_piece(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float
+) -> torch.Tensor:
+    """Causal attention of a prefill piece on the CPU: q (1, Hq, T, D) at positions
+    [start, start + T) over keys, values (1, Hkv, start + T, D); returns (1, Hq, T, D).
+
+    In two flash-attention calls merged by their log-sum-exps: the piece over its own
+    keys with is_causal (the kernel skips the blocks above the diagonal, which a mask
+    over all start + T keys would compute), and over the cached prefix unmasked with the
+    GQA groups folded into the query length. 4% faster than one masked call over a
+    3,500-token prefill (median of 7 same-run pairs, 1 thread)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    _, hq, t, d = q.shape
+    hkv = keys.shape[1]
+    g = hq // hkv
+    kd = keys[:, :, start:].repeat_interleave(g, 1)  # (1, Hq, T, D): query head h reads kv head h // g
+    vd = values[:, :, start:].repeat_interleave(g, 1)
+    out, lse = flash(q, kd, vd, is_causal=True, scale=scale)  # (1, Hq, T, D), (1, Hq, T)
+    if not start:
+        return out  # type: ignore[no-any-return]
+    qf = q.reshape(1, hkv, g * t, d)
+    out_p, lse_p = flash(qf, keys[:, :, :start], values[:, :, :start], scale=scale)  # (1, Hkv, g*T, ...)
+    out_p, lse_p = out_p.reshape(1, hq, t, d), lse_p.reshape(1, hq, t)
+    both = torch.logaddexp(lse, lse_p)
+    return out * (lse - both).exp()[..., None] + out_p * (lse_p - both).exp()[..., None]  # type: ignore[no-any-return]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
