@@ -302,9 +302,7 @@ class BatchDecoder:
         `attend_rows` (with the prefix prepared once per batch). valid (B, S), mask (B, 1, S)."""
         assert self.lean is not None
         layers, prefix = self.lean.layers, self.prefix
-        if valid.device.type == "cpu" and hasattr(
-            torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
-        ):
+        if flash_step(valid.device):
             dtype = layers[0].o.w.dtype
             bias = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))[:, None, None]
 

@@ -17,10 +17,15 @@ step does only the arithmetic, with the model's own modules' weights:
   runs through torch's int4 kernel in bfloat16 on the CPU: the same weights, a quarter
   of the bytes to read per token (`_int4_form`). Other weights stay dense.
 
+The same weights serve two more paths: `prefill` (a piece of a prompt in bfloat16 or
+float16, with float32 products on a CPU without AMX: see WIDE_MIN_TOKENS) and
+`step_rows` (one token of each of B left-padded rows, for engine/batch.py, whose
+attention the caller supplies).
+
 Only what is known to compute the same function as transformers' forward takes this
 path: `model_type` "llama" with SDPA attention, SiLU, no biases and plain float
-weights. Anything else decodes through transformers' forward (`lean_for` returns None
-and says why once in the log). The step is device-agnostic; on CUDA (untested: no GPU
+weights. Anything else decodes and prefills through transformers' forward (`lean_for` returns
+None and says why once in the log). The step is device-agnostic; on CUDA (untested: no GPU
 was at hand) it runs with dense weights.
 """
 
