@@ -59,6 +59,24 @@ def _common(seqs):
     return i
 
 
+@pytest.mark.parametrize("prefix", [True, False])
+def test_a_decode_steps_flash_attention_equals_the_rows_attention(prefix):
+    from chatkv.engine.batch import attend_rows, attend_step, prepare_prefix
+
+    torch.manual_seed(0)
+    B, Hq, Hkv, S, P, D = 4, 6, 2, 9, 13, 8
+    q = torch.randn(B, Hq, 1, D)
+    k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    kp, vp = torch.randn(1, Hkv, P, D), torch.randn(1, Hkv, P, D)
+    valid = torch.arange(S)[None, :] >= torch.tensor([0, 2, 5, 8])[:, None]  # (B, S): left padding
+    bias = torch.zeros(B, S).masked_fill(~valid, float("-inf"))[:, None, None]
+    kpt, vpc = prepare_prefix([(kp, vp)])[0] if prefix else (None, None)
+    want = attend_rows(q, k, v, valid[:, None, None], 0.3, kpt, vpc)  # (B, 1, Hq, D)
+    got = attend_step(q, k, v, bias, 0.3, kp if prefix else None, vp if prefix else None)
+    assert got.shape == want.shape == (B, 1, Hq, D)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_prefix_attention_matches_sdpa():
     """Scores over [prefix ; padded rows] equal SDPA over each row's concatenated keys."""
     torch.manual_seed(0)
@@ -186,3 +204,42 @@ def test_rejects_row_without_tokens_to_prefill(tiny_lm):
     ids = _ids(tiny_lm, "Hello!")
     with pytest.raises(ValueError, match="cached"):
         BatchDecoder(tiny_lm.model, [BatchRow(ids, GenerationSettings(), None, len(ids))], None, [], 1024)
+
+
+@pytest.mark.parametrize("flash", [True, False])  # attend_step (CPU), attend_rows (elsewhere)
+def test_batched_decode_steps_take_the_lean_step_and_match_the_forward(tiny_lm, monkeypatch, flash):
+    """Decode steps of a batch go through LeanLlama.step_rows (with this module's attention
+    for the padding masks and the shared prefix); with the lean step off, through the
+    forward: the same tokens either way, and the same as each row alone."""
+    from chatkv.engine import batch, lean
+
+    monkeypatch.setattr(batch, "flash_step", lambda device: flash)
+
+    lm = tiny_lm
+    calls = []
+    real = lean.LeanLlama.step_rows
+    monkeypatch.setattr(lean.LeanLlama, "step_rows", lambda self, *a: calls.append(1) or real(self, *a))
+    settings = GenerationSettings(max_new_tokens=10, temperature=0)
+    prompts = [_ids(lm, q) for q in QUESTIONS[:4]]
+    p = min(_common(prompts), min(map(len, prompts)) - 1)
+    cache = live.new_cache(lm.model)
+    prefill(lm.model, prompts[0][:p], cache, 0)
+    whole = live.new_cache(lm.model)
+    prefill(lm.model, prompts[2][: p + 5], whole, 0)
+    own = [(k[..., p:, :], v[..., p:, :]) for k, v in live.layers_of(whole)]  # row 2's own 5 positions
+
+    def run():
+        rows = [BatchRow(ids, settings, None, p) for ids in prompts]
+        rows[2] = BatchRow(prompts[2], settings, live.cache_from_layers(lm.model, own), p + 5)
+        return _batched(lm, rows, live.layers_of(cache))[0]
+
+    leaned = run()
+    assert len(calls) >= 9  # every decode step after the first token
+    lean.set_enabled(lm.model, False)
+    try:
+        calls.clear()
+        forward = run()
+    finally:
+        lean.set_enabled(lm.model, True)
+    assert calls == [] and leaned == forward
+    assert leaned == [_single(lm, ids, settings)[0] for ids in prompts]

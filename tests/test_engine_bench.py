@@ -21,6 +21,7 @@ def test_bench_decode_reports_both_contexts_and_says_why_there_is_no_peer(tiny_m
     for row in (short, long):
         assert row["chatkv_tps"] > 0 and row["generate_tps"] > 0 and row["chatkv_forward_tps"] > 0
         assert row["vs_generate"] > 0 and "vs_llamacpp" not in row
+    assert long["chatkv_forward_prefill_tps"] > 0 and "chatkv_forward_prefill_tps" not in short
 
 
 def test_no_llama_cpp_installed_is_one_line_not_an_error(tmp_path, monkeypatch):

@@ -34,6 +34,23 @@ def forward_step(model, token, cache, pos):
     return out.logits[:, -1]
 
 
+def forward_prefill(model, ids, step=512):
+    """A cache of `ids` through transformers' forward, as prefill does for other models."""
+    cache = live.new_cache(model)
+    with torch.inference_mode():
+        for i in range(0, len(ids), step):
+            p = torch.arange(i, min(i + step, len(ids)))
+            out = model(
+                input_ids=torch.tensor([ids[i : i + step]]),
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=p,
+                position_ids=p[None],
+                logits_to_keep=1,
+            )
+    return cache, out.logits[:, -1]
+
+
 def test_the_lean_step_computes_what_the_forward_computes(tiny_model_dir):
     model = fresh_model(tiny_model_dir)
     ids = list(range(5, 70))
@@ -128,9 +145,10 @@ def test_weights_on_a_4_bit_grid_decode_as_int4_and_compute_the_same(tiny_model_
     assert plain is not None and all(p.int4 is None for p in (plain.layers[0].qkv, plain.layers[0].down))
 
     ids = list(range(5, 60))
-    a, b = live.new_cache(grid), live.new_cache(grid)
-    prefill(grid, ids, a, 0)
-    prefill(grid, ids, b, 0)
+    # Both caches from transformers' forward: this compares the decode steps alone (the
+    # lean prefill rounds differently in its last bits, which moves this comparison by
+    # as much as the two steps differ).
+    (a, _), (b, _) = forward_prefill(grid, ids), forward_prefill(grid, ids)
     token = torch.tensor([17])
     for pos in range(len(ids), len(ids) + 4):
         ref = forward_step(grid, token, a, pos).float()
@@ -195,3 +213,124 @@ def test_the_warm_up_builds_the_lean_step_off_the_first_token(tiny_model_dir):
     assert getattr(lm.model, lean._ATTR, None) is None
     warm_up(lm).join()
     assert isinstance(getattr(lm.model, lean._ATTR, None), lean.LeanLlama)
+
+
+def rel_err(got, ref):
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
+def lean_prefill(model, ids, step):
+    """A cache of `ids` through LeanLlama.prefill in pieces of `step` tokens."""
+    cache, lean_step = live.new_cache(model), lean.lean_for(model)
+    for i in range(0, len(ids), step):
+        logits = lean_step.prefill(torch.tensor([ids[i : i + step]]), cache, i)
+    return cache, logits
+
+
+@pytest.mark.parametrize("step", [512, 9])  # one piece (is_causal), and pieces after a cached prefix (mask)
+def test_the_lean_prefill_computes_what_the_forward_computes(tiny_model_dir, step):
+    model = fresh_model(tiny_model_dir)
+    ids = [(7 * i) % 300 + 5 for i in range(70)]
+    ref, ref_logits = forward_prefill(model, ids)
+    got, logits = lean_prefill(model, ids, step)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    for (kr, vr), (kg, vg) in zip(live.layers_of(ref), live.layers_of(got), strict=True):
+        assert kg.shape == kr.shape == (1, 2, len(ids), 16)
+        assert torch.allclose(kg, kr, atol=1e-5) and torch.allclose(vg, vr, atol=1e-5)
+
+
+def test_short_bfloat16_pieces_are_bit_equal_to_the_forward(tiny_model_dir):
+    """Pieces under WIDE_MIN_TOKENS (a resumed conversation's new message) multiply in
+    bfloat16: the lean prefill's cache is then transformers' bit for bit."""
+    model = fresh_model(tiny_model_dir, torch.bfloat16)
+    ids = [(7 * i) % 300 + 5 for i in range(70)]
+    ref, ref_logits = forward_prefill(model, ids, step=16)
+    got, logits = lean_prefill(model, ids, 16)
+    assert torch.equal(logits, ref_logits)
+    for (kr, vr), (kg, vg) in zip(live.layers_of(ref), live.layers_of(got), strict=True):
+        assert torch.equal(kg, kr) and torch.equal(vg, vr)
+
+
+def test_wide_bfloat16_prefill_is_as_close_to_float32_as_the_forward_is(tiny_model_dir, monkeypatch):
+    """Float32 products over the same bfloat16 numbers, rounded back: the cache differs from
+    the bfloat16 forward's by rounding only, as far from the float32 cache as that one is."""
+    monkeypatch.setattr(lean, "WIDE_MIN_TOKENS", 8)
+    exact = fresh_model(tiny_model_dir)
+    model = fresh_model(tiny_model_dir, torch.bfloat16)
+    step = lean.lean_for(model)
+    step.wide = True  # whatever this CPU has
+    ids = [(7 * i) % 300 + 5 for i in range(70)]
+    ref32, logits32 = forward_prefill(exact, ids, step=16)
+    ref16, logits16 = forward_prefill(model, ids, step=16)
+    got, logits = lean_prefill(model, ids, 16)
+    assert rel_err(logits, logits32) <= 1.5 * rel_err(logits16, logits32) + 1e-3
+    assert int(logits.argmax()) == int(logits32.argmax())
+    differ = False
+    for (k32, v32), (kr, vr), (kg, vg) in zip(
+        live.layers_of(ref32), live.layers_of(ref16), live.layers_of(got), strict=True
+    ):
+        assert kg.dtype == torch.bfloat16
+        assert rel_err(kg, k32) <= 1.5 * rel_err(kr, k32) + 1e-3
+        assert rel_err(vg, v32) <= 1.5 * rel_err(vr, v32) + 1e-3
+        differ = differ or not torch.equal(kg, kr)
+    assert differ  # the float32 products did run: they round differently from bfloat16's
+
+
+def test_prefill_takes_the_lean_path_in_bfloat16_and_the_forward_in_float32(tiny_model_dir, monkeypatch):
+    calls = []
+    real = lean.LeanLlama.prefill
+    monkeypatch.setattr(lean.LeanLlama, "prefill", lambda self, *a: calls.append(1) or real(self, *a))
+    for dtype, lean_pieces in ((torch.bfloat16, 3), (torch.float32, 0)):
+        calls.clear()
+        model = fresh_model(tiny_model_dir, dtype)
+        logits = prefill(model, list(range(5, 30)), live.new_cache(model), 0, step=10)
+        assert logits.shape == (1, model.config.vocab_size) and len(calls) == lean_pieces
+
+
+def test_the_lean_prefill_extends_a_plain_dynamic_cache_as_the_warm_up_passes_one(tiny_model_dir):
+    from transformers import DynamicCache
+
+    model = fresh_model(tiny_model_dir, torch.bfloat16)
+    ids = list(range(5, 30))
+    plain, growable = DynamicCache(config=model.config), live.new_cache(model)
+    a = prefill(model, ids, plain, 0, step=10)
+    b = prefill(model, ids, growable, 0, step=10)
+    assert torch.equal(a, b)
+    for (ka, va), (kb, vb) in zip(live.layers_of(plain), live.layers_of(growable), strict=True):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("start", [0, 11])
+def test_a_long_pieces_attention_is_causal_attention_over_the_prefix_and_itself(start):
+    torch.manual_seed(0)
+    hq, hkv, t, d = 6, 2, 7, 16
+    q = torch.randn(1, hq, t, d)
+    keys, values = torch.randn(1, hkv, start + t, d), torch.randn(1, hkv, start + t, d)
+    pos = torch.arange(start, start + t)
+    mask = pos[:, None] >= torch.arange(start + t)  # (T, start + T)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, keys.repeat_interleave(3, 1), values.repeat_interleave(3, 1), attn_mask=mask, scale=0.2
+    )
+    got = lean._attend_piece(q, keys, values, start, 0.2)
+    assert got.shape == want.shape == (1, hq, t, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_wide_products_only_on_a_cpu_without_amx(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert not lean.wide_pays(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert lean.wide_pays(torch.device("cpu")) and not lean.wide_pays(torch.device("cuda"))
+
+
+def test_int4_projections_take_several_rows_at_once():
+    torch.manual_seed(1)
+    w = torch.randn(64, 96).view(64, 3, 32)
+    low = w.amin(-1, keepdim=True)
+    step = (w.amax(-1, keepdim=True) - low) / 15
+    proj = lean._Linear(((((w - low) / step).round() * step + low).view(64, 96)).bfloat16())
+    assert proj.int4 is not None
+    x = torch.randn(5, 1, 96).bfloat16()  # one token of 5 rows
+    rows = proj(x)
+    assert rows.shape == (5, 1, 64)
+    assert all(torch.equal(rows[i : i + 1], proj(x[i : i + 1])) for i in range(5))

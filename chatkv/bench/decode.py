@@ -1,6 +1,7 @@
 """`chatkv bench decode`: tokens per second of chatkv's decode loop versus transformers'
 `generate` and llama.cpp on the same GGUF (when llama-cpp-python is installed), at a short
-and a long context, plus prefill tokens per second at the long one.
+and a long context, plus prefill tokens per second at the long one (with --ablate also
+chatkv's prefill through transformers' forward instead of the lean prefill).
 
 Each context is prefilled once by chatkv and once by llama.cpp (the prefill figures),
 then the decode runs are interleaved (chatkv, generate, llama.cpp, chatkv, ...) over
@@ -65,12 +66,18 @@ def run(args, settings) -> dict:
         assert got == n
         return (n - 1) / (t2 - t1)
 
-    def our_prefill(ids: list[int]) -> tuple[float, live.Layers]:
-        """Prefill tokens/s of ids[:-1] from nothing, and the cache it made (per layer k, v)."""
-        cache = live.new_cache(lm.model)
-        t0 = time.perf_counter()
-        prefill(lm.model, ids[:-1], cache, 0)
-        return (len(ids) - 1) / (time.perf_counter() - t0), live.layers_of(cache)
+    def our_prefill(ids: list[int], lean_step: bool = True) -> tuple[float, live.Layers]:
+        """Prefill tokens/s of ids[:-1] from nothing, and the cache it made (per layer k, v);
+        without `lean_step`, through transformers' forward."""
+        lean.set_enabled(lm.model, lean_step)
+        try:
+            cache = live.new_cache(lm.model)
+            t0 = time.perf_counter()
+            prefill(lm.model, ids[:-1], cache, 0)
+            t1 = time.perf_counter()
+        finally:
+            lean.set_enabled(lm.model, True)
+        return (len(ids) - 1) / (t1 - t0), live.layers_of(cache)
 
     def theirs(ids: list[int], prefilled: live.Layers) -> float:
         """transformers' generate over a copy of the prefilled cache (ids[:-1]): n forwards."""
@@ -114,6 +121,8 @@ def run(args, settings) -> dict:
         figures["chatkv_prefill_tps"] = [p]
         if peer is not None:
             figures["llamacpp_prefill_tps"] = [(len(ids) - 1) / peer.prefill(ids[:-1])]
+        if args.ablate and len(ids) > 256:
+            figures["chatkv_forward_prefill_tps"] = [our_prefill(ids, lean_step=False)[0]]
         for _ in range(args.repeat):
             figures.setdefault("chatkv_tps", []).append(ours(ids, prefilled))
             figures.setdefault("generate_tps", []).append(theirs(ids, prefilled))
@@ -161,6 +170,11 @@ def run(args, settings) -> dict:
             )
         if len(row) and row["context_tokens"] > 256:
             lines.append(f"    chatkv prefill:             {row['chatkv_prefill_tps']:7.1f} tokens/s")
+            if "chatkv_forward_prefill_tps" in row:
+                lines.append(
+                    f"    prefill, transformers forward: {row['chatkv_forward_prefill_tps']:7.1f} tokens/s   "
+                    f"lean/forward {row['chatkv_prefill_tps'] / row['chatkv_forward_prefill_tps']:.2f}x"
+                )
             if peer is not None:
                 lines.append(
                     f"    llama.cpp prefill:          {row['llamacpp_prefill_tps']:7.1f} tokens/s   "

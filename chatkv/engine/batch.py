@@ -32,6 +32,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from chatkv.api import GenerationSettings
 from chatkv.engine.generate import PREFILL_STEP, Sampler
+from chatkv.engine.lean import Attend, lean_for
 from chatkv.kv import live
 
 ATTN_NAME = "chatkv_prefix"
@@ -66,21 +67,40 @@ def prefix_attention(
             visible to every query; None or absent for no prefix.
     Returns (B, L, Hq, D) as transformers' attention functions do.
     """
+    prefix: live.Layers | None = kwargs.get(PREFIX_KWARG)
+    kp, vp = prefix[module.layer_idx] if prefix else (None, None)
+    kpt = kp[0].transpose(-1, -2) if kp is not None else None  # (Hkv, D, P)
+    return attend_rows(
+        query, key, value, attention_mask, scaling, kpt, vp[0] if vp is not None else None
+    ), None
+
+
+def attend_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    kpt: torch.Tensor | None,
+    vp: torch.Tensor | None,
+) -> torch.Tensor:
+    """`prefix_attention` for one layer whose shared prefix has keys `kpt` transposed,
+    (Hkv, D, P), and values `vp` (Hkv, P, D), or None; returns (B, L, Hq, D). A decoder
+    that calls it every step passes both contiguous (`prepare_prefix`), so the products
+    read them as they are instead of copying them each time."""
     B, Hq, L, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     g = Hq // Hkv  # query heads per kv head (GQA): query head h uses kv head h // g
     scale = scaling if scaling is not None else D**-0.5
-    prefix: live.Layers | None = kwargs.get(PREFIX_KWARG)
-    kp, vp = prefix[module.layer_idx] if prefix else (None, None)
     q = query.reshape(B, Hkv, g * L, D)
     scores = torch.matmul(q, key.transpose(-1, -2)).view(B, Hkv, g, L, S)  # (B, Hkv, g, L, S)
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask[:, :, None], float("-inf"))
     P = 0
-    if kp is not None and kp.shape[-2] > 0:
-        P = kp.shape[-2]
+    if kpt is not None and kpt.shape[-1] > 0:
+        P = kpt.shape[-1]
         qp = q.transpose(0, 1).reshape(Hkv, B * g * L, D)  # all rows' queries against one prefix
-        sp = torch.matmul(qp, kp[0].transpose(-1, -2))  # (Hkv, B*g*L, P)
+        sp = torch.matmul(qp, kpt)  # (Hkv, B*g*L, P)
         sp = sp.view(Hkv, B, g, L, P).transpose(0, 1)  # (B, Hkv, g, L, P)
         scores = torch.cat([sp, scores], dim=-1)
     probs = (scores.float() * scale).softmax(dim=-1).to(value.dtype)  # (B, Hkv, g, L, P+S)
@@ -88,9 +108,56 @@ def prefix_attention(
     if P:
         assert vp is not None  # P > 0 only with a prefix
         pp = probs[..., :P].transpose(0, 1).reshape(Hkv, B * g * L, P)
-        out = out + torch.matmul(pp, vp[0]).view(Hkv, B, g * L, D).transpose(0, 1)
+        out = out + torch.matmul(pp, vp).view(Hkv, B, g * L, D).transpose(0, 1)
     out = out.view(B, Hkv, g, L, D).reshape(B, Hq, L, D).transpose(1, 2)  # (B, L, Hq, D)
-    return out, None
+    return out
+
+
+def attend_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor,
+    scaling: float,
+    kp: torch.Tensor | None,
+    vp: torch.Tensor | None,
+) -> torch.Tensor:
+    """`attend_rows` for one new token per row on the CPU, in two flash-attention calls:
+    each row over its own keys, all rows over the shared prefix, merged by their
+    log-sum-exps (no (B, P + S) scores, no copies of the prefix).
+
+    Args:
+        query: (B, Hq, 1, D); key, value: (B, Hkv, S, D), the padded per-row cache.
+        bias: (B, 1, 1, S) in the query's dtype, 0 where a row may attend and -inf on its padding.
+        kp, vp: the shared prefix (1, Hkv, P, D), or None.
+    Returns (B, 1, Hq, D).
+    """
+    B, Hq, _, D = query.shape
+    Hkv = key.shape[1]
+    g = Hq // Hkv  # query heads per kv head: a kv head's g queries are one row's "query length"
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q = query.reshape(B, Hkv, g, D)
+    out: torch.Tensor
+    out, lse = flash(q, key, value, attn_mask=bias, scale=scaling)  # (B, Hkv, g, D), (B, Hkv, g)
+    if kp is not None and kp.shape[-2] > 0:
+        qp = q.transpose(0, 1).reshape(1, Hkv, B * g, D)  # every row's queries against one prefix
+        out_p, lse_p = flash(qp, kp, vp, scale=scaling)  # (1, Hkv, B*g, D), (1, Hkv, B*g)
+        out_p = out_p.view(Hkv, B, g, D).transpose(0, 1)  # (B, Hkv, g, D)
+        lse_p = lse_p.view(Hkv, B, g).transpose(0, 1)
+        both = torch.logaddexp(lse, lse_p)  # (B, Hkv, g), float32
+        out = (out * (lse - both).exp()[..., None] + out_p * (lse_p - both).exp()[..., None]).to(query.dtype)
+    return out.reshape(B, 1, Hq, D)
+
+
+def flash_step(device: torch.device) -> bool:
+    """Whether decode steps on `device` attend through `attend_step` (torch's CPU flash kernel)."""
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def prepare_prefix(prefix: live.Layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer the shared prefix's keys transposed, (Hkv, D, P), and values (Hkv, P, D),
+    both contiguous: what `attend_rows` reads every decode step."""
+    return [(k[0].transpose(-1, -2).contiguous(), v[0].contiguous()) for k, v in prefix]
 
 
 AttentionInterface.register(ATTN_NAME, prefix_attention)
@@ -186,6 +253,11 @@ class BatchDecoder:
         self.max_positions = max_positions
         self.cancel = cancel
         self._stopping: set[int] = set()
+        # Decode steps take the lean step where the model can (engine/lean.py), with this
+        # module's attention; prefill pieces go through the forward. Asked here, before the
+        # model's attention is switched to "chatkv_prefix", which the lean step would refuse.
+        self.lean = lean_for(model)
+        self._prepared: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # prepare_prefix(prefix)
         for i, r in enumerate(self.rows):
             if r.cached < self.prefix_len or r.cached >= len(r.ids):
                 raise ValueError(
@@ -211,6 +283,8 @@ class BatchDecoder:
         causal = k[None, :] <= q[:, None]  # (L, S)
         mask = (valid[:, None, :] & causal[None]) | (k[None, :] == q[:, None])[None]  # (B, L, S)
         # A padding query attends only to itself: never to nothing (that would be NaN).
+        if L == 1 and self.lean is not None:
+            return self.lean.step_rows(ids, pos, past, self._attend(valid, mask))
         out = self.model(
             input_ids=ids,
             position_ids=pos,
@@ -222,6 +296,30 @@ class BatchDecoder:
         )
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
+
+    def _attend(self, valid: torch.Tensor, mask: torch.Tensor) -> Attend:
+        """The lean step's attention for one decode step: `attend_step` on the CPU, else
+        `attend_rows` (with the prefix prepared once per batch). valid (B, S), mask (B, 1, S)."""
+        assert self.lean is not None
+        layers, prefix = self.lean.layers, self.prefix
+        if flash_step(valid.device):
+            dtype = layers[0].o.w.dtype
+            bias = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))[:, None, None]
+
+            def flash(i: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+                kp, vp = prefix[i] if prefix else (None, None)
+                return attend_step(q, keys, values, bias, layers[i].scale, kp, vp)
+
+            return flash
+        if self._prepared is None and prefix:
+            self._prepared = prepare_prefix(prefix)
+        prepared = self._prepared
+
+        def rows(i: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            kpt, vp = prepared[i] if prepared else (None, None)
+            return attend_rows(q, keys, values, mask[:, None], layers[i].scale, kpt, vp)
+
+        return rows
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[BatchStep]:
@@ -295,6 +393,7 @@ class BatchDecoder:
             keep: list[int] = []
             tokens: list[int] = []
             done: list[tuple[int, int, str, int | None]] = []  # (batch index, row, reason, last token)
+            logits = logits.float()  # once for all rows: each sampler would convert its row
             for b, row in enumerate(active):
                 r = self.rows[row]
                 if cancelled or row in self._stopping:

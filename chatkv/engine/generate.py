@@ -89,11 +89,17 @@ def prefill(
     Returns the logits of the last position, (1, V), or None when `cancel` was set
     between two steps. Only the last position's logits
     are computed: a 4k-token prompt would otherwise allocate 4k x vocab floats.
+    Llama-family models in bfloat16 or float16 take the lean prefill (engine/lean.py:
+    fused weights, float32 products on a CPU without AMX); others, and float32 (whose
+    re-prefill is bit-exact through transformers' forward), transformers' forward.
     `on_prefill(done, total)` is called before the first step (done 0) and after each.
     """
     if not ids:
         raise ValueError("prefill needs at least one token")
     device = model.device
+    lean = lean_for(model)
+    if lean is not None and not lean.takes_prefill(model.dtype):
+        lean = None
     logits = None
     if on_prefill is not None:
         on_prefill(0, len(ids))
@@ -101,16 +107,19 @@ def prefill(
         if cancel is not None and cancel.is_set():
             return None  # stopped between steps; the cache covers ids[:i]
         piece = torch.tensor([ids[i : i + step]], device=device)  # (1, T)
-        pos = torch.arange(start + i, start + i + piece.shape[1], device=device)
-        out = model(
-            input_ids=piece,
-            past_key_values=cache,
-            use_cache=True,
-            cache_position=pos,
-            position_ids=pos[None],
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :]
+        if lean is not None:
+            logits = lean.prefill(piece, cache, start + i)
+        else:
+            pos = torch.arange(start + i, start + i + piece.shape[1], device=device)
+            out = model(
+                input_ids=piece,
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=pos,
+                position_ids=pos[None],
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1, :]
         if on_prefill is not None:
             on_prefill(i + piece.shape[1], len(ids))
     return logits
