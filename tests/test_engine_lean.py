@@ -277,20 +277,32 @@ def test_wide_bfloat16_prefill_is_as_close_to_float32_as_the_forward_is(tiny_mod
 
 
 def test_prefill_takes_the_lean_path_in_bfloat16_and_the_forward_in_float32(tiny_model_dir, monkeypatch):
+    """Long pieces in bfloat16 build the lean step and take it; short ones take it only once
+    it is built (they are the forward's bits either way: a resumed turn's message does not
+    wait for the build); float32 never does."""
     calls = []
     real = lean.LeanLlama.prefill
     monkeypatch.setattr(lean.LeanLlama, "prefill", lambda self, *a: calls.append(1) or real(self, *a))
-    for dtype, lean_pieces in ((torch.bfloat16, 3), (torch.float32, 0)):
+    n = lean.WIDE_MIN_TOKENS
+    for dtype, step, lean_pieces in ((torch.bfloat16, n, 2), (torch.bfloat16, 10, 0), (torch.float32, n, 0)):
         calls.clear()
         model = fresh_model(tiny_model_dir, dtype)
-        logits = prefill(model, list(range(5, 30)), live.new_cache(model), 0, step=10)
+        logits = prefill(model, list(range(5, 5 + 2 * n)), live.new_cache(model), 0, step=step)
         assert logits.shape == (1, model.config.vocab_size) and len(calls) == lean_pieces
+        assert (getattr(model, lean._ATTR, None) is not None) == (lean_pieces > 0)
+    short = list(range(5, 30))
+    model = fresh_model(tiny_model_dir, torch.bfloat16)
+    before = prefill(model, short, live.new_cache(model), 0, step=10)
+    assert lean.lean_for(model) is not None and calls == []
+    after = prefill(model, short, live.new_cache(model), 0, step=10)  # built now: taken, same bits
+    assert len(calls) == 3 and torch.equal(before, after)
 
 
 def test_the_lean_prefill_extends_a_plain_dynamic_cache_as_the_warm_up_passes_one(tiny_model_dir):
     from transformers import DynamicCache
 
     model = fresh_model(tiny_model_dir, torch.bfloat16)
+    assert lean.lean_for(model) is not None  # built: short pieces take it too
     ids = list(range(5, 30))
     plain, growable = DynamicCache(config=model.config), live.new_cache(model)
     a = prefill(model, ids, plain, 0, step=10)

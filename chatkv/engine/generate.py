@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from chatkv.api import FinishReason, GenerationSettings
-from chatkv.engine.lean import lean_for
+from chatkv.engine.lean import lean_for, prefill_step_for
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -97,9 +97,6 @@ def prefill(
     if not ids:
         raise ValueError("prefill needs at least one token")
     device = model.device
-    lean = lean_for(model)
-    if lean is not None and not lean.takes_prefill(model.dtype):
-        lean = None
     logits = None
     if on_prefill is not None:
         on_prefill(0, len(ids))
@@ -107,6 +104,7 @@ def prefill(
         if cancel is not None and cancel.is_set():
             return None  # stopped between steps; the cache covers ids[:i]
         piece = torch.tensor([ids[i : i + step]], device=device)  # (1, T)
+        lean = prefill_step_for(model, piece.shape[1])
         if lean is not None:
             logits = lean.prefill(piece, cache, start + i)
         else:

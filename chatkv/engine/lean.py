@@ -97,6 +97,23 @@ def lean_for(model: Any) -> LeanLlama | None:
     return got if isinstance(got, LeanLlama) else None
 
 
+def prefill_step_for(model: Any, tokens: int) -> LeanLlama | None:
+    """The lean step to prefill a piece of `tokens` with, or None for transformers' forward.
+
+    Only bfloat16/float16 prefill through it (PREFILL_DTYPES). A piece shorter
+    than WIDE_MIN_TOKENS is transformers' forward bit for bit either way, so it takes the
+    lean step only when that is built already: a resumed conversation's new message does not
+    wait for the build (weight fusion and int4 packing, 0.7 s for SmolLM2), which `ask` and
+    the chat's warm-up do aside. A longer piece builds it; which path a piece takes never
+    depends on timing, so neither do the cache's bits."""
+    if model.dtype not in PREFILL_DTYPES or getattr(model, _OFF, False):
+        return None
+    built = getattr(model, _ATTR, None)
+    if built is None and tokens >= WIDE_MIN_TOKENS:
+        return lean_for(model)
+    return built if isinstance(built, LeanLlama) else None
+
+
 def set_enabled(model: Any, enabled: bool) -> None:
     """Let `model` take the lean step (the default where it can) or not (benchmarks compare)."""
     setattr(model, _OFF, not enabled)
@@ -155,6 +172,10 @@ def _int4_form(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 # bfloat16, where reading half the bytes is what counts and the result is transformers'
 # bit for bit.
 WIDE_MIN_TOKENS = 64  # shorter prefill pieces multiply in bfloat16
+# Prefill takes the lean step in these. Float32 stays on transformers' forward: there a
+# re-prefill of the same text is bit-equal to the cache a conversation built turn by turn,
+# and the tests pin that.
+PREFILL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def wide_pays(device: torch.device) -> bool:
@@ -276,12 +297,6 @@ class LeanLlama:
             gate, up = w.gate_up(h).chunk(2, dim=-1)  # (B, 1, inter) each
             x = x + w.down(F.silu(gate) * up)
         return F.linear(self.norm(x[:, -1]), self.head)  # (B, V)
-
-    def takes_prefill(self, dtype: torch.dtype) -> bool:
-        """Whether a prefill in `dtype` goes through `prefill` (bfloat16 and float16). Float32
-        stays on transformers' forward: there a re-prefill of the same text is bit-equal to
-        the cache a conversation built turn by turn, and the tests pin that."""
-        return dtype in (torch.bfloat16, torch.float16)
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
