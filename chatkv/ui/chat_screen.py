@@ -307,8 +307,12 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
 
     # -- sending and streaming ----------------------------------------------------
 
-    def generation_settings(self) -> GenerationSettings:
-        return GenerationSettings.from_settings(self.settings)
+    def generation_settings(self) -> GenerationSettings | None:
+        """None: the backend's own, the model's recommended sampling where the user set none
+        (chatkv.engine.defaults), as `chatkv ask` gets, and the new model's after a switch.
+        Reading the [generation] section here sampled SmolLM2 at the shipped temperature 0.7,
+        where its card says 0.2: replies that rambled from the first word."""
+        return None
 
     def busy(self, what: str) -> bool:
         if self.generating or self.pending is not None:

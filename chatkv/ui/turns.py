@@ -15,7 +15,7 @@ from chatkv.ui.widgets import ChatMessage
 
 
 def send_new(
-    backend: ChatBackend, text: str, settings: GenerationSettings, system_prompt: str | None
+    backend: ChatBackend, text: str, settings: GenerationSettings | None, system_prompt: str | None
 ) -> tuple[TurnStream, int]:
     """Start the first turn of a draft: the conversation is created with its message.
 

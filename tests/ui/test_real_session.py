@@ -103,3 +103,28 @@ def test_switch_the_model_from_the_picker(tiny_settings, tiny_lm, tiny_model_dir
     last = store.messages(conv_id)[-1]
     assert last.role == "assistant" and last.stats is not None
     assert last.stats.cache_source == "none" and last.stats.cached_tokens == 0  # the cache started anew
+
+
+def test_the_app_samples_with_the_models_recommended_settings(tiny_settings, tiny_lm):
+    """The app leaves sampling to the session, which uses the model's recommended settings
+    where the user set none (as `chatkv ask` does): it once read the [generation] section
+    itself, so the embedded model sampled at the shipped temperature 0.7 instead of its
+    card's 0.2 and rambled from the first word."""
+    from dataclasses import replace
+
+    assert tiny_settings.generation.max_new_tokens != 2
+
+    async def run() -> int:
+        chat = Chat(tiny_settings, lm=tiny_lm)
+        chat.defaults = replace(chat.defaults, max_new_tokens=2, temperature=0.0)  # "the model's"
+        app = create_app(chat, tiny_settings)
+        async with app.run_test(size=(120, 36)) as pilot:
+            await _send(pilot, "Hello!")
+            conv_id = pilot.app.screen.conversation_id
+            await pilot.press("ctrl+q")
+        chat.close()
+        return conv_id
+
+    conv_id = asyncio.run(run())
+    last = Store(db_path()).messages(conv_id)[-1]
+    assert last.role == "assistant" and last.stats is not None and last.stats.completion_tokens == 2
