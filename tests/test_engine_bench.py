@@ -30,3 +30,15 @@ def test_no_llama_cpp_installed_is_one_line_not_an_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
     peer, why = open_peer(str(gguf), 64, 1)
     assert peer is None and "llama-cpp-python is not installed" in why and "\n" not in why
+
+
+def test_bench_batch_ablate_runs_the_forward_beside_the_lean_step(tiny_model_dir, capsys):
+    """`chatkv bench batch --ablate`: a third run through transformers' forward gives the lean
+    step's gain in the same run, over the same replies (float32: each row is its forward's)."""
+    args = ["bench", "batch", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"]
+    code = main([*args, "--prompts", "3", "--system-tokens", "40", "--new-tokens", "3", "--ablate", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["forward_run"]["completion_tokens"] == out["second_run"]["completion_tokens"] > 0
+    second, forward = out["second_run"]["tokens_per_s"], out["forward_run"]["tokens_per_s"]
+    assert out["lean_speedup"] == round(second / forward, 2)
+    assert out["forward_run_identical_to_second"] == "3/3"

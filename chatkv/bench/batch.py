@@ -7,6 +7,8 @@ one transformers `generate` per prompt, both measured in the same run.
   prefilled once, spilled, and the prompts decode together over it.
 - second run: the same prompts from a fresh session (empty live pool, reopened
   database): the system prompt now comes from the chunk store on disk.
+- with --ablate, a third run as the second with the lean decode step off (decoding through
+  transformers' forward): the lean step's gain in one run, over the same prompts and prefix.
 It also counts lines whose greedy reply equals the baseline's.
 """
 
@@ -165,6 +167,16 @@ def run(args, settings) -> dict:
         first, replies1 = _batch_run(settings, lm, items, batch_size)
         say("chatkv batch, second run (system prompt from disk) ...", quiet)
         second, replies2 = _batch_run(settings, lm, items, batch_size)
+        ablated = replies3 = None
+        if getattr(args, "ablate", False):
+            from chatkv.engine import lean
+
+            say("chatkv batch, third run (as the second, through transformers' forward) ...", quiet)
+            lean.set_enabled(lm.model, False)
+            try:
+                ablated, replies3 = _batch_run(settings, lm, items, batch_size)
+            finally:
+                lean.set_enabled(lm.model, True)
 
     base_rate = base_tokens / base_s
     same_base = sum(replies1[i]["reply"] == base_replies[i] for i in range(n_base))
@@ -197,6 +209,11 @@ def run(args, settings) -> dict:
         "greedy_identical_to_baseline": f"{same_base}/{n_base}",
         "second_run_identical_to_first": f"{same_runs}/{args.prompts}",
     }
+    if ablated is not None and replies3 is not None:
+        same_ablated = sum(replies2[i]["reply"] == replies3[i]["reply"] for i in range(args.prompts))
+        result["forward_run"] = ablated
+        result["lean_speedup"] = round(second["tokens_per_s"] / ablated["tokens_per_s"], 2)
+        result["forward_run_identical_to_second"] = f"{same_ablated}/{args.prompts}"
     est = "" if n_base == args.prompts else ", est."
     lines = [
         f"chatkv bench batch — {lm.name} on {lm.description}, {torch.get_num_threads()} threads, "
@@ -214,5 +231,11 @@ def run(args, settings) -> dict:
         f"  greedy replies identical to generate: {same_base}/{n_base}; second run identical to first: "
         f"{same_runs}/{args.prompts}",
     ]
+    if ablated is not None:
+        lines.append(
+            f"  through transformers' forward : {ablated['tokens_per_s']:7.1f} tok/s  -> lean step "
+            f"{result['lean_speedup']:.2f}x (second run); replies identical: "
+            f"{result['forward_run_identical_to_second']}"
+        )
     emit(result, getattr(args, "json", False), lines)
     return result

@@ -117,6 +117,11 @@ def _batch(p: argparse.ArgumentParser) -> None:
         default=0,
         help="prompts timed for the generate baseline (0: all); the rate is extrapolated",
     )
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also a run through transformers' forward instead of the lean decode step",
+    )
 
 
 BENCHES = {
