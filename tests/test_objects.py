@@ -430,23 +430,33 @@ def test_a_spill_on_one_host_never_evicts_another_hosts_chunks(
     assert local_budget(None, 123) == 123 and local_budget(7, 123) == 7
 
 
-def test_a_spill_for_a_conversation_deleted_meanwhile_takes_its_objects_too(tiny_lm, store, tmp_path) -> None:
-    """`chatkv rm` while the conversation's spill is queued: the spill writes the chunks, finds
-    the conversation gone and removes them, from the bucket as well (they hold its text)."""
+def _bucket_and_cache(store, tiny_lm, tmp_path: Path):
+    """A file:// bucket, a local kv dir, a maker of managers over both (fp16, 16-token
+    chunks), a new conversation and its 37 tokens' computed cache."""
     import torch
 
     from chatkv.kv import live
     from chatkv.kv.manager import KVManager
     from chatkv.kv.objects import DirObjects
 
-    bucket = DirObjects(tmp_path / "bucket")
-    kv = tmp_path / "kv"
-    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16, tiers=Tiers(kv, bucket, 1 << 30))
+    bucket, kv = DirObjects(tmp_path / "bucket"), tmp_path / "kv"
+
+    def manager() -> KVManager:
+        return KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16, tiers=Tiers(kv, bucket, 1 << 30))
+
     conv = store.create_conversation()
     tokens = list(range(3, 40))
     cache = live.new_cache(tiny_lm.model)
     with torch.no_grad():
         tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    return bucket, kv, manager, conv, tokens, cache
+
+
+def test_a_spill_for_a_conversation_deleted_meanwhile_takes_its_objects_too(tiny_lm, store, tmp_path) -> None:
+    """`chatkv rm` while the conversation's spill is queued: the spill writes the chunks, finds
+    the conversation gone and removes them, from the bucket as well (they hold its text)."""
+    bucket, kv, manager, conv, tokens, cache = _bucket_and_cache(store, tiny_lm, tmp_path)
+    kvm = manager()
     store.delete_conversation(conv.id)  # deleted before its spill ran
     kvm.spill(conv.id, tokens, cache)
     kvm.close()
@@ -470,23 +480,7 @@ def test_a_local_copy_trimmed_between_fetch_and_read_is_a_miss_not_damage(tiny_l
     """Another process on this host may trim a local copy just after this one found it: the
     chunk is still in the bucket, so the resume recomputes and keeps the shared index row
     (dropping it would make every host miss the chunk), and the next resume fetches it again."""
-    import torch
-
-    from chatkv.kv import live
-    from chatkv.kv.chunks import chunk_path
-    from chatkv.kv.manager import KVManager
-    from chatkv.kv.objects import DirObjects
-
-    bucket, kv = DirObjects(tmp_path / "bucket"), tmp_path / "kv"
-
-    def manager() -> KVManager:
-        return KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16, tiers=Tiers(kv, bucket, 1 << 30))
-
-    conv = store.create_conversation()
-    tokens = list(range(3, 40))
-    cache = live.new_cache(tiny_lm.model)
-    with torch.no_grad():
-        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    bucket, kv, manager, conv, tokens, cache = _bucket_and_cache(store, tiny_lm, tmp_path)
     writer = manager()
     writer.spill(conv.id, tokens, cache)
     writer.close()
@@ -516,20 +510,8 @@ def test_a_damaged_local_copy_is_fetched_again_and_the_shared_row_kept(tiny_lm, 
     """This host's copy of a chunk is damaged but the bucket's is sound: the resume recomputes,
     removes only the local copy and keeps the shared row; the next resume fetches the chunk
     from the bucket. Closing the manager stops the tier's fetches and leaves it usable."""
-    import torch
-
-    from chatkv.kv import live
-    from chatkv.kv.chunks import chunk_path
-    from chatkv.kv.manager import KVManager
-    from chatkv.kv.objects import DirObjects
-
-    bucket, kv = DirObjects(tmp_path / "bucket"), tmp_path / "kv"
-    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16, tiers=Tiers(kv, bucket, 1 << 30))
-    conv = store.create_conversation()
-    tokens = list(range(3, 40))
-    cache = live.new_cache(tiny_lm.model)
-    with torch.no_grad():
-        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    bucket, kv, manager, conv, tokens, cache = _bucket_and_cache(store, tiny_lm, tmp_path)
+    kvm = manager()
     kvm.spill(conv.id, tokens, cache)
     kvm.close()
     rows = {r.key for r in store.all_chunks()}
