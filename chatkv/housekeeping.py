@@ -9,11 +9,13 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chatkv.api import GenerationSettings, ModelInfo
 from chatkv.config import Settings
 from chatkv.engine.defaults import generation_defaults
+from chatkv.errors import ConfigError, ModelError
 from chatkv.paths import kv_dir
 from chatkv.store import Store
 
@@ -162,6 +164,41 @@ class Housekeeping:
                 return rebuild_tiers(self.store, tiers)
             return rebuild(self.store, kv_dir())
 
+    def _use_model(self, model: str, source: str) -> None:
+        """Make `model` the one to load, dropping the loaded one (caller holds the load lock)."""
+        # First, so a name the config refuses changes nothing.
+        self.settings.set("model.name", model, source=source)
+        if self.kv is not None:
+            self.kv.close()  # flushes the spills still queued, made with the old model
+        # Dropped before the next one loads, so two models never share the memory.
+        self.kv = self.lm = self._preloaded = None
+        self.model_name = model
+        self.defaults = generation_defaults(self.settings)  # the new model's sampling
+
+    def follow_model(self, conversation_id: int) -> str | None:
+        """Before the model loads: continue conversation `conversation_id` with the model it
+        was last used with (as `llm -c` does), when that is not the configured one — its cache
+        was made by that model, and the conversation goes on as it began. For a command with
+        no --model. Returns a one-line note when its model can no longer be loaded (the
+        configured one is used then); None otherwise. Raises NotFoundError."""
+        from chatkv.engine.hub import looks_like_path, precheck
+
+        name = self.store.get_conversation(conversation_id).model
+        if not name or name == self.model_name or self.lm is not None or self._preloaded is not None:
+            return None
+        try:
+            precheck(name)
+            if looks_like_path(name) and not Path(name).expanduser().exists():
+                raise ModelError(f"{name} does not exist")
+            with self._load_lock:
+                self._use_model(name, f"conversation {conversation_id}")
+        except (ModelError, ConfigError) as e:
+            return (
+                f"conversation {conversation_id} was with {name!r}, which cannot be loaded here "
+                f"({str(e).split(': ', 1)[0]}); continuing it with {self.model_name!r}"
+            )
+        return None
+
     def switch_model(self, name: str, conversation_id: int | None = None) -> None:
         """Use model `name` from now on (blocking: it is loaded before this returns) and, given
         `conversation_id`, record it as that conversation's model.
@@ -174,27 +211,16 @@ class Housekeeping:
         if conversation_id is not None:
             self.store.get_conversation(conversation_id)  # NotFoundError before anything changes
         previous = self.model_name
-
-        def use(model: str) -> None:
-            # First, so a name the config refuses changes nothing.
-            self.settings.set("model.name", model, source="the model picker")
-            if self.kv is not None:
-                self.kv.close()  # flushes the spills still queued, made with the old model
-            # Dropped before the next one loads, so two models never share the memory.
-            self.kv = self.lm = self._preloaded = None
-            self.model_name = model
-            self.defaults = generation_defaults(self.settings)  # the new model's sampling
-
         if name != previous or self.lm is None:
             # The teardown holds the load lock so no load() interleaves with it; the load takes
             # the lock itself in load() (a plain Lock: it cannot be held across that call).
             with self._load_lock:
-                use(name)
+                self._use_model(name, "the model picker")
             try:
                 self.load()
             except Exception:
                 with self._load_lock:
-                    use(previous)
+                    self._use_model(previous, "the model picker")
                 try:
                     self.load()
                 except Exception as e:  # the previous one fails too: the switch's error is the news

@@ -10,7 +10,7 @@ the store: the reply is saved under its turn id, which the database keeps unique
 replay never saves anything twice.
 
 File: `<data dir>/journal/<conversation>-<turn id>.jsonl`, mode 0600, JSON lines: a
-header (conversation, turn id, what the turn replaces), `{"stats": …}` once the prompt
+header (conversation, turn id, what the turn replaces, the model), `{"stats": …}` once the prompt
 is known, `{"p": piece}` per piece, `{"end": reason, "stats": …}` before the save. The
 writer holds an exclusive flock on it, so a replay never takes a journal that a live
 turn (in this or another process) is still writing.
@@ -51,6 +51,7 @@ class Header:
     set_aside: list[int]
     edit: tuple[int, str] | None
     reply_position: int | None = None  # where the reply goes (an edited message just before it)
+    model: str = ""  # the model that writes the reply: it becomes the conversation's model
 
     @property
     def replaces(self) -> bool:
@@ -71,7 +72,7 @@ class Journal:
         h = header
         self._line({"v": 1, "conversation_id": h.conversation_id, "turn_id": h.turn_id,
                     "set_aside": h.set_aside, "edit": list(h.edit) if h.edit else None,
-                    "reply_position": h.reply_position})  # fmt: skip
+                    "reply_position": h.reply_position, "model": h.model})  # fmt: skip
 
     def _line(self, obj: dict[str, Any]) -> None:
         if self._fd is None:
@@ -119,6 +120,7 @@ def _header(obj: dict[str, Any]) -> Header:
         set_aside=[int(i) for i in obj.get("set_aside") or []],
         edit=_pair(obj.get("edit")),
         reply_position=None if obj.get("reply_position") is None else int(obj["reply_position"]),
+        model=str(obj.get("model") or ""),  # absent in journals of chatkv before it was kept
     )
 
 
@@ -168,7 +170,7 @@ def apply(store: Store, h: Header, text: str, stats: TurnStats, reason: str | No
         rows.append((h.reply_position or 0, "assistant", text, stats))
         store.keep_version(h.conversation_id, h.turn_id, rows)
         return None
-    return store.finish_turn(h.conversation_id, text, stats, h.turn_id, h.set_aside, h.edit)
+    return store.finish_turn(h.conversation_id, text, stats, h.turn_id, h.set_aside, h.edit, model=h.model)
 
 
 def save(store: Store, r: Replayed) -> None:

@@ -265,7 +265,7 @@ class Chat(Conversations, Housekeeping):
             conversation_id = conv.id
         else:
             pairs = [(m["role"], m["content"]) for m in messages]
-            self.store.finish_turn(conversation_id, reply, stats, turn_id, add=pairs)
+            self.store.finish_turn(conversation_id, reply, stats, turn_id, add=pairs, model=self.model_name)
         if cache is not None and self.kv is not None:
             self.kv.spill(conversation_id, tokens, cache)
         return conversation_id

@@ -88,6 +88,7 @@ class Turn:
             set_aside=list(r.set_aside) if r else [],
             edit=r.edit if r else None,
             reply_position=r.reply_position if r else None,
+            model=chat.model_name,
         )
         self._lease = held
         self._journal: journal.Journal | None = None

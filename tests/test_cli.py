@@ -304,3 +304,36 @@ def test_an_os_error_is_one_line_and_keeps_what_was_saved(capsys, tmp_path):
     line = one_error_line(err)
     assert "missing-dir does not exist" in line and "nothing was lost" not in line
     assert [len(msgs) for _, msgs in saved()] == [2]
+
+
+def test_a_continued_conversation_goes_on_with_its_own_model(capsys, tmp_path, tiny_model_dir):
+    """`ask -C` without --model continues with the model the conversation was last used with
+    (its cache is that model's), a --model continues with that one and records it, and a
+    recorded model that is gone gives one line on stderr and the configured model."""
+    from tests.test_session import perturbed_copy
+
+    other = str(perturbed_copy(tiny_model_dir, tmp_path / "other-model"))
+    first = ask_json(capsys, "--model", other, "Hello! Tell me a story about the sea.")
+    cid = first["conversation_id"]
+    with Store(db_path()) as store:
+        assert store.get_conversation(cid).model == other
+
+    # The environment's model is the tiny one; the conversation goes on with `other`, from its cache.
+    again = ask_json(capsys, "-C", str(cid), "And the stars?")
+    assert again["stats"]["cache_source"] in ("memory", "disk") and again["stats"]["cached_tokens"] > 0
+    with Store(db_path()) as store:
+        assert store.get_conversation(cid).model == other
+
+    # An explicit --model wins, and the conversation is now with it (its cache starts anew).
+    moved = ask_json(capsys, "-C", str(cid), "--model", str(tiny_model_dir), "And the moon?")
+    assert moved["stats"]["cached_tokens"] == 0
+    with Store(db_path()) as store:
+        assert store.get_conversation(cid).model == str(tiny_model_dir)
+        store.set_model(cid, str(tmp_path / "deleted-model"))
+
+    code, out, err = run(capsys, "ask", "--json", "-C", str(cid), "And the sun?")
+    assert code == 0, err
+    assert "cannot be loaded here" in err and "deleted-model" in err and len(err.strip().splitlines()) == 1
+    assert json.loads(out)["stats"]["cached_tokens"] > 0  # the tiny model's cache from the turn before
+    with Store(db_path()) as store:
+        assert store.get_conversation(cid).model == str(tiny_model_dir)

@@ -66,6 +66,7 @@ def test_a_reply_whose_save_fails_is_kept_in_the_journal_and_saved_at_the_next_s
     chat, tiny_settings, tiny_lm, monkeypatch
 ):
     conv = chat.new_conversation()
+    chat.store.set_model(conv.id, "an-earlier-model")  # the reply's model is saved with it
     turn = chat.send(conv.id, "Tell me a story about the sea.", LONG)
     shown = []
     with monkeypatch.context() as m, pytest.raises(ChatKVError) as info:
@@ -87,6 +88,7 @@ def test_a_reply_whose_save_fails_is_kept_in_the_journal_and_saved_at_the_next_s
     ]
     saved = again.messages(conv.id)[-1].stats
     assert saved.finish_reason == turn.stats.finish_reason and saved.completion_tokens > 0
+    assert again.get_conversation(conv.id).model == chat.model_name
     assert not list(journal.journal_dir().glob("*.jsonl"))
     # A journal replayed twice (a crash between the save and the delete) saves once.
     kept[0].write_bytes(backup)

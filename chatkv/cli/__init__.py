@@ -148,6 +148,10 @@ def run_chat(args: argparse.Namespace) -> int:
     chat = Chat(settings)
     if args.id is not None:
         chat.get_conversation(args.id)  # unknown id: one line, before the screen opens
+        if args.model is None:
+            note = chat.follow_model(args.id)  # it goes on with the model it began with
+            if note:
+                print(f"chatkv: {note}", file=sys.stderr)
         chat.prefetch(args.id)  # its saved cache is read while the UI opens and the model loads
     app = create_app(chat, settings, args.id)
     try:

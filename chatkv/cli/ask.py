@@ -83,7 +83,11 @@ def run(args: argparse.Namespace) -> int:
             conv = None
         if conv is not None and args.system is not None:
             raise UsageError("--system applies to a new conversation; use it without -c/-C")
-        check_model(settings)
+        if conv is not None and args.model is None:
+            note = chat.follow_model(conv.id)  # it goes on with the model it began with
+            if note:
+                print(f"chatkv: {note}", file=sys.stderr)
+        check_model(chat.settings)
         from chatkv.progress import RichProgress, driver
 
         # Conversion, loading and a long prefill show a bar on stderr (a terminal only).

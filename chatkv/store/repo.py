@@ -356,6 +356,7 @@ class Store(ChunkIndex, Finding):
         set_aside: Sequence[int] = (),
         edit: tuple[int, str] | None = None,
         add: Sequence[tuple[str, str]] = (),
+        model: str = "",
     ) -> MessageView:
         """Save a turn's reply, in one transaction with what the turn changes.
 
@@ -367,12 +368,14 @@ class Store(ChunkIndex, Finding):
                 old message's place before the reply.
             add: (role, content) of messages to append before the reply (a batch line's
                 question, saved only with its answer).
+            model: the model that wrote the reply, recorded as the conversation's model (a
+                conversation continued with another model goes on with that one); "": unchanged.
 
         Idempotent: a reply already saved under `turn_id` is returned as it is (a journal
         replayed after a crash saves nothing twice). Raises NotFoundError.
         """
         with self._writer.begin() as s:
-            return self._finish(s, conversation_id, content, stats, turn_id, set_aside, edit, add)
+            return self._finish(s, conversation_id, content, stats, turn_id, set_aside, edit, add, model)
 
     def _finish(
         self,
@@ -384,6 +387,7 @@ class Store(ChunkIndex, Finding):
         set_aside: Sequence[int],
         edit: tuple[int, str] | None,
         add: Sequence[tuple[str, str]],
+        model: str,
     ) -> MessageView:
         now = utcnow()
         done = s.scalar(select(Message).where(Message.turn_id == turn_id))
@@ -424,6 +428,8 @@ class Store(ChunkIndex, Finding):
         msg = _new_message(conversation_id, position, "assistant", content, now, stats, turn_id)
         s.add(msg)
         conv.updated_at = now
+        if model:
+            conv.model = model
         if not conv.title:
             conv.title = next((_title_from(t) for r, t in add if r == "user"), "")
         s.flush()
@@ -447,7 +453,7 @@ class Store(ChunkIndex, Finding):
         with self._writer.begin() as s:
             s.add(conv)
             s.flush()
-            msg = self._finish(s, conv.id, reply, stats, turn_id, (), None, messages)
+            msg = self._finish(s, conv.id, reply, stats, turn_id, (), None, messages, "")
             return self._summaries(s, [conv])[0], msg
 
     def keep_version(

@@ -271,6 +271,14 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         last = next((m.stats for m in reversed(messages) if m.stats is not None), None)
         log.mark_dropped(last.dropped_messages if last else 0)
         self.status.show(turn=turn_summary(last) if last else "", turn_stats=last, cache=conv)
+        if conv.model and conv.model != self.backend.model_name:
+            # Its cache was made by that model: this one recomputes the history on the next turn.
+            self.notify(
+                f"This conversation was with {conv.model}; replies now come from "
+                f"{self.backend.model_name} (Ctrl+K switches models)",
+                title="Model",
+                timeout=8,
+            )
         self.update_context()
         self.refresh_list()
         self.refresh_bindings()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from textual import events
@@ -985,6 +986,22 @@ async def test_model_picker_lists_the_models_and_switches_the_open_conversation(
             assert roles_and_text(app)[-1] == ("assistant", "From the new model.")
     finally:
         backend.release_switch()
+
+
+async def test_opening_a_conversation_made_with_another_model_says_so():
+    backend = FakeBackend(conversations=2, ready=True)
+    backend._convs[1] = replace(backend._convs[1], model="/models/tinyllama.Q4_K_M.gguf")
+    app = make_app(backend, conversation_id=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert not any("This conversation was with" in n for n in notes(app))  # same model
+        await chat(app).open_conversation(1)
+        await pilot.pause()
+        assert any(
+            "This conversation was with /models/tinyllama.Q4_K_M.gguf; replies now come from fake-135M "
+            "(Ctrl+K switches models)" in n
+            for n in notes(app)
+        )
 
 
 async def test_model_picker_from_the_palette_and_esc_cancels():
