@@ -200,6 +200,25 @@ def test_a_failed_dtype_copy_keeps_the_converted_copy(
     assert not list(conv.parent.rglob(".convert-*"))
 
 
+def test_a_conversion_killed_mid_save_leaves_nothing_behind_at_the_next(fake_gguf, chatkv_home):
+    """A process killed while it saves a converted copy leaves its temporary folder (hundreds
+    of MB for a real model); the next conversion removes it, never a live process's."""
+    src, _ = fake_gguf
+    conv = model_mod._converted_dir(src)
+    where = conv.parent
+    where.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = where / f".convert-{int(dead.stdout)}-abc123"
+    live = where / f".convert-{os.getppid()}-def456"  # the test runner's parent: alive
+    for d in (killed, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half written")
+    model_mod._load_gguf(src, torch.float32, Labels())
+    assert (conv / "done").exists()
+    assert not killed.exists() and live.exists()
+    assert [p.name for p in where.glob(".convert-*")] == [live.name]
+
+
 def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False

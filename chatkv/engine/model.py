@@ -274,6 +274,28 @@ def _keep_dtype_copy(model: Any, conv: Path, dtype: torch.dtype, progress: Progr
         progress.done()
 
 
+def _sweep_conversions(where: Path) -> None:
+    """Remove the temporary folders of conversions whose process is gone (killed mid-save:
+    hundreds of MB each, which nothing else would ever remove). Each folder is named after
+    its process id; a live process's, this one's included, is left alone."""
+    for tmp in where.glob(".convert-*-*"):
+        pid = tmp.name.split("-")[1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        log.info("removing %s, left by a conversion that was killed", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's (or a number no pid can be)
+        return True
+    return True
+
+
 def _save_converted(model: Any, tok: Any, conv: Path) -> None:
     """Save `model` (and `tok`, unless None) to `conv` as safetensors, whole or not at all.
 
@@ -283,7 +305,8 @@ def _save_converted(model: Any, tok: Any, conv: Path) -> None:
     included."""
     tmp: Path | None = None
     try:
-        tmp = Path(tempfile.mkdtemp(dir=ensure_private_dir(conv.parent), prefix=".convert-"))
+        _sweep_conversions(ensure_private_dir(conv.parent))
+        tmp = Path(tempfile.mkdtemp(dir=conv.parent, prefix=f".convert-{os.getpid()}-"))
         # The GGUF quantizer marks the model unserializable, but its weights are
         # already dequantized to plain tensors: save them as safetensors.
         model.hf_quantizer = None
