@@ -207,7 +207,7 @@ def test_a_conversion_killed_mid_save_leaves_nothing_behind_at_the_next(fake_ggu
     conv = model_mod._converted_dir(src)
     where = conv.parent
     where.mkdir(parents=True, exist_ok=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = run_python("import os; print(os.getpid())")
     killed = where / f".convert-{int(dead.stdout)}-abc123"
     live = where / f".convert-{os.getppid()}-def456"  # the test runner's parent: alive
     for d in (killed, live):
