@@ -147,6 +147,16 @@ def _bool() -> tuple[Callable[[Any], Any], str]:
     return check, "true or false"
 
 
+def client_missing(url: str) -> str | None:
+    """The one-line error for a cache.url whose client library is not installed (found
+    without importing it, so a command can say so before loading a model), else None."""
+    import importlib.util
+
+    if url.partition(":")[0] == "s3" and importlib.util.find_spec("boto3") is None:
+        return "cache.url names S3, which needs boto3: pip install 'chatkv[shared]'"
+    return None
+
+
 def _url(*schemes: str) -> tuple[Callable[[Any], Any], str]:
     """ "" (the default) or a URL whose scheme is one of `schemes`. Only the scheme is checked
     here (without importing a client); opening the store or cache checks the rest."""

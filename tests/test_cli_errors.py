@@ -468,3 +468,29 @@ def test_the_chat_screen_does_not_open_for_an_unknown_model(capsys, monkeypatch,
     for argv in (["chat", "--model", "smollm3"], ["--model", "smollm3"]):
         code, out, err = run(capsys, *argv)
         assert code == 1 and out == "" and "unknown model 'smollm3'" in one_line(err)
+
+
+def test_a_cache_url_without_its_client_fails_before_the_model_loads(capsys, monkeypatch):
+    """cache.url on S3 without boto3 installed: one line naming the extra to install, before
+    seconds of model loading (it was found only when the KV layer opened, after the load)."""
+    import importlib.util
+
+    from chatkv.engine import model
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "boto3" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setenv("CHATKV_CACHE_URL", "s3://bucket/prefix")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(model, "load_model", no_load)
+    for argv in (["ask", "hi"], ["chat"], ["batch", "-"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 1 and out == "", err
+        assert "cache.url names S3, which needs boto3: pip install 'chatkv[shared]'" in one_line(err)
+    assert not db_path().exists() or Store(db_path()).list_conversations() == []

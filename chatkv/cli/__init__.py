@@ -19,7 +19,7 @@ from typing import NoReturn
 from chatkv import __version__
 from chatkv.cli.args import INT64_MAX, NumberArg, Parser, conversation_id, count, seed
 from chatkv.config import CODEC_NAMES, Settings, load_settings
-from chatkv.errors import ChatKVError
+from chatkv.errors import ChatKVError, ConfigError
 
 STARTED = time.perf_counter()  # for `ask --json`'s startup figures: about when the CLI began
 
@@ -131,11 +131,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def check_model(settings: Settings) -> None:
-    """Fail at once for a --model that nothing can load (a mistyped name), before a command
-    spends seconds importing torch or opens a screen."""
+    """Fail at once for a --model that nothing can load (a mistyped name) or a cache.url whose
+    client is not installed, before a command spends seconds importing torch or opens a screen."""
+    from chatkv.config import client_missing
     from chatkv.engine.hub import precheck
 
     precheck(settings.model.name)
+    missing = client_missing(settings.cache.url)
+    if missing:
+        raise ConfigError(missing)
 
 
 def run_chat(args: argparse.Namespace) -> int:
