@@ -147,13 +147,16 @@ def _bool() -> tuple[Callable[[Any], Any], str]:
     return check, "true or false"
 
 
+NEEDS_BOTO3 = "cache.url names S3, which needs boto3: pip install 'chatkv[shared]'"
+
+
 def client_missing(url: str) -> str | None:
     """The one-line error for a cache.url whose client library is not installed (found
     without importing it, so a command can say so before loading a model), else None."""
     import importlib.util
 
     if url.partition(":")[0] == "s3" and importlib.util.find_spec("boto3") is None:
-        return "cache.url names S3, which needs boto3: pip install 'chatkv[shared]'"
+        return NEEDS_BOTO3
     return None
 
 

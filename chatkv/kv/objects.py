@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from chatkv.config import client_missing
+from chatkv.config import NEEDS_BOTO3
 from chatkv.errors import CacheError, ConfigError
 from chatkv.kv.chunks import check_key, chunk_path, write_atomic
 from chatkv.store.chunk_index import ChunkRecord
@@ -230,7 +230,7 @@ def _s3_client() -> Any:
         import boto3
         from botocore.config import Config
     except ImportError:
-        raise ConfigError(client_missing("s3:") or "boto3 cannot be imported") from None
+        raise ConfigError(NEEDS_BOTO3) from None
     # Short timeouts and few retries: a slow or failing bucket costs a resume a prefill,
     # never a hung turn.
     config = Config(
