@@ -168,3 +168,30 @@ def s3_endpoint():
     from servers import s3
 
     yield from s3()
+
+
+@pytest.fixture
+def fake_gguf(tiny_model_dir, monkeypatch):
+    """A GGUF source whose conversion loads the tiny model (in float32, as a GGUF's does);
+    every other from_pretrained is the real one, its paths recorded in `loads`."""
+    import torch
+    import transformers
+
+    from chatkv.engine import model as model_mod
+
+    real_model = transformers.AutoModelForCausalLM.from_pretrained
+    real_tok = transformers.AutoTokenizer.from_pretrained
+    loads: list[str] = []
+
+    def model(cls, path, **kw):
+        if "gguf_file" in kw:
+            return transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        loads.append(str(path))
+        return real_model(path, **kw)
+
+    def tok(cls, path, **kw):
+        return real_tok(tiny_model_dir if "gguf_file" in kw else path)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(tok))
+    return model_mod.ModelSource("x.gguf", str(tiny_model_dir), "x.gguf", "gguf:abc"), loads

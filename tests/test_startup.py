@@ -83,30 +83,6 @@ def test_settle_waits_for_the_build_the_warm_up_starts(tiny_lm, held_lean_build)
         warm_up(tiny_lm, "later")
 
 
-@pytest.fixture
-def fake_gguf(tiny_model_dir, monkeypatch):
-    """A GGUF source whose conversion loads the tiny model (in float32, as a GGUF's does);
-    every other from_pretrained is the real one, its paths recorded in `loads`."""
-    import transformers
-
-    real_model = transformers.AutoModelForCausalLM.from_pretrained
-    real_tok = transformers.AutoTokenizer.from_pretrained
-    loads: list[str] = []
-
-    def model(cls, path, **kw):
-        if "gguf_file" in kw:
-            return transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        loads.append(str(path))
-        return real_model(path, **kw)
-
-    def tok(cls, path, **kw):
-        return real_tok(tiny_model_dir if "gguf_file" in kw else path)
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(model))
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(tok))
-    return model_mod.ModelSource("x.gguf", str(tiny_model_dir), "x.gguf", "gguf:abc"), loads
-
-
 class Labels:
     """A Progress that keeps the labels of the steps started."""
 
@@ -403,3 +379,16 @@ def test_the_program_ends_with_an_idle_thread_pool_open():
     )
     assert done.returncode == 5, done.stderr
     assert done.stdout == "42\n"
+
+
+def test_the_first_start_computes_with_the_model_later_starts_load(fake_gguf, chatkv_home):
+    # The conversion's model was cast in memory: its RoPE frequencies too, which a loaded
+    # model keeps in float32, so the first start cached other bits than later ones would.
+    src, _ = fake_gguf
+    first, _ = model_mod._load_gguf(src, torch.bfloat16, Labels())
+    later, _ = model_mod._load_gguf(src, torch.bfloat16, Labels())
+    assert same_weights(first, later)
+    buffers = dict(later.named_buffers())
+    assert buffers and all(
+        b.dtype == buffers[n].dtype and torch.equal(b, buffers[n]) for n, b in first.named_buffers()
+    )
