@@ -103,8 +103,8 @@ def prefill_step_for(model: Any, tokens: int) -> LeanLlama | None:
     Only bfloat16/float16 prefill through it (PREFILL_DTYPES). A piece shorter
     than WIDE_MIN_TOKENS is transformers' forward bit for bit either way, so it takes the
     lean step only when that is built already: a resumed conversation's new message does not
-    wait for the build (weight fusion and int4 packing, 0.7 s for SmolLM2), which `ask` and
-    the chat's warm-up do aside. A longer piece builds it; which path a piece takes never
+    wait for the build (weight fusion), which the chat's warm-up does aside and a lean-only
+    load (engine/leanload.py) at load. A longer piece builds it; which path a piece takes never
     depends on timing, so neither do the cache's bits."""
     if model.dtype not in PREFILL_DTYPES or getattr(model, _OFF, False):
         return None
@@ -186,13 +186,28 @@ def wide_pays(device: torch.device) -> bool:
     return device.type == "cpu" and flash and not (amx is not None and amx())
 
 
+_PENDING = object()  # a _Linear's int4 form, not looked for yet
+
+
 class _Linear:
-    """A bias-free projection: the dense weight (N, K), or its int4 form where exact."""
+    """A bias-free projection: the dense weight (N, K), or its int4 form where exact.
+
+    The int4 form is looked for on the first one-token call (or by `LeanLlama.pack`), not
+    at build: a prefill only reads the dense weight, so a resumed conversation's new message
+    does not wait for the packing (most of the build's 0.7 s for SmolLM2)."""
 
     def __init__(self, w: torch.Tensor) -> None:
         self.w = w
         self.n = w.shape[0]
-        self.int4 = _int4_form(w)
+        self._int4: Any = _PENDING
+
+    @property
+    def int4(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._int4 is _PENDING:
+            with _lock:  # the warm-up's pack() and a first decode step: each weight packed once
+                if self._int4 is _PENDING:
+                    self._int4 = _int4_form(self.w)
+        return self._int4  # type: ignore[no-any-return]
 
     def many(self, x: torch.Tensor, wide: bool) -> torch.Tensor:
         """x (1, T, K) -> (1, T, N) for a prefill piece: the dense weight, or with `wide` a
@@ -239,6 +254,14 @@ class LeanLlama:
         with torch.no_grad():
             self.layers = [_Layer(layer) for layer in model.model.layers[: c.num_hidden_layers]]
         self.wide = self.head.dtype in (torch.bfloat16, torch.float16) and wide_pays(self.head.device)
+
+    def pack(self) -> None:
+        """Put the weights that lie on a 4-bit grid in int4 form now (see _Linear), rather than
+        at the first decode step: for a caller with time to spare (the chat's warm-up)."""
+        with torch.no_grad():
+            for w in self.layers:
+                for linear in (w.qkv, w.o, w.gate_up, w.down):
+                    _ = linear.int4
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:
