@@ -17,12 +17,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-GROW_TOKENS = 256  # capacity is rounded up to this many positions
+from chatkv.kv.capacity import GROW_TOKENS, capacity
 
-
-def capacity(n: int) -> int:
-    """Positions to allocate for `n`: a quarter more, rounded up to GROW_TOKENS."""
-    return (n * 5 // 4 + GROW_TOKENS - 1) // GROW_TOKENS * GROW_TOKENS
+__all__ = ["GROW_TOKENS", "GrowableLayer", "capacity"]
 
 
 class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__ is unannotated

@@ -84,9 +84,9 @@ class Prefetch:
     taken: bool = False
     problem: str = ""  # why the reads stopped early, if they did
     policy: Policy | None = None
-    # Set once the thread has imported what it needs (torch, part of transformers): a loader
-    # waits for it before importing the rest, since two threads importing transformers at
-    # once can see its lazy module half-built (ImportError).
+    # Set once the thread has imported what it needs (torch, no transformers): a loader waits
+    # for it before importing the rest, since two threads importing the same package at once
+    # can see a lazy module half-built (ImportError), and the thread imports nothing after.
     imported: threading.Event = field(default_factory=threading.Event)
     _tokenizing: threading.Thread | None = None
     _result: Prefetched | None = None
@@ -149,9 +149,10 @@ class Prefetch:
         self.started_at = time.perf_counter()
         try:
             try:
+                # torch, not transformers: the loader imports that meanwhile, and these reads,
+                # mostly torch work outside the interpreter lock, overlap it.
                 import chatkv.engine.model  # noqa: F401
                 import chatkv.kv.chunks  # noqa: F401
-                import chatkv.kv.growable  # noqa: F401
                 from chatkv.kv.policy import get_policy
             finally:
                 self.imported.set()
@@ -199,8 +200,8 @@ class Prefetch:
     def _read(self) -> Prefetched | None:
         import torch
 
+        from chatkv.kv.capacity import capacity
         from chatkv.kv.chunks import chunk_path, read_chunk
-        from chatkv.kv.growable import capacity
 
         chain = self._chain()
         if not chain or self.dtype is None or self.device is None or self.policy is None:
