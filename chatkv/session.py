@@ -110,9 +110,9 @@ class Chat(Conversations, Housekeeping):
                 self.store, kv_dir(), conversation_id, self.settings, self._preloaded, render
             )
 
-    def load(self, warm: bool = True) -> None:
+    def load(self, warm: bool = True, lean_only: bool = False) -> None:
         """Load the model and the KV layer (blocking; idempotent; thread-safe). `warm`: warm it up aside
-        (engine.model.warm_up) while a user types; a prompt in hand overlaps nothing, wait for nothing."""
+        (engine.model.warm_up) while a user types. lean_only: as load_model's."""
         with self._load_lock:
             if self.lm is not None:
                 return
@@ -127,12 +127,10 @@ class Chat(Conversations, Housekeeping):
             m, c = self.settings.model, self.settings.cache
             lm = self._preloaded or load_model(
                 m.name,
-                device=m.device,
-                dtype=m.dtype,
-                load_in=m.load_in,
-                context=m.context,
+                **{k: getattr(m, k) for k in ("device", "dtype", "load_in", "context")},
                 progress=CallbackProgress(self.progress),
                 on_tokenizer=pre.tokenize if pre is not None else None,
+                lean_only=lean_only,
             )
             self.kv = KVManager(
                 self.store,

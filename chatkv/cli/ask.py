@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         if conv is not None:
             chat.prefetch(conv.id)  # its saved cache is read while the model loads
         load_began = time.perf_counter()
-        chat.load(warm=False)  # the prompt is here: nothing to warm up while it is typed
+        # The prompt is here: nothing to warm up while it is typed; and no transformers model
+        # classes to import where the lean step runs it all (engine/leanload.py).
+        chat.load(warm=False, lean_only=True)
         loaded_at = time.perf_counter()
         # A new conversation is created together with the message, by the session: a
         # refused or failed first turn leaves nothing behind.
@@ -158,6 +160,8 @@ def _startup(chat, attach_s: float, load_began: float, loaded_at: float, first_a
         "process_first_token_s": (first_at or time.perf_counter()) - STARTED,
         "before_load_s": load_began - STARTED,
         "model_load_s": loaded_at - load_began,
+        # "lean": loaded without transformers' model classes (engine/leanload.py)
+        "model_classes": "lean" if chat.lm is not None and chat.lm.lean_loaded else "transformers",
         # the turn's chunk reads: in the background during the load, plus what the turn's
         # attach read itself (and checking what was read ahead)
         "chunk_read_s": (pre.read_s if used else 0.0) + attach_s,

@@ -64,6 +64,13 @@ class LoadedModel:
     aside: list[threading.Thread] = field(default_factory=list)  # warm_up's threads, for settle()
 
     @property
+    def lean_loaded(self) -> bool:
+        """Whether the model was loaded without transformers' model classes (engine/leanload.py)."""
+        from chatkv.engine.leanload import LeanModel
+
+        return isinstance(self.model, LeanModel)
+
+    @property
     def description(self) -> str:
         return f"{self.device.type} {str(self.dtype).removeprefix('torch.')}"
 
@@ -460,7 +467,11 @@ def _tokenizer_stamp(tok: Any) -> str:
     *.tiktoken...; the change time moves with any write, even one that keeps the modification
     time, as `cp -p` does). "" when it was not loaded from a local directory: then nothing is
     remembered."""
-    where = Path(str(getattr(tok, "name_or_path", "") or ""))
+    return dir_stamp(Path(str(getattr(tok, "name_or_path", "") or "")), type(tok).__name__)
+
+
+def dir_stamp(where: Path, kind: str) -> str:
+    """`_tokenizer_stamp` of a tokenizer of class `kind` loaded from `where`, without loading it."""
     if not str(where) or not where.is_dir():
         return ""
     parts = []
@@ -478,7 +489,7 @@ def _tokenizer_stamp(tok: Any) -> str:
     import tokenizers
     import transformers
 
-    return f"|{where.resolve()}|{transformers.__version__}|{tokenizers.__version__}|{type(tok).__name__}|" + (
+    return f"|{where.resolve()}|{transformers.__version__}|{tokenizers.__version__}|{kind}|" + (
         "|".join(parts)
     )
 
@@ -516,6 +527,7 @@ def load_model(
     context: int = 0,
     progress: Progress | None = None,
     on_tokenizer: Callable[[Any], Callable[[], None] | None] | None = None,
+    lean_only: bool = False,
 ) -> LoadedModel:
     """Load a model for chatkv. Raises ModelError with the fix when that is not possible.
 
@@ -527,6 +539,9 @@ def load_model(
         on_tokenizer: given the tokenizer as soon as it is loaded, before the weights (to
             start tokenizing a prompt meanwhile); it may return a function to wait for that
             work, called before this returns (a fast tokenizer is not for two threads).
+        lean_only: load a Llama-family model in bfloat16 on the CPU without transformers'
+            model classes where the last transformers load of the same files allows it
+            (engine/leanload.py: seconds of imports saved; for `chatkv ask`).
     A loaded model is recorded in the registry of models seen (chatkv.engine.seen).
     """
     progress = progress or NULL
@@ -549,7 +564,22 @@ def load_model(
         if wait is not None:
             waits.append(wait)
 
-    if source.gguf_file:
+    known_fp = ""
+    lean_key = _lean_key(source, setting, dt, load_in, dev)
+    got = None
+    if lean_only and lean_key:
+        from chatkv.engine import leanload
+
+        progress.start(f"loading {name}")
+        try:
+            got = leanload.try_load(
+                _dtype_copy_dir(_converted_dir(source), dt), _converted_dir(source), lean_key, dt, given
+            )
+        finally:
+            progress.done()
+    if got is not None:
+        model, tok, known_fp = got
+    elif source.gguf_file:
         if load_in != "none":
             raise ModelError("--load-in applies to Hugging Face weights, not GGUF files; use --load-in none")
         model, tok = _load_gguf(source, dt, progress, given)
@@ -575,7 +605,9 @@ def load_model(
     )
     for wait in waits:
         wait()  # the caller's work with the tokenizer is done before anything else uses it
-    fp = fingerprint(source, model, tok, dt, load_in, dev)
+    fp = known_fp or fingerprint(source, model, tok, dt, load_in, dev)
+    if not known_fp:  # keyed after the load: a first start has just written the copy
+        _remember_lean(_lean_key(source, setting, dt, load_in, dev), model, tok, dt, dev, fp)
     _remember(source, fp)
     _memo_fingerprint(setting, fp)
     return LoadedModel(
@@ -589,6 +621,40 @@ def load_model(
         eos_ids=eos_ids,
         load_s=time.perf_counter() - t0,
     )
+
+
+def _lean_key(
+    source: ModelSource, setting: str, dtype: torch.dtype, load_in: str, device: torch.device
+) -> str:
+    """The lean-only load's memo key for this load (engine/leanload.py), or "" where that load
+    does not apply: a GGUF's converted copy kept in a bfloat16/float16 compute dtype, on the CPU."""
+    from chatkv.engine.lean import PREFILL_DTYPES
+
+    if not source.gguf_file or load_in != "none" or device.type != "cpu" or dtype not in PREFILL_DTYPES:
+        return ""
+    conv = _converted_dir(source)
+    copy = _dtype_copy_dir(conv, dtype)
+    if not (copy / "done").exists():
+        return ""
+    from chatkv.engine import leanload
+
+    return leanload.memo_key(setting, copy, conv)
+
+
+def _remember_lean(key: str, model: Any, tok: Any, dtype: torch.dtype, device: torch.device, fp: str) -> None:
+    """After a transformers load: remember what the next lean-only load of it needs, if it may."""
+    from chatkv.engine import leanload
+
+    if not key:
+        return
+    try:
+        reason = leanload.why_not_remembered(model, tok, dtype, device)
+        if reason is None:
+            leanload.remember(key, model, fp)
+        else:
+            log.debug("no lean-only load for this model: %s", reason)
+    except Exception as e:  # only the next start's speed depends on it
+        log.debug("could not remember the lean-only load: %s", e)
 
 
 FINGERPRINTS = "fingerprints.json"  # beside the converted copies: what each setting loaded as
@@ -675,7 +741,9 @@ def warm_up(lm: LoadedModel, lean: str = "same") -> threading.Thread:
 
     def build() -> None:
         try:
-            lean_for(lm.model)  # fuses (and packs to int4) the decode step's weights: not on the first token
+            built = lean_for(lm.model)  # fuses the decode step's weights: not on the first token
+            if built is not None:
+                built.pack()  # and puts those on a 4-bit grid in int4 form, before the first decode step
         except Exception as e:
             log.debug("building the lean step ahead failed: %s", e)
 

@@ -1,0 +1,253 @@
+"""The lean-only load (engine/leanload.py): a Llama model in bfloat16 loaded without
+transformers' model classes computes, caches and tokenizes exactly as the transformers load
+of the same files, is used only where that load vouched for it, and falls back to that load,
+never to an error, whenever something does not match."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chatkv.api import GenerationSettings
+from chatkv.engine import lean, leanload
+from chatkv.engine import model as model_mod
+from chatkv.engine.generate import generate, prefill
+from chatkv.kv import live
+from chatkv.paths import models_dir
+from chatkv.session import Chat
+from chatkv.store import Store
+
+GREEDY = GenerationSettings(max_new_tokens=10, temperature=0.0)
+NAME = "x.gguf"
+
+
+@pytest.fixture
+def gguf(fake_gguf, monkeypatch, chatkv_home):
+    """`load(...)` loads the fake GGUF model (the tiny one) through load_model."""
+    src, loads = fake_gguf
+    monkeypatch.setattr(model_mod, "resolve", lambda name: dataclasses.replace(src))
+    return loads
+
+
+def load(lean_only=True, dtype="bfloat16"):
+    return model_mod.load_model(NAME, device="cpu", dtype=dtype, lean_only=lean_only)
+
+
+def both(gguf):
+    """The transformers load (which converts and remembers), then the lean-only one."""
+    full = load(lean_only=False)
+    lean_lm = load()
+    assert not isinstance(full.model, leanload.LeanModel)
+    assert isinstance(lean_lm.model, leanload.LeanModel)
+    return full, lean_lm
+
+
+def run(model, ids, pieces):
+    """Prefill `ids` in pieces of the given lengths; the last logits (1, V) and the cache."""
+    cache = live.new_cache(model)
+    start, logits = 0, None
+    for n in pieces:
+        logits = prefill(model, ids[start : start + n], cache, start)
+        start += n
+    return logits, cache
+
+
+def test_the_second_load_is_lean_with_the_same_fingerprint_and_limits(gguf):
+    first = load()  # nothing remembered yet: converts, loads through transformers, remembers
+    assert not isinstance(first.model, leanload.LeanModel)
+    second = load()
+    assert isinstance(second.model, leanload.LeanModel)
+    assert second.fingerprint == first.fingerprint
+    assert (second.eos_ids, second.context_limit, second.kv_shape, second.dtype) == (
+        first.eos_ids,
+        first.context_limit,
+        first.kv_shape,
+        first.dtype,
+    )
+    assert model_mod.predict_fingerprint(NAME, "cpu", "bfloat16") == first.fingerprint
+    assert not isinstance(load(lean_only=False).model, leanload.LeanModel)  # only where asked for
+
+
+@pytest.mark.parametrize("pieces", [[100], [70, 7, 1], [5, 9]])  # a long piece, a resumed turn, short only
+def test_logits_and_cache_are_bit_identical_to_the_transformers_load(gguf, pieces):
+    full, lean_lm = both(gguf)
+    ids = [(i * 7 + 3) % 300 + 5 for i in range(sum(pieces))]
+    a, ca = run(full.model, ids, pieces)
+    b, cb = run(lean_lm.model, ids, pieces)
+    assert torch.equal(a, b)
+    for (ka, va), (kb, vb) in zip(live.layers_of(ca), live.layers_of(cb), strict=True):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_greedy_tokens_are_the_same_as_the_transformers_loads(gguf):
+    full, lean_lm = both(gguf)
+    ids = list(range(5, 45))
+
+    def tokens(lm):
+        steps = generate(lm.model, ids, live.new_cache(lm.model), 0, GREEDY, [], lm.context_limit)
+        return [s.token for s in steps if s.token is not None]
+
+    assert len(tokens(full)) == GREEDY.max_new_tokens
+    assert tokens(full) == tokens(lean_lm)
+
+
+def test_the_tokenizer_gives_the_same_ids_template_and_special_tokens(gguf):
+    full, lean_lm = both(gguf)
+    a, b = full.tokenizer, lean_lm.tokenizer
+    chats = [
+        [{"role": "user", "content": "Hello there"}],
+        [
+            {"role": "system", "content": "Be brief. <|im_start|>user"},
+            {"role": "user", "content": "Licences:\n\n  GPL, MIT"},
+            {"role": "assistant", "content": "Both free."},
+            {"role": "user", "content": "ünïcödé — and <|im_end|> typed"},
+        ],
+    ]
+    for msgs in chats:
+        ids = model_mod.chat_ids(a, msgs)
+        assert model_mod.chat_ids(b, msgs) == ids
+        assert a.apply_chat_template(msgs, tokenize=False) == b.apply_chat_template(msgs, tokenize=False)
+        assert a.decode(ids) == b.decode(ids)
+    assert a.chat_template == b.chat_template
+    assert a.all_special_tokens == b.all_special_tokens
+    assert (a.eos_token_id, a.bos_token_id, a.pad_token_id) == (
+        b.eos_token_id,
+        b.bos_token_id,
+        b.pad_token_id,
+    )
+
+
+def test_a_conversation_saved_by_one_load_resumes_from_disk_under_the_other(gguf, tiny_settings):
+    tiny_settings.set("model.name", NAME)
+    tiny_settings.set("model.dtype", "bfloat16")
+    full, lean_lm = both(gguf)
+
+    def send(chat, conv_id, text):
+        turn = chat.send(conv_id, text, GREEDY)
+        return turn, "".join(turn)
+
+    a = Chat(tiny_settings, lm=full)
+    conv = a.new_conversation()
+    send(a, conv.id, "Summarise the GNU GPL.")
+    path = a.store.path
+    a.close()  # the cache is spilled to disk by the transformers-loaded model
+    b = Chat(tiny_settings, store=Store(path), lm=lean_lm)
+    turn, reply = send(b, conv.id, "And the MIT licence?")
+    assert turn.stats.cache_source == "disk" and turn.stats.cached_tokens > 0
+    b.close()
+
+    # The same two turns with the transformers load alone, in another conversation.
+    c = Chat(tiny_settings, store=Store(path), lm=full)
+    other = c.new_conversation()
+    send(c, other.id, "Summarise the GNU GPL.")
+    _, expected = send(c, other.id, "And the MIT licence?")
+    c.close()
+    assert reply == expected
+
+
+def test_transformers_forward_runs_over_the_same_weight_tensors(gguf):
+    full, lean_lm = both(gguf)
+    skeleton = lean_lm.model
+    lean.set_enabled(skeleton, False)  # as --ablate does: every piece through the forward
+    lean.set_enabled(full.model, False)
+    ids = list(range(5, 30))
+    a, _ = run(full.model, ids, [25])
+    b, _ = run(skeleton, ids, [25])
+    assert torch.equal(a, b)
+    built = skeleton.full()
+    assert built.model.layers[0].self_attn.q_proj.weight is skeleton.model.layers[0].self_attn.q_proj.weight
+    assert built.lm_head.weight is skeleton.model.embed_tokens.weight  # tied, as loaded
+
+
+def test_a_fresh_process_imports_none_of_transformers_model_classes(gguf, tiny_model_dir, chatkv_home):
+    both(gguf)
+    code = f"""
+import sys
+from chatkv.engine import model as m
+src = m.ModelSource("x.gguf", {str(tiny_model_dir)!r}, "x.gguf", "gguf:abc")
+m.resolve = lambda name: src
+lm = m.load_model("x.gguf", device="cpu", dtype="bfloat16", lean_only=True)
+print(type(lm.model).__name__, lm.fingerprint)
+print(sorted(k for k in sys.modules if k.startswith(("transformers.models.llama", "torch._dynamo"))))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded, imported = done.stdout.splitlines()
+    assert loaded == f"LeanModel {load().fingerprint}"
+    assert imported == "[]"
+
+
+def test_a_rewritten_copy_or_a_new_transformers_is_loaded_through_transformers(gguf, monkeypatch):
+    both(gguf)
+    conv = model_mod._converted_dir(model_mod.resolve(NAME))
+    config = conv / "bfloat16" / "config.json"
+    config.write_text(config.read_text())  # the same bytes, rewritten: its stamp moves
+    assert not isinstance(load().model, leanload.LeanModel)
+    assert isinstance(load().model, leanload.LeanModel)  # remembered again by that load
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
+    assert not isinstance(load().model, leanload.LeanModel)
+
+
+def test_an_entry_the_files_do_not_match_falls_back_with_one_warning(gguf, caplog):
+    full, _ = both(gguf)
+    memo = models_dir() / leanload.MEMO
+    known = json.loads(memo.read_text())
+    for key, raw in known.items():
+        entry = json.loads(raw)
+        entry["tied"] = False  # the copy holds no lm_head: the skeleton cannot be built
+        known[key] = json.dumps(entry)
+    memo.write_text(json.dumps(known))
+    with caplog.at_level(logging.WARNING, logger="chatkv.engine.leanload"):
+        lm = load()
+    assert not isinstance(lm.model, leanload.LeanModel) and lm.fingerprint == full.fingerprint
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"lean-only load of {model_mod._converted_dir(model_mod.resolve(NAME)) / 'bfloat16'} failed"
+    ]
+
+
+def test_float32_and_models_the_lean_step_does_not_take_are_never_remembered(gguf, monkeypatch):
+    load(dtype="float32")
+    load(dtype="float32")
+    assert not (models_dir() / leanload.MEMO).exists()
+    monkeypatch.setattr(lean, "why_not", lambda model: "not this one")
+    load()
+    assert not isinstance(load().model, leanload.LeanModel)
+    assert not (models_dir() / leanload.MEMO).exists()
+
+
+def test_ask_resumes_through_the_lean_load_and_says_so(gguf, capsys, monkeypatch, tmp_path):
+    from chatkv.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NAME).write_bytes(b"")  # the CLI's early check of --model finds a file
+    for key, value in {
+        "MODEL_NAME": NAME,
+        "MODEL_DEVICE": "cpu",
+        "MODEL_DTYPE": "bfloat16",
+        "GENERATION_TEMPERATURE": "0",
+        "GENERATION_MAX_NEW_TOKENS": "6",
+        "CACHE_CHUNK_TOKENS": "32",
+        "CACHE_CODEC": "fp16",
+    }.items():
+        monkeypatch.setenv("CHATKV_" + key, value)
+
+    def ask(*args):
+        capsys.readouterr()
+        code = main(["ask", "--json", *args])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out)
+
+    first = ask("Summarise the GNU GPL in three bullet points, please.")
+    assert first["startup"]["model_classes"] == "transformers"  # converts, then remembers
+    second = ask("-C", str(first["conversation_id"]), "And the MIT licence?")
+    assert second["startup"]["model_classes"] == "lean"
+    assert second["stats"]["cache_source"] == "disk" and second["stats"]["cached_tokens"] > 32
+    assert second["startup"]["prefetched_tokens"] == second["stats"]["cached_tokens"]
