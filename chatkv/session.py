@@ -110,9 +110,9 @@ class Chat(Conversations, Housekeeping):
                 self.store, kv_dir(), conversation_id, self.settings, self._preloaded, render
             )
 
-    def load(self, warm: bool = True, lean_only: bool = False) -> None:
+    def load(self, warm: bool = True, lean_only: bool = True) -> None:
         """Load the model and the KV layer (blocking; idempotent; thread-safe). `warm`: warm it up aside
-        (engine.model.warm_up) while a user types. lean_only: as load_model's."""
+        (engine.model.warm_up) while a user types. lean_only: as load_model's (batch: False)."""
         with self._load_lock:
             if self.lm is not None:
                 return

@@ -251,3 +251,40 @@ def test_ask_resumes_through_the_lean_load_and_says_so(gguf, capsys, monkeypatch
     assert second["startup"]["model_classes"] == "lean"
     assert second["stats"]["cache_source"] == "disk" and second["stats"]["cached_tokens"] > 32
     assert second["startup"]["prefetched_tokens"] == second["stats"]["cached_tokens"]
+
+
+def test_batched_rows_over_a_lean_loaded_model_decode_as_over_the_transformers_load(gguf):
+    from chatkv.engine.batch import BatchDecoder, BatchRow
+
+    full, lean_lm = both(gguf)
+    prompts = [list(range(5, 5 + n)) for n in (9, 17, 30)]
+
+    def batched(lm):
+        rows = [BatchRow(ids, GREEDY) for ids in prompts]
+        toks: list[list[int]] = [[] for _ in rows]
+        for step in BatchDecoder(lm.model, rows, None, lm.eos_ids, lm.context_limit):
+            if step.token is not None:
+                toks[step.row].append(step.token)
+        return toks
+
+    want = batched(full)
+    assert all(len(t) == GREEDY.max_new_tokens for t in want)
+    assert batched(lean_lm) == want
+
+
+def test_the_chat_loads_lean_and_its_warm_up_packs_the_decode_weights(gguf, tiny_settings):
+    tiny_settings.set("model.name", NAME)
+    tiny_settings.set("model.dtype", "bfloat16")
+    load(lean_only=False)  # remembers
+    chat = Chat(tiny_settings)
+    chat.load()  # as the chat UI does: warm, lean-only by default
+    assert chat.lm is not None and chat.lm.lean_loaded
+    model_mod.settle(chat.lm)
+    built = lean.lean_for(chat.lm.model)
+    assert built is not None
+    assert all(
+        linear._int4 is not lean._PENDING for w in built.layers for linear in (w.qkv, w.o, w.gate_up, w.down)
+    )
+    conv = chat.new_conversation()
+    assert "".join(chat.send(conv.id, "Hello!", GREEDY))
+    chat.close()

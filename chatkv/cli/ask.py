@@ -95,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
         if conv is not None:
             chat.prefetch(conv.id)  # its saved cache is read while the model loads
         load_began = time.perf_counter()
-        # The prompt is here: nothing to warm up while it is typed; and no transformers model
-        # classes to import where the lean step runs it all (engine/leanload.py).
-        chat.load(warm=False, lean_only=True)
+        chat.load(warm=False)  # the prompt is here: nothing to warm up while it is typed
         loaded_at = time.perf_counter()
         # A new conversation is created together with the message, by the session: a
         # refused or failed first turn leaves nothing behind.

@@ -163,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
                 from chatkv.progress import RichProgress, driver
 
                 chat.on_progress = driver(RichProgress())
-            chat.load()
+            # Batched prefill runs rows through transformers' forward with its own attention
+            # (engine/batch.py): the transformers load, not the lean-only one.
+            chat.load(lean_only=False)
             progress.start()
             runner = Runner(
                 chat, ordered.emit, batch_size=settings.batch.batch_size, save=args.save, progress=progress

@@ -33,6 +33,7 @@ from transformers import AttentionInterface, DynamicCache
 from chatkv.api import GenerationSettings
 from chatkv.engine.generate import PREFILL_STEP, Sampler
 from chatkv.engine.lean import Attend, lean_for
+from chatkv.engine.leanload import LeanModel
 from chatkv.kv import live
 
 ATTN_NAME = "chatkv_prefix"
@@ -245,7 +246,10 @@ class BatchDecoder:
         max_positions: int,
         cancel: threading.Event | None = None,
     ) -> None:
-        self.model = model
+        # Prefill rows run through transformers' forward with this module's attention, switched
+        # on the forward's own config: a lean-loaded model's is transformers' model over its
+        # weights (engine/leanload.py).
+        self.model = model.full() if isinstance(model, LeanModel) else model
         self.rows = list(rows)
         self.prefix = prefix if prefix and prefix[0][0].shape[-2] > 0 else None
         self.prefix_len = self.prefix[0][0].shape[-2] if self.prefix else 0
