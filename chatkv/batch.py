@@ -90,6 +90,10 @@ class Runner:
         batch_size: rows decoded together (0: the engine's default for the device).
         save: "all" (every line becomes or extends a conversation), "continue"
             (only lines continuing a conversation write), or "none".
+        model_given: the batch's model was named for it (--model). Without that, a line
+            continuing a conversation that was with another model fails with the fix, where
+            `ask -C` would load that model: one process serves a batch with one model, and
+            going on with another would record the switch in the user's conversation.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class Runner:
         batch_size: int = 0,
         save: str = "continue",
         progress: LineProgress | None = None,
+        model_given: bool = True,
     ):
         from chatkv.engine.batch import default_batch_size
 
@@ -110,6 +115,7 @@ class Runner:
         per_token = layers * 2 * heads * head_dim * self.lm.dtype.itemsize
         self.max_tokens = max(1, chat.settings.cache.live_bytes // per_token)  # padded positions per batch
         self.save = save
+        self.model_given = model_given
         self.progress: LineProgress = progress or _Silent()
         self.summary = Summary()
         self.t0 = time.perf_counter()
@@ -182,6 +188,13 @@ class Runner:
         chat = self.chat
         if item.conversation is not None:
             msgs = chat.render(item.conversation)  # NotFoundError for an unknown id
+            had = chat.get_conversation(item.conversation).model
+            if not self.model_given and had and had != chat.model_name:
+                raise InputError(
+                    f"conversation {item.conversation} was with {had!r}, not {chat.model_name!r} that "
+                    f"this batch runs: give --model {had} to continue it with its own model, or "
+                    f"--model {chat.model_name} to go on with this one"
+                )
             msgs.append({"role": "user", "content": item.prompt})
         else:
             msgs = list(item.messages or [])

@@ -426,3 +426,36 @@ def test_a_saved_line_is_written_with_its_reply_in_one_transaction(cli, tmp_path
     (conv,) = _store().list_conversations()
     assert [m.role for m in _store().messages(conv.id)] == ["user", "assistant", "user", "assistant"]
     assert conv.title == "Hi"
+
+
+def test_a_line_continuing_a_conversation_with_another_model_says_how_to_continue_it(cli, chat, tmp_path):
+    """Without --model, a line whose conversation was with another model fails with the fix
+    (`ask -C` would load that model; a batch has one) and writes nothing to it; with --model,
+    the conversation goes on with the batch's model, which is recorded, as `ask -C --model`."""
+    from chatkv.cli import main
+
+    conv = chat.new_conversation()
+    "".join(chat.send(conv.id, "Hello!"))
+    chat.kv.flush()
+    with _store() as store:
+        store.set_model(conv.id, "/models/the-other-model")
+        before = [m.content for m in store.messages(conv.id)]
+    lines = [
+        {"id": "cont", "prompt": "And then?", "conversation": conv.id},
+        {"id": "new", "prompt": "Hello!"},
+    ]
+    src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    flags = ["--device", "cpu", "--temperature", "0", "--codec", "fp16", "--quiet"]
+    assert main(["batch", src, "-o", str(out), *flags]) == 1
+    cont, new = _records(out)
+    assert "the-other-model" in cont["error"] and "--model /models/the-other-model" in cont["error"]
+    assert "\n" not in cont["error"] and "reply" in new
+    with _store() as store:
+        assert [m.content for m in store.messages(conv.id)] == before
+        assert store.get_conversation(conv.id).model == "/models/the-other-model"
+
+    assert cli(src, "-o", str(out), "--overwrite") == 0  # --model: it goes on with the batch's model
+    cont, _ = _records(out)
+    with _store() as store:
+        assert [m.content for m in store.messages(conv.id)] == [*before, "And then?", cont["reply"]]
+        assert store.get_conversation(conv.id).model != "/models/the-other-model"

@@ -168,7 +168,12 @@ def run(args: argparse.Namespace) -> int:
             chat.load(lean_only=False)
             progress.start()
             runner = Runner(
-                chat, ordered.emit, batch_size=settings.batch.batch_size, save=args.save, progress=progress
+                chat,
+                ordered.emit,
+                batch_size=settings.batch.batch_size,
+                save=args.save,
+                progress=progress,
+                model_given=args.model is not None,
             )
             runner.run(items)
     except KeyboardInterrupt:
