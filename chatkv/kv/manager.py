@@ -354,10 +354,11 @@ class KVManager:
                 if same < len(data.tokens):
                     break
             ex.shutdown(cancel_futures=True)  # after a break: don't read chunks that won't be used
-        remote = any(where.get(r.key) == "remote" for r in plan[:used])
+        fetched = got.fetched if got is not None else set()  # by the prefetch, while the model loaded
+        remote = any(where.get(r.key) == "remote" or r.key in fetched for r in plan[:used])
         if tiers is not None:
             tiers.forget(plan)
-            if "remote" in where.values():
+            if "remote" in where.values() or fetched:
                 tiers.trim()  # the copies just made count against cache.local_bytes
         if n == 0:
             return None, 0, problems, False

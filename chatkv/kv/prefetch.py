@@ -5,7 +5,9 @@ the chunks after: two waits in a row. The conversation's chain is known from the
 before the model is (its kv_head), and the fingerprint the model will have is known from
 the last load with the same settings (chatkv.engine.model.predict_fingerprint), so a
 thread can read and decode the chain, straight into the compute dtype, while the main
-thread imports and loads the model.
+thread imports and loads the model. With a remote tier (cache.url), the chunks this host
+has no copy of are fetched in parallel in that thread too, each read as it arrives: a
+resume on a cold host waits for the bucket during the load, not after it.
 
 Nothing is trusted for being prefetched: every chunk goes through `read_chunk` with the
 same checks as any read (format, fingerprint, codec the policy allows, size and checksum
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from chatkv.config import Settings
     from chatkv.engine.model import LoadedModel
     from chatkv.kv.chunks import ChunkData
+    from chatkv.kv.objects import Tiers
     from chatkv.kv.policy import Policy
     from chatkv.store.chunk_index import ChunkIndex, ChunkRecord
 
@@ -48,6 +51,7 @@ class Prefetched:
     data: list[ChunkData]  # what each decoded to; k/v are views of the buffers
     k: torch.Tensor  # (L, B, H, capacity, D)
     v: torch.Tensor  # (L, B, H, capacity, D)
+    fetched: set[str] = field(default_factory=set)  # keys of the chunks copied from the remote tier
 
     @property
     def tokens(self) -> int:
@@ -75,6 +79,9 @@ class Prefetch:
     model: tuple[str, str, str, str] | None = None
     # the conversation as chat-template messages, tokenized while the weights load (`tokenize`)
     render: Callable[[], list[dict[str, str]]] | None = None
+    # cache.url's tiers (kv/objects.py), opened in the thread: chunks this host lacks are
+    # fetched from the remote while the model loads, as the attach would after it
+    open_tiers: Callable[[], Tiers | None] | None = None
     started_at: float = 0.0  # time.perf_counter() when the thread began
     reads_began: float = 0.0  # when it began reading (after imports and finding the chain)
     finished_at: float = 0.0  # and when it ended
@@ -198,16 +205,28 @@ class Prefetch:
         return chain
 
     def _read(self) -> Prefetched | None:
+        chain = self._chain()
+        if not chain or self.dtype is None or self.device is None or self.policy is None:
+            return None
+        tiers = self.open_tiers() if self.open_tiers is not None else None
+        try:
+            return self._read_chain(chain, tiers)
+        finally:
+            if tiers is not None:
+                tiers.close()  # its fetches are done, or not wanted (stopped early)
+
+    def _read_chain(self, chain: list[ChunkRecord], tiers: Tiers | None) -> Prefetched | None:
         import torch
 
         from chatkv.kv.capacity import capacity
         from chatkv.kv.chunks import chunk_path, read_chunk
 
-        chain = self._chain()
-        if not chain or self.dtype is None or self.device is None or self.policy is None:
-            return None
+        assert self.dtype is not None and self.device is not None and self.policy is not None
         total = sum(r.n_tokens for r in chain)
         self.reads_began, cpu0 = time.perf_counter(), time.thread_time()
+        if tiers is not None:
+            tiers.prefetch(chain)  # in parallel, each read as soon as it is here
+        fetched: set[str] = set()
         data: list[ChunkData] = []
         k_buf = v_buf = None
         offset = 0
@@ -220,6 +239,13 @@ class Prefetch:
                     k_buf[..., offset : offset + rec.n_tokens, :],  # (L, B, H, t, D)
                     v_buf[..., offset : offset + rec.n_tokens, :],
                 )
+            if tiers is not None:
+                where = tiers.ensure_local(rec)
+                if where in ("missing", "failed"):  # the attach looks again and judges
+                    self.problem = f"chunk {rec.key[:12]}: {where} in the remote tier"
+                    break
+                if where == "remote":
+                    fetched.add(rec.key)
             try:
                 d = read_chunk(
                     chunk_path(self.kv_dir, rec.key),
@@ -254,7 +280,7 @@ class Prefetch:
         if not data or k_buf is None or v_buf is None:
             return None
         self.read_tokens = offset
-        return Prefetched(chain[: len(data)], data, k_buf, v_buf)
+        return Prefetched(chain[: len(data)], data, k_buf, v_buf, fetched)
 
 
 def start(
@@ -269,14 +295,24 @@ def start(
     `settings` names, for the model its [model] settings will load as, or for `lm`, a model
     loaded already but not yet given to the KV layer. `render` gives the conversation's
     messages, to tokenize while the weights load (Prefetch.tokenize)."""
-    m = settings.model
+    m, c = settings.model, settings.cache
+
+    def open_tiers() -> Tiers | None:
+        from chatkv.kv.objects import local_budget, tiers_for
+
+        tiers = tiers_for(kv_dir, c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared)
+        if tiers is not None:
+            tiers.quiet = True  # a bucket that fails here fails the attach's fetch too, which says so once
+        return tiers
+
     pre = Prefetch(
         index,
         kv_dir,
         conversation_id,
-        settings.cache.codec,
+        c.codec,
         model=(m.name, m.device, m.dtype, m.load_in),
         render=render,
+        open_tiers=open_tiers if c.url else None,
     )
     if lm is not None:
         pre.fingerprint, pre.dtype, pre.device, pre.model = lm.fingerprint, lm.dtype, lm.device, None
