@@ -156,3 +156,23 @@ def test_cancel_during_prefill_stops_between_steps(tiny_lm):
         )
     )
     assert [s.finish_reason for s in steps] == ["cancelled"] and live.seq_len(cache) == 0
+
+
+def test_transformers_forward_gets_the_cache_under_the_name_it_takes(tiny_lm):
+    """The float32 path runs transformers' forward: the cache goes in under the keyword that
+    release takes (newer 5.x warn at every call that `past_key_values` is deprecated; older
+    ones would drop an unknown `cache` into **kwargs), and it is filled."""
+    import inspect
+    import warnings
+
+    from chatkv.engine.generate import cache_arg, decode_one, prefill
+
+    name = next(iter(cache_arg(tiny_lm.model, None)))
+    assert name in inspect.signature(type(tiny_lm.model).forward).parameters
+    cache = live.new_cache(tiny_lm.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prefill(tiny_lm.model, list(range(5, 40)), cache, 0)
+        decode_one(tiny_lm.model, torch.tensor([7]), cache, 35)
+    assert live.seq_len(cache) == 36
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from chatkv.engine.generate import cache_arg
 from chatkv.kv.chunks import Layers
 from chatkv.kv.codecs import Codec, get_codec, nbytes
 from chatkv.kv.live import layers_of
@@ -86,7 +87,7 @@ def roundtrip_layers(
 def prefill(model, prefix_ids: torch.LongTensor) -> Layers:
     """Run the prefix through the model and return its exact per-layer K/V."""
     cache = DynamicCache()
-    model(input_ids=prefix_ids, past_key_values=cache, use_cache=True)
+    model(input_ids=prefix_ids, **cache_arg(model, cache), use_cache=True)
     return layers_of(cache)
 
 
@@ -94,7 +95,7 @@ def prefill(model, prefix_ids: torch.LongTensor) -> Layers:
 def continue_logits(model, cont_ids: torch.LongTensor, layers: Layers) -> Tensor:
     """Teacher-force ``cont_ids`` on a fresh cache built from ``layers``; logits (B, T, V) float32."""
     cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])  # update() copies: layers untouched
-    out = model(input_ids=cont_ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=cont_ids, **cache_arg(model, cache), use_cache=True)
     return out.logits.float()
 
 
@@ -277,7 +278,7 @@ def prefill_in_steps(model, prefix_ids: torch.LongTensor, step: int) -> Layers:
     differently (other matrix shapes); on some CPUs bit-identical for 512-token steps."""
     cache = DynamicCache()
     for s in range(0, prefix_ids.shape[-1], step):
-        model(input_ids=prefix_ids[:, s : s + step], past_key_values=cache, use_cache=True)
+        model(input_ids=prefix_ids[:, s : s + step], **cache_arg(model, cache), use_cache=True)
     return layers_of(cache)
 
 

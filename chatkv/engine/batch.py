@@ -31,7 +31,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 from chatkv.api import GenerationSettings
-from chatkv.engine.generate import PREFILL_STEP, Sampler
+from chatkv.engine.generate import PREFILL_STEP, Sampler, cache_arg
 from chatkv.engine.lean import Attend, lean_for
 from chatkv.engine.leanload import LeanModel
 from chatkv.kv import live
@@ -293,7 +293,7 @@ class BatchDecoder:
             input_ids=ids,
             position_ids=pos,
             attention_mask=mask[:, None],
-            past_key_values=past,
+            **cache_arg(self.model, past),
             use_cache=True,
             logits_to_keep=1,
             **{PREFIX_KWARG: self.prefix},

@@ -7,6 +7,7 @@ faster kernel for either can be dropped in without restructuring.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ def prefill(
             pos = torch.arange(start + i, start + i + piece.shape[1], device=device)
             out = model(
                 input_ids=piece,
-                past_key_values=cache,
+                **cache_arg(model, cache),
                 use_cache=True,
                 cache_position=pos,
                 position_ids=pos[None],
@@ -121,6 +122,30 @@ def prefill(
         if on_prefill is not None:
             on_prefill(i + piece.shape[1], len(ids))
     return logits
+
+
+def cache_arg(model: Any, cache: Any) -> dict[str, Any]:
+    """`cache` as the keyword transformers' forward of `model` takes it: `cache` in newer 5.x
+    releases, where `past_key_values` still works but warns at every call site that it is
+    deprecated (a FutureWarning on the user's terminal); `past_key_values` before, where an
+    unknown `cache` would vanish into **kwargs and the cache be silently ignored."""
+    from chatkv.engine.leanload import LeanModel
+
+    target = model.full() if isinstance(model, LeanModel) else model  # its forward is full()'s
+    return {_cache_keyword(type(target)): cache}
+
+
+_keywords: dict[type, str] = {}
+
+
+def _cache_keyword(cls: type) -> str:
+    if cls not in _keywords:
+        try:
+            takes = "cache" in inspect.signature(cls.forward).parameters
+        except (AttributeError, TypeError, ValueError):  # no inspectable forward: the old name
+            takes = False
+        _keywords[cls] = "cache" if takes else "past_key_values"
+    return _keywords[cls]
 
 
 @torch.inference_mode()
@@ -136,7 +161,7 @@ def decode_one(model: Any, token: torch.Tensor, cache: DynamicCache, pos: int) -
     p = torch.tensor([pos], device=model.device)
     out = model(
         input_ids=token.view(1, 1),
-        past_key_values=cache,
+        **cache_arg(model, cache),
         use_cache=True,
         cache_position=p,
         position_ids=p[None],
