@@ -141,7 +141,7 @@ _keywords: dict[type, str] = {}
 def _cache_keyword(cls: type) -> str:
     if cls not in _keywords:
         try:
-            takes = "cache" in inspect.signature(cls.forward).parameters
+            takes = "cache" in inspect.signature(getattr(cls, "forward")).parameters  # noqa: B009
         except (AttributeError, TypeError, ValueError):  # no inspectable forward: the old name
             takes = False
         _keywords[cls] = "cache" if takes else "past_key_values"
