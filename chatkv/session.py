@@ -140,7 +140,8 @@ class Chat(Conversations, Housekeeping):
                 chunk_tokens=c.chunk_tokens,
                 live_bytes=c.live_bytes,
                 disk_bytes=c.disk_bytes,
-                tiers=tiers_for(kv_dir(), c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared),
+                tiers=(pre.opened_tiers() if pre is not None else None)
+                or tiers_for(kv_dir(), c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared),
             )
             self.kv.prefetch = pre
             lean = "aside" if self.defaults.max_new_tokens > 1 else "none"  # first tokens need no decode step

@@ -374,3 +374,29 @@ def test_a_resumed_conversation_is_tokenized_while_the_weights_load(chat, tiny_s
     assert "Tell me a story." in encoded and not any(text in encoded for text in history)
     assert turn.stats.cache_source == "disk"
     again.close()
+
+
+def test_a_cold_host_fetches_the_chunks_from_the_bucket_during_the_load(tiny_settings, tiny_lm, tmp_path):
+    """With cache.url, chunks this host has no copy of are fetched during the load by the
+    prefetch, whose tiers the KV layer then uses (one client, a failing bucket said once),
+    and the reply is what it would have been."""
+    import shutil
+
+    tiny_settings.set("cache.url", (tmp_path / "bucket").as_uri())
+    first = Chat(tiny_settings, lm=tiny_lm)
+    cid = saved_conversation(first)
+    first.close()
+    shutil.rmtree(kv_dir())  # another host: the index and the bucket, no local copies
+
+    again = Chat(tiny_settings, store=Store(first.store.path), lm=tiny_lm)
+    again.prefetch(cid)
+    again.load()
+    pre = again.prefetched
+    assert pre is not None and pre.tiers is not None and again.kv.tiers is pre.tiers
+    expected = expected_reply(again, cid, "Tell me a story.")
+    turn = again.send(cid, "Tell me a story.", GREEDY)
+    "".join(turn)
+    assert turn.stats.cache_source == "remote" and turn.stats.cached_tokens > 32
+    assert pre.used_tokens == turn.stats.cached_tokens  # read during the load, not after
+    assert reply_tokens(turn) == expected
+    again.close()

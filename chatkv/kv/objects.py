@@ -275,7 +275,6 @@ class Tiers:
         self._inflight: dict[str, Future[str]] = {}
         self._lock = threading.Lock()
         self._warned = False
-        self.quiet = False  # True: failures go to the debug log (kv/prefetch.py: the attach warns)
         self._down_until = 0.0  # time.monotonic() before which the remote is not asked
         self.fetched_bytes = 0  # read from the remote since start, for statistics and tests
 
@@ -286,7 +285,7 @@ class Tiers:
         self._down_until = time.monotonic() + REMOTE_BACKOFF_S
         if not self._warned:
             self._warned = True
-            (log.debug if self.quiet else log.warning)(
+            log.warning(
                 "the chunk store %s is not usable (%s: %s); recomputing instead", self.remote.where, what, e
             )
 

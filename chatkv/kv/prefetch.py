@@ -80,8 +80,11 @@ class Prefetch:
     # the conversation as chat-template messages, tokenized while the weights load (`tokenize`)
     render: Callable[[], list[dict[str, str]]] | None = None
     # cache.url's tiers (kv/objects.py), opened in the thread: chunks this host lacks are
-    # fetched from the remote while the model loads, as the attach would after it
+    # fetched from the remote while the model loads, as the attach would after it. The KV
+    # layer then takes the same tiers (`opened_tiers`): one client, one record of a failing
+    # bucket (said once, never waited for twice).
     open_tiers: Callable[[], Tiers | None] | None = None
+    tiers: Tiers | None = None
     started_at: float = 0.0  # time.perf_counter() when the thread began
     reads_began: float = 0.0  # when it began reading (after imports and finding the chain)
     finished_at: float = 0.0  # and when it ended
@@ -95,6 +98,7 @@ class Prefetch:
     # for it before importing the rest, since two threads importing the same package at once
     # can see a lazy module half-built (ImportError), and the thread imports nothing after.
     imported: threading.Event = field(default_factory=threading.Event)
+    _tiers_opened: threading.Event = field(default_factory=threading.Event)
     _tokenizing: threading.Thread | None = None
     _result: Prefetched | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -133,6 +137,12 @@ class Prefetch:
         if self._tokenizing is not None:
             self._tokenizing.join()
 
+    def opened_tiers(self) -> Tiers | None:
+        """The tiers the thread opened (None without cache.url, or when opening them failed:
+        the KV layer opens its own then). Waits for the thread to get that far."""
+        self._tiers_opened.wait()
+        return self.tiers
+
     def wait(self) -> None:
         """Until the reads have ended."""
         if self._thread is not None:
@@ -163,6 +173,10 @@ class Prefetch:
                 from chatkv.kv.policy import get_policy
             finally:
                 self.imported.set()
+            try:
+                self.tiers = self.open_tiers() if self.open_tiers is not None else None
+            finally:
+                self._tiers_opened.set()
             self.policy = get_policy(self.codec)
             if self.model is not None:
                 self._predict(*self.model)
@@ -171,6 +185,7 @@ class Prefetch:
             self.problem = str(e)
             log.debug("prefetch of conversation %s stopped: %s", self.conversation_id, e)
         finally:
+            self._tiers_opened.set()  # also when the imports failed
             self.finished_at = time.perf_counter()
             if self._cancel.is_set():
                 self._result = None
@@ -208,12 +223,11 @@ class Prefetch:
         chain = self._chain()
         if not chain or self.dtype is None or self.device is None or self.policy is None:
             return None
-        tiers = self.open_tiers() if self.open_tiers is not None else None
         try:
-            return self._read_chain(chain, tiers)
+            return self._read_chain(chain, self.tiers)
         finally:
-            if tiers is not None:
-                tiers.close()  # its fetches are done, or not wanted (stopped early)
+            if self.tiers is not None:
+                self.tiers.forget(chain)  # fetches not waited for (stopped early): not wanted
 
     def _read_chain(self, chain: list[ChunkRecord], tiers: Tiers | None) -> Prefetched | None:
         import torch
@@ -300,10 +314,7 @@ def start(
     def open_tiers() -> Tiers | None:
         from chatkv.kv.objects import local_budget, tiers_for
 
-        tiers = tiers_for(kv_dir, c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared)
-        if tiers is not None:
-            tiers.quiet = True  # a bucket that fails here fails the attach's fetch too, which says so once
-        return tiers
+        return tiers_for(kv_dir, c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared)
 
     pre = Prefetch(
         index,
