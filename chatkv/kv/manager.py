@@ -342,7 +342,9 @@ class KVManager:
                         log.warning("dropping KV chunk: %s; its tokens will be recomputed", data)
                         self._remove_chunks([rec], {rec.key: data.file_id})
                     else:  # a transient read error: the chunk may well be sound, keep it
-                        log.warning("could not read KV chunk: %s; its tokens will be recomputed", data)
+                        # (a failed bucket is said once, by its tiers: not again for each chunk)
+                        say = log.debug if where.get(rec.key) == "failed" else log.warning
+                        say("could not read KV chunk: %s; its tokens will be recomputed", data)
                     break
                 # a chunk that only begins like the prompt (a reply re-tokenized differently):
                 # use that much, and nothing after it
