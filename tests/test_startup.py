@@ -392,3 +392,23 @@ def test_the_first_start_computes_with_the_model_later_starts_load(fake_gguf, ch
     assert buffers and all(
         b.dtype == buffers[n].dtype and torch.equal(b, buffers[n]) for n, b in first.named_buffers()
     )
+
+
+def test_library_progress_bars_stay_off_the_users_stderr():
+    """transformers' GGUF conversion draws a tqdm bar of its own (outside its switch for
+    progress bars): chatkv's start turns tqdm off before any library imports it, as it says
+    "converting …" itself, on a terminal only."""
+    probe = (
+        "import sys\n"
+        "from chatkv.cli import _quiet_libraries\n"
+        "assert 'tqdm' not in sys.modules\n"
+        "_quiet_libraries(False)\n"
+        "from tqdm.auto import tqdm\n"
+        "for _ in tqdm(range(3), desc='converting-probe'): pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    done = run_python(probe, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "converting-probe" not in done.stderr
+    shown = run_python(probe.replace("_quiet_libraries(False)", "_quiet_libraries(True)"), env=env)
+    assert "converting-probe" in shown.stderr  # --debug: the libraries' own output as it is

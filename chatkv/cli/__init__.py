@@ -176,6 +176,10 @@ def _quiet_libraries(debug: bool) -> None:
         # ran: without it each retry warning printed twice (its handler and ours).
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # transformers' GGUF conversion draws a tqdm bar of its own (tqdm.auto, outside its
+        # progress-bar switch): chatkv says "converting …" itself, on a terminal only, and a
+        # script's stderr got a dozen bar redraws. tqdm reads this when it is imported.
+        os.environ.setdefault("TQDM_DISABLE", "1")
         for name in ("transformers", "accelerate", "alembic", "huggingface_hub", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
         if "transformers" in sys.modules:  # imported before main() (in process): the variable came late
