@@ -346,3 +346,17 @@ def test_int4_projections_take_several_rows_at_once():
     rows = proj(x)
     assert rows.shape == (5, 1, 64)
     assert all(torch.equal(rows[i : i + 1], proj(x[i : i + 1])) for i in range(5))
+
+
+def test_a_weight_the_int4_packer_refuses_decodes_dense():
+    """A weight on a 4-bit grid whose shape torch's int4 packer refuses (24 rows: not a
+    multiple of 16) is kept dense for decoding, with a log line, not a failed turn."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (24, 2, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15  # each group of 32 spans the whole grid
+    w = (q / 64 - torch.randint(0, 8, (24, 2, 1)) / 64).view(24, 64).to(torch.bfloat16)
+    assert lean._int4_form(w[:16]) is not None  # on the grid: only the shape is refused
+    linear = lean._Linear(w)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    assert torch.equal(linear(x), torch.nn.functional.linear(x, w))
+    assert linear.int4 is None

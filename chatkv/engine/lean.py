@@ -206,7 +206,11 @@ class _Linear:
         if self._int4 is _PENDING:
             with _lock:  # the warm-up's pack() and a first decode step: each weight packed once
                 if self._int4 is _PENDING:
-                    self._int4 = _int4_form(self.w)
+                    try:
+                        self._int4 = _int4_form(self.w)
+                    except (RuntimeError, ValueError) as e:  # e.g. a shape torch's packer refuses
+                        log.info("keeping a (%d, %d) weight dense for decoding: %s", *self.w.shape, e)
+                        self._int4 = None
         return self._int4  # type: ignore[no-any-return]
 
     def many(self, x: torch.Tensor, wide: bool) -> torch.Tensor:
