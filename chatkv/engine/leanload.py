@@ -152,10 +152,11 @@ def try_load(
         model = LeanModel(config, load_file(copy / "model.safetensors"), entry, dtype, copy)
         if lean.lean_for(model) is None:  # fuses the weights now: the first piece takes the lean step
             raise ValueError("the lean step does not take the skeleton")
+        fingerprint = str(entry["fingerprint"])
     except Exception as e:  # whatever the files hold instead: transformers' load decides
         log.warning("lean-only load of %s failed (%s); loading through transformers", copy, e)
         return None
-    return model, tok, str(entry["fingerprint"])
+    return model, tok, fingerprint
 
 
 class _Proj(nn.Module):
