@@ -400,3 +400,20 @@ def test_a_cold_host_fetches_the_chunks_from_the_bucket_during_the_load(tiny_set
     assert pre.used_tokens == turn.stats.cached_tokens  # read during the load, not after
     assert reply_tokens(turn) == expected
     again.close()
+
+
+def test_a_second_tokenizer_waits_for_the_first_ones_thread(tiny_lm):
+    """A lean load that fails after giving its tokenizer gives the fallback load's too: the
+    first tokenizing thread ends before the second starts, so none runs unwaited for."""
+    import time
+
+    def slow_render():
+        time.sleep(0.3)
+        return [{"role": "user", "content": "Hello!"}]
+
+    pre = prefetch.Prefetch(None, kv_dir(), 1, "fp16", render=slow_render)  # type: ignore[arg-type]
+    pre.tokenize(tiny_lm.tokenizer)
+    first = pre._tokenizing
+    pre.tokenize(tiny_lm.tokenizer)
+    assert first is not None and not first.is_alive() and pre._tokenizing is not first
+    pre.tokenized()

@@ -356,7 +356,7 @@ class KVManager:
                 if same < len(data.tokens):
                     break
             ex.shutdown(cancel_futures=True)  # after a break: don't read chunks that won't be used
-        fetched = got.fetched if got is not None else set()  # by the prefetch, while the model loaded
+        fetched = pre.fetched if pre is not None else set()  # by the prefetch, while the model loaded
         remote = any(where.get(r.key) == "remote" or r.key in fetched for r in plan[:used])
         if tiers is not None:
             tiers.forget(plan)

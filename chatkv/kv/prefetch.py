@@ -51,7 +51,6 @@ class Prefetched:
     data: list[ChunkData]  # what each decoded to; k/v are views of the buffers
     k: torch.Tensor  # (L, B, H, capacity, D)
     v: torch.Tensor  # (L, B, H, capacity, D)
-    fetched: set[str] = field(default_factory=set)  # keys of the chunks copied from the remote tier
 
     @property
     def tokens(self) -> int:
@@ -96,9 +95,13 @@ class Prefetch:
     policy: Policy | None = None
     # Set once the thread has imported what it needs (torch, no transformers): a loader waits
     # for it before importing the rest, since two threads importing the same package at once
-    # can see a lazy module half-built (ImportError), and the thread imports nothing after.
+    # can see a lazy module half-built (ImportError), and the thread imports nothing of
+    # transformers after (the tiers' client, boto3, is its own).
     imported: threading.Event = field(default_factory=threading.Event)
     _tiers_opened: threading.Event = field(default_factory=threading.Event)
+    # keys of the chunks the thread copied from the remote tier: this resume's, even where
+    # the attach reads them again (a read not taken), and over cache.local_bytes until trimmed
+    fetched: set[str] = field(default_factory=set)
     _tokenizing: threading.Thread | None = None
     _result: Prefetched | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -129,6 +132,9 @@ class Prefetch:
 
         if self.render is None:
             return None
+        # A lean load that failed after giving its tokenizer gives the fallback's too: the
+        # first thread ends before the second starts, and no thread is left unwaited for.
+        self.tokenized()
         self._tokenizing = tokenize_aside(tokenizer, self.render)
         return self.tokenized
 
@@ -240,7 +246,6 @@ class Prefetch:
         self.reads_began, cpu0 = time.perf_counter(), time.thread_time()
         if tiers is not None:
             tiers.prefetch(chain)  # in parallel, each read as soon as it is here
-        fetched: set[str] = set()
         data: list[ChunkData] = []
         k_buf = v_buf = None
         offset = 0
@@ -259,7 +264,7 @@ class Prefetch:
                     self.problem = f"chunk {rec.key[:12]}: {where} in the remote tier"
                     break
                 if where == "remote":
-                    fetched.add(rec.key)
+                    self.fetched.add(rec.key)
             try:
                 d = read_chunk(
                     chunk_path(self.kv_dir, rec.key),
@@ -294,7 +299,7 @@ class Prefetch:
         if not data or k_buf is None or v_buf is None:
             return None
         self.read_tokens = offset
-        return Prefetched(chain[: len(data)], data, k_buf, v_buf, fetched)
+        return Prefetched(chain[: len(data)], data, k_buf, v_buf)
 
 
 def start(
