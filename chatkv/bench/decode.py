@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from typing import Any
 
 from chatkv.api import GenerationSettings
@@ -88,7 +89,10 @@ def run(args, settings) -> dict:
             layer.update(k.clone(), v.clone())
         x = torch.tensor([ids], device=lm.device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # newer transformers call it `cache` (and warn, on the user's terminal, about the old
+            # name); older ones know only `past_key_values`
+            warnings.filterwarnings("ignore", ".*past_key_values.*deprecated", FutureWarning)
             out = lm.model.generate(
                 x,
                 attention_mask=torch.ones_like(x),
