@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from chatkv.bench.peer import open_peer
 from chatkv.cli import main
 
 
+# transformers' own deprecation of the cache's keyword stays off the user's terminal
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
 def test_bench_decode_reports_both_contexts_and_says_why_there_is_no_peer(tiny_model_dir, capsys):
     args = ["bench", "decode", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"]
     code = main([*args, "--tokens", "4", "--repeat", "1", "--long-context", "300", "--ablate", "--json"])
