@@ -116,6 +116,39 @@ def test_tiers_read_through_keep_a_copy_and_trim(s3_env, tmp_path: Path) -> None
     writer.close()
 
 
+def test_a_spill_trims_without_listing_the_cache_while_it_stays_within_budget(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """trim_after lists the local copies only when the last listing's total plus what this
+    process added since could be over budget, or that listing is old (other processes on the
+    host add copies too); over budget, it trims as trim does."""
+    kv = tmp_path / "kv"
+    tiers = Tiers(kv, open_objects((tmp_path / "bucket").as_uri()), local_bytes=3000)
+    listings = []
+    real = Tiers.trim
+    monkeypatch.setattr(Tiers, "trim", lambda self: listings.append(1) or real(self))
+
+    def spill(i: int) -> ChunkRecord:
+        blob = bytes([i]) * 1000
+        rec = _rec(blob)
+        objects.write_atomic(chunk_path(kv, rec.key), blob)
+        tiers.trim_after(len(blob))
+        return rec
+
+    first = spill(1)  # nothing listed yet: it lists once
+    spill(2)  # 2,000 bytes: within budget, not listed
+    assert len(listings) == 1
+    os.utime(chunk_path(kv, first.key), ns=(1, 1))  # read longest ago
+    spill(3)
+    spill(4)  # 4,000 bytes could be over 3,000: listed and trimmed
+    assert len(listings) == 2 and not chunk_path(kv, first.key).exists()
+    assert sum(f.stat().st_size for f in kv.rglob("*.safetensors")) == 3000
+    tiers._scanned_at -= objects.RESCAN_S  # an old listing is not trusted
+    tiers.trim_after(0)
+    assert len(listings) == 3
+    tiers.close()
+
+
 def test_unreachable_or_missing_bucket_is_a_miss_without_credentials(
     s3_env, tmp_path: Path, monkeypatch, caplog
 ) -> None:

@@ -361,7 +361,7 @@ class KVManager:
         if tiers is not None:
             tiers.forget(plan)
             if "remote" in where.values() or fetched:
-                tiers.trim()  # the copies just made count against cache.local_bytes
+                tiers.trim_after()  # the copies just fetched (counted by the tiers) against cache.local_bytes
         if n == 0:
             return None, 0, problems, False
         self.store.touch_chunks([r.key for r in plan[:used]])
@@ -463,7 +463,7 @@ class KVManager:
         self.bytes_written += written
         if self.tiers is not None:
             if written:  # the index is shared (cache.remote_bytes, by gc only): this host's copies
-                self.tiers.trim()
+                self.tiers.trim_after(written)
         elif self.disk_bytes and written:
             self.gc(self.disk_bytes, keep=set(wanted))
         return written

@@ -61,6 +61,9 @@ SUFFIX = ".safetensors"
 REMOTE_BACKOFF_S = 30.0
 # `collect` leaves objects younger than this: their index rows may not be written yet.
 GC_GRACE_S = 3600.0
+# `trim_after` looks at the local copies at least this often: other processes on the host
+# add copies too, which this one's running total does not see.
+RESCAN_S = 300.0
 
 
 class ObjectStore(Protocol):
@@ -277,6 +280,11 @@ class Tiers:
         self._warned = False
         self._down_until = 0.0  # time.monotonic() before which the remote is not asked
         self.fetched_bytes = 0  # read from the remote since start, for statistics and tests
+        # what the last scan of the local copies found (after trimming), when, and what this
+        # process added since: `trim_after` scans only when that could be over budget
+        self._scanned_total = 0
+        self._scanned_at: float | None = None
+        self._added = 0
 
     def _up(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -324,6 +332,7 @@ class Tiers:
             return "failed"
         with self._lock:
             self.fetched_bytes += len(blob)
+            self._added += len(blob)
         return "remote"
 
     def prefetch(self, recs: Iterable[ChunkRecord]) -> None:
@@ -362,6 +371,18 @@ class Tiers:
             return False
         return True
 
+    def trim_after(self, added: int = 0) -> tuple[int, int]:
+        """`trim`, after this process wrote `added` bytes of copies (its fetches count by
+        themselves), but without scanning the local copies while the last scan's total and
+        what was added since stay within budget and that scan is recent: a spill on a host
+        with many chunks no longer lists them all each time."""
+        with self._lock:
+            self._added += added
+            recent = self._scanned_at is not None and time.monotonic() - self._scanned_at < RESCAN_S
+            if recent and self._scanned_total + self._added <= self.local_bytes:
+                return 0, 0
+        return self.trim()
+
     def trim(self) -> tuple[int, int]:
         """Remove the least recently read local chunk files beyond `local_bytes`, oldest
         access first. They are in the remote (pushed or fetched; one whose push failed is
@@ -383,6 +404,8 @@ class Tiers:
             path.unlink(missing_ok=True)
             total -= size
             removed, freed = removed + 1, freed + size
+        with self._lock:
+            self._scanned_total, self._scanned_at, self._added = total, time.monotonic(), 0
         return removed, freed
 
     def close(self) -> None:
