@@ -251,14 +251,19 @@ def test_short_bfloat16_pieces_are_bit_equal_to_the_forward(tiny_model_dir):
         assert torch.equal(kg, kr) and torch.equal(vg, vr)
 
 
-def test_wide_bfloat16_prefill_is_as_close_to_float32_as_the_forward_is(tiny_model_dir, monkeypatch):
-    """Float32 products over the same bfloat16 numbers, rounded back: the cache differs from
-    the bfloat16 forward's by rounding only, as far from the float32 cache as that one is."""
+@pytest.mark.parametrize("products32", [True, False])
+def test_wide_bfloat16_prefill_is_as_close_to_float32_as_the_forward_is(
+    tiny_model_dir, monkeypatch, products32
+):
+    """Float32 attention (and float32 products, where they are faster) over the same
+    bfloat16 numbers, rounded back: the cache differs from the bfloat16 forward's by
+    rounding only, as far from the float32 cache as that one is."""
     monkeypatch.setattr(lean, "WIDE_MIN_TOKENS", 8)
     exact = fresh_model(tiny_model_dir)
     model = fresh_model(tiny_model_dir, torch.bfloat16)
     step = lean.lean_for(model)
     step.wide = True  # whatever this CPU has
+    step.products32 = products32  # whatever float32_products_pay measures here
     ids = [(7 * i) % 300 + 5 for i in range(70)]
     ref32, logits32 = forward_prefill(exact, ids, step=16)
     ref16, logits16 = forward_prefill(model, ids, step=16)
@@ -273,7 +278,7 @@ def test_wide_bfloat16_prefill_is_as_close_to_float32_as_the_forward_is(tiny_mod
         assert rel_err(kg, k32) <= 1.5 * rel_err(kr, k32) + 1e-3
         assert rel_err(vg, v32) <= 1.5 * rel_err(vr, v32) + 1e-3
         differ = differ or not torch.equal(kg, kr)
-    assert differ  # the float32 products did run: they round differently from bfloat16's
+    assert differ  # the float32 arithmetic did run: it rounds differently from bfloat16's
 
 
 def test_prefill_takes_the_lean_path_in_bfloat16_and_the_forward_in_float32(tiny_model_dir, monkeypatch):
@@ -333,6 +338,20 @@ def test_wide_products_only_on_a_cpu_without_amx(monkeypatch):
     assert not lean.wide_pays(torch.device("cpu"))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert lean.wide_pays(torch.device("cpu")) and not lean.wide_pays(torch.device("cuda"))
+
+
+def test_prefill_products_run_in_float32_only_where_that_is_clearly_faster(monkeypatch):
+    """No CPU flag tells an AVX512-BF16 Xeon (bfloat16 products at half float32's rate)
+    from an AVX512-BF16 EPYC (at twice it): the first wide piece times both, once."""
+    assert all(t > 0 for t in lean._time_products())  # the real timing runs
+    timed = []
+    for b16, f32, want in [(1.0, 0.5, True), (1.0, 0.9, False), (0.5, 1.0, False)]:
+        monkeypatch.setattr(lean, "_products", {})
+        monkeypatch.setattr(lean, "_time_products", lambda b=b16, f=f32: timed.append(1) or (b, f))
+        assert lean.float32_products_pay(torch.device("cpu")) is want
+        assert lean.float32_products_pay(torch.device("cpu")) is want  # remembered: timed once
+    assert len(timed) == 3
+    assert not lean.float32_products_pay(torch.device("cuda")) and len(timed) == 3
 
 
 def test_int4_projections_take_several_rows_at_once():

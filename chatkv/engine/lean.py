@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -160,17 +161,20 @@ def _int4_form(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return packed, scales.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-# Prefill in bfloat16 (or float16) on a CPU without AMX: torch's bfloat16 matrix product
-# runs at about half the rate of MKL's float32 one there (measured on this project's
-# AVX512-BF16 Xeon: 150-160 versus 290-300 GFLOP/s for a (512, 576) x (576, 3072) product,
-# 2 threads), and SDPA at about two thirds. So a prefill piece converts its operands to
-# float32, multiplies, and rounds the result back: the same bfloat16 numbers in, products
-# accumulated in float32 as the bfloat16 kernel accumulates them, one rounding out. The
-# weights are converted per piece, not kept: that costs 3-7% of a 512-token piece's time
-# (measured), where float32 copies would hold 425 MB more for SmolLM2-135M. Decode (one
-# token, memory-bound) and short pieces (a resumed conversation's new message) stay in
-# bfloat16, where reading half the bytes is what counts and the result is transformers'
-# bit for bit.
+# Prefill in bfloat16 (or float16) on a CPU without AMX: a long piece attends in float32
+# over the same bfloat16 numbers (_attend_piece: two flash calls, cheaper than one masked
+# bfloat16 SDPA), and its matrix products run in float32 too where that is faster
+# (`float32_products_pay`, measured once per process): on an AVX512-BF16 Xeon torch's
+# bfloat16 product ran at about half the rate of MKL's float32 one (150-160 versus 290-300
+# GFLOP/s for a (512, 576) x (576, 3072) product, 2 threads), on an AVX512-BF16 EPYC at
+# 2.2x it (200-220 versus 80-100 GFLOP/s, 1 thread), and no CPU flag tells the two apart.
+# Float32 products convert their operands, multiply and round the result back: the same
+# bfloat16 numbers in, products accumulated in float32 as the bfloat16 kernel accumulates
+# them, one rounding out. The weights are converted per piece, not kept: that costs 3-7% of
+# a 512-token piece's time (measured), where float32 copies would hold 425 MB more for
+# SmolLM2-135M. Decode (one token, memory-bound) and short pieces (a resumed conversation's
+# new message) stay in bfloat16, where reading half the bytes is what counts and the result
+# is transformers' bit for bit.
 WIDE_MIN_TOKENS = 64  # shorter prefill pieces multiply in bfloat16
 # Prefill takes the lean step in these. Float32 stays on transformers' forward: there a
 # re-prefill of the same text is bit-equal to the cache a conversation built turn by turn,
@@ -179,11 +183,52 @@ PREFILL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def wide_pays(device: torch.device) -> bool:
-    """Whether prefill products in float32 beat bfloat16 ones on `device`: a CPU without
-    AMX tiles (with AMX, oneDNN's bfloat16 kernels are the fast ones)."""
+    """Whether a long prefill piece takes the wide path on `device` (attention in float32,
+    products as `float32_products_pay` says): a CPU without AMX tiles (with AMX, oneDNN's
+    bfloat16 kernels are the fast ones)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     flash = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")  # _attend_piece's
     return device.type == "cpu" and flash and not (amx is not None and amx())
+
+
+_products: dict[str, bool] = {}  # float32_products_pay's answer, per device type
+
+
+def float32_products_pay(device: torch.device) -> bool:
+    """Whether a prefill piece's matrix products run faster in float32 over its bfloat16
+    numbers (weights converted per call) than in bfloat16, on this CPU: timed once per
+    process (about 20 ms, at the first long piece), best of three each; bfloat16 unless
+    float32 is clearly faster (no conversions, no float32 copies)."""
+    if device.type != "cpu":
+        return False
+    if "cpu" not in _products:
+        b16, f32 = _time_products()
+        _products["cpu"] = f32 < 0.8 * b16
+        log.info(
+            "prefill products in %s (bfloat16 %.2f ms, float32 %.2f ms)",
+            "float32" if _products["cpu"] else "bfloat16",
+            b16 * 1e3,
+            f32 * 1e3,
+        )
+    return _products["cpu"]
+
+
+def _time_products() -> tuple[float, float]:
+    """Seconds of a (256, 512) x (512, 1024) product in bfloat16, and in float32 over the
+    same bfloat16 numbers (converted, rounded back): best of three each."""
+    x = torch.randn(256, 512).to(torch.bfloat16)
+    w = torch.randn(1024, 512).to(torch.bfloat16)
+
+    def best(f: Callable[[], torch.Tensor]) -> float:
+        f()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: F.linear(x, w)), best(lambda: F.linear(x.float(), w.float()).to(torch.bfloat16))
 
 
 _PENDING = object()  # a _Linear's int4 form, not looked for yet
@@ -213,10 +258,10 @@ class _Linear:
                         self._int4 = None
         return self._int4  # type: ignore[no-any-return]
 
-    def many(self, x: torch.Tensor, wide: bool) -> torch.Tensor:
-        """x (1, T, K) -> (1, T, N) for a prefill piece: the dense weight, or with `wide` a
+    def many(self, x: torch.Tensor, f32: bool) -> torch.Tensor:
+        """x (1, T, K) -> (1, T, N) for a prefill piece: the dense weight, or with `f32` a
         float32 product of the same numbers rounded back to x's dtype (see WIDE_MIN_TOKENS)."""
-        if not wide:
+        if not f32:
             return F.linear(x, self.w)
         return F.linear(x.float(), self.w.float()).to(x.dtype)
 
@@ -258,6 +303,7 @@ class LeanLlama:
         with torch.no_grad():
             self.layers = [_Layer(layer) for layer in model.model.layers[: c.num_hidden_layers]]
         self.wide = self.head.dtype in (torch.bfloat16, torch.float16) and wide_pays(self.head.device)
+        self.products32: bool | None = None  # a wide piece's products in float32 (measured at the first)
 
     def pack(self) -> None:
         """Put the weights that lie on a 4-bit grid in int4 form now (see _Linear), rather than
@@ -332,14 +378,17 @@ class LeanLlama:
 
         The same operations as transformers' forward in the same order, without its mask
         building and per-layer dispatch; on a CPU without AMX the matrix products and
-        attention of a long piece run in float32 over the same bfloat16 numbers (see
-        WIDE_MIN_TOKENS)."""
+        attention of a long piece run in float32 over the same bfloat16 numbers, and its
+        matrix products too where that is faster (see WIDE_MIN_TOKENS)."""
         hq, hkv, d = self.hq, self.hkv, self.d
         t = ids.shape[1]
         nq, nk = hq * d, hkv * d
         x = self.embed(ids)  # (1, T, hidden)
         dt = x.dtype
         wide = self.wide and t >= WIDE_MIN_TOKENS and x.device.type == "cpu" and dt != torch.float32
+        if wide and self.products32 is None:
+            self.products32 = float32_products_pay(x.device)
+        f32 = wide and bool(self.products32)
         pos = torch.arange(start, start + t, device=x.device)
         cos, sin = self.rope(x, pos[None])  # (1, T, D) each
         cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, D): broadcast over heads
@@ -352,7 +401,7 @@ class LeanLlama:
         kv_layers = live.kv_layers(cache)
         for i, w in enumerate(self.layers):
             h = w.norm1(x)
-            qkv = w.qkv.many(h, wide)  # (1, T, nq + 2 nk)
+            qkv = w.qkv.many(h, f32)  # (1, T, nq + 2 nk)
             q = qkv[..., :nq].view(1, t, hq, d).transpose(1, 2)  # (1, Hq, T, D)
             k = qkv[..., nq : nq + nk].view(1, t, hkv, d).transpose(1, 2)  # (1, Hkv, T, D)
             v = qkv[..., nq + nk :].view(1, t, hkv, d).transpose(1, 2)
@@ -365,10 +414,10 @@ class LeanLlama:
                 att = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=mask, is_causal=mask is None, scale=w.scale, enable_gqa=True
                 )  # (1, Hq, T, D)
-            x = x + w.o.many(att.transpose(1, 2).reshape(1, t, nq), wide)
+            x = x + w.o.many(att.transpose(1, 2).reshape(1, t, nq), f32)
             h = w.norm2(x)
-            gate, up = w.gate_up.many(h, wide).chunk(2, dim=-1)  # (1, T, inter) each
-            x = x + w.down.many(F.silu(gate) * up, wide)
+            gate, up = w.gate_up.many(h, f32).chunk(2, dim=-1)  # (1, T, inter) each
+            x = x + w.down.many(F.silu(gate) * up, f32)
         return F.linear(self.norm(x[:, -1]), self.head)  # (1, V): only the last position's
 
 
