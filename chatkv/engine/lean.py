@@ -192,25 +192,52 @@ def wide_pays(device: torch.device) -> bool:
 
 
 _products: dict[str, bool] = {}  # float32_products_pay's answer, per device type
+PRODUCTS_MEMO = "cpu-products.json"  # beside the converted copies: the answer, per CPU and torch
 
 
 def float32_products_pay(device: torch.device) -> bool:
     """Whether a prefill piece's matrix products run faster in float32 over its bfloat16
-    numbers (weights converted per call) than in bfloat16, on this CPU: timed once per
-    process (about 20 ms, at the first long piece), best of three each; bfloat16 unless
-    float32 is clearly faster (no conversions, no float32 copies)."""
+    numbers (weights converted per call) than in bfloat16, on this CPU: timed once (about
+    20 ms, at the first long piece; best of three each; bfloat16 unless float32 is clearly
+    faster: no conversions, no float32 copies), then remembered for this CPU model and torch
+    version. Remembered, not timed at each start: the choice rounds a long prefill's
+    numbers, and a conversation continued in another process must be computed as it would
+    have been in the first (a timing near the threshold could flip from run to run)."""
     if device.type != "cpu":
         return False
     if "cpu" not in _products:
-        b16, f32 = _time_products()
-        _products["cpu"] = f32 < 0.8 * b16
-        log.info(
-            "prefill products in %s (bfloat16 %.2f ms, float32 %.2f ms)",
-            "float32" if _products["cpu"] else "bfloat16",
-            b16 * 1e3,
-            f32 * 1e3,
-        )
+        from chatkv.engine.model import _read_json, _remember_json
+        from chatkv.paths import models_dir
+
+        key = f"{_cpu_name()}|{torch.__version__}"
+        known = _read_json(models_dir() / PRODUCTS_MEMO).get(key)
+        if isinstance(known, bool):
+            _products["cpu"] = known
+        else:
+            b16, f32 = _time_products()
+            _products["cpu"] = f32 < 0.8 * b16
+            log.info(
+                "prefill products in %s (bfloat16 %.2f ms, float32 %.2f ms)",
+                "float32" if _products["cpu"] else "bfloat16",
+                b16 * 1e3,
+                f32 * 1e3,
+            )
+            _remember_json(PRODUCTS_MEMO, key, _products["cpu"])
     return _products["cpu"]
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what the platform says of it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}".strip()
 
 
 def _time_products() -> tuple[float, float]:

@@ -502,7 +502,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return known if isinstance(known, dict) else {}
 
 
-def _remember_json(name: str, key: str, value: str, keep: int = 64) -> None:
+def _remember_json(name: str, key: str, value: str | bool, keep: int = 64) -> None:
     """Set `key` in the JSON memo `name` beside the converted copies, keeping the newest
     `keep` entries. Never raises: a memo not written costs only the next start its work."""
     try:
