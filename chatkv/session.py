@@ -121,7 +121,7 @@ class Chat(Conversations, Housekeeping):
                 pre.imported.wait()
             from chatkv.engine.model import load_model, warm_up
             from chatkv.kv.manager import KVManager
-            from chatkv.kv.objects import local_budget, tiers_for
+            from chatkv.kv.objects import tiers_for
             from chatkv.progress import CallbackProgress
 
             m, c = self.settings.model, self.settings.cache
@@ -140,8 +140,7 @@ class Chat(Conversations, Housekeeping):
                 chunk_tokens=c.chunk_tokens,
                 live_bytes=c.live_bytes,
                 disk_bytes=c.disk_bytes,
-                tiers=(pre.opened_tiers() if pre is not None else None)
-                or tiers_for(kv_dir(), c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared),
+                tiers=(pre.opened_tiers() if pre is not None else None) or tiers_for(kv_dir(), c),
             )
             self.kv.prefetch = pre
             lean = "aside" if self.defaults.max_new_tokens > 1 else "none"  # first tokens need no decode step

@@ -164,7 +164,7 @@ def _int4_form(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 # Prefill in bfloat16 (or float16) on a CPU without AMX: a long piece attends in float32
 # over the same bfloat16 numbers (_attend_piece: two flash calls, cheaper than one masked
 # bfloat16 SDPA), and its matrix products run in float32 too where that is faster
-# (`float32_products_pay`, measured once per process): on an AVX512-BF16 Xeon torch's
+# (`float32_products_pay`, timed once per CPU and remembered): on an AVX512-BF16 Xeon torch's
 # bfloat16 product ran at about half the rate of MKL's float32 one (150-160 versus 290-300
 # GFLOP/s for a (512, 576) x (576, 3072) product, 2 threads), on an AVX512-BF16 EPYC at
 # 2.2x it (200-220 versus 80-100 GFLOP/s, 1 thread), and no CPU flag tells the two apart.

@@ -460,8 +460,11 @@ def local_budget(local_bytes: int | None, disk_bytes: int) -> int:
     return disk_bytes if local_bytes is None else local_bytes
 
 
-def tiers_for(kv_dir: Path, url: str, local_bytes: int, shared: bool = False) -> Tiers | None:
-    """The tiers cache.url asks for; None when it is empty (the local kv/ only)."""
-    if not url:
+def tiers_for(kv_dir: Path, cache: Any) -> Tiers | None:
+    """The tiers a [cache] section (url, shared, local_bytes, disk_bytes) asks for; None when
+    its url is empty (the local kv/ only)."""
+    if not cache.url:
         return None
-    return Tiers(kv_dir, open_objects(url, shared), local_bytes)
+    return Tiers(
+        kv_dir, open_objects(cache.url, cache.shared), local_budget(cache.local_bytes, cache.disk_bytes)
+    )

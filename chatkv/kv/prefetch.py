@@ -317,9 +317,9 @@ def start(
     m, c = settings.model, settings.cache
 
     def open_tiers() -> Tiers | None:
-        from chatkv.kv.objects import local_budget, tiers_for
+        from chatkv.kv.objects import tiers_for
 
-        return tiers_for(kv_dir, c.url, local_budget(c.local_bytes, c.disk_bytes), c.shared)
+        return tiers_for(kv_dir, c)
 
     pre = Prefetch(
         index,
