@@ -317,8 +317,10 @@ def test_the_lean_prefill_extends_a_plain_dynamic_cache_as_the_warm_up_passes_on
         assert torch.equal(ka, kb) and torch.equal(va, vb)
 
 
+@pytest.mark.parametrize("block", [3, 128])  # 3: the piece attends to itself in 3 blocks
 @pytest.mark.parametrize("start", [0, 11])
-def test_a_long_pieces_attention_is_causal_attention_over_the_prefix_and_itself(start):
+def test_a_long_pieces_attention_is_causal_attention_over_the_prefix_and_itself(start, block, monkeypatch):
+    monkeypatch.setattr(lean, "SELF_BLOCK", block)
     torch.manual_seed(0)
     hq, hkv, t, d = 6, 2, 7, 16
     q = torch.randn(1, hq, t, d)

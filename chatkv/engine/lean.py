@@ -448,31 +448,53 @@ class LeanLlama:
         return F.linear(self.norm(x[:, -1]), self.head)  # (1, V): only the last position's
 
 
+SELF_BLOCK = 128  # a long piece attends to itself in blocks of this many queries (see _attend_piece)
+
+
 def _attend_piece(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float
 ) -> torch.Tensor:
     """Causal attention of a prefill piece on the CPU: q (1, Hq, T, D) at positions
     [start, start + T) over keys, values (1, Hkv, start + T, D); returns (1, Hq, T, D).
 
-    In two flash-attention calls merged by their log-sum-exps: the piece over its own
-    keys with is_causal (the kernel skips the blocks above the diagonal, which a mask
-    over all start + T keys would compute), and over the cached prefix unmasked with the
-    GQA groups folded into the query length. 4% faster than one masked call over a
-    3,500-token prefill (median of 7 same-run pairs, 1 thread)."""
+    In flash-attention calls merged by their log-sum-exps: the cached prefix unmasked, with
+    the GQA groups folded into the query length (4% faster than one masked call over a
+    3,500-token prefill), and the piece over itself in blocks of SELF_BLOCK queries, each
+    over its own keys with is_causal and over the piece's earlier keys unmasked. The CPU
+    kernel takes keys 512 at a time, so one causal call over a 512-token piece computes the
+    whole square and masks half of it; the blocks skip most of that half (the piece's own
+    attention 25-30% faster, all of a 3,500-token prefill's attention 6%: same-run medians,
+    1 thread)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     _, hq, t, d = q.shape
     hkv = keys.shape[1]
     g = hq // hkv
     kd = keys[:, :, start:].repeat_interleave(g, 1)  # (1, Hq, T, D): query head h reads kv head h // g
     vd = values[:, :, start:].repeat_interleave(g, 1)
-    out, lse = flash(q, kd, vd, is_causal=True, scale=scale)  # (1, Hq, T, D), (1, Hq, T)
+    outs, lses = [], []
+    for i in range(0, t, SELF_BLOCK):
+        j = min(i + SELF_BLOCK, t)
+        out_i, lse_i = flash(q[:, :, i:j], kd[:, :, i:j], vd[:, :, i:j], is_causal=True, scale=scale)
+        if i:
+            out_e, lse_e = flash(q[:, :, i:j], kd[:, :, :i], vd[:, :, :i], scale=scale)
+            out_i, lse_i = _merge(out_i, lse_i, out_e, lse_e)
+        outs.append(out_i)
+        lses.append(lse_i)
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 2), torch.cat(lses, 2))
     if not start:
-        return out  # type: ignore[no-any-return]
+        return out
     qf = q.reshape(1, hkv, g * t, d)
     out_p, lse_p = flash(qf, keys[:, :, :start], values[:, :, :start], scale=scale)  # (1, Hkv, g*T, ...)
-    out_p, lse_p = out_p.reshape(1, hq, t, d), lse_p.reshape(1, hq, t)
-    both = torch.logaddexp(lse, lse_p)
-    return out * (lse - both).exp()[..., None] + out_p * (lse_p - both).exp()[..., None]  # type: ignore[no-any-return]
+    return _merge(out, lse, out_p.reshape(1, hq, t, d), lse_p.reshape(1, hq, t))[0]
+
+
+def _merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two disjoint sets of keys, from each one's output (..., T, D) and
+    log-sum-exp (..., T): the attention over both, and its log-sum-exp."""
+    both = torch.logaddexp(lse_a, lse_b)
+    return out_a * (lse_a - both).exp()[..., None] + out_b * (lse_b - both).exp()[..., None], both
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
