@@ -41,10 +41,9 @@ from chatkv.store.db import database_target
 from chatkv.turn import Replace, Turn
 
 if TYPE_CHECKING:
-    from transformers import DynamicCache
-
     from chatkv.engine.model import LoadedModel
     from chatkv.kv.chunks import Layers
+    from chatkv.kv.live import Cache
     from chatkv.kv.manager import Attached, KVManager
     from chatkv.kv.prefetch import Prefetch
 
@@ -241,7 +240,7 @@ class Chat(Conversations, Housekeeping):
         reply: str,
         stats: TurnStats,
         tokens: list[int],
-        cache: DynamicCache | None,
+        cache: Cache | None,
     ) -> int:
         """Save a turn that batch decoded itself: `messages` (a continued conversation's new
         question, or every message of a new conversation, its system prompt first) and the

@@ -61,6 +61,15 @@ DECLARED: dict[tuple[str, str], str] = {
     ("chatkv.engine.lean", "chatkv.kv.live"): (
         "the lean decode step appends each layer's new key and value to the live cache's layers in place"
     ),
+    ("chatkv.engine.generate", "chatkv.kv.live"): (
+        "prefill and decode extend a live cache, typed as the KV layer's Cache (DynamicCache or LeanCache)"
+    ),
+    ("chatkv.engine.model", "chatkv.kv.live"): (
+        "the warm-up's throwaway cache comes from new_cache: a lean-loaded model's needs no transformers"
+    ),
+    ("chatkv.engine.leanload", "chatkv.kv.live"): (
+        "a LeanCache handed to transformers' forward becomes a DynamicCache over the same layers"
+    ),
     ("chatkv.batch", "chatkv.store.db"): (
         "a line's database error is translated where its record is written (as the turn does)"
     ),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from chatkv.api import GenerationSettings
-from chatkv.engine import lean, leanload
+from chatkv.engine import lean, leanload, leantok
 from chatkv.engine import model as model_mod
 from chatkv.engine.generate import generate, prefill
 from chatkv.kv import live
@@ -100,6 +100,7 @@ def test_greedy_tokens_are_the_same_as_the_transformers_loads(gguf):
 def test_the_tokenizer_gives_the_same_ids_template_and_special_tokens(gguf):
     full, lean_lm = both(gguf)
     a, b = full.tokenizer, lean_lm.tokenizer
+    assert not isinstance(b, type(a))  # the lean one is not transformers' class
     chats = [
         [{"role": "user", "content": "Hello there"}],
         [
@@ -112,15 +113,30 @@ def test_the_tokenizer_gives_the_same_ids_template_and_special_tokens(gguf):
     for msgs in chats:
         ids = model_mod.chat_ids(a, msgs)
         assert model_mod.chat_ids(b, msgs) == ids
-        assert a.apply_chat_template(msgs, tokenize=False) == b.apply_chat_template(msgs, tokenize=False)
-        assert a.decode(ids) == b.decode(ids)
+        for gen in (False, True):
+            want = a.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+            assert b.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False) == want
+        for skip in (False, True):
+            assert a.decode(ids, skip_special_tokens=skip) == b.decode(ids, skip_special_tokens=skip)
+    assert model_mod.template_default_system_prompt(a) == model_mod.template_default_system_prompt(b)
     assert a.chat_template == b.chat_template
-    assert a.all_special_tokens == b.all_special_tokens
-    assert (a.eos_token_id, a.bos_token_id, a.pad_token_id) == (
-        b.eos_token_id,
-        b.bos_token_id,
-        b.pad_token_id,
+    assert a.get_vocab() == b.get_vocab()
+    assert (a.eos_token_id, a.pad_token_id) == (b.eos_token_id, b.pad_token_id)
+
+
+def test_a_tokenizer_whose_template_renders_differently_outside_transformers_is_not_taken(gguf):
+    """The capture renders probe chats both ways: a template using transformers' own
+    `{% generation %}` tag does not compile outside it, so that model keeps the transformers
+    load (and says why in the log), where a lean one would fail at its first turn."""
+    full = load(lean_only=False)
+    tok = full.tokenizer
+    assert leantok.capture(tok)[0] is not None
+    tok.chat_template = tok.chat_template.replace(
+        "{{ message['content'] }}", "{% generation %}{{ message['content'] }}{% endgeneration %}"
     )
+    assert "generation" in tok.chat_template
+    state, why = leantok.capture(tok)
+    assert state is None and "generation" in why
 
 
 def test_a_conversation_saved_by_one_load_resumes_from_disk_under_the_other(gguf, tiny_settings):
@@ -165,20 +181,52 @@ def test_transformers_forward_runs_over_the_same_weight_tensors(gguf):
     assert built.lm_head.weight is skeleton.model.embed_tokens.weight  # tied, as loaded
 
 
-def test_a_fresh_process_imports_none_of_transformers_model_classes(gguf, tiny_model_dir, chatkv_home):
-    both(gguf)
+def test_a_lean_cache_handed_to_transformers_forward_goes_on_as_that_forward_would(gguf):
+    """A cache begun by the lean step (a LeanCache) and continued through transformers'
+    forward (`set_enabled(False)`, as --ablate) becomes a DynamicCache over the same layers:
+    the forward extends it as it extends its own, and the LeanCache sees what it added."""
+    full, lean_lm = both(gguf)
+    skeleton = lean_lm.model
+    ids = list(range(5, 30))
+    cache = live.new_cache(skeleton)
+    assert type(cache).__name__ == "LeanCache"
+    prefill(skeleton, ids[:10], cache, 0)  # a short piece: transformers' forward bit for bit
+    lean.set_enabled(skeleton, False)
+    lean.set_enabled(full.model, False)
+    got = prefill(skeleton, ids[10:], cache, 10)
+    want, want_cache = run(full.model, ids, [10, 15])
+    assert torch.equal(got, want)
+    assert live.seq_len(cache) == 25
+    for (ka, va), (kb, vb) in zip(live.layers_of(want_cache), live.layers_of(cache), strict=True):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_a_fresh_process_imports_no_transformers(gguf, tiny_model_dir, chatkv_home):
+    """Load, tokenize a chat, prefill it into a new cache and decode a token: none of it
+    imports transformers (0.6 s) or its model classes (2 s more)."""
+    full, _ = both(gguf)
+    chat = [{"role": "user", "content": "hi <|im_end|>"}]
+    want = full.tokenizer.decode(model_mod.chat_ids(full.tokenizer, chat))
     code = f"""
 import sys
 from chatkv.engine import model as m
+from chatkv.engine.generate import decode_one, prefill
+from chatkv.kv import live
 src = m.ModelSource("x.gguf", {str(tiny_model_dir)!r}, "x.gguf", "gguf:abc")
 m.resolve = lambda name: src
 lm = m.load_model("x.gguf", device="cpu", dtype="bfloat16", lean_only=True)
-print(type(lm.model).__name__, lm.fingerprint)
-print(sorted(k for k in sys.modules if k.startswith(("transformers.models.llama", "torch._dynamo"))))
+ids = m.chat_ids(lm.tokenizer, [{{"role": "user", "content": "hi <|im_end|>"}}])
+cache = live.new_cache(lm.model)
+logits = prefill(lm.model, ids, cache, 0)
+decode_one(lm.model, logits.argmax(-1), cache, len(ids))
+print(type(lm.model).__name__, lm.fingerprint, type(cache).__name__, live.seq_len(cache) == len(ids) + 1)
+print(lm.tokenizer.decode(ids) == {want!r})
+print(sorted(k for k in sys.modules if k.startswith(("transformers", "torch._dynamo"))))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded, imported = done.stdout.splitlines()
-    assert loaded == f"LeanModel {load().fingerprint}"
+    loaded, same_text, imported = done.stdout.splitlines()
+    assert loaded == f"LeanModel {load().fingerprint} LeanCache True"
+    assert same_text == "True"
     assert imported == "[]"
 
 

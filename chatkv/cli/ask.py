@@ -160,6 +160,8 @@ def _startup(chat, attach_s: float, load_began: float, loaded_at: float, first_a
         "model_load_s": loaded_at - load_began,
         # "lean": loaded without transformers' model classes (engine/leanload.py)
         "model_classes": "lean" if chat.lm is not None and chat.lm.lean_loaded else "transformers",
+        # whether anything imported transformers (a lean load does not: 0.6 s of imports)
+        "transformers_imported": "transformers" in sys.modules,
         # the turn's chunk reads: in the background during the load, plus what the turn's
         # attach read itself (and checking what was read ahead)
         "chunk_read_s": (pre.read_s if used else 0.0) + attach_s,

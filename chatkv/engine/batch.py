@@ -346,7 +346,7 @@ class BatchDecoder:
                 )
         like = self.prefix or next((x for x in own if x), None)
         C = max(lens)
-        past = live.new_cache(self.model)
+        past = live.dynamic(live.new_cache(self.model))
         if C and like is not None:
             for layer, (k, v) in zip(live.kv_layers(past), _pad_left(own, C, like), strict=True):
                 layer.update(k.to(dev), v.to(dev))  # (B, H, C, D)
@@ -384,7 +384,7 @@ class BatchDecoder:
                 (torch.cat([pk, k], -2), torch.cat([pv, v], -2))
                 for (pk, pv), (k, v) in zip(self.prefix, layers, strict=True)
             ]
-        return live.cache_from_layers(self.model, layers)
+        return live.dynamic(live.cache_from_layers(self.model, layers))
 
     def _run(self) -> Iterator[BatchStep]:
         past, valid, pos, logits = self._start()

@@ -19,7 +19,7 @@ from chatkv.api import FinishReason, GenerationSettings
 from chatkv.engine.lean import lean_for, prefill_step_for
 
 if TYPE_CHECKING:
-    from transformers import DynamicCache
+    from chatkv.kv.live import Cache
 
 PREFILL_STEP = 512  # tokens per forward pass during prefill: bounds activation memory
 
@@ -79,7 +79,7 @@ class Sampler:
 def prefill(
     model: Any,  # a transformers causal LM (untyped)
     ids: Sequence[int],
-    cache: DynamicCache,
+    cache: Cache,
     start: int,
     step: int = PREFILL_STEP,
     cancel: threading.Event | None = None,
@@ -149,7 +149,7 @@ def _cache_keyword(cls: type) -> str:
 
 
 @torch.inference_mode()
-def decode_one(model: Any, token: torch.Tensor, cache: DynamicCache, pos: int) -> torch.Tensor:
+def decode_one(model: Any, token: torch.Tensor, cache: Cache, pos: int) -> torch.Tensor:
     """Feed one token (shape (1,)) at position `pos`; return next-token logits (1, V).
 
     Llama-family models take the lean step (engine/lean.py: the model's own weights
@@ -174,7 +174,7 @@ def decode_one(model: Any, token: torch.Tensor, cache: DynamicCache, pos: int) -
 def generate(
     model: Any,  # a transformers causal LM (untyped)
     ids: Sequence[int],
-    cache: DynamicCache,
+    cache: Cache,
     cached: int,
     settings: GenerationSettings,
     eos_ids: Sequence[int],

@@ -18,9 +18,14 @@ the stamps of the weights, config and tokenizer files. Nothing remembered (the f
 a new transformers, a rewritten file, a model lean.py does not take): the transformers load,
 which remembers for the next start.
 
+The tokenizer is a LeanTokenizer (engine/leantok.py) over the state the same transformers
+load captured, and the model's caches are LeanCaches (kv/appending.py): a resumed `chatkv
+ask` does not import transformers at all (0.6 s of imports).
+
 Anything that asks the skeleton for transformers' forward itself (`set_enabled(False)`, a
 batched prefill) gets it: the first call builds transformers' model around the skeleton's
-own weight tensors (`LeanModel.full`).
+own weight tensors (`LeanModel.full`), and a LeanCache handed to it becomes a DynamicCache
+over the same layers' storage (`live.as_dynamic`).
 """
 
 from __future__ import annotations
@@ -38,15 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatkv.engine import lean
-from chatkv.engine.model import _read_json, _remember_json, dir_stamp
+from chatkv.engine import lean, leantok
+from chatkv.engine.model import _read_json, _remember_json, _write_private, dir_stamp, library_version
 from chatkv.paths import models_dir
 
 log = logging.getLogger(__name__)
 
 MEMO = "lean-load.json"  # beside the converted copies: what a lean-only load needs, by key
-LEAN_FORMAT = "1"  # bump when an entry's fields or their meaning change
+LEAN_FORMAT = "2"  # bump when an entry's fields or their meaning change (2: the tokenizer's state)
 TOKENIZER_CLASS = "TokenizersBackend"  # transformers' PreTrainedTokenizerFast: the only class taken
+TOKENIZERS = "lean-tokenizers"  # beside the memo: captured tokenizer states, named by their hash
 _COPY_FILES = ("config.json", "generation_config.json", "model.safetensors", "done")
 
 
@@ -54,9 +60,7 @@ def memo_key(setting: str, copy: Path, tokenizer_dir: Path) -> str:
     """The key of a lean-only load's entry: the setting (weights' identity, dtype, load_in,
     device kind), the library versions, and the stamps of the copy's files (size, times,
     inode: any rewrite moves them) and of the tokenizer's. "" when a file is missing."""
-    import transformers
-
-    parts = [LEAN_FORMAT, setting, torch.__version__, transformers.__version__]
+    parts = [LEAN_FORMAT, setting, torch.__version__, library_version("transformers")]
     for name in _COPY_FILES:
         try:
             st = (copy / name).stat()
@@ -99,10 +103,23 @@ def why_not_remembered(model: Any, tok: Any, dtype: torch.dtype, device: torch.d
     return None
 
 
-def remember(key: str, model: Any, fingerprint: str) -> None:
-    """Keep what a lean-only load of `model` (loaded by transformers, eligible by
+def remember(key: str, model: Any, tok: Any, fingerprint: str) -> None:
+    """Keep what a lean-only load of `model` and `tok` (loaded by transformers, eligible by
     `why_not_remembered`) needs under `key`. Never raises (a memo not written costs the next
     start the transformers load)."""
+    state, why = leantok.capture(tok)
+    if state is None:
+        log.debug("no lean-only load for this model: %s", why)
+        return
+    name = leantok.digest(state)
+    try:
+        where = models_dir() / TOKENIZERS
+        where.mkdir(mode=0o700, exist_ok=True)
+        if not (where / f"{name}.json").exists():
+            _write_private(where / f"{name}.json", json.dumps(state))
+    except OSError as e:
+        log.debug("could not keep the tokenizer's state: %s", e)
+        return
     inner = model.model
     rope = inner.rotary_emb
     entry = {
@@ -114,6 +131,7 @@ def remember(key: str, model: Any, fingerprint: str) -> None:
         "scaling": float(inner.layers[0].self_attn.scaling),
         "rms_eps": float(inner.norm.variance_epsilon),
         "tied": model.lm_head.weight is inner.embed_tokens.weight,
+        "tokenizer": name,
     }
     _remember_json(MEMO, key, json.dumps(entry), keep=16)
 
@@ -142,12 +160,10 @@ def try_load(
         return None
     try:
         from safetensors.torch import load_file
-        from transformers import PreTrainedTokenizerFast
-        from transformers.configuration_utils import PretrainedConfig
 
-        tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+        tok = leantok.LeanTokenizer(_tokenizer_state(str(entry["tokenizer"])))
         on_tokenizer(tok)
-        config = PretrainedConfig(**json.loads((copy / "config.json").read_text()))
+        config = SimpleNamespace(**json.loads((copy / "config.json").read_text()))
         config._attn_implementation = "sdpa"  # what transformers' load picked (lean.why_not checks it)
         model = LeanModel(config, load_file(copy / "model.safetensors"), entry, dtype, copy)
         if lean.lean_for(model) is None:  # fuses the weights now: the first piece takes the lean step
@@ -157,6 +173,14 @@ def try_load(
         log.warning("lean-only load of %s failed (%s); loading through transformers", copy, e)
         return None
     return model, tok, fingerprint
+
+
+def _tokenizer_state(name: str) -> dict[str, Any]:
+    """The captured tokenizer state kept under `name`; ValueError when it is not that state."""
+    state = json.loads((models_dir() / TOKENIZERS / f"{name}.json").read_text())
+    if not isinstance(state, dict) or leantok.digest(state) != name:
+        raise ValueError(f"the tokenizer state {name} does not match its name")
+    return state
 
 
 class _Proj(nn.Module):
@@ -289,6 +313,17 @@ class LeanModel(nn.Module):
                 self._full.append(full)
             return self._full[0]
 
+    @property
+    def lean_cache(self) -> bool:
+        """New caches for this model are LeanCaches (live.new_cache): it runs no transformers
+        forward while the lean step is enabled."""
+        return not getattr(self, lean._OFF, False)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' forward, for whatever does not take the lean path (see `full`)."""
+        from chatkv.kv import live
+
+        for name in ("cache", "past_key_values"):
+            if name in kwargs:
+                kwargs[name] = live.as_dynamic(kwargs[name], self)
         return self.full()(*args, **kwargs)

@@ -1,5 +1,6 @@
 """Live caches: helpers over transformers' DynamicCache (5.x: `cache.layers[i].keys /
-.values`), and the pool that keeps conversations' caches in memory across turns.
+.values`) or, for a model that never runs transformers' forward, a LeanCache of the same
+shape (kv/appending.py), and the pool that keeps conversations' caches in memory across turns.
 
 Positions a cache has handed out are never written again: `update` appends past
 them (GrowableLayer) or concatenates into new tensors (DynamicLayer), and cropping
@@ -12,15 +13,21 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from chatkv.engine.model import kv_shape
+from chatkv.kv.appending import Appending, LeanCache
+from chatkv.kv.capacity import capacity
 from chatkv.kv.chunks import Layers as Layers  # re-exported: engine.batch spells it live.Layers
-from chatkv.kv.growable import GrowableLayer, capacity
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from transformers import DynamicCache
+
+    Cache: TypeAlias = DynamicCache | LeanCache
 
 
 class KVLayer(Protocol):
@@ -36,14 +43,25 @@ class KVLayer(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def kv_layers(cache: DynamicCache) -> list[KVLayer]:
+def kv_layers(cache: Cache) -> list[KVLayer]:
     """`cache.layers` as the attention layers chatkv builds (see KVLayer)."""
     return cast("list[KVLayer]", cache.layers)
 
 
-def new_cache(model: Any) -> DynamicCache:  # model: a transformers causal LM (untyped)
-    """An empty cache for `model`; full-attention layers append in place (see growable.py)."""
-    cache = DynamicCache(config=model.config)
+def new_cache(model: Any) -> Cache:  # model: a transformers causal LM (untyped)
+    """An empty cache for `model`; full-attention layers append in place (see appending.py).
+    A model that never runs transformers' forward (`lean_cache`, engine/leanload.py) gets a
+    LeanCache: transformers is not imported for it."""
+    if getattr(model, "lean_cache", False):
+        return LeanCache(kv_shape(model.config)[0])
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from chatkv.engine.leanload import LeanModel
+    from chatkv.kv.growable import GrowableLayer
+
+    # A LeanModel with its lean step off runs transformers' forward: its config is that model's.
+    cache = DynamicCache(config=model.full().config if isinstance(model, LeanModel) else model.config)
     cache.layers = [
         GrowableLayer() if type(layer) is DynamicLayer else layer  # type: ignore[no-untyped-call]  # DynamicLayer.__init__
         for layer in cache.layers
@@ -51,12 +69,45 @@ def new_cache(model: Any) -> DynamicCache:  # model: a transformers causal LM (u
     return cache
 
 
-def layers_of(cache: DynamicCache) -> Layers:
+def dynamic(cache: Cache) -> DynamicCache:
+    """`cache`, which must be a DynamicCache: the cache of a model that runs transformers'
+    forward (engine/batch.py's, always loaded through transformers)."""
+    if isinstance(cache, LeanCache):
+        raise TypeError("a LeanCache where transformers' forward needs a DynamicCache")
+    return cache
+
+
+def as_dynamic(cache: Any, model: Any) -> Any:
+    """`cache` as transformers' forward takes it: a LeanCache becomes a DynamicCache of
+    appending layers over the same storage (no copy), which then serve the LeanCache too
+    (both hold one list of layers); anything else is returned as is."""
+    if not isinstance(cache, LeanCache):
+        return cache
+    from transformers import DynamicCache
+
+    from chatkv.kv.growable import GrowableLayer
+
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, GrowableLayer):
+            continue  # made so by an earlier call
+        grown = GrowableLayer()  # type: ignore[no-untyped-call]  # DynamicLayer.__init__
+        if layer.is_initialized and layer.keys.numel():
+            if layer._owns_views():
+                grown.adopt(layer._kbuf, layer._vbuf, layer._len)
+            else:
+                grown.update(layer.keys, layer.values)
+        cache.layers[i] = grown
+    dynamic = DynamicCache(config=model.full().config)  # model: a LeanModel
+    dynamic.layers = cache.layers
+    return dynamic
+
+
+def layers_of(cache: Cache) -> Layers:
     """Per layer (keys, values), each (B, H, T, D)."""
     return [(layer.keys, layer.values) for layer in kv_layers(cache)]
 
 
-def cache_from_layers(model: Any, layers: Layers) -> DynamicCache:
+def cache_from_layers(model: Any, layers: Layers) -> Cache:
     """A new cache holding a copy of `layers` (per layer (k, v), each (B, H, T, D))."""
     cache = new_cache(model)
     for layer, (k, v) in zip(kv_layers(cache), layers, strict=True):
@@ -64,12 +115,12 @@ def cache_from_layers(model: Any, layers: Layers) -> DynamicCache:
     return cache
 
 
-def seq_len(cache: DynamicCache) -> int:
+def seq_len(cache: Cache) -> int:
     """Positions the cache holds."""
     return cache.get_seq_length()
 
 
-def crop_to(cache: DynamicCache, n: int) -> None:
+def crop_to(cache: Cache, n: int) -> None:
     """Keep the first `n` positions."""
     if n < seq_len(cache):
         for layer in kv_layers(cache):
@@ -77,7 +128,7 @@ def crop_to(cache: DynamicCache, n: int) -> None:
             layer.values = layer.values[..., :n, :]
 
 
-def nbytes(cache: DynamicCache) -> int:
+def nbytes(cache: Cache) -> int:
     """Device bytes the cache holds, spare capacity included."""
     total = 0
     for layer in kv_layers(cache):
@@ -101,11 +152,11 @@ def buffers(
     return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
 
-def cache_from_buffers(model: Any, k: torch.Tensor, v: torch.Tensor, n: int) -> DynamicCache:
+def cache_from_buffers(model: Any, k: torch.Tensor, v: torch.Tensor, n: int) -> Cache:
     """A cache over `buffers()` whose first `n` positions are filled (no copy)."""
     cache = new_cache(model)
     for i, layer in enumerate(kv_layers(cache)):
-        if isinstance(layer, GrowableLayer):
+        if isinstance(layer, Appending):
             layer.adopt(k[i], v[i], n)
         else:
             layer.update(k[i][..., :n, :].clone(), v[i][..., :n, :].clone())
@@ -115,7 +166,7 @@ def cache_from_buffers(model: Any, k: torch.Tensor, v: torch.Tensor, n: int) -> 
 @dataclass
 class _Live:
     tokens: list[int]
-    cache: DynamicCache
+    cache: Cache
     nbytes: int
 
 
@@ -142,7 +193,7 @@ class LivePool:
             item = self._items.get(key)
             return len(item.tokens) if item else 0
 
-    def put(self, key: object, tokens: list[int], cache: DynamicCache) -> None:
+    def put(self, key: object, tokens: list[int], cache: Cache) -> None:
         item = _Live(tokens, cache, nbytes(cache))
         with self._lock:
             self._items.pop(key, None)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from chatkv.api import CacheSource
 from chatkv.errors import CacheError, NotFoundError
 from chatkv.kv import live, maintenance
+from chatkv.kv.appending import Appending
 from chatkv.kv.chunks import (
     chain_keys,
     chunk_key,
@@ -30,17 +31,16 @@ from chatkv.kv.chunks import (
     write_atomic,
 )
 from chatkv.kv.codecs import Codec, codec_by_tag, get_codec
-from chatkv.kv.growable import GrowableLayer
 from chatkv.kv.policy import DEFAULT_POLICY, get_policy
 from chatkv.store.chunk_index import ChunkRecord
 from chatkv.tokens import common_prefix as common_prefix  # re-exported: tests use it from here
 
 if TYPE_CHECKING:
     import torch
-    from transformers import DynamicCache
 
     from chatkv.engine.model import LoadedModel
     from chatkv.kv.chunks import ChunkData, FileId, Layers
+    from chatkv.kv.live import Cache
     from chatkv.kv.objects import Tiers
     from chatkv.kv.prefetch import Prefetch, Prefetched
     from chatkv.store.chunk_index import ChunkIndex
@@ -54,7 +54,7 @@ LOAD_THREADS = 2  # chunk reads in flight while resuming from disk
 class Attached:
     """A cache covering the first `cached` tokens of a prompt, and where it came from."""
 
-    cache: DynamicCache
+    cache: Cache
     cached: int
     source: CacheSource
     load_s: float = 0.0
@@ -99,7 +99,7 @@ class KVManager:
         # A model whose weights could not be identified has no fingerprint: nothing it
         # computes may be saved (chatkv.engine.model.fingerprint said so once).
         self.persist = bool(lm.fingerprint) and all(
-            isinstance(layer, GrowableLayer) for layer in live.new_cache(lm.model).layers
+            isinstance(layer, Appending) for layer in live.new_cache(lm.model).layers
         )
         if lm.fingerprint and not self.persist:
             log.warning("this model's cache layers are not plain attention; caches are kept in memory only")
@@ -111,7 +111,7 @@ class KVManager:
         # For a cache attached from disk: up to which position it holds what lossy chunks
         # decoded to. A chunk there is not re-coded from it: int4 of int8's output is
         # measurably worse than int4 of the exact cache (bench quality --explore).
-        self._inexact: weakref.WeakKeyDictionary[DynamicCache, int] = weakref.WeakKeyDictionary()
+        self._inexact: weakref.WeakKeyDictionary[Cache, int] = weakref.WeakKeyDictionary()
         self._q: queue.Queue[object] = queue.Queue()  # slots; None stops the worker
         # slot -> (conversation id, tokens, layers, pool ticket, inexact up to)
         self._pending: dict[object, tuple[int | None, list[int], Layers, object, int]] = {}
@@ -286,7 +286,7 @@ class KVManager:
 
     def _load(
         self, plan: list[ChunkRecord], tokens: Sequence[int], limit: int, pre: Prefetch | None = None
-    ) -> tuple[DynamicCache | None, int, list[str], bool]:
+    ) -> tuple[Cache | None, int, list[str], bool]:
         """Read chunks two at a time (file reads, checksums and dequantizing overlap)
         straight into one preallocated cache, use them in order, and stop at the first one
         that cannot be trusted (it is removed; its tokens will be prefilled again).
@@ -374,12 +374,12 @@ class KVManager:
 
     # -- keep and spill ------------------------------------------------------
 
-    def keep_live(self, conv: object, tokens: Sequence[int], cache: DynamicCache) -> None:
+    def keep_live(self, conv: object, tokens: Sequence[int], cache: Cache) -> None:
         """Keep `cache` (covering `tokens`) live for the conversation's next turn."""
         n = live.seq_len(cache)
         self.pool.put(conv, list(tokens[:n]), cache)
 
-    def spill(self, conv_id: int | None, tokens: Sequence[int], cache: DynamicCache) -> None:
+    def spill(self, conv_id: int | None, tokens: Sequence[int], cache: Cache) -> None:
         """Queue writing what is new of `cache` to disk; returns at once."""
         if not self.persist:
             return
