@@ -7,6 +7,7 @@ until its first message is sent: `send(None, …)` creates it together with that
 
 from __future__ import annotations
 
+import asyncio
 import time
 from functools import partial
 from typing import TYPE_CHECKING
@@ -79,6 +80,7 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         self.generating = False
         self._stop_requested = False
         self._drain_timer: Timer | None = None
+        self._drain_lock = asyncio.Lock()  # one drain at a time: the timer's and the turn end's
         self._reply_widget: ChatMessage | None = None  # the reply being generated
         self._wait_started = time.monotonic()
         self.turns_done = 0  # turns that ended since launch
@@ -383,10 +385,11 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         self.generate(starter, buffer, widget, restore_text)
 
     async def drain(self, buffer: ReplyBuffer, widget: ChatMessage) -> None:
-        """Show the pieces that arrived since the last call."""
-        text = buffer.take()
-        if text and widget.is_attached:
-            await widget.append(text)
+        """Show the pieces that arrived since the last call, after any drain under way."""
+        async with self._drain_lock:
+            text = buffer.take()
+            if text and widget.is_attached:
+                await widget.append(text)
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(
@@ -427,9 +430,16 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
             self.refresh_bindings()
 
     async def on_turn_ended(self, event: TurnEnded) -> None:
-        if self._drain_timer is not None:
-            self._drain_timer.stop()
+        # Pause, not stop: stopping cancels the timer's task, and with it a drain under way
+        # (a piece taken from the buffer, half laid out: lost from the reply shown). The last
+        # drain waits for that one, then the timer stops with nothing in flight.
+        timer, self._drain_timer = self._drain_timer, None
+        if timer is not None:
+            timer.pause()
         await self.drain(event.buffer, event.widget)
+        if timer is not None:
+            async with self._drain_lock:
+                timer.stop()
         self.generating = False
         self.stream = None
         self._reply_widget = None

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from textual import events
-from textual.widgets import Input, OptionList, TextArea
+from textual.widgets import Input, Markdown, OptionList, TextArea
 from textual.widgets._markdown import MarkdownFence
 
 from chatkv.errors import ModelError
@@ -158,6 +158,28 @@ async def test_send_streams_markdown_reply_with_stats():
         assert len(status) <= SIZE[0] - 2
         # the user message got its saved id, so it can be edited later
         assert chat(app).log_view.messages[-2].message is not None
+
+
+async def test_a_reply_ending_while_a_piece_is_being_shown_is_shown_whole(monkeypatch):
+    """The turn can end while the periodic flush is still laying out a piece (a slow
+    Markdown append on a loaded machine): ending the flush must not cancel that piece."""
+    reply = "First part, then\n\n```python\nprint('the rest')\n```\n\nDone."
+    backend = FakeBackend(replies=[reply], ready=True, piece_delay=0.02)
+    original = ChatMessage.append
+
+    async def slow(self, text):
+        await asyncio.sleep(0.3)  # the turn ends meanwhile
+        await original(self, text)
+
+    monkeypatch.setattr(ChatMessage, "append", slow)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "show code")
+        await finished(pilot, backend)
+        last = chat(app).log_view.messages[-1]
+        await wait_for(pilot, lambda: last.content == reply)
+        await wait_for(pilot, lambda: bool(last.query(MarkdownFence)))
+        assert last.query_one(Markdown).source == reply
 
 
 async def test_streaming_is_batched_not_per_piece(monkeypatch):
