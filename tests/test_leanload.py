@@ -307,7 +307,8 @@ def test_ask_resumes_through_the_lean_load_and_says_so(gguf, capsys, monkeypatch
     second = ask("-C", str(first["conversation_id"]), "And the MIT licence?")
     assert second["startup"]["model_classes"] == "lean"
     assert second["stats"]["cache_source"] == "disk" and second["stats"]["cached_tokens"] > 32
-    assert second["startup"]["prefetched_tokens"] == second["stats"]["cached_tokens"]
+    # read during the load (the attach reads whatever the load left unread)
+    assert 0 < second["startup"]["prefetched_tokens"] <= second["stats"]["cached_tokens"]
 
 
 def test_batched_rows_over_a_lean_loaded_model_decode_as_over_the_transformers_load(gguf):

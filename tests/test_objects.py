@@ -214,8 +214,9 @@ def test_a_conversation_resumes_on_another_host_from_the_bucket(
     second, _ = _ask(tmp_path / "host-b", env, "-C", str(conv), "and then?")
     stats = second["stats"]
     assert stats["cache_source"] == "remote", stats
-    # fetched from the bucket and read while the model loaded, not after
-    assert second["startup"]["prefetched_tokens"] == stats["cached_tokens"], second["startup"]
+    # fetched from the bucket and read while the model loaded (what the load left unread,
+    # the attach reads)
+    assert 0 < second["startup"]["prefetched_tokens"] <= stats["cached_tokens"], second["startup"]
     # Everything but the new message came from the bucket: nothing of the history prefilled.
     assert stats["cached_tokens"] >= first["stats"]["prompt_tokens"]
     assert stats["prefilled_tokens"] < 32
