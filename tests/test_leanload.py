@@ -230,6 +230,19 @@ print(sorted(k for k in sys.modules if k.startswith(("transformers", "torch._dyn
     assert imported == "[]"
 
 
+def test_a_damaged_tokenizer_state_falls_back_to_transformers_which_mends_it(gguf, caplog):
+    both(gguf)
+    (state,) = (models_dir() / leanload.TOKENIZERS).glob("*.json")
+    state.write_text(state.read_text().replace("<|im_end|>", "<|im_fin|>"))  # valid JSON, not its hash
+    with caplog.at_level(logging.WARNING):
+        fell_back = load()
+    assert not isinstance(fell_back.model, leanload.LeanModel)
+    assert "lean-only load" in caplog.text and "does not match" in caplog.text
+    again = load()  # the transformers load wrote the state again
+    assert isinstance(again.model, leanload.LeanModel)
+    assert again.tokenizer.encode("<|im_end|>") == fell_back.tokenizer.encode("<|im_end|>")
+
+
 def test_a_rewritten_copy_or_a_new_transformers_is_loaded_through_transformers(gguf, monkeypatch):
     both(gguf)
     conv = model_mod._converted_dir(model_mod.resolve(NAME))

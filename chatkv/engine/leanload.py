@@ -115,7 +115,9 @@ def remember(key: str, model: Any, tok: Any, fingerprint: str) -> None:
     try:
         where = models_dir() / TOKENIZERS
         where.mkdir(mode=0o700, exist_ok=True)
-        if not (where / f"{name}.json").exists():
+        try:
+            _tokenizer_state(name)  # kept already, intact
+        except (OSError, ValueError):  # absent, or damaged (a lean load fell back because of it)
             _write_private(where / f"{name}.json", json.dumps(state))
     except OSError as e:
         log.debug("could not keep the tokenizer's state: %s", e)
