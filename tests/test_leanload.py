@@ -243,6 +243,17 @@ def test_a_damaged_tokenizer_state_falls_back_to_transformers_which_mends_it(ggu
     assert again.tokenizer.encode("<|im_end|>") == fell_back.tokenizer.encode("<|im_end|>")
 
 
+def test_tokenizer_states_no_memo_entry_names_are_removed(gguf):
+    both(gguf)
+    where = models_dir() / leanload.TOKENIZERS
+    (kept,) = where.glob("*.json")
+    stale = where / ("0" * 32 + ".json")
+    stale.write_text("{}")
+    load(lean_only=False)  # a transformers load remembers again, and prunes
+    assert sorted(where.glob("*.json")) == [kept]
+    assert isinstance(load().model, leanload.LeanModel)
+
+
 def test_a_rewritten_copy_or_a_new_transformers_is_loaded_through_transformers(gguf, monkeypatch):
     both(gguf)
     conv = model_mod._converted_dir(model_mod.resolve(NAME))

@@ -136,6 +136,25 @@ def remember(key: str, model: Any, tok: Any, fingerprint: str) -> None:
         "tokenizer": name,
     }
     _remember_json(MEMO, key, json.dumps(entry), keep=16)
+    _prune_tokenizer_states()
+
+
+def _prune_tokenizer_states() -> None:
+    """Remove the kept tokenizer states no memo entry names any more (the memo keeps its
+    newest 16; a state is a couple of MB). Never raises. A state another process wrote but
+    has not named yet may go: its next start loads through transformers and keeps it again."""
+    try:
+        named = set()
+        for raw in _read_json(models_dir() / MEMO).values():
+            try:
+                named.add(json.loads(raw).get("tokenizer"))
+            except (TypeError, ValueError, AttributeError):
+                continue
+        for path in (models_dir() / TOKENIZERS).glob("*.json"):
+            if path.stem not in named:
+                path.unlink(missing_ok=True)
+    except OSError as e:
+        log.debug("could not prune the kept tokenizer states: %s", e)
 
 
 def lookup(key: str) -> dict[str, Any] | None:
