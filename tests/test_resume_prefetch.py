@@ -438,6 +438,46 @@ def test_a_cold_host_fetches_the_chunks_from_the_bucket_during_the_load(tiny_set
     again.close()
 
 
+def test_a_cold_host_taken_early_fetches_each_chunk_once(tiny_settings, tiny_lm, tmp_path, monkeypatch):
+    """The turn takes the prefetch while it still reads: the fetches it started are the
+    attach's to wait for, not started again."""
+    import shutil
+
+    from chatkv.kv import chunks, objects
+
+    tiny_settings.set("cache.url", (tmp_path / "bucket").as_uri())
+    first = Chat(tiny_settings, lm=tiny_lm)
+    cid = saved_conversation(first)
+    first.close()
+    shutil.rmtree(kv_dir())
+
+    again = Chat(tiny_settings, store=Store(first.store.path), lm=tiny_lm)
+    real_read, real_fetch, reads, fetched = chunks.read_chunk, objects.Tiers._fetch, [], []
+
+    def first_waits_for_the_take(*args, **kwargs):
+        reads.append(args[0])
+        if len(reads) == 1:
+            assert again.prefetched._enough.wait(10)
+        return real_read(*args, **kwargs)
+
+    def counted(self, rec):
+        fetched.append(rec.key)
+        return real_fetch(self, rec)
+
+    monkeypatch.setattr(chunks, "read_chunk", first_waits_for_the_take)
+    monkeypatch.setattr(objects.Tiers, "_fetch", counted)
+    again.prefetch(cid)
+    again.load()
+    expected = expected_reply(again, cid, "Tell me a story.")
+    turn = again.send(cid, "Tell me a story.", GREEDY)
+    "".join(turn)
+    assert turn.stats.cache_source == "remote" and len(reads) == 1
+    assert 0 < again.prefetched.used_tokens < turn.stats.cached_tokens
+    assert len(fetched) == len(set(fetched)) > 1  # every chunk fetched, none twice
+    assert reply_tokens(turn) == expected
+    again.close()
+
+
 def test_a_second_tokenizer_waits_for_the_first_ones_thread(tiny_lm):
     """A lean load that fails after giving its tokenizer gives the fallback load's too: the
     first tokenizing thread ends before the second starts, so none runs unwaited for."""

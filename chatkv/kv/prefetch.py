@@ -239,8 +239,11 @@ class Prefetch:
         try:
             return self._read_chain(chain, self.tiers)
         finally:
-            if self.tiers is not None:
-                self.tiers.forget(chain)  # fetches not waited for (stopped early): not wanted
+            # Fetches not waited for: not wanted when the resume stopped (cancelled, or a chunk
+            # that could not be read), so that a later read looks again; taken by the attach
+            # (`take`), which goes on reading this chain at once, they are its to wait for.
+            if self.tiers is not None and (self._cancel.is_set() or not self._enough.is_set()):
+                self.tiers.forget(chain)
 
     def _read_chain(self, chain: list[ChunkRecord], tiers: Tiers | None) -> Prefetched | None:
         import torch
