@@ -305,6 +305,31 @@ print(conv.id, flush=True)
 """
 
 
+def test_opening_a_database_another_connection_is_writing_waits_for_it(tmp_path: Path) -> None:
+    """Switching a new database to WAL while another connection writes it gets "locked" at
+    once from SQLite (no busy timeout): two processes opening a new data directory together
+    failed that way. The switch is retried within the busy timeout."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "chatkv.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE held (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO held VALUES (1)")
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        with Store(path) as store:
+            assert store.list_conversations() == []
+    finally:
+        release.join()
+        other.close()
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    check.close()
+
+
 def test_two_processes_write_at_once(tmp_path: Path) -> None:
     path, go, n = tmp_path / "chatkv.db", tmp_path / "go", 40
     env = {

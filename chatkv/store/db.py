@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +144,24 @@ def _casefold(value: str | None) -> str | None:
     return value.casefold() if value is not None else None
 
 
+def _use_wal(dbapi_conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (it stays so: later connections find it done). Switching
+    needs the file to itself, and SQLite answers "locked" at once, without its busy
+    timeout, while another connection holds a write lock (two chatkv processes opening a new
+    data directory together): so it is retried here, within the same timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    pause = 0.005
+    while True:
+        try:
+            dbapi_conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 def make_engine(path: Path, *, foreign_keys: bool = True, pooled: bool = True) -> Engine:
     """An engine on the SQLite file `path`, with chatkv's connection settings.
 
@@ -164,7 +183,7 @@ def make_engine(path: Path, *, foreign_keys: bool = True, pooled: bool = True) -
         dbapi_conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         # synchronous stays FULL (the default): a commit is on disk when it returns,
         # and a message, unlike a cache chunk, cannot be rebuilt.
-        dbapi_conn.execute("PRAGMA journal_mode = WAL")
+        _use_wal(dbapi_conn)
         dbapi_conn.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
         # Deleted rows are overwritten, not left readable in free pages: `chatkv rm` means gone.
         dbapi_conn.execute("PRAGMA secure_delete = ON")
