@@ -97,9 +97,9 @@ def as_dynamic(cache: Any, model: Any) -> Any:
             else:
                 grown.update(layer.keys, layer.values)
         cache.layers[i] = grown
-    dynamic = DynamicCache(config=model.full().config)  # model: a LeanModel
-    dynamic.layers = cache.layers
-    return dynamic
+    wrapped = DynamicCache(config=model.full().config)  # model: a LeanModel
+    wrapped.layers = cache.layers
+    return wrapped
 
 
 def layers_of(cache: Cache) -> Layers:
