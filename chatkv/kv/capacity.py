@@ -1,5 +1,5 @@
-"""How much room a live cache buffer is given (kv/growable.py), in a module of its own: the
-prefetch thread sizes its buffers with it without importing transformers, which the loader
+"""How much room a live cache buffer is given (kv/appending.py), in a module of its own: the
+prefetch thread sizes its buffers with it without importing transformers, which a transformers load
 imports meanwhile (kv/prefetch.py)."""
 
 GROW_TOKENS = 256  # capacity is rounded up to this many positions
