@@ -124,6 +124,20 @@ def test_the_tokenizer_gives_the_same_ids_template_and_special_tokens(gguf):
     assert (a.eos_token_id, a.pad_token_id) == (b.eos_token_id, b.pad_token_id)
 
 
+def test_a_tokenizer_file_s_truncation_does_not_cut_what_the_lean_tokenizer_encodes(gguf):
+    """transformers turns a tokenizer file's truncation off for every encode chatkv asks of
+    it; the captured state comes back without it, whatever the backend was last set to."""
+    full = load(lean_only=False)
+    tok = full.tokenizer
+    tok.backend_tokenizer.enable_truncation(max_length=8)
+    state, why = leantok.capture(tok)
+    assert state is not None, why
+    text = " ".join(f"word{i}" for i in range(50))
+    lean_tok = leantok.LeanTokenizer(state)
+    assert len(lean_tok.encode(text, add_special_tokens=False)) > 8
+    assert lean_tok.encode(text) == list(tok.encode(text))
+
+
 def test_a_tokenizer_whose_template_renders_differently_outside_transformers_is_not_taken(gguf):
     """The capture renders probe chats both ways: a template using transformers' own
     `{% generation %}` tag does not compile outside it, so that model keeps the transformers
@@ -261,10 +275,12 @@ def test_a_rewritten_copy_or_a_new_transformers_is_loaded_through_transformers(g
     config.write_text(config.read_text())  # the same bytes, rewritten: its stamp moves
     assert not isinstance(load().model, leanload.LeanModel)
     assert isinstance(load().model, leanload.LeanModel)  # remembered again by that load
-    import transformers
-
-    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
-    assert not isinstance(load().model, leanload.LeanModel)
+    real = leanload.library_version
+    for upgraded in ("transformers", "tokenizers", "jinja2"):  # what renders and tokenizes
+        monkeypatch.setattr(
+            leanload, "library_version", lambda n, u=upgraded: real(n) + (".post1" if n == u else "")
+        )
+        assert not isinstance(load().model, leanload.LeanModel)
 
 
 def _untied(entry):

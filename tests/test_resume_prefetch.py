@@ -478,6 +478,43 @@ def test_a_cold_host_taken_early_fetches_each_chunk_once(tiny_settings, tiny_lm,
     again.close()
 
 
+def test_bucket_fetches_an_attach_does_not_wait_for_are_dropped(
+    tiny_settings, tiny_lm, tmp_path, monkeypatch
+):
+    """A prefetch taken early leaves its fetches to the attach; those past what the attach
+    reads (here it asks for the first chunk only) are dropped after it, not left running
+    with answers a later read would trust."""
+    import shutil
+
+    from chatkv.engine.model import chat_ids
+    from chatkv.kv import chunks
+
+    tiny_settings.set("cache.url", (tmp_path / "bucket").as_uri())
+    first = Chat(tiny_settings, lm=tiny_lm)
+    cid = saved_conversation(first)
+    first.close()
+    shutil.rmtree(kv_dir())
+
+    again = Chat(tiny_settings, store=Store(first.store.path), lm=tiny_lm)
+    real_read = chunks.read_chunk
+
+    def first_waits_for_the_take(*args, **kwargs):
+        assert again.prefetched._enough.wait(10)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(chunks, "read_chunk", first_waits_for_the_take)
+    again.prefetch(cid)
+    again.load()
+    tokens = chat_ids(tiny_lm.tokenizer, again.render(cid))
+    head = again.store.get_kv_head(cid).key
+    chain = again.store.chunk_chain(head)
+    assert len(chain) >= 3
+    got = again.kv.attach(cid, tokens[: chain[0].n_tokens + 1])
+    assert got.cached == chain[0].n_tokens
+    assert not again.kv.tiers._inflight  # nothing of the prefetch's left behind
+    again.close()
+
+
 def test_a_second_tokenizer_waits_for_the_first_ones_thread(tiny_lm):
     """A lean load that fails after giving its tokenizer gives the fallback load's too: the
     first tokenizing thread ends before the second starts, so none runs unwaited for."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +61,8 @@ def memo_key(setting: str, copy: Path, tokenizer_dir: Path) -> str:
     """The key of a lean-only load's entry: the setting (weights' identity, dtype, load_in,
     device kind), the library versions, and the stamps of the copy's files (size, times,
     inode: any rewrite moves them) and of the tokenizer's. "" when a file is missing."""
-    parts = [LEAN_FORMAT, setting, torch.__version__, library_version("transformers")]
+    parts = [LEAN_FORMAT, leantok.STATE_FORMAT, setting, torch.__version__]
+    parts += [library_version(name) for name in ("transformers", "tokenizers", "jinja2")]
     for name in _COPY_FILES:
         try:
             st = (copy / name).stat()
@@ -198,9 +200,13 @@ def try_load(
 
 def _tokenizer_state(name: str) -> dict[str, Any]:
     """The captured tokenizer state kept under `name`; ValueError when it is not that state."""
+    if not re.fullmatch("[0-9a-f]{32}", name):
+        raise ValueError(f"the tokenizer state's name {name[:40]!r} is not a digest")
     state = json.loads((models_dir() / TOKENIZERS / f"{name}.json").read_text())
     if not isinstance(state, dict) or leantok.digest(state) != name:
         raise ValueError(f"the tokenizer state {name} does not match its name")
+    if state.get("format") != leantok.STATE_FORMAT:
+        raise ValueError(f"the tokenizer state {name} is of another format")
     return state
 
 

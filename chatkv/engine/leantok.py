@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 STATE_FORMAT = "1"  # bump when the state's fields or their meaning change
+# transformers' switch that cleans up a BPE tokenizer's decoded text after all
+_FORCED_BPE_CLEANUP = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
 
 # Probes `capture` renders and encodes with both tokenizers: roles, a system prompt, a
 # generation prompt or none, control-token text, whitespace and non-ASCII text.
@@ -40,6 +42,8 @@ _PROBE_TEXTS = [
     "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
     "caf\u00e9 na\u00efve \u4e2d\u6587 \U0001f600 \u0645\u0631\u062d\u0628\u0627",
     "def f(x):\n    return x**2  # 1,234.5e-6",
+    "It isn't here , is it ? No . ",  # what decode clean-up would change
+    " ".join(f"word{i}" for i in range(600)),  # past any truncation a tokenizer file may set
 ]
 
 
@@ -50,6 +54,10 @@ class LeanTokenizer:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_str(state["backend"])
+        # A tokenizer file's truncation and padding come back with it; transformers turns them
+        # off for every encode chatkv asks of it (no max_length, no padding), and so does this.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         self.chat_template: str = state["chat_template"]
         self.special_tokens_map: dict[str, Any] = state["special_tokens_map"]
         self.eos_token_id: int | None = state["eos_token_id"]
@@ -58,7 +66,7 @@ class LeanTokenizer:
         self._lock = threading.Lock()  # encode flips a flag on the shared backend tokenizer
 
     def encode(
-        self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False
+        self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False
     ) -> list[int]:
         """Token ids of `text`; with `split_special_tokens` control-token text is split into
         ordinary tokens (as transformers does it: the backend's encode_special_tokens)."""
@@ -97,7 +105,7 @@ class LeanTokenizer:
             add_generation_prompt=add_generation_prompt,
             **self.special_tokens_map,
         )
-        return self.encode(text) if tokenize else text
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
 def capture(tok: Any) -> tuple[dict[str, Any] | None, str]:
@@ -111,13 +119,15 @@ def capture(tok: Any) -> tuple[dict[str, Any] | None, str]:
         template = tok.chat_template
         if not isinstance(template, str):
             return None, "the chat template is not a single template"
-        if tok.clean_up_tokenization_spaces and type(tok.backend_tokenizer.model).__name__ != "BPE":
+        bpe = type(tok.backend_tokenizer.model).__name__ == "BPE"
+        forced = getattr(tok, _FORCED_BPE_CLEANUP, False)
+        if tok.clean_up_tokenization_spaces and (not bpe or forced):
             return None, "decoding cleans up tokenization spaces"
         if getattr(tok, "split_special_tokens", False):
             return None, "the tokenizer splits special tokens by default"
         state = {
             "format": STATE_FORMAT,
-            "backend": tok.backend_tokenizer.to_str(),
+            "backend": _without_truncation(tok.backend_tokenizer.to_str()),
             "chat_template": template,
             "special_tokens_map": json.loads(json.dumps(tok.special_tokens_map)),
             "eos_token_id": tok.eos_token_id,
@@ -132,14 +142,24 @@ def capture(tok: Any) -> tuple[dict[str, Any] | None, str]:
         for text in _PROBE_TEXTS:
             for split in (False, True):
                 want_ids = list(tok.encode(text, add_special_tokens=False, split_special_tokens=split))
-                if lean.encode(text, split_special_tokens=split) != want_ids:
+                if lean.encode(text, add_special_tokens=False, split_special_tokens=split) != want_ids:
                     return None, "the backend tokenizer encodes differently outside transformers"
+            if lean.encode(text) != list(tok.encode(text)):  # with the special tokens added
+                return None, "the backend tokenizer adds special tokens differently outside transformers"
                 for skip in (False, True):
                     if lean.decode(want_ids, skip) != tok.decode(want_ids, skip_special_tokens=skip):
                         return None, "the backend tokenizer decodes differently outside transformers"
     except Exception as e:  # whatever the tokenizer does instead: transformers' load keeps serving it
         return None, f"the tokenizer could not be captured ({e})"
     return state, ""
+
+
+def _without_truncation(backend: str) -> str:
+    """The serialised backend tokenizer with no truncation or padding (see LeanTokenizer):
+    the same state whatever the tokenizer was last asked to do."""
+    parsed = json.loads(backend)
+    parsed["truncation"] = parsed["padding"] = None
+    return json.dumps(parsed, ensure_ascii=False)
 
 
 def digest(state: dict[str, Any]) -> str:

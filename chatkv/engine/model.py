@@ -7,6 +7,7 @@ keeps a converted safetensors copy under the data dir's `models/`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -14,7 +15,6 @@ import os
 import re
 import shutil
 import stat
-import sys
 import tempfile
 import threading
 import time
@@ -494,12 +494,11 @@ def dir_stamp(where: Path, kind: str) -> str:
     )
 
 
+@functools.cache
 def library_version(name: str) -> str:
-    """An installed library's version, without importing it where it is not imported yet
-    (importing transformers costs a resumed `chatkv ask` 0.6 s it does not otherwise need)."""
-    module = sys.modules.get(name)
-    if module is not None:
-        return str(module.__version__)
+    """An installed library's version, from its package metadata: the same answer whether
+    it is imported or not, without importing it (importing transformers costs a resumed
+    `chatkv ask` 0.6 s it does not otherwise need)."""
     from importlib.metadata import version
 
     return version(name)

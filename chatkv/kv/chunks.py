@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -327,21 +327,23 @@ def _expected_tensors(
     found by encoding zeros, so every codec is checked without code of its own. Real zeros
     on the CPU: the meta device's first use in a process imports torch's compiler stack
     (seconds, measured 2-4 s), on the path of the first chunk read of a resumed conversation.
-    One row and two rows of (L*B) are encoded: where each part's first dimension is the
-    number of rows (every codec chatkv registers), that gives the whole chunk's parts without
-    encoding a chunk's worth of zeros (0.13 s of a resumed turn's 0.4 s of chunk reads, for the
-    four structures of a tiered conversation); any other codec encodes the whole shape."""
+    One, two and three rows of (L*B) are encoded: where each part's first dimension is a
+    multiple of the rows (every codec chatkv registers), that gives the whole chunk's parts
+    without encoding a chunk's worth of zeros (0.13 s of a resumed turn's 0.4 s of chunk
+    reads, for the four structures of a tiered conversation); any other codec encodes the
+    whole shape."""
 
     def parts_of(rows: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         zeros = torch.zeros((rows, *shape[1:]), dtype=dtype)  # (rows, H, T, D)
         return {name: (tuple(t.shape), t.dtype) for name, t in codec.encode(zeros, zeros).items()}
 
-    one, two = parts_of(1), parts_of(2)
-    if one.keys() == two.keys() and all(
-        two[name] == ((2 * s[0], *s[1:]), dt) for name, (s, dt) in one.items() if s
-    ):
-        if all(s for s, _ in one.values()):
-            return {name: ((shape[0] * s[0], *s[1:]), dt) for name, (s, dt) in one.items()}
+    def scaled(one: dict[str, tuple[tuple[int, ...], torch.dtype]], rows: int) -> dict[str, Any]:
+        return {name: ((rows * s[0], *s[1:]), dt) for name, (s, dt) in one.items()}
+
+    one = parts_of(1)
+    if shape[0] > 3 and all(s for s, _ in one.values()):
+        if all(parts_of(rows) == scaled(one, rows) for rows in (2, 3)):
+            return scaled(one, shape[0])
     return parts_of(shape[0])
 
 

@@ -142,6 +142,8 @@ class KVManager:
         finally:
             if pre is not None and not pre.taken:  # memory had it, or disk was not worth reading
                 pre.cancel()  # frees its buffers
+            if pre is not None:
+                pre.release_fetches()  # those the attach did not wait for
             warm, self.warm_up = self.warm_up, None
             if warm is not None:
                 warm.join()

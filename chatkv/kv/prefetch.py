@@ -109,6 +109,7 @@ class Prefetch:
     _cancel: threading.Event = field(default_factory=threading.Event)
     _enough: threading.Event = field(default_factory=threading.Event)  # take(): stop, keep what was read
     _thread: threading.Thread | None = None
+    _chain: list[ChunkRecord] = field(default_factory=list)  # what it set out to read (and fetch)
 
     @property
     def read_s(self) -> float:
@@ -210,7 +211,7 @@ class Prefetch:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
 
-    def _chain(self) -> list[ChunkRecord]:
+    def _saved_chain(self) -> list[ChunkRecord]:
         """The conversation's saved chain from position 0, as far as this model and policy
         can use it."""
         try:
@@ -232,8 +233,14 @@ class Prefetch:
             chain.append(rec)
         return chain
 
+    def release_fetches(self) -> None:
+        """Drop this prefetch's bucket fetches nobody waited for (after the attach that took
+        it has read what it uses): a later read looks again instead of trusting them."""
+        if self.tiers is not None and self._chain:
+            self.tiers.forget(self._chain)
+
     def _read(self) -> Prefetched | None:
-        chain = self._chain()
+        chain = self._chain = self._saved_chain()
         if not chain or self.dtype is None or self.device is None or self.policy is None:
             return None
         try:
@@ -241,7 +248,8 @@ class Prefetch:
         finally:
             # Fetches not waited for: not wanted when the resume stopped (cancelled, or a chunk
             # that could not be read), so that a later read looks again; taken by the attach
-            # (`take`), which goes on reading this chain at once, they are its to wait for.
+            # (`take`), which goes on reading this chain at once, they are its to wait for
+            # (it releases the rest: `release_fetches`).
             if self.tiers is not None and (self._cancel.is_set() or not self._enough.is_set()):
                 self.tiers.forget(chain)
 

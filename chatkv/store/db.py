@@ -156,7 +156,8 @@ def _use_wal(dbapi_conn: sqlite3.Connection) -> None:
             dbapi_conn.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() + pause > deadline:
+            busy = getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) == sqlite3.SQLITE_BUSY
+            if not busy or "locked" not in str(e) or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.1)

@@ -387,9 +387,12 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
     async def drain(self, buffer: ReplyBuffer, widget: ChatMessage) -> None:
         """Show the pieces that arrived since the last call, after any drain under way."""
         async with self._drain_lock:
-            text = buffer.take()
-            if text and widget.is_attached:
-                await widget.append(text)
+            await self._show(buffer, widget)
+
+    async def _show(self, buffer: ReplyBuffer, widget: ChatMessage) -> None:
+        text = buffer.take()
+        if text and widget.is_attached:
+            await widget.append(text)
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(
@@ -430,16 +433,14 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
             self.refresh_bindings()
 
     async def on_turn_ended(self, event: TurnEnded) -> None:
-        # Pause, not stop: stopping cancels the timer's task, and with it a drain under way
-        # (a piece taken from the buffer, half laid out: lost from the reply shown). The last
-        # drain waits for that one, then the timer stops with nothing in flight.
+        # Stopping the timer cancels its task, and with it a drain under way (a piece taken
+        # from the buffer, half laid out: lost from the reply shown): so it is stopped under
+        # the drains' lock, once a drain under way is done (one waiting for the lock takes nothing).
         timer, self._drain_timer = self._drain_timer, None
-        if timer is not None:
-            timer.pause()
-        await self.drain(event.buffer, event.widget)
-        if timer is not None:
-            async with self._drain_lock:
+        async with self._drain_lock:
+            if timer is not None:
                 timer.stop()
+            await self._show(event.buffer, event.widget)
         self.generating = False
         self.stream = None
         self._reply_widget = None
