@@ -49,6 +49,36 @@ def reply_tokens(turn) -> list[int]:
     return turn.tokens[turn.stats.prompt_tokens :]
 
 
+def cold_host(tiny_settings, tiny_lm, bucket) -> tuple[Chat, int]:
+    """A conversation saved with cache.url at `bucket`, then this host's chunk files gone
+    (another host: the index and the bucket, no local copies); a new Chat over it."""
+    import shutil
+
+    tiny_settings.set("cache.url", bucket.as_uri())
+    first = Chat(tiny_settings, lm=tiny_lm)
+    cid = saved_conversation(first)
+    first.close()
+    shutil.rmtree(kv_dir())
+    return Chat(tiny_settings, store=Store(first.store.path), lm=tiny_lm), cid
+
+
+def first_read_waits_for_the_take(monkeypatch, chat: Chat) -> list:
+    """The chat's prefetch is still reading its first chunk when the turn takes it; returns
+    the paths the prefetch read."""
+    from chatkv.kv import chunks
+
+    real, reads = chunks.read_chunk, []
+
+    def gated(*args, **kwargs):
+        reads.append(args[0])
+        if len(reads) == 1:
+            assert chat.prefetched._enough.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunks, "read_chunk", gated)
+    return reads
+
+
 def test_chunks_read_while_loading_are_used_and_the_reply_is_unchanged(chat, tiny_settings, tiny_lm):
     cid = saved_conversation(chat)
     chat.close()
@@ -94,20 +124,10 @@ def test_reads_left_when_the_turn_starts_are_read_by_the_attach(chat, tiny_setti
     """The turn does not wait for the prefetch thread to read on alone: taking it stops it
     after the chunk being read, and the attach reads the rest (two at a time), into the same
     buffers; the reply is unchanged."""
-    from chatkv.kv import chunks
-
     cid = saved_conversation(chat)
     chat.close()
     again = Chat(tiny_settings, store=Store(chat.store.path), lm=tiny_lm)
-    real, calls = chunks.read_chunk, []
-
-    def first_waits_for_the_take(*args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 1:  # still reading the first chunk when the turn starts
-            assert again.prefetched._enough.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(chunks, "read_chunk", first_waits_for_the_take)
+    calls = first_read_waits_for_the_take(monkeypatch, again)
     again.prefetch(cid)
     again.load()
     expected = expected_reply(again, cid, "Tell me a story.")
@@ -415,15 +435,7 @@ def test_a_cold_host_fetches_the_chunks_from_the_bucket_during_the_load(tiny_set
     """With cache.url, chunks this host has no copy of are fetched during the load by the
     prefetch, whose tiers the KV layer then uses (one client, a failing bucket said once),
     and the reply is what it would have been."""
-    import shutil
-
-    tiny_settings.set("cache.url", (tmp_path / "bucket").as_uri())
-    first = Chat(tiny_settings, lm=tiny_lm)
-    cid = saved_conversation(first)
-    first.close()
-    shutil.rmtree(kv_dir())  # another host: the index and the bucket, no local copies
-
-    again = Chat(tiny_settings, store=Store(first.store.path), lm=tiny_lm)
+    again, cid = cold_host(tiny_settings, tiny_lm, tmp_path / "bucket")
     again.prefetch(cid)
     again.load()
     pre = again.prefetched
@@ -441,30 +453,16 @@ def test_a_cold_host_fetches_the_chunks_from_the_bucket_during_the_load(tiny_set
 def test_a_cold_host_taken_early_fetches_each_chunk_once(tiny_settings, tiny_lm, tmp_path, monkeypatch):
     """The turn takes the prefetch while it still reads: the fetches it started are the
     attach's to wait for, not started again."""
-    import shutil
+    from chatkv.kv import objects
 
-    from chatkv.kv import chunks, objects
-
-    tiny_settings.set("cache.url", (tmp_path / "bucket").as_uri())
-    first = Chat(tiny_settings, lm=tiny_lm)
-    cid = saved_conversation(first)
-    first.close()
-    shutil.rmtree(kv_dir())
-
-    again = Chat(tiny_settings, store=Store(first.store.path), lm=tiny_lm)
-    real_read, real_fetch, reads, fetched = chunks.read_chunk, objects.Tiers._fetch, [], []
-
-    def first_waits_for_the_take(*args, **kwargs):
-        reads.append(args[0])
-        if len(reads) == 1:
-            assert again.prefetched._enough.wait(10)
-        return real_read(*args, **kwargs)
+    again, cid = cold_host(tiny_settings, tiny_lm, tmp_path / "bucket")
+    reads = first_read_waits_for_the_take(monkeypatch, again)
+    real_fetch, fetched = objects.Tiers._fetch, []
 
     def counted(self, rec):
         fetched.append(rec.key)
         return real_fetch(self, rec)
 
-    monkeypatch.setattr(chunks, "read_chunk", first_waits_for_the_take)
     monkeypatch.setattr(objects.Tiers, "_fetch", counted)
     again.prefetch(cid)
     again.load()
@@ -484,25 +482,10 @@ def test_bucket_fetches_an_attach_does_not_wait_for_are_dropped(
     """A prefetch taken early leaves its fetches to the attach; those past what the attach
     reads (here it asks for the first chunk only) are dropped after it, not left running
     with answers a later read would trust."""
-    import shutil
-
     from chatkv.engine.model import chat_ids
-    from chatkv.kv import chunks
 
-    tiny_settings.set("cache.url", (tmp_path / "bucket").as_uri())
-    first = Chat(tiny_settings, lm=tiny_lm)
-    cid = saved_conversation(first)
-    first.close()
-    shutil.rmtree(kv_dir())
-
-    again = Chat(tiny_settings, store=Store(first.store.path), lm=tiny_lm)
-    real_read = chunks.read_chunk
-
-    def first_waits_for_the_take(*args, **kwargs):
-        assert again.prefetched._enough.wait(10)
-        return real_read(*args, **kwargs)
-
-    monkeypatch.setattr(chunks, "read_chunk", first_waits_for_the_take)
+    again, cid = cold_host(tiny_settings, tiny_lm, tmp_path / "bucket")
+    first_read_waits_for_the_take(monkeypatch, again)
     again.prefetch(cid)
     again.load()
     tokens = chat_ids(tiny_lm.tokenizer, again.render(cid))
