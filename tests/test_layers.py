@@ -35,7 +35,7 @@ def test_live_buffers_take_their_shape_from_the_engines_kv_shape() -> None:
 ROOT = Path(__file__).resolve().parent.parent / "chatkv"
 
 SESSION = {"session", "turn", "journal", "lease", "catalog", "imports", "conversations", "housekeeping"}
-NEUTRAL = {"api", "errors", "config", "paths", "progress", "fmt", "outfile", "tokens", "__main__"}
+NEUTRAL = {"api", "errors", "config", "paths", "progress", "fmt", "outfile", "tokens", "gcpause", "__main__"}
 
 # Which layers each layer may import (besides its own). "store.chunk_index": that module only.
 ALLOWED: dict[str, set[str]] = {

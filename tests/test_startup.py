@@ -223,6 +223,32 @@ def test_the_program_ends_without_teardown_but_after_threads_and_exit_handlers()
     assert done.stdout == "bufferedthread done\nexit handler ran\n"
 
 
+def test_the_collector_held_by_the_program_is_back_on_once_the_model_has_loaded(tiny_model_dir, monkeypatch):
+    """gcpause: only what `hold` turned off is turned on again, everything alive at the load
+    frozen; chatkv used in process (main with arguments, a load) leaves the collector alone."""
+    import gc
+
+    from chatkv import gcpause
+    from chatkv.cli import main
+
+    assert gc.isenabled()
+    assert main(["config", "path"]) == 0
+    model_mod.load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # never held: untouched
+    monkeypatch.setattr(gcpause, "paused_s", 0.0)
+    try:
+        gcpause.hold()
+        assert not gc.isenabled()
+        model_mod.load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+        assert gc.isenabled() and gc.get_freeze_count() > 0 and gcpause.paused_s > 0
+        gc.disable()
+        gcpause.release()  # once only: what it did not turn off stays off
+        assert not gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
 def test_the_cli_as_a_program_still_reports_and_exits_with_its_code(tiny_model_dir, chatkv_home):
     env = dict(
         os.environ,
@@ -237,6 +263,8 @@ def test_the_cli_as_a_program_still_reports_and_exits_with_its_code(tiny_model_d
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
     assert reply["stats"]["completion_tokens"] == 3 and reply["startup"]["process_first_token_s"] > 0
+    # the program held its garbage collector off until the model had loaded (chatkv/gcpause.py)
+    assert 0 < reply["startup"]["collector_paused_s"] < reply["startup"]["process_first_token_s"]
     again = subprocess.run(
         [*ask, "-C", str(reply["conversation_id"]), "Again!"],
         capture_output=True,

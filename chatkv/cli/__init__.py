@@ -205,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run chatkv with `argv` and return its exit code; with None, as the program itself: with
     the process's arguments, ending the process when done (`end_process`)."""
     if argv is None:
+        from chatkv import gcpause
+
+        gcpause.hold()  # until the model has loaded (see gcpause)
         end_process(_main(sys.argv[1:]))
     return _main(argv)
 

@@ -150,6 +150,7 @@ def _startup(chat, attach_s: float, load_began: float, loaded_at: float, first_a
     """Where a fresh process's time to the first token went: importing and starting up,
     loading the model, and reading the conversation's saved cache, which a resumed
     conversation reads while the model loads (chat.prefetch)."""
+    from chatkv import gcpause
     from chatkv.cli import STARTED
 
     pre = chat.prefetched
@@ -162,6 +163,8 @@ def _startup(chat, attach_s: float, load_began: float, loaded_at: float, first_a
         "model_classes": "lean" if chat.lm is not None and chat.lm.lean_loaded else "transformers",
         # whether anything imported transformers (a lean load does not: 0.6 s of imports)
         "transformers_imported": "transformers" in sys.modules,
+        # how long the garbage collector was held off while the program started (gcpause)
+        "collector_paused_s": gcpause.paused_s,
         # the turn's chunk reads: in the background during the load, plus what the turn's
         # attach read itself (and checking what was read ahead)
         "chunk_read_s": (pre.read_s if used else 0.0) + attach_s,

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from chatkv import gcpause
 from chatkv.engine import hub, seen
 from chatkv.engine.embedded import EMBEDDED, embedded_gguf
 from chatkv.errors import ModelError
@@ -620,6 +621,7 @@ def load_model(
         _remember_lean(_lean_key(source, setting, dt, load_in, dev), model, tok, dt, dev, fp)
     _remember(source, fp)
     _memo_fingerprint(setting, fp)
+    gcpause.release()  # a program's start ends with its model loaded (chatkv/gcpause.py)
     return LoadedModel(
         name=name,
         model=model,
