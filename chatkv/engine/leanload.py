@@ -46,7 +46,7 @@ from torch import nn
 
 from chatkv.engine import lean, leantok
 from chatkv.engine.model import _read_json, _remember_json, _write_private, dir_stamp, library_version
-from chatkv.paths import models_dir
+from chatkv.paths import ensure_private_dir, models_dir
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ def remember(key: str, model: Any, tok: Any, fingerprint: str) -> None:
         return
     name = leantok.digest(state)
     try:
-        where = models_dir() / TOKENIZERS
-        where.mkdir(mode=0o700, exist_ok=True)
+        where = ensure_private_dir(models_dir() / TOKENIZERS)
         try:
             _tokenizer_state(name)  # kept already, intact
         except (OSError, ValueError):  # absent, or damaged (a lean load fell back because of it)

@@ -488,11 +488,8 @@ def dir_stamp(where: Path, kind: str) -> str:
             parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
     if not parts:
         return ""
-    import tokenizers
-
-    return f"|{where.resolve()}|{library_version('transformers')}|{tokenizers.__version__}|{kind}|" + (
-        "|".join(parts)
-    )
+    versions = "|".join(library_version(name) for name in ("transformers", "tokenizers"))
+    return f"|{where.resolve()}|{versions}|{kind}|" + "|".join(parts)
 
 
 @functools.cache
