@@ -611,3 +611,35 @@ def test_gc_collects_unnamed_objects_only_when_every_host_writes_this_index(
     assert gc(index, shared=True) == 0 and team.exists()  # a team prefix
     assert gc(index, shared=False) == 1  # the user's prefix, the index every host writes
     assert not mine.exists() and team.exists()
+
+
+def test_gc_lists_the_bucket_once(tiny_settings, tmp_path, monkeypatch) -> None:
+    """`cache gc` reads the bucket's listing once and uses it both to find index rows
+    whose object is gone and to collect unnamed objects (a listing of a large bucket is
+    thousands of requests)."""
+    from chatkv.session import Chat
+
+    url = f"file://{tmp_path / 'bucket'}"
+    remote = open_objects(url, False)
+    assert isinstance(remote, objects.DirObjects)
+    blob = b"\x02" * 300
+    rec = _rec(blob)
+    remote.put(object_name(rec), blob)
+    os.utime(remote.root / object_name(rec), (time.time() - 2 * 3600,) * 2)  # past gc's grace
+    listings = []
+    real = objects.DirObjects.names
+
+    def counted(self, under: str = ""):
+        listings.append(under)
+        return real(self, under)
+
+    monkeypatch.setattr(objects.DirObjects, "names", counted)
+    tiny_settings.set("cache.url", url)
+    tiny_settings.set("store.url", f"sqlite:///{tmp_path}/shared.db")
+    chat = Chat(tiny_settings)
+    try:
+        report = chat.cache_gc(None)
+    finally:
+        chat.close()
+    assert report.objects_removed == 1 and not (remote.root / object_name(rec)).exists()
+    assert listings == [""]

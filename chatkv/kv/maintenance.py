@@ -370,8 +370,10 @@ def gc_tiers(
     kv_dir = tiers.kv_dir
     report, young, recs = _gc_start(store, kv_dir, orphan_min_age_s)
     listed: set[str] | None
+    listing: list[tuple[str, int, float]] = []
     try:  # read after the rows: a row is written after its object, so its object is listed
-        listed = {name for name, _, _ in tiers.remote.names()}
+        listing = list(tiers.remote.names())
+        listed = {name for name, _, _ in listing}
     except OSError as e:
         listed, report.remote_error = None, str(e)
     if listed is not None:
@@ -386,7 +388,7 @@ def gc_tiers(
     if listed is not None and collect_objects:
         try:
             report.objects_removed, report.objects_freed = collect(
-                tiers.remote, store.all_chunks(), GC_GRACE_S if grace_s is None else grace_s
+                tiers.remote, store.all_chunks(), GC_GRACE_S if grace_s is None else grace_s, listing
             )
         except OSError as e:
             report.remote_error = str(e)

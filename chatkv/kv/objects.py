@@ -418,13 +418,19 @@ class Tiers:
 
 
 def collect(
-    remote: ObjectStore, indexed: Iterable[ChunkRecord], grace_s: float = GC_GRACE_S
+    remote: ObjectStore,
+    indexed: Iterable[ChunkRecord],
+    grace_s: float = GC_GRACE_S,
+    listing: Iterable[tuple[str, int, float]] | None = None,
 ) -> tuple[int, int]:
     """Remove the objects of `remote` that no chunk of the index (`indexed`) names and that
     were written more than `grace_s` ago: a spill writes its object before its index row,
     so a younger one may be a chunk about to be indexed. An object a row names is never
     removed, so a resume that has read the index finds every object it names (unless a
-    host removes the row first: a miss, recomputed). Returns (objects removed, bytes)."""
+    host removes the row first: a miss, recomputed). `listing`: the bucket's `names()` as
+    the caller has already listed them before reading `indexed` (gc lists a bucket once);
+    objects written since are not in it, so they are left alone. Returns (objects removed,
+    bytes)."""
     keep = set()
     for rec in indexed:
         try:
@@ -432,7 +438,8 @@ def collect(
         except (ValueError, CacheError):  # a damaged row names no object
             continue
     cutoff = time.time() - grace_s
-    doomed = [(name, size) for name, size, written in remote.names() if name not in keep and written < cutoff]
+    names = remote.names() if listing is None else listing
+    doomed = [(name, size) for name, size, written in names if name not in keep and written < cutoff]
     remote.delete([name for name, _ in doomed])
     return len(doomed), sum(size for _, size in doomed)
 
