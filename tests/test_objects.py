@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -643,3 +644,42 @@ def test_gc_lists_the_bucket_once(tiny_settings, tmp_path, monkeypatch) -> None:
         chat.close()
     assert report.objects_removed == 1 and not (remote.root / object_name(rec)).exists()
     assert listings == [""]
+
+
+def test_closing_the_tiers_does_not_wait_for_a_fetch_held_up_by_the_bucket(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Ctrl-C during a resume from a slow bucket: closing the tiers cancels the fetches not
+    started and returns while one is still held up (up to a 15 s read time-out), and the
+    fetch threads are daemons, which the interpreter does not wait for at exit. The tiers
+    stay usable; the held-up fetch, let go later, still leaves a whole file."""
+    entered, release, left = threading.Event(), threading.Event(), threading.Event()
+    remote = open_objects((tmp_path / "bucket").as_uri())
+    assert isinstance(remote, objects.DirObjects)
+    blobs = [bytes([i]) * 100 for i in range(1, 4)]
+    recs = [_rec(b) for b in blobs]
+    for rec, blob in zip(recs, blobs, strict=True):
+        remote.put(object_name(rec), blob)
+
+    class Held(objects.DirObjects):
+        def get(self, name: str, size: int) -> bytes | None:
+            if name == object_name(recs[0]):
+                entered.set()
+                release.wait(30)
+                left.set()
+            return super().get(name, size)
+
+    monkeypatch.setattr(objects, "FETCH_THREADS", 1)  # one fetch thread: the rest queue
+    tiers = Tiers(tmp_path / "kv", Held(remote.root), 1 << 20)
+    tiers.prefetch(recs)
+    assert entered.wait(10)
+    tiers.close()
+    assert not left.is_set()  # returned while the fetch is held up
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("chatkv-fetch"))
+    assert tiers.ensure_local(recs[2]) == "remote"  # usable after close; the queued one was cancelled
+    release.set()
+    deadline = time.monotonic() + 10
+    while not chunk_path(tmp_path / "kv", recs[0].key).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert chunk_path(tmp_path / "kv", recs[0].key).read_bytes() == blobs[0]
+    assert not chunk_path(tmp_path / "kv", recs[1].key).exists()  # cancelled before it started

@@ -35,12 +35,13 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import queue
 import re
 import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -262,6 +263,64 @@ def open_objects(url: str, shared: bool = False, user: str | None = None) -> Obj
     raise ConfigError(f"cache.url {url!r} is not s3://BUCKET/PREFIX or file:///PATH")
 
 
+class _FetchPool:
+    """Up to `threads` daemon threads running submitted calls. Unlike ThreadPoolExecutor's
+    workers, which the interpreter joins at exit, a fetch held up by a slow bucket (up to its
+    read timeout, 15 s) never keeps a Ctrl-C'd chatkv from exiting: `shutdown` cancels the
+    calls not started and returns at once. A fetch still running writes its chunk file
+    atomically (a leftover temporary file is removed by `cache gc`)."""
+
+    def __init__(self, threads: int) -> None:
+        self._q: queue.SimpleQueue[tuple[Future[Any], Any, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._max = threads
+        self._started = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the fetch pool is shut down")
+            self._q.put((fut, fn, args))
+            if self._idle > 0:  # a waiting thread takes it
+                self._idle -= 1
+            elif self._started < self._max:  # threads start as work comes
+                self._started += 1
+                threading.Thread(target=self._work, name=f"chatkv-fetch-{self._started}", daemon=True).start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # handed to whoever waits on the future
+                    fut.set_exception(e)
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self) -> None:
+        """Cancel the calls not started; each thread ends after its current one."""
+        with self._lock:
+            self._closed = True
+            started = self._started
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in range(started):
+            self._q.put(None)
+
+
 class Tiers:
     """Local disk in front of a remote object store: `ensure_local` makes a chunk's file be
     there (fetching it when needed), `prefetch` starts that for a whole chain in parallel,
@@ -274,7 +333,7 @@ class Tiers:
         self.kv_dir = kv_dir
         self.remote = remote
         self.local_bytes = local_bytes
-        self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="chatkv-fetch")
+        self._pool = _FetchPool(FETCH_THREADS)
         self._inflight: dict[str, Future[str]] = {}
         self._lock = threading.Lock()
         self._warned = False
@@ -409,12 +468,13 @@ class Tiers:
         return removed, freed
 
     def close(self) -> None:
-        """Cancel queued fetches and wait for running ones; the tiers stay usable (a new pool
+        """Cancel queued fetches, without waiting for running ones (an interrupted resume
+        exits at once, not after a slow bucket's time-out); the tiers stay usable (a new pool
         starts no thread until a fetch is submitted)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
+            self._pool.shutdown()
             self._inflight.clear()
-        self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="chatkv-fetch")
+            self._pool = _FetchPool(FETCH_THREADS)
 
 
 def collect(
