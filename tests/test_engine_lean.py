@@ -10,7 +10,7 @@ import torch
 
 from chatkv.api import GenerationSettings
 from chatkv.engine import lean
-from chatkv.engine.generate import generate, prefill
+from chatkv.engine.generate import cache_arg, generate, prefill
 from chatkv.kv import live
 
 
@@ -26,7 +26,7 @@ def forward_step(model, token, cache, pos):
     with torch.inference_mode():
         out = model(
             input_ids=token.view(1, 1),
-            past_key_values=cache,
+            **cache_arg(model, cache),
             use_cache=True,
             cache_position=p,
             position_ids=p[None],
@@ -42,7 +42,7 @@ def forward_prefill(model, ids, step=512):
             p = torch.arange(i, min(i + step, len(ids)))
             out = model(
                 input_ids=torch.tensor([ids[i : i + step]]),
-                past_key_values=cache,
+                **cache_arg(model, cache),
                 use_cache=True,
                 cache_position=p,
                 position_ids=p[None],

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from chatkv.cli import main as cli_main
+from chatkv.engine.generate import cache_arg
 from chatkv.errors import CacheError
 from chatkv.kv import chunks, maintenance
 from chatkv.kv.chunks import (
@@ -197,7 +198,7 @@ def test_resuming_past_a_crafted_row_touches_nothing_outside(tmp_path, tiny_lm, 
     tokens = list(range(3, 60))
     cache = live.new_cache(tiny_lm.model)
     with torch.no_grad():
-        tiny_lm.model(torch.tensor([tokens[:48]]), past_key_values=cache, use_cache=True)
+        tiny_lm.model(torch.tensor([tokens[:48]]), **cache_arg(tiny_lm.model, cache), use_cache=True)
     kvm.spill(None, tokens[:48], cache)  # three full chunks, no tail
     kvm.flush()
     last = max(store.all_chunks(), key=lambda r: r.start)
@@ -462,7 +463,7 @@ def test_a_transient_read_error_while_resuming_removes_nothing(tiny_lm, store, k
 
     cache = live.new_cache(tiny_lm.model)
     with torch.no_grad():
-        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+        tiny_lm.model(torch.tensor([tokens]), **cache_arg(tiny_lm.model, cache), use_cache=True)
     kvm.spill(None, tokens, cache)
     kvm.flush()
     before = {r.key for r in store.all_chunks()}
@@ -535,7 +536,7 @@ def test_old_temp_files_are_cleaned_at_the_first_spill_and_counted(tiny_lm, stor
     cache = live.new_cache(tiny_lm.model)
     tokens = list(range(3, 30))
     with torch.no_grad():
-        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+        tiny_lm.model(torch.tensor([tokens]), **cache_arg(tiny_lm.model, cache), use_cache=True)
     kvm.spill(None, tokens, cache)
     kvm.close()
     assert not stale.exists() and young.exists()
@@ -558,7 +559,7 @@ def test_spill_queue_keeps_only_the_newest_snapshot_of_a_conversation(tiny_lm, s
     cache = live.new_cache(tiny_lm.model)
     tokens = list(range(3, 43))
     with torch.no_grad():
-        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+        tiny_lm.model(torch.tensor([tokens]), **cache_arg(tiny_lm.model, cache), use_cache=True)
     kvm.spill(1, tokens[:10], cache)
     assert started.wait(30)  # the first is being written
     for n in (20, 30, 40):
@@ -682,7 +683,7 @@ def test_a_spill_marks_the_chunks_it_found_on_disk_as_used(tiny_lm, store, kv):
     tokens = list(range(3, 40))
     cache = live.new_cache(tiny_lm.model)
     with torch.no_grad():
-        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+        tiny_lm.model(torch.tensor([tokens]), **cache_arg(tiny_lm.model, cache), use_cache=True)
     conv = store.create_conversation().id  # a spill for a deleted conversation keeps no chunks
     kvm.spill(conv, tokens[:32], cache)
     kvm.flush()

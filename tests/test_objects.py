@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import chatkv
+from chatkv.engine.generate import cache_arg
 from chatkv.errors import ConfigError
 from chatkv.kv import objects
 from chatkv.kv.chunks import chunk_path
@@ -490,7 +491,7 @@ def _bucket_and_cache(store, tiny_lm, tmp_path: Path):
     tokens = list(range(3, 40))
     cache = live.new_cache(tiny_lm.model)
     with torch.no_grad():
-        tiny_lm.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+        tiny_lm.model(torch.tensor([tokens]), **cache_arg(tiny_lm.model, cache), use_cache=True)
     return bucket, kv, manager, conv, tokens, cache
 
 

@@ -22,6 +22,7 @@ import torch
 
 from chatkv.api import GenerationSettings
 from chatkv.config import CODEC_NAMES, load_settings
+from chatkv.engine.generate import cache_arg
 from chatkv.kv import live, maintenance
 from chatkv.kv.chunks import encode_chunk, read_chunk, write_atomic
 from chatkv.kv.codecs import get_codec
@@ -42,7 +43,7 @@ def computed(lm, tokens: list[int]):
     """The exact cache of `tokens`, as a prefill computes it."""
     cache = live.new_cache(lm.model)
     with torch.no_grad():
-        lm.model(torch.tensor([tokens], device=lm.device), past_key_values=cache, use_cache=True)
+        lm.model(torch.tensor([tokens], device=lm.device), **cache_arg(lm.model, cache), use_cache=True)
     return cache
 
 
@@ -249,7 +250,7 @@ def test_a_chunk_is_not_recoded_from_a_cache_that_was_decoded_from_it(store, tin
     # the conversation goes on from the attached cache: one chunk more
     with torch.no_grad():
         rest = torch.tensor([tokens[att.cached :]], device=tiny_lm.device)
-        tiny_lm.model(rest, past_key_values=att.cache, use_cache=True)
+        tiny_lm.model(rest, **cache_arg(tiny_lm.model, att.cache), use_cache=True)
     kv.spill(None, tokens, att.cache)
     kv.flush()
     assert store.get_chunks([aging.key])[aging.key].checksum == aging.checksum  # not re-coded

@@ -29,7 +29,7 @@ import torch
 
 from chatkv.api import GenerationSettings
 from chatkv.cli import main as cli_main
-from chatkv.engine.generate import TextStream, generate
+from chatkv.engine.generate import TextStream, cache_arg, generate
 from chatkv.kv import chunks, live, maintenance
 from chatkv.kv.chunks import encode_chunk, read_chunk
 from chatkv.kv.codecs import get_codec
@@ -402,7 +402,7 @@ def encode_probe(lm, chat: Chat, n: int) -> int:
     """Bytes of a chunk file holding `n` tokens of this model's cache."""
     cache = live.new_cache(lm.model)
     with torch.no_grad():
-        lm.model(torch.tensor([[1] * n], device=lm.device), past_key_values=cache, use_cache=True)
+        lm.model(torch.tensor([[1] * n], device=lm.device), **cache_arg(lm.model, cache), use_cache=True)
     blob, _ = encode_chunk(
         chat.kv.policy.codec_for(0),
         lm.fingerprint,
