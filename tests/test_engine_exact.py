@@ -2,8 +2,9 @@
 which stores the compute dtype as is) continues with exactly the tokens, and the very
 cache, it would have had if its cache had stayed live in memory. Float32 and bfloat16
 on the tiny model (bfloat16 is the default on CPUs with bf16 instructions, where a
-fresh re-prefill of the same text is not bit-equal: that equality is tested in float32,
-in test_session.py and test_e2e.py)."""
+fresh re-prefill of a conversation's earlier replies is not bit-equal to their decoding:
+that equality is tested in float32, in test_session.py and test_e2e.py; a prompt's own
+split is, test_engine_lean.py)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ step does only the arithmetic, with the model's own modules' weights:
   of the bytes to read per token (`_int4_form`). Other weights stay dense.
 
 The same weights serve two more paths: `prefill` (a piece of a prompt in bfloat16 or
-float16, with float32 products on a CPU without AMX: see WIDE_MIN_TOKENS) and
+float16; on the CPU its rows never depend on how the prompt was split into pieces, and
+its products run in float32 where that is faster: see PREFILL_DTYPES) and
 `step_rows` (one token of each of B left-padded rows, for engine/batch.py, whose
 attention the caller supplies).
 
@@ -101,16 +102,17 @@ def lean_for(model: Any) -> LeanLlama | None:
 def prefill_step_for(model: Any, tokens: int) -> LeanLlama | None:
     """The lean step to prefill a piece of `tokens` with, or None for transformers' forward.
 
-    Only bfloat16/float16 prefill through it (PREFILL_DTYPES). A piece shorter
+    Only bfloat16/float16 prefill through it (PREFILL_DTYPES). On the CPU every piece
+    takes it (built at the first: a lean-only load, engine/leanload.py, has it already), so
+    that a prompt's cache has the same bits however it is split. Elsewhere a piece shorter
     than WIDE_MIN_TOKENS is transformers' forward bit for bit either way, so it takes the
-    lean step only when that is built already: a resumed conversation's new message does not
-    wait for the build (weight fusion), which the chat's warm-up does aside and a lean-only
-    load (engine/leanload.py) at load. A longer piece builds it; which path a piece takes never
+    lean step only when that is built already (a resumed conversation's new message does not
+    wait for the build, which the chat's warm-up does aside). Which path a piece takes never
     depends on timing, so neither do the cache's bits."""
     if model.dtype not in PREFILL_DTYPES or getattr(model, _OFF, False):
         return None
     built = getattr(model, _ATTR, None)
-    if built is None and tokens >= WIDE_MIN_TOKENS:
+    if built is None and (tokens >= WIDE_MIN_TOKENS or model.device.type == "cpu"):
         return lean_for(model)
     return built if isinstance(built, LeanLlama) else None
 
@@ -161,21 +163,29 @@ def _int4_form(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return packed, scales.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-# Prefill in bfloat16 (or float16) on a CPU without AMX: a long piece attends in float32
-# over the same bfloat16 numbers (_attend_piece: two flash calls, cheaper than one masked
-# bfloat16 SDPA), and its matrix products run in float32 too where that is faster
-# (`float32_products_pay`, timed once per CPU and remembered): on an AVX512-BF16 Xeon torch's
-# bfloat16 product ran at about half the rate of MKL's float32 one (150-160 versus 290-300
-# GFLOP/s for a (512, 576) x (576, 3072) product, 2 threads), on an AVX512-BF16 EPYC at
-# 2.2x it (200-220 versus 80-100 GFLOP/s, 1 thread), and no CPU flag tells the two apart.
-# Float32 products convert their operands, multiply and round the result back: the same
-# bfloat16 numbers in, products accumulated in float32 as the bfloat16 kernel accumulates
-# them, one rounding out. The weights are converted per piece, not kept: that costs 3-7% of
-# a 512-token piece's time (measured), where float32 copies would hold 425 MB more for
-# SmolLM2-135M. Decode (one token, memory-bound) and short pieces (a resumed conversation's
-# new message) stay in bfloat16, where reading half the bytes is what counts and the result
-# is transformers' bit for bit.
-WIDE_MIN_TOKENS = 64  # shorter prefill pieces multiply in bfloat16
+# Prefill in bfloat16 (or float16) on the CPU. Every row of a prompt gets the same bits
+# whatever piece it is computed in (one piece, or after a cached prefix of any length): the
+# matrix products are given enough rows (a one-row bfloat16 product, and float32 ones of
+# up to 11 rows, rounded differently from the same row among many: `_Linear.many`), and
+# attention takes the same keys for a query in every piece (_attend_fixed). So a prompt
+# asked twice, its prefix from disk the second time, gets the same greedy reply in
+# bfloat16 too.
+#
+# On a CPU without AMX the products run in float32 over the same bfloat16 numbers where
+# that is faster (`float32_products_pay`, timed once per CPU and remembered): on an
+# AVX512-BF16 Xeon torch's bfloat16 product ran at about half the rate of MKL's float32 one
+# (150-160 versus 290-300 GFLOP/s for a (512, 576) x (576, 3072) product, 2 threads), on an
+# AVX512-BF16 EPYC at 2.2x it (200-220 versus 80-100 GFLOP/s, 1 thread), and no CPU flag
+# tells the two apart. Float32 products convert their operands, multiply and round the
+# result back: the same bfloat16 numbers in, products accumulated in float32 as the
+# bfloat16 kernel accumulates them, one rounding out. The weights are converted per piece,
+# not kept: that costs 3-7% of a 512-token piece's time (measured), where float32 copies
+# would hold 425 MB more for SmolLM2-135M. Decode (one token, memory-bound) stays in
+# bfloat16, where reading half the bytes is what counts.
+#
+# On other devices (CUDA, untested) a piece attends through one SDPA call and multiplies in
+# its dtype; a piece shorter than this is then transformers' forward bit for bit.
+WIDE_MIN_TOKENS = 64
 # Prefill takes the lean step in these. Float32 stays on transformers' forward: there a
 # re-prefill of the same text is bit-equal to the cache a conversation built turn by turn,
 # and the tests pin that.
@@ -183,12 +193,10 @@ PREFILL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def wide_pays(device: torch.device) -> bool:
-    """Whether a long prefill piece takes the wide path on `device` (attention in float32,
-    products as `float32_products_pay` says): a CPU without AMX tiles (with AMX, oneDNN's
-    bfloat16 kernels are the fast ones)."""
+    """Whether prefill products may run in float32 on `device` (as `float32_products_pay`
+    says): a CPU without AMX tiles (with AMX, oneDNN's bfloat16 kernels are the fast ones)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    flash = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")  # _attend_piece's
-    return device.type == "cpu" and flash and not (amx is not None and amx())
+    return device.type == "cpu" and not (amx is not None and amx())
 
 
 _products: dict[str, bool] = {}  # float32_products_pay's answer, per device type
@@ -287,10 +295,15 @@ class _Linear:
 
     def many(self, x: torch.Tensor, f32: bool) -> torch.Tensor:
         """x (1, T, K) -> (1, T, N) for a prefill piece: the dense weight, or with `f32` a
-        float32 product of the same numbers rounded back to x's dtype (see WIDE_MIN_TOKENS)."""
-        if not f32:
-            return F.linear(x, self.w)
-        return F.linear(x.float(), self.w.float()).to(x.dtype)
+        float32 product of the same numbers rounded back to x's dtype. A row's bits never
+        depend on how many rows came with it (see WIDE_MIN_TOKENS): a float32 product is
+        given a multiple of 16 rows, a bfloat16 one at least 16 (zeros added, dropped)."""
+        t = x.shape[1]
+        rows = -(-t // 16) * 16 if f32 else max(t, 16)
+        if rows > t:
+            x = F.pad(x, (0, 0, 0, rows - t))
+        y = F.linear(x, self.w) if not f32 else F.linear(x.float(), self.w.float()).to(x.dtype)
+        return y[:, :t] if rows > t else y
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 1, K) -> (B, 1, N): one token of each of B rows."""
@@ -330,7 +343,7 @@ class LeanLlama:
         with torch.no_grad():
             self.layers = [_Layer(layer) for layer in model.model.layers[: c.num_hidden_layers]]
         self.wide = self.head.dtype in (torch.bfloat16, torch.float16) and wide_pays(self.head.device)
-        self.products32: bool | None = None  # a wide piece's products in float32 (measured at the first)
+        self.products32: bool | None = None  # prefill products in float32 (measured at the first piece)
 
     def pack(self) -> None:
         """Put the weights that lie on a 4-bit grid in int4 form now (see _Linear), rather than
@@ -404,26 +417,26 @@ class LeanLlama:
         covering [0, start)); return the last position's next-token logits (1, V).
 
         The same operations as transformers' forward in the same order, without its mask
-        building and per-layer dispatch; on a CPU without AMX the matrix products and
-        attention of a long piece run in float32 over the same bfloat16 numbers, and its
-        matrix products too where that is faster (see WIDE_MIN_TOKENS)."""
+        building and per-layer dispatch. On the CPU a row's bits do not depend on the piece
+        it comes in, and on one without AMX the matrix products run in float32 over the
+        same bfloat16 numbers where that is faster (see WIDE_MIN_TOKENS)."""
         hq, hkv, d = self.hq, self.hkv, self.d
         t = ids.shape[1]
         nq, nk = hq * d, hkv * d
         x = self.embed(ids)  # (1, T, hidden)
         dt = x.dtype
-        wide = self.wide and t >= WIDE_MIN_TOKENS and x.device.type == "cpu" and dt != torch.float32
-        if wide and self.products32 is None:
+        cpu = x.device.type == "cpu" and dt != torch.float32 and _CPU_FLASH
+        if cpu and self.wide and self.products32 is None:
             self.products32 = float32_products_pay(x.device)
-        f32 = wide and bool(self.products32)
+        f32 = cpu and self.wide and bool(self.products32)
         pos = torch.arange(start, start + t, device=x.device)
         cos, sin = self.rope(x, pos[None])  # (1, T, D) each
         cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, D): broadcast over heads
         # SDPA's is_causal aligns its mask top-left; past a cached prefix the piece's rows see
         # every cached key and their own past: one (T, start + T) mask for all layers
-        # (_attend_piece needs none).
+        # (_attend_fixed makes its own).
         mask = None
-        if start and not wide:
+        if start and not cpu:
             mask = pos[:, None] >= torch.arange(start + t, device=x.device)  # (T, start + T)
         kv_layers = live.kv_layers(cache)
         for i, w in enumerate(self.layers):
@@ -435,8 +448,8 @@ class LeanLlama:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = kv_layers[i].update(k, v)  # (1, Hkv, start + T, D)
-            if wide:
-                att = _attend_piece(q.float(), keys.float(), values.float(), start, w.scale).to(dt)
+            if cpu:
+                att = _attend_fixed(q, keys, values, start, w.scale)
             else:
                 att = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=mask, is_causal=mask is None, scale=w.scale, enable_gqa=True
@@ -448,44 +461,62 @@ class LeanLlama:
         return F.linear(self.norm(x[:, -1]), self.head)  # (1, V): only the last position's
 
 
-SELF_BLOCK = 128  # a long piece attends to itself in blocks of this many queries (see _attend_piece)
+_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")  # _attend_fixed's
+BLOCK = 128  # queries are taken in blocks of this many, at absolute positions (see _attend_fixed)
+# A flash call of a prefill piece gets a multiple of this many query rows (zero rows added,
+# dropped): torch's CPU loops take the last few elements of an elementwise op one by one,
+# and scalar exp and log round differently from the vector ones (two vectors of 16 floats
+# a step), so the merge of a row's two parts must see it in the same lanes in every call.
+ROWS = 32
 
 
-def _attend_piece(
+def _attend_fixed(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float
 ) -> torch.Tensor:
     """Causal attention of a prefill piece on the CPU: q (1, Hq, T, D) at positions
-    [start, start + T) over keys, values (1, Hkv, start + T, D); returns (1, Hq, T, D).
+    [start, start + T) over keys, values (1, Hkv, start + T, D); returns (1, Hq, T, D) in
+    q's dtype, computed in that of the keys.
 
-    In flash-attention calls merged by their log-sum-exps: the cached prefix unmasked, with
-    the GQA groups folded into the query length (4% faster than one masked call over a
-    3,500-token prefill), and the piece over itself in blocks of SELF_BLOCK queries, each
-    over its own keys with is_causal and over the piece's earlier keys unmasked. The CPU
-    kernel takes keys 512 at a time, so one causal call over a 512-token piece computes the
-    whole square and masks half of it; the blocks skip most of that half (the piece's own
-    attention 25-30% faster, all of a 3,500-token prefill's attention 6%: same-run medians,
-    1 thread)."""
+    A query's result depends only on its position and the keys, never on which piece it
+    came in: a prompt computed in one piece or after a cached prefix of any length gets the
+    same bits, so a prefix read from disk (fp16 codec) never changes a greedy reply, in
+    bfloat16 too. The queries of each absolute block of BLOCK positions attend to the keys
+    of their own block (padded with zeros past the piece, masked) and, in a second flash call,
+    to every key before it (unmasked, the GQA groups folded into the query length); the two
+    are merged by their log-sum-exps. So each call for a query has the same keys, as many,
+    whatever the piece: the CPU kernel's sums over a row depend on how many keys it is given
+    (a vector tail of under 16), and one causal call over a piece's own keys rounded a
+    prompt's rows differently after a cached prefix. Each call's rows are padded to a
+    multiple of ROWS, so that the merge's exp and log take every row in the same vector
+    lanes. The blocks skip most of the masked half of a long piece's own square (the kernel
+    takes keys 512 at a time)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     _, hq, t, d = q.shape
     hkv = keys.shape[1]
     g = hq // hkv
-    kd = keys[:, :, start:].repeat_interleave(g, 1)  # (1, Hq, T, D): query head h reads kv head h // g
-    vd = values[:, :, start:].repeat_interleave(g, 1)
-    outs, lses = [], []
-    for i in range(0, t, SELF_BLOCK):
-        j = min(i + SELF_BLOCK, t)
-        out_i, lse_i = flash(q[:, :, i:j], kd[:, :, i:j], vd[:, :, i:j], is_causal=True, scale=scale)
-        if i:
-            out_e, lse_e = flash(q[:, :, i:j], kd[:, :, :i], vd[:, :, :i], scale=scale)
-            out_i, lse_i = _merge(out_i, lse_i, out_e, lse_e)
-        outs.append(out_i)
-        lses.append(lse_i)
-    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 2), torch.cat(lses, 2))
-    if not start:
-        return out
-    qf = q.reshape(1, hkv, g * t, d)
-    out_p, lse_p = flash(qf, keys[:, :, :start], values[:, :, :start], scale=scale)  # (1, Hkv, g*T, ...)
-    return _merge(out, lse, out_p.reshape(1, hq, t, d), lse_p.reshape(1, hq, t))[0]
+    end = start + t
+    q = q.to(keys.dtype)
+    outs = []
+    for lo in range(start // BLOCK * BLOCK, end, BLOCK):
+        r0, r1 = max(start, lo), min(end, lo + BLOCK)  # this block's queries (positions)
+        n = r1 - r0
+        rows = -(-g * n // ROWS) * ROWS
+        qf = q[:, :, r0 - start : r1 - start].reshape(1, hkv, g * n, d)  # query head h reads kv head h // g
+        qf = F.pad(qf, (0, 0, 0, rows - g * n))
+        pos = torch.arange(r0, r1, device=q.device).repeat(g)
+        pos = F.pad(pos, (0, rows - g * n), value=lo + BLOCK)  # added rows see every key: no empty row
+        mask = torch.zeros(rows, BLOCK, dtype=keys.dtype, device=q.device)
+        mask.masked_fill_(pos[:, None] < torch.arange(lo, lo + BLOCK, device=q.device), float("-inf"))
+        kb, vb = keys[:, :, lo : min(end, lo + BLOCK)], values[:, :, lo : min(end, lo + BLOCK)]
+        if kb.shape[2] < BLOCK:  # the piece ends inside the block: zeros up to its end, masked
+            kb = F.pad(kb, (0, 0, 0, BLOCK - kb.shape[2]))
+            vb = F.pad(vb, (0, 0, 0, BLOCK - vb.shape[2]))
+        out, lse = flash(qf, kb, vb, attn_mask=mask, scale=scale)
+        if lo:
+            out_p, lse_p = flash(qf, keys[:, :, :lo], values[:, :, :lo], scale=scale)
+            out, lse = _merge(out, lse, out_p, lse_p)
+        outs.append(out[:, :, : g * n].reshape(1, hq, n, d))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).to(q.dtype)
 
 
 def _merge(

@@ -166,11 +166,13 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     bfloat16 halves the bytes every decoded token reads and uses the CPU's bf16 dot
     products: on a 2-core AVX512-BF16 machine it measured 2.3x the float32 prefill and
     the larger part of the decode gain (README, Speed). What it costs: its rounding
-    depends on how the work is split, so a reply after a prefix read from the cache can
-    differ from the reply after a fresh prefill of the same text (rows batched together
-    likewise). A cache reloaded from disk losslessly (the fp16 codec stores the compute
-    dtype as is) still continues exactly as the live cache would have. `--dtype float32`
-    restores equality with a fresh prefill at about half the speed.
+    depends on the order of the work. On the CPU a prompt's prefill is made independent of
+    how it is split (engine/lean.py), so a prompt gets the same reply whatever part of it
+    comes from the cache; but a reply's tokens decoded one at a time are not the bits a
+    re-prefill of the whole transcript computes (rows batched together likewise, and on
+    CUDA a prompt's split too). A cache reloaded from disk losslessly (the fp16 codec
+    stores the compute dtype as is) still continues exactly as the live cache would have.
+    `--dtype float32` restores equality with a fresh prefill at about half the speed.
     """
     if dtype == "auto":
         if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
