@@ -240,28 +240,57 @@ SHORT_PROMPTS = [
 
 
 def same_prompt_twice(lm, prompts: list[str], schemes: dict, chunk_tokens: int, new_tokens: int) -> dict:
-    """For each scheme, the fraction of ``prompts`` whose greedy reply from a stored-and-
-    reloaded prompt cache (all but its last token, as a turn attaches it) is identical to
-    the reply from the computed one."""
+    """For each scheme, the fraction of ``prompts`` whose greedy reply is the same when all
+    but the prompt's last token come stored and reloaded (as the second `ask --new` of the
+    same prompt attaches them, the last token then prefilled) as when the whole prompt is
+    computed in one piece (the first ask). Both run through the engine's own prefill and
+    decode, so this counts what a user sees: the codec's loss, and any rounding that
+    depends on how the prompt's work was split (bfloat16)."""
+    from chatkv.engine.generate import prefill as engine_prefill
     from chatkv.engine.model import chat_ids
+    from chatkv.kv import live
 
     eos = frozenset(lm.eos_ids)
+    model = lm.model
     same = dict.fromkeys(schemes, 0)
     for prompt in prompts:
         ids = chat_ids(lm.tokenizer, [{"role": "user", "content": prompt}], True)
-        exact = prefill(lm.model, torch.tensor([ids[:-1]], device=lm.model.device))
-        want = greedy(lm.model, exact, ids[-1], new_tokens, eos)
+        whole = live.new_cache(model)
+        first = int(engine_prefill(model, ids, whole, 0).argmax(-1))
+        want = [first, *greedy_on(model, whole, first, new_tokens - 1, eos)]
+        prefix = live.new_cache(model)
+        engine_prefill(model, ids[:-1], prefix, 0)
+        exact = [(k.clone(), v.clone()) for k, v in live.layers_of(prefix)]
         for label, scheme in schemes.items():
             stored, _ = roundtrip_layers(exact, scheme, chunk_tokens)
-            if all(
-                torch.equal(a, b)
-                for pair in zip(exact, stored, strict=True)
-                for a, b in zip(*pair, strict=True)
-            ):
-                same[label] += 1  # stored exactly: the same computation, the same reply
-            else:
-                same[label] += greedy(lm.model, stored, ids[-1], new_tokens, eos, until=want) == want
+            cache = live.cache_from_layers(model, stored)
+            token = int(engine_prefill(model, ids[-1:], cache, len(ids) - 1).argmax(-1))
+            got = [token, *greedy_on(model, cache, token, new_tokens - 1, eos, until=want[1:])]
+            same[label] += got == want
     return {label: n / len(prompts) for label, n in same.items()}
+
+
+def greedy_on(
+    model, cache, first: int, n: int, eos: frozenset[int] = frozenset(), until: list[int] | None = None
+) -> list[int]:
+    """``greedy`` on a live cache that already holds the prompt (extended in place)."""
+    from chatkv.engine.generate import decode_one
+    from chatkv.kv import live
+
+    pos = live.seq_len(cache)
+    out: list[int] = []
+    token = torch.tensor([first], device=model.device)
+    if first in eos:
+        return out
+    for _ in range(n):
+        token = decode_one(model, token, cache, pos).argmax(-1)  # (1,)
+        pos += 1
+        out.append(int(token))
+        if out[-1] in eos or (
+            until is not None and (len(until) < len(out) or until[len(out) - 1] != out[-1])
+        ):
+            break
+    return out
 
 
 # Floors: caches as exact as a cache can be, computed or rounded otherwise. Where one of
