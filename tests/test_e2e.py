@@ -148,9 +148,10 @@ def test_the_same_prompt_gives_the_same_greedy_reply_in_bfloat16_whatever_prefix
     from chatkv.config import load_settings
     from chatkv.engine.model import load_model
 
+    own = os.environ["CHATKV_HOME"]  # the test's own (conftest)
     monkeypatch.setenv("CHATKV_HOME", str(real_home))  # the converted model is there
     lm = load_model("smollm2", device="cpu", dtype="bfloat16")
-    monkeypatch.undo()
+    monkeypatch.setenv("CHATKV_HOME", own)
     # An index of its own: other tests' chunks would be other prefixes to start from.
     chat = make_chat(load_settings().cache.codec, lm, store=Store(tmp_path / "own.db"))
     settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
