@@ -58,3 +58,16 @@ def stats_text(s: TurnStats) -> str:
         f"{s.ttft_s * 1000:.0f} ms; {s.completion_tokens:,} tokens at {s.decode_tps:.1f}/s "
         f"({s.finish_reason})"
     )
+
+
+# C0 controls but tab and newline, DEL and the C1 controls: what a terminal would act on
+# (escape sequences move the cursor, retitle the window, ring the bell) rather than show.
+_CONTROLS = {c: f"^{chr(c + 64)}" for c in range(0x20) if c not in (0x09, 0x0A)}
+_CONTROLS |= {0x7F: "^?"} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
+
+
+def visible(text: str, terminal: bool) -> str:
+    """`text` to print: for a terminal, its control characters written out (ESC as ^[),
+    so stored text (a pasted escape sequence, a model's output) cannot drive the terminal;
+    for a file or pipe, as stored."""
+    return text.translate(_CONTROLS) if terminal else text

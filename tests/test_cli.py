@@ -196,7 +196,7 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_user_errors_are_one_line_exit_1_and_write_nothing(capsys, monkeypatch, tiny_model_dir):
+def test_user_errors_are_one_line_exit_1_and_write_nothing(capsys, monkeypatch, tiny_model_dir, tmp_path):
     import sys
 
     first = ask_json(capsys, "Hello!")
@@ -227,6 +227,11 @@ def test_user_errors_are_one_line_exit_1_and_write_nothing(capsys, monkeypatch, 
     fails("ask", "caf\udce9", match="not UTF-8")  # an argument that was not UTF-8 either
     fails("ask", "--model", "/nonexistent/dir", "hello", match="/nonexistent/dir")
     fails("ask", "-C", str(first["conversation_id"]), "--model", "/nonexistent/dir", "hello")
+    junk, hollow = tmp_path / "junk.gguf", tmp_path / "hollow.gguf"
+    junk.write_text("not a model\n")
+    hollow.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))  # the magic, nothing in it
+    for bad in (junk, hollow):  # were a traceback
+        fails("ask", "--model", str(bad), "hello", match=f"{bad} is not a GGUF model chatkv can load")
 
     monkeypatch.setenv("CHATKV_GENERATION_TEMPERATURE", "hot")
     fails("ask", "hello", match="CHATKV_GENERATION_TEMPERATURE")
@@ -337,3 +342,43 @@ def test_a_continued_conversation_goes_on_with_its_own_model(capsys, tmp_path, t
     assert json.loads(out)["stats"]["cached_tokens"] > 0  # the tiny model's cache from the turn before
     with Store(db_path()) as store:
         assert store.get_conversation(cid).model == str(tiny_model_dir)
+
+
+def test_a_reader_that_goes_away_stops_the_reply_and_what_was_made_is_saved(capsys, monkeypatch):
+    """`chatkv ask … | head -c 5`: the pipe closes after the first piece. The reply stops
+    there and is saved now (it was left in the journal for the next start), and the exit
+    status is a closed pipe's (141), not success."""
+    import sys
+
+    class Closing(io.StringIO):
+        def write(self, s: str) -> int:
+            if self.getvalue():
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(s)
+
+    closing, stdout = Closing(), sys.stdout
+    monkeypatch.setattr(sys, "stdout", closing)
+    code = main(["ask", "-n", "12", "-t", "0", "Tell me a story about the sea."])
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert code == 141
+    (messages,) = [m for _, m in saved() if m and m[0] == ("user", "Tell me a story about the sea.")]
+    assert [role for role, _ in messages] == ["user", "assistant"]
+    assert messages[1][1].startswith(closing.getvalue()) and closing.getvalue()
+    assert not list((db_path().parent / "journal").glob("*"))  # nothing left to save later
+
+
+def test_show_writes_stored_control_characters_out_on_a_terminal(capsys, monkeypatch):
+    """A message holding an escape sequence and a bell (pasted, or a model's output) is
+    shown as ^[[31m and ^G on a terminal, so it cannot drive it; a pipe gets it as stored."""
+    import sys
+
+    from chatkv.fmt import visible
+
+    assert visible("x\x1b[31mRED\x07\tok\n\x9b\x7f", True) == "x^[[31mRED^G\tok\n\\x9b^?"
+    first = ask_json(capsys, "-n", "2", "x\x1b[31mRED\x07")
+    cid = str(first["conversation_id"])
+    code, piped, _ = run(capsys, "show", cid)
+    assert code == 0 and "user: x\x1b[31mRED\x07" in piped
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    code, shown, _ = run(capsys, "show", cid)
+    assert code == 0 and "user: x^[[31mRED^G" in shown and "\x1b" not in shown

@@ -494,3 +494,10 @@ def test_a_cache_url_without_its_client_fails_before_the_model_loads(capsys, mon
         assert code == 1 and out == "", err
         assert "cache.url names S3, which needs boto3: pip install 'chatkv[shared]'" in one_line(err)
     assert not db_path().exists() or Store(db_path()).list_conversations() == []
+
+
+def test_the_chat_screen_wants_an_interactive_terminal(capsys, tiny_settings):
+    """Bare `chatkv` with its output in a file or pipe drew the screen there and never
+    ended; now one line says what to use instead (pytest's output is no terminal)."""
+    code, out, err = run(capsys, "--model", str(tiny_settings.model.name))
+    assert code == 2 and out == "" and "needs an interactive terminal" in one_line(err)

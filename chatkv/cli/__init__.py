@@ -19,7 +19,7 @@ from typing import NoReturn
 from chatkv import __version__
 from chatkv.cli.args import INT64_MAX, NumberArg, Parser, conversation_id, count, seed
 from chatkv.config import CODEC_NAMES, Settings, load_settings
-from chatkv.errors import ChatKVError, ConfigError
+from chatkv.errors import ChatKVError, ConfigError, UsageError
 
 STARTED = time.perf_counter()  # for `ask --json`'s startup figures: about when the CLI began
 
@@ -157,6 +157,9 @@ def run_chat(args: argparse.Namespace) -> int:
             if note:
                 print(f"chatkv: {note}", file=sys.stderr)
         chat.prefetch(args.id)  # its saved cache is read while the UI opens and the model loads
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):  # it would draw into a file or pipe forever
+        chat.close()
+        raise UsageError("the chat UI needs an interactive terminal; for scripts and pipes use `chatkv ask`")
     app = create_app(chat, settings, args.id)
     try:
         app.run()

@@ -120,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
                 out.flush()
             _say_interrupted(turn.conversation_id, turn.message is not None)
             return 130
+        except BrokenPipeError:
+            # The reader went away (`| head`): no one reads the rest, so stop as Ctrl-C does,
+            # saving what was made, and exit as a process ended by SIGPIPE does, silently.
+            pieces.close()
+            _quiet_stdout()
+            return 141
         # turn.warnings (a cache chunk dropped and recomputed) were logged to stderr already
         # by the KV layer, once each; printing them again would report each twice.
         msg = turn.message
@@ -176,6 +182,19 @@ def _startup(chat, attach_s: float, load_began: float, loaded_at: float, first_a
         "read_hidden_by_load": bool(used and pre.finished_at <= loaded_at),
     }
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush of it at exit does not complain
+    about the closed pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # not a real file (a test's capture): nothing to quiet
+        pass
 
 
 def _say_interrupted(cid: int, saved: bool) -> None:

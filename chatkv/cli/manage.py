@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from chatkv.api import ConversationSummary
 from chatkv.cli.args import INT64_MAX, PathArg, conversation_id, count
-from chatkv.fmt import display_title, format_bytes, relative_time, stats_text
+from chatkv.fmt import display_title, format_bytes, relative_time, stats_text, visible
 
 # Titles are stored cut to 60 characters with no mark (store/repo.py); the listing cuts
 # them to this width with "…", so that a cut title reads as one.
@@ -33,7 +33,7 @@ def register(sub, common) -> None:
     p = sub.add_parser(
         "rm",
         parents=[common],
-        help="delete conversations (their cache chunks stay until evicted; see cache gc)",
+        help="delete conversations with their earlier versions, journals and the cache chunks only they use",
     )
     p.add_argument("ids", type=conversation_id, nargs="+", metavar="ID")
     p.set_defaults(func=run_rm)
@@ -93,16 +93,16 @@ def run_ls(args: argparse.Namespace) -> int:
         else:
             print('no conversations yet; start one with: chatkv ask "Hello"', file=sys.stderr)
         return 0
-    now = datetime.now(UTC)
+    now, tty = datetime.now(UTC), sys.stdout.isatty()
     print(f"{'ID':>5}  {'UPDATED':>9}  {'MSGS':>4}  {'TOKENS':>6}  {'CACHE':<14}  TITLE")
     for c in convs:
         cache = f"disk {format_bytes(c.cache_bytes)}" if c.cache_state == "disk" else c.cache_state
         print(
             f"{c.id:>5}  {relative_time(c.updated_at, now):>9}  {c.message_count:>4}  "
-            f"{c.token_count:>6}  {cache:<14}  {display_title(c.title, LS_TITLE_CHARS)}"
+            f"{c.token_count:>6}  {cache:<14}  {visible(display_title(c.title, LS_TITLE_CHARS), tty)}"
         )
         if c.id in matches:
-            print(f"{'':>5}  {matches[c.id]}")
+            print(f"{'':>5}  {visible(matches[c.id], tty)}")
     return 0
 
 
@@ -138,11 +138,12 @@ def run_show(args: argparse.Namespace) -> int:
         return 0
     first_user = next((m.content for m in msgs if m.role == "user"), "")
     age = relative_time(c.updated_at, datetime.now(UTC))
-    print(f"# {display_title(c.title, source=first_user)}  [{c.id}, {c.model}, {age}]")
+    tty = sys.stdout.isatty()
+    print(visible(f"# {display_title(c.title, source=first_user)}  [{c.id}, {c.model}, {age}]", tty))
     if c.system_prompt:
-        print(f"\nsystem: {c.system_prompt}")
+        print(visible(f"\nsystem: {c.system_prompt}", tty))
     for m in msgs:
-        print(f"\n{m.role}: {m.content}")
+        print(visible(f"\n{m.role}: {m.content}", tty))
         if m.stats:
             print(f"  [{stats_text(m.stats)}]")
     return 0

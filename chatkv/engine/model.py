@@ -232,6 +232,12 @@ def _load_gguf(
         model: Any = AutoModelForCausalLM.from_pretrained(  # untyped enough: Any
             source.path, gguf_file=source.gguf_file, dtype=torch.float32
         )
+    except (ValueError, KeyError, IndexError, NotImplementedError) as e:  # not a GGUF it can read
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(
+            f"{Path(source.path) / (source.gguf_file or '')} is not a GGUF model chatkv can load ({why}); "
+            "give a Llama-family .gguf file, a model directory or a hub id"
+        ) from None
     finally:
         progress.done()
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
