@@ -189,15 +189,23 @@ def greedy(
     """``n`` greedy tokens after feeding ``first`` on a cache built from ``layers`` (stops
     after an ``eos`` token, and with ``until`` at the first token that differs from it:
     only where they diverge is wanted)."""
+    from chatkv.kv import live
+
+    # a copy that appends in place (a DynamicCache would copy the whole cache every step)
+    return greedy_on(model, live.cache_from_layers(model, layers), first, n, eos, until)
+
+
+def greedy_on(
+    model, cache, first: int, n: int, eos: frozenset[int] = frozenset(), until: list[int] | None = None
+) -> list[int]:
+    """``greedy`` on a live cache (extended in place), fed as the engine feeds it (explicit
+    positions)."""
     from chatkv.engine.generate import decode_one
     from chatkv.kv import live
 
-    # a copy that appends in place (a DynamicCache would copy the whole cache every step),
-    # fed as the engine feeds it (explicit positions)
-    cache = live.cache_from_layers(model, layers)
-    pos = layers[0][0].shape[-2]
+    pos = live.seq_len(cache)
     out: list[int] = []
-    token = torch.tensor([first], device=layers[0][0].device)
+    token = torch.tensor([first], device=model.device)
     for _ in range(n):
         token = decode_one(model, token, cache, pos).argmax(-1)  # (1,)
         pos += 1
@@ -257,7 +265,7 @@ def same_prompt_twice(lm, prompts: list[str], schemes: dict, chunk_tokens: int, 
         ids = chat_ids(lm.tokenizer, [{"role": "user", "content": prompt}], True)
         whole = live.new_cache(model)
         first = int(engine_prefill(model, ids, whole, 0).argmax(-1))
-        want = [first, *greedy_on(model, whole, first, new_tokens - 1, eos)]
+        want = [first, *([] if first in eos else greedy_on(model, whole, first, new_tokens - 1, eos))]
         prefix = live.new_cache(model)
         engine_prefill(model, ids[:-1], prefix, 0)
         exact = [(k.clone(), v.clone()) for k, v in live.layers_of(prefix)]
@@ -265,32 +273,10 @@ def same_prompt_twice(lm, prompts: list[str], schemes: dict, chunk_tokens: int, 
             stored, _ = roundtrip_layers(exact, scheme, chunk_tokens)
             cache = live.cache_from_layers(model, stored)
             token = int(engine_prefill(model, ids[-1:], cache, len(ids) - 1).argmax(-1))
-            got = [token, *greedy_on(model, cache, token, new_tokens - 1, eos, until=want[1:])]
+            rest = [] if token in eos else greedy_on(model, cache, token, new_tokens - 1, eos, until=want[1:])
+            got = [token, *rest]
             same[label] += got == want
     return {label: n / len(prompts) for label, n in same.items()}
-
-
-def greedy_on(
-    model, cache, first: int, n: int, eos: frozenset[int] = frozenset(), until: list[int] | None = None
-) -> list[int]:
-    """``greedy`` on a live cache that already holds the prompt (extended in place)."""
-    from chatkv.engine.generate import decode_one
-    from chatkv.kv import live
-
-    pos = live.seq_len(cache)
-    out: list[int] = []
-    token = torch.tensor([first], device=model.device)
-    if first in eos:
-        return out
-    for _ in range(n):
-        token = decode_one(model, token, cache, pos).argmax(-1)  # (1,)
-        pos += 1
-        out.append(int(token))
-        if out[-1] in eos or (
-            until is not None and (len(until) < len(out) or until[len(out) - 1] != out[-1])
-        ):
-            break
-    return out
 
 
 # Floors: caches as exact as a cache can be, computed or rounded otherwise. Where one of
