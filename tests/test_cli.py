@@ -97,7 +97,7 @@ def test_ask_new_continue_and_resume(capsys, monkeypatch):
     assert code == 0 and f"conversation {cid}:" in err and "prefilled" in err
 
 
-def test_ls_show_rm_export_and_config(capsys, tmp_path):
+def test_ls_show_rm_export_and_config(capsys, tmp_path, monkeypatch):
     a = ask_json(capsys, "--system", SYSTEM, "Summarise the GNU GPL.")
     b = ask_json(capsys, "Hello! Tell me about the stars.")
 
@@ -134,6 +134,9 @@ def test_ls_show_rm_export_and_config(capsys, tmp_path):
     assert code == 0 and out == "" and str(target) in err
     assert target.read_text(encoding="utf-8").startswith("# Summarise the GNU GPL.")
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    monkeypatch.chdir(tmp_path)
+    code, dashed, _ = run(capsys, "export", str(a["conversation_id"]), "-o", "-")  # as for batch
+    assert code == 0 and dashed.startswith("# Summarise the GNU GPL.") and not (tmp_path / "-").exists()
 
     code, out, _ = run(capsys, "config", "show")
     assert code == 0 and "generation.temperature = 0.0" in out and "CHATKV_CACHE_CODEC" in out
@@ -163,13 +166,13 @@ def test_cache_stats_gc_verify(capsys):
     bad.write_bytes(bad.read_bytes()[:-10])
     code, out, _ = run(capsys, "cache", "verify", "--dry-run", "--json")
     report = json.loads(out)
-    assert code == 0 and report["checked"] == stats["count"] and report["removed"] == 0
+    assert code == 1 and report["checked"] == stats["count"] and report["removed"] == 0  # 1: damage found
     assert [b["key"] for b in report["bad"]] == [recs[0].key]
     assert bad.exists()
     code, out, _ = run(capsys, "cache", "verify", "--json")
-    assert json.loads(out)["removed"] == 1 and not bad.exists()
+    assert code == 1 and json.loads(out)["removed"] == 1 and not bad.exists()
     code, out, _ = run(capsys, "cache", "verify")
-    assert "0 bad" in out
+    assert code == 0 and "0 bad" in out
 
     (kv_dir() / "ab").mkdir(exist_ok=True)
     leftover = kv_dir() / "ab" / ".tmp-x.part"

@@ -277,10 +277,10 @@ def test_collect_removes_only_old_objects_no_index_row_names(s3_env) -> None:
     assert [n for n, _, _ in remote.names()] == [object_name(recs[0])]
 
 
-def _cache(capsys, *args: str) -> dict:
+def _cache(capsys, *args: str, code: int = 0) -> dict:
     from chatkv.cli import main
 
-    assert main(["cache", *args, "--json"]) == 0, capsys.readouterr().err
+    assert main(["cache", *args, "--json"]) == code, capsys.readouterr().err
     return json.loads(capsys.readouterr().out)
 
 
@@ -345,7 +345,7 @@ def test_cache_commands_work_on_the_tiers_of_a_shared_store(
     # An object really gone (and no local copy): its row goes.
     gone = sorted(remote.names())[0][0]
     remote.delete([gone])
-    verify = _cache(capsys, "verify")
+    verify = _cache(capsys, "verify", code=1)  # damage found
     assert (verify["checked"], verify["removed"]) == (n, 1) and gone.split("/")[1] in verify["bad"][0]["key"]
 
     # Rebuild from the bucket's objects, on a host with an empty kv/ and an empty index.

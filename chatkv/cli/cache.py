@@ -29,7 +29,11 @@ def register(sub, common) -> None:
     )
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=run_gc)
-    v = csub.add_parser("verify", parents=[common], help="check every chunk's checksum; remove bad ones")
+    v = csub.add_parser(
+        "verify",
+        parents=[common],
+        help="check every chunk's checksum; remove bad ones (exit 1 if any were bad)",
+    )
     v.add_argument("--dry-run", action="store_true", help="report only, remove nothing")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=run_verify)
@@ -121,7 +125,8 @@ def run_gc(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """Check every chunk."""
+    """Check every chunk. Exits 1 when any was bad (removed, or with --dry-run would be), so
+    that a script notices damage."""
     report = _chat(args).cache_verify(fix=not args.dry_run)
     if args.json:
         json.dump(
@@ -145,7 +150,7 @@ def run_verify(args: argparse.Namespace) -> int:
             print(f"{report.refetched} damaged local copies were replaced by the bucket's sound objects")
         if report.unreadable:
             print(f"{report.unreadable} chunks could not be read this time (kept); run verify again later")
-    return 0
+    return 1 if report.bad else 0
 
 
 def run_rebuild(args: argparse.Namespace) -> int:

@@ -42,7 +42,10 @@ def register(sub, common) -> None:
     p.add_argument("id", type=conversation_id)
     p.add_argument("--format", "-f", choices=["md", "json"], default="md")
     p.add_argument(
-        "--output", "-o", type=PathArg(output=True), help="file to write (default: standard output)"
+        "--output",
+        "-o",
+        type=PathArg(output=True, stdin=True),
+        help="file to write (default, or '-': standard output)",
     )
     p.set_defaults(func=run_export)
 
@@ -184,7 +187,7 @@ def _exists(chat, cid: int) -> bool:
 def run_export(args: argparse.Namespace) -> int:
     """Export a conversation."""
     text = _chat(args).export(args.id, args.format)
-    if args.output:
+    if args.output and args.output != "-":  # '-' is standard output, as for batch
         from chatkv.outfile import open_private
 
         with open_private(args.output) as f:
