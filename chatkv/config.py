@@ -6,6 +6,8 @@ the value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 import tomllib
@@ -16,6 +18,8 @@ from typing import Any
 
 from chatkv.errors import ConfigError
 from chatkv.paths import config_file, package_file
+
+log = logging.getLogger(__name__)
 
 INT64_MAX = 2**63 - 1  # SQLite stores int64; no count or size chatkv keeps is larger
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1
@@ -335,4 +339,23 @@ def load_settings(user_file: Path | None = None, environ: Mapping[str, str] | No
         if name in environ:
             values[key] = validate(key, environ[name], f"environment variable {name}")
             user.add(key)
+    _warn_unknown_variables(environ)
     return Settings(values, user)
+
+
+OTHER_VARIABLES = frozenset({"CHATKV_HOME"})  # chatkv's own variables that name no setting
+_warned: set[str] = set()
+
+
+def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """One warning for each CHATKV_* variable that names no setting (a misspelt one was
+    ignored without a word), with the closest name when there is one. A warning, not an
+    error as an unknown key in the config file is: a variable may be meant for another
+    version of chatkv, or for a script around it."""
+    known = {env_name(key) for key in SCHEMA} | OTHER_VARIABLES
+    for name in sorted(environ):
+        if name.startswith("CHATKV_") and name not in known and name not in _warned:
+            _warned.add(name)
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else "`chatkv config show` lists the settings"
+            log.warning("environment variable %s names no setting and is ignored; %s", name, hint)

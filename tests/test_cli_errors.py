@@ -501,3 +501,22 @@ def test_the_chat_screen_wants_an_interactive_terminal(capsys, tiny_settings):
     ended; now one line says what to use instead (pytest's output is no terminal)."""
     code, out, err = run(capsys, "--model", str(tiny_settings.model.name))
     assert code == 2 and out == "" and "needs an interactive terminal" in one_line(err)
+
+
+def test_a_misspelt_variable_is_named_in_a_warning_with_the_closest_setting(caplog):
+    """CHATKV_GENERATION_TEMPERTURE=3 was ignored without a word; a config file's unknown
+    key is an error, a variable a warning (it may be another version's, or a script's)."""
+    import logging
+
+    from chatkv import config
+
+    caplog.set_level(logging.WARNING, logger=config.__name__)
+    env = {"CHATKV_GENERATION_TEMPERTURE": "3", "CHATKV_HOME": "/tmp/x", "CHATKV_CACHE_CODEC": "fp16"}
+    settings = config.load_settings(environ=env)
+    assert settings.cache.codec == "fp16" and settings.generation.temperature != 3
+    (record,) = [r for r in caplog.records if "CHATKV_" in r.getMessage()]
+    message = record.getMessage()
+    assert "CHATKV_GENERATION_TEMPERTURE names no setting" in message
+    assert "did you mean CHATKV_GENERATION_TEMPERATURE?" in message
+    config.load_settings(environ=env)
+    assert len([r for r in caplog.records if "CHATKV_" in r.getMessage()]) == 1  # once a process
