@@ -27,6 +27,7 @@ from chatkv.kv.chunks import (
     chain_keys,
     chunk_key,
     encode_chunk,
+    peek_tokens,
     read_chunk,
     relpath,
     verify_file,
@@ -173,6 +174,24 @@ def test_read_chunk_refuses_what_it_cannot_trust(written, damage, reason):
     damage(path)
     with pytest.raises(CacheError, match=reason):
         read_chunk(path, EXACT, FP, key, DTYPE, CPU)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        lambda p: p.write_bytes(p.read_bytes()[:5]),
+        lambda p: p.write_bytes(b"hello, world" * 10),
+        lambda p: p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}"),
+        lambda p: p.unlink(),
+    ],
+    ids=["truncated", "header-cut", "garbage", "huge-header", "missing"],
+)
+def test_peek_tokens_reads_a_chunks_token_ids_and_nothing_from_a_broken_file(written, damage):
+    path, _ = written
+    assert peek_tokens(path) == list(range(32))
+    damage(path)
+    assert peek_tokens(path) is None
 
 
 def test_read_chunk_refuses_a_sound_file_of_another_model_codec_or_key(written, tmp_path):

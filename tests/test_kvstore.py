@@ -694,3 +694,35 @@ def test_a_spill_marks_the_chunks_it_found_on_disk_as_used(tiny_lm, store, kv):
     kvm.close()
     used = {r.key: r.last_used_at for r in store.all_chunks()}
     assert len(used) == 3 and all(t > long_ago + timedelta(days=29) for t in used.values())
+
+
+def test_an_attach_takes_the_partial_chunk_that_gives_the_most_tokens(tiny_lm, store, kv):
+    """A shared system prompt's tail is an exact prefix of the prompt; the same prompt asked
+    before (its tail then goes on with a reply) gives more of it, and is taken."""
+    from chatkv.kv import live
+
+    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=64)
+    prompt = list(range(3, 40))  # 37 tokens: shorter than a chunk, so every tail is partial
+
+    def computed(tokens):
+        cache = live.new_cache(tiny_lm.model)
+        with torch.no_grad():
+            tiny_lm.model(torch.tensor([tokens]), **cache_arg(tiny_lm.model, cache), use_cache=True)
+        return cache
+
+    asked = prompt + [77, 78, 79]  # the prompt as asked before, and the start of its reply
+    kvm.spill(store.create_conversation().id, prompt[:10], computed(prompt[:10]))
+    kvm.flush()
+    kvm.spill(store.create_conversation().id, asked, computed(asked))
+    kvm.flush()
+    other = [5, 6, 7, 8] * 12  # the newest, and unlike the prompt
+    kvm.spill(store.create_conversation().id, other, computed(other))
+    kvm.flush()
+    got = kvm.attach(None, prompt)
+    assert (got.source, got.cached) == ("disk", len(prompt) - 1)
+    fresh = computed(prompt)
+    for (k, v), (fk, fv) in zip(live.layers_of(got.cache), live.layers_of(fresh), strict=True):
+        assert torch.equal(k[..., : len(prompt) - 1, :], fk[..., : len(prompt) - 1, :])
+        assert torch.equal(v[..., : len(prompt) - 1, :], fv[..., : len(prompt) - 1, :])
+    assert kvm.attach(None, [5, 6, 7, 8] * 3).cached == 11  # the newest one, where it alone begins alike
+    kvm.close()

@@ -468,6 +468,26 @@ def _peek_codec(path: Path) -> str | None:
         return None
 
 
+def peek_tokens(path: Path) -> list[int] | None:
+    """The token ids a chunk file holds, read from its header and `tokens` tensor alone
+    (nothing verified: for choosing which chunk to read, never for using one), or None."""
+    try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                return None
+            entry = json.loads(f.read(n)).get("tokens") or {}
+            begin, end = entry["data_offsets"]
+            size = end - begin
+            if entry.get("dtype") != "I32" or not 0 <= begin <= end or size % 4 or size > 1 << 24:
+                return None
+            f.seek(8 + n + begin)
+            raw = f.read(end - begin)
+        return list(struct.unpack(f"<{len(raw) // 4}i", raw)) if len(raw) == end - begin else None
+    except (OSError, ValueError, TypeError, KeyError, struct.error, AttributeError, RecursionError):
+        return None
+
+
 def read_chunk(
     path: Path,
     policy: Policy,

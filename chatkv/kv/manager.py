@@ -26,6 +26,7 @@ from chatkv.kv.chunks import (
     chunk_key,
     chunk_path,
     encode_chunk,
+    peek_tokens,
     read_chunk,
     relpath,
     write_atomic,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOAD_THREADS = 2  # chunk reads in flight while resuming from disk
+PEEK_PARTIALS = 8  # partial chunks whose token ids an attach compares, newest first
 
 
 @dataclass
@@ -204,10 +206,26 @@ class KVManager:
             if start + r.n_tokens <= len(tokens)
             and chunk_key(fp, parent, tokens[start : start + r.n_tokens]) == r.key
         ]
-        if exact:
-            plan.append(max(exact, key=lambda r: r.n_tokens))
+        best = max(exact, key=lambda r: r.n_tokens) if exact else None
+        # A longer partial that only begins like `tokens` (the same prompt asked before, its
+        # reply after it) may give more than the longest exact one (a shared system prompt's):
+        # the newest few are compared by the token ids their files hold.
+        have, unlike = (best.n_tokens if best else 0), set()
+        for r in [r for r in partials if r not in exact and r.n_tokens > have][:PEEK_PARTIALS]:
+            try:
+                held = peek_tokens(chunk_path(self.kv_dir, r.key))  # None: not here (a remote tier's)
+            except CacheError:  # a damaged row: _load says so and removes it, if it is planned
+                held = None
+            same = common_prefix(held, tokens[start : start + len(held)]) if held is not None else 0
+            if same > have:
+                best, have = r, same
+            elif held is not None and not same:
+                unlike.add(r.key)
+        if best is not None:
+            plan.append(best)
         elif start < len(tokens):
-            near = partials[0] if partials else self._own_next_chunk(conv, plan)
+            left = [r for r in partials if r.key not in unlike]
+            near = left[0] if left else self._own_next_chunk(conv, plan)
             if near is not None:
                 plan.append(near)
         n = sum(r.n_tokens for r in plan)
