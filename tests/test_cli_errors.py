@@ -134,6 +134,7 @@ def test_ids_past_int64_and_limits_are_usage_errors(capsys):
         ["ls", "-n", str(10**24)],
         ["ask", "--seed", str(10**24), "hi"],
         ["chat", str(10**24)],
+        ["ask", "--stop", "", "hi"],  # a value the flag's setting refuses: a usage error too
     ):
         code, out, err = run(capsys, *argv)
         assert code == 2 and out == "" and one_line(err), argv

@@ -126,7 +126,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for attr, key in FLAG_KEYS.items():
         value = getattr(args, attr, None)
         if value is not None:
-            settings.set(key, value, source=f"--{attr.replace('_', '-')}")
+            try:
+                settings.set(key, value, source=f"--{attr.replace('_', '-')}")
+            except ConfigError as e:  # a flag's value: a usage error, as argparse's own are
+                raise UsageError(str(e)) from None
     return settings
 
 
