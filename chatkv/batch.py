@@ -48,6 +48,7 @@ class Item:
     messages: list[dict[str, str]] | None = None
     conversation: int | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    digest: str = ""  # of the line's fields but its id: a resumed run answers a changed line again
     # filled when rendered:
     chat: list[dict[str, str]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
@@ -129,16 +130,20 @@ class Runner:
         if held is not None:
             held.release()
 
-    def fail(self, line: int, id_: Any, error: str) -> None:
+    def fail(self, line: int, id_: Any, error: str, reply: str | None = None) -> None:
         self._release(line)
         self.summary.failed += 1
         self._recorded.add(line)
-        self.emit({"id": id_, "line": line, "error": error})
+        rec = {"id": id_, "line": line, "error": error}
+        if reply is not None:  # generated, then not saved: the record keeps it (a rerun saves it)
+            rec["reply"] = reply
+        self.emit(rec)
         self.progress.update(items=1)
 
-    def _failed(self, items: Iterable[Item], what: str, e: Exception) -> None:
+    def _failed(self, items: Iterable[Item], what: str, e: Exception, reply: str | None = None) -> None:
         """An unexpected error while serving `items`: each of them not yet answered gets an
-        error record (the other lines go on); the traceback is logged for --debug."""
+        error record (the other lines go on), with `reply` where one was generated; the
+        traceback is logged for --debug."""
         import sqlite3
 
         from sqlalchemy.exc import DBAPIError
@@ -153,7 +158,7 @@ class Runner:
             why = f"{type(e).__name__}{': ' if first else ''}{first}"
         for item in items:
             if item.line not in self._recorded:
-                self.fail(item.line, item.id, f"{what} failed: {why}")
+                self.fail(item.line, item.id, f"{what} failed: {why}", reply)
 
     def _reply(self, item: Item, text: str, st: TurnStats, conversation_id: int | None) -> None:
         rec = {
@@ -172,6 +177,8 @@ class Runner:
         }
         if conversation_id is not None:
             rec["conversation_id"] = conversation_id
+        if item.digest:
+            rec["input_digest"] = item.digest
         self._release(item.line)
         self.summary.served += 1
         self._recorded.add(item.line)
@@ -295,7 +302,7 @@ class Runner:
         from chatkv.engine.batch import BatchRow
 
         t0 = time.perf_counter()
-        prefix, layers = self.chat.prepare_prefix(items[0].ids[:p])
+        prefix, layers = self.chat.prepare_prefix(items[0].ids[:p], spill=self.save != "none")
         self.summary.prefix_tokens += p
         self.summary.prefix_from_disk += prefix.cached_tokens
         for n, part in enumerate(self._batches(items, p)):
@@ -367,8 +374,8 @@ class Runner:
             st.decode_tps = (len(gens[r]) - 1) / span if span > 0 else 0.0
             try:
                 conv_id = self._save(items[r], texts[r].text, st, gens[r], step.cache)
-            except Exception as e:  # a full disk, a locked database: this line's record says so
-                self._failed([items[r]], "saving the reply", e)
+            except Exception as e:  # a full disk, a locked database: this line's record says so,
+                self._failed([items[r]], "saving the reply", e, reply=texts[r].text)  # and keeps it
                 continue
             self._reply(items[r], texts[r].text, st, conv_id)
 

@@ -206,11 +206,12 @@ class Chat(Conversations, Housekeeping):
         )
         return att, stats
 
-    def prepare_prefix(self, tokens: list[int]) -> tuple[TurnStats, Layers]:
+    def prepare_prefix(self, tokens: list[int], spill: bool = True) -> tuple[TurnStats, Layers]:
         """Prepare a prefix that several turns continue each on their own (batch's shared
         prefix; it belongs to no conversation): attach what is cached of it, prefill the rest
-        and spill it, so the next run attaches it from disk. Returns its statistics (cached
-        tokens, from where) and its cache, per layer (keys, values) each (1, H, len(tokens), D)."""
+        and (with `spill`) spill it, so the next run attaches it from disk. Returns its
+        statistics (cached tokens, from where) and its cache, per layer (keys, values) each
+        (1, H, len(tokens), D)."""
         from chatkv.engine.generate import prefill
         from chatkv.kv import live
 
@@ -218,7 +219,8 @@ class Chat(Conversations, Housekeeping):
         att, stats = self.prepare(None, tokens, whole=True)
         if att.cached < len(tokens):
             prefill(lm.model, tokens[att.cached :], att.cache, att.cached)
-            kv.spill(None, tokens, att.cache)
+            if spill:
+                kv.spill(None, tokens, att.cache)
         return stats, live.layers_of(att.cache)
 
     def hold(self, conversation_id: int) -> lease.Lease:
@@ -360,8 +362,10 @@ class Chat(Conversations, Housekeeping):
                 dropped += 1
             ids = self.tokenize(messages)
         if len(ids) >= limit:
+            around = "the system prompt and the chat template" if head else "the chat template"
             raise InputError(
-                f"the message is {len(ids):,} tokens but the model's context holds {limit:,}; "
+                f"the message takes {len(ids):,} tokens with {around}, "
+                f"but the model's context holds {limit:,}; "
                 "shorten it (or raise model.context if the model allows more)"
             )
         return ids, dropped

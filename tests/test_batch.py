@@ -165,6 +165,34 @@ def test_resume_answers_each_id_exactly_once(cli, tmp_path, monkeypatch):
     assert len(_records(out)) == len(lines)
 
 
+def test_a_resumed_run_answers_again_the_lines_that_changed_and_says_what_it_skipped(cli, tmp_path, capsys):
+    lines = [{"prompt": q} for q in QUESTIONS[:4]]  # ids are the line numbers
+    src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    assert cli(src, "-o", str(out)) == 0
+    first = _records(out)
+    capsys.readouterr()
+    # line 2 now asks something else; a line is inserted before the last one (ids move); a
+    # duplicate id is an error record on a resumed run too
+    lines = [lines[0], {"prompt": "What is a cache?"}, lines[2], {"prompt": "Why is the sky blue?"}, lines[3]]
+    _write(tmp_path / "in.jsonl", [*lines, {"id": 1, "prompt": "Hello again."}])
+    assert cli(src, "-o", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "2 line(s) already answered" in err and "2 changed since answered there" in err
+    recs = _records(out)
+    assert [r["id"] for r in recs] == [1, 2, 3, 4, 5, 1] and "duplicate id 1" in recs[-1]["error"]
+    assert recs[0] == first[0] and recs[2] == first[2]  # unchanged: kept as they were
+    assert recs[1]["reply"] and recs[1] != first[1] and recs[3] != first[3]
+    assert len({r["input_digest"] for r in recs[:5]}) == 5
+    assert recs[4]["input_digest"] == first[3]["input_digest"]  # the same line under another id
+
+
+def test_resuming_into_a_file_that_is_not_utf8_is_one_line(cli, tmp_path, capsys):
+    src, out = _write(tmp_path / "in.jsonl", [{"prompt": "Hello!"}]), tmp_path / "out.jsonl"
+    out.write_bytes(b"\xff\xfe binary")
+    assert cli(src, "-o", str(out)) == 2
+    assert "not UTF-8" in capsys.readouterr().err and out.read_bytes() == b"\xff\xfe binary"
+
+
 def test_save_and_continuation_write_expected_messages(cli, chat, tmp_path):
     conv = chat.new_conversation(system_prompt=SYSTEM)
     turn = chat.send(conv.id, "Hello!")
@@ -225,6 +253,15 @@ def test_save_and_continuation_write_expected_messages(cli, chat, tmp_path):
     assert cli(src, "-o", str(out), "--overwrite", "--no-save") == 0
     assert len(store.list_conversations()) == n_convs
     assert len(store.messages(conv.id)) == before + 8
+
+
+def test_no_save_writes_no_shared_prefix_to_the_chunk_store(cli, tmp_path):
+    lines = [{"id": i, "prompt": q, "system": SYSTEM} for i, q in enumerate(QUESTIONS[:3])]
+    src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    assert cli(src, "-o", str(out), "--no-save") == 0
+    assert _store().all_chunks() == []
+    assert cli(src, "-o", str(out), "--overwrite") == 0  # without it the prefix is spilled for the next run
+    assert _store().all_chunks()
 
 
 def test_stdin_and_usage_errors(cli, tmp_path, monkeypatch, capsys):
@@ -337,6 +374,13 @@ def test_an_error_while_generating_or_saving_a_line_is_that_lines_record(cli, tm
     assert "reply" in recs[0] and "reply" in recs[3]
     assert recs[1]["error"] == "generating failed: RuntimeError: CUDA out of memory"
     assert recs[2]["error"].startswith("saving the reply failed: the disk holding the database is full")
+    assert recs[2]["reply"] and "reply" not in recs[1]  # generated, not saved: the record keeps it
+    monkeypatch.setattr(repo, "_new_message", real_new)
+    monkeypatch.setattr(generate.TextStream, "__init__", real_init)
+    assert cli(src, "-o", str(out), "--batch-size", "1", "--save") == 0  # error records are tried again
+    again = _records(out)
+    assert [("reply" in r, "error" in r) for r in again] == [(True, False)] * 4
+    assert again[2]["reply"] == recs[2]["reply"] and again[0] == recs[0]
 
 
 def test_a_line_that_is_not_utf8_fails_alone(cli, tmp_path):

@@ -15,7 +15,9 @@ input lines: {"id": ..., "prompt": ...} with optional "system", "messages" (a fu
 "conversation" (id of a saved conversation to continue) and generation settings
 ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"); no other field.
 output lines: one per input line, in input order, each with its "id" and "line": a "reply"
-with usage and timings, or an "error" saying what is wrong with that line.
+with usage, timings and the "input_digest" of its line, or an "error" saying what is wrong
+with that line. An existing output file is resumed: ids answered there are skipped unless
+their line changed since.
 exit status: 0 every line served, 1 some failed (see their "error" records), 2 usage error."""
 
 
@@ -62,7 +64,7 @@ def register(sub, common) -> None:
         dest="save",
         action="store_const",
         const="none",
-        help="write nothing to the database, not even to continued conversations",
+        help="write nothing: no conversation (not even a continued one), no cache to disk",
     )
     r = p.add_mutually_exclusive_group()
     r.add_argument(
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         BadLine,
         InOrder,
         Progress,
+        answered_ids,
         id_key,
         open_output,
         parse_line,
@@ -121,12 +124,13 @@ def run(args: argparse.Namespace) -> int:
     if to_file and args.input != "-" and Path(args.output).resolve() == Path(args.input).resolve():
         raise UsageError("the output file is the input file; choose another -o")
     lines = _read_input(args.input)
-    out, done = open_output(args.output, args.overwrite)
+    resuming = to_file and not args.overwrite and Path(args.output).exists()
+    earlier = answered_ids(Path(args.output)) if resuming else {}
     errors: list[dict] = []
     items: list[Item] = []
     order: list[int] = []  # the lines that get a record in this run, in input order
     id_lines: dict[str, int] = {}
-    skipped = 0
+    skipped = changed = 0
     chat = Chat(settings)
     for n, text in read_lines(lines):
         try:
@@ -136,16 +140,28 @@ def run(args: argparse.Namespace) -> int:
             order.append(n)
             continue
         key = id_key(item.id)
-        if key in done:
-            skipped += 1
-            id_lines.setdefault(key, n)
-            continue
         if key in id_lines:
             errors.append({"id": item.id, "line": n, "error": f"duplicate id {item.id!r}"})
-        else:
-            id_lines[key] = n
-            items.append(item)
+            order.append(n)
+            continue
+        id_lines[key] = n
+        answer = earlier.get(key)
+        if answer is not None and answer.digest in (None, item.digest):
+            skipped += 1
+            continue
+        if answer is not None:  # the line asks something else now: its old answer goes
+            del earlier[key]
+            changed += 1
+        items.append(item)
         order.append(n)
+    if resuming and (skipped or changed):  # never silently: the file may hold answers to other prompts
+        again = f"; {changed} changed since answered there: answered again" if changed else ""
+        print(
+            f"chatkv: {skipped} line(s) already answered in {args.output} are skipped{again} "
+            "(--overwrite answers every line anew)",
+            file=sys.stderr,
+        )
+    out = open_output(args.output, args.overwrite, [a.text for a in earlier.values()])
 
     def write(rec: dict) -> None:
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -192,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             ordered.flush()
             out.close()
     progress.close()
-    if to_file and done:  # a resumed run: the earlier answers came first; put all in input order
+    if resuming:  # a resumed run: the earlier answers came first; put all in input order
         sort_output(args.output, id_lines)
     failed = len(errors) + (runner.summary.failed if runner else 0)
     if failed:

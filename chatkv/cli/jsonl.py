@@ -9,19 +9,20 @@ is that line's error record, with its id and line number.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from chatkv.api import GenerationSettings
 from chatkv.batch import Item
 from chatkv.config import validate
-from chatkv.errors import ConfigError, InputError
+from chatkv.errors import ConfigError, InputError, UsageError
 
 GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 KNOWN_KEYS = ("id", "prompt", "system", "messages", "conversation", *GEN_KEYS)
@@ -157,7 +158,15 @@ def _item(n: int, obj: dict[str, Any], defaults: GenerationSettings) -> Item:
         messages=messages,
         conversation=conv,
         settings=settings,
+        digest=input_digest(obj),
     )
+
+
+def input_digest(obj: dict[str, Any]) -> str:
+    """What a line asks, whatever its id, key order or spacing: 16 hex digits of a sha256."""
+    fields = {k: v for k, v in obj.items() if k != "id"}
+    text = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def read_lines(source: TextIO) -> Iterable[tuple[int, str]]:
@@ -167,20 +176,36 @@ def read_lines(source: TextIO) -> Iterable[tuple[int, str]]:
             yield n, text
 
 
-def answered_ids(path: Path) -> tuple[set[str], list[str]]:
-    """Ids answered in an earlier output, and those records' lines (error records are dropped:
-    their lines are tried again)."""
-    done, keep = set(), []
-    with open(path, encoding="utf-8") as f:
-        for text in f:
-            try:
-                rec = json.loads(text)
-            except ValueError:
-                continue  # a line cut short by a crash: that id is answered again
-            if isinstance(rec, dict) and "reply" in rec and "error" not in rec:
-                done.add(id_key(rec.get("id")))
-                keep.append(text if text.endswith("\n") else text + "\n")
-    return done, keep
+@dataclass
+class Answered:
+    """A reply record of an earlier run in the output file."""
+
+    digest: str | None  # its line's input_digest (None: written before records had one)
+    text: str  # the record's line in the file
+
+
+def answered_ids(path: Path) -> dict[str, Answered]:
+    """Reply records of an earlier output, by id (error records are dropped: their lines are
+    tried again). Raises UsageError for a file that is not UTF-8 JSONL."""
+    done: dict[str, Answered] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            texts = f.readlines()
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"{path} is not a JSONL file of answers (not UTF-8 text); give another -o, or --overwrite"
+        ) from None
+    for text in texts:
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            continue  # a line cut short by a crash: that id is answered again
+        if isinstance(rec, dict) and "reply" in rec and "error" not in rec:
+            digest = rec.get("input_digest")
+            done[id_key(rec.get("id"))] = Answered(
+                digest if isinstance(digest, str) else None, text if text.endswith("\n") else text + "\n"
+            )
+    return done
 
 
 # -- progress -------------------------------------------------------------------
@@ -252,23 +277,22 @@ class InOrder:
             self.write(self.held.pop(line))
 
 
-def open_output(path: str | None, overwrite: bool) -> tuple[TextIO, set[str]]:
-    """The output stream and the ids already answered in it (resume). A file is opened
-    private and never through a symbolic link (chatkv.outfile)."""
+def open_output(path: str | None, overwrite: bool, keep: Iterable[str] = ()) -> TextIO:
+    """The output stream. A file is started over, or (resuming) rewritten with the records
+    `keep` and opened to append; it is opened private and never through a symbolic link
+    (chatkv.outfile)."""
     from chatkv.outfile import open_private
 
     if path in (None, "-"):
-        return sys.stdout, set()
+        return sys.stdout
     p = Path(path)
-    done: set[str] = set()
     if p.exists() and not overwrite:
-        done, keep = answered_ids(p)
         tmp = p.with_name(f".{p.name}.tmp")
         with open_private(tmp) as f:
             f.write("".join(keep))
         os.replace(tmp, p)
-        return open_private(p, append=True), done
-    return open_private(p), done
+        return open_private(p, append=True)
+    return open_private(p)
 
 
 def sort_output(path: str, id_lines: dict[str, int]) -> None:
