@@ -259,6 +259,11 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
 _PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
 
 
+def shown(value: Any) -> Any:
+    """A setting's value as it may be printed: a URL's password as ***."""
+    return _PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
 def validate(key: str, value: Any, source: str) -> Any:
     """Check one value against the schema; return it normalised or raise ConfigError."""
     if key not in SCHEMA:
@@ -267,8 +272,9 @@ def validate(key: str, value: Any, source: str) -> Any:
     try:
         return check(value)
     except (ValueError, TypeError, OverflowError):
-        shown = _PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value  # store.url, cache.url
-        raise ConfigError(f"invalid value for {key} in {source}: {shown!r} (allowed: {allowed})") from None
+        raise ConfigError(
+            f"invalid value for {key} in {source}: {shown(value)!r} (allowed: {allowed})"
+        ) from None
 
 
 class Settings:

@@ -174,6 +174,13 @@ def test_bad_config_values_are_one_line(capsys, monkeypatch):
     assert code == 1 and "generation.seed" in one_line(err)
 
 
+def test_config_show_never_prints_a_database_password(capsys, monkeypatch):
+    monkeypatch.setenv("CHATKV_STORE_URL", "postgresql://bob:s3cret@db.example/chat")
+    for argv in (["config", "show"], ["config", "show", "--json"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 0 and "postgresql://bob:***@db.example/chat" in out and "s3cret" not in out + err
+
+
 # -- database errors ---------------------------------------------------------------
 
 

@@ -215,10 +215,11 @@ def run_config(args: argparse.Namespace) -> int:
         return 0
     from dataclasses import asdict
 
+    from chatkv.config import shown
     from chatkv.engine.defaults import generation_defaults, recommended
 
     settings = settings_from(args)
-    values = settings.as_dict()
+    values = {key: shown(value) for key, value in settings.as_dict().items()}  # no URL's password
     # Sampling the user did not set comes from the model: show what will be used, and why.
     _, source = recommended(settings.model.name)
     from_model = {}
