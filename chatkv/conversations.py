@@ -97,12 +97,15 @@ class Conversations:
                 keys = self.store.private_chunks(conversation_id)
             except exc.DatabaseError:  # a damaged chunk index: the files go by `cache gc`
                 keys = []
+            # Its chunks first: killed in between, the conversation is still there to rm again
+            # (its cache recomputed if it is continued), where the other order would leave token
+            # files that nothing leads rm to.
+            if keys:
+                self._remove_chunks(conversation_id, keys, remote)
             self.store.delete_conversation(conversation_id)
             if self.kv is not None:
                 self.kv.pool.drop(conversation_id)
             journal.discard(conversation_id)
-            if keys:
-                self._remove_chunks(conversation_id, keys, remote)
             held.release(forget=True)
 
     def _chunk_remote(self) -> ObjectStore | None:
@@ -117,9 +120,9 @@ class Conversations:
 
     def _remove_chunks(self, conversation_id: int, keys: list[str], remote: ObjectStore | None) -> None:
         """The chunks only a deleted conversation used: rows, local files and, with cache.url,
-        the bucket's objects. A bucket that cannot be reached leaves the objects (named by no
-        row now, so `chatkv cache gc` takes them later) and says so in one warning line: the
-        conversation itself is deleted all the same."""
+        the bucket's objects. A bucket that cannot be reached leaves the objects (listed for
+        `chatkv cache gc` to take later) and says so in one warning line: the conversation
+        itself is deleted all the same."""
         from chatkv.errors import CacheError
         from chatkv.kv.maintenance import remove_keys
 

@@ -477,3 +477,31 @@ def test_rm_of_a_conversation_in_use_elsewhere_is_refused(chat, monkeypatch):
     "".join(turn)
     chat.delete(conv.id)
     assert chat.list_conversations() == []
+
+
+def test_rm_cut_short_leaves_the_conversation_to_rm_again_not_its_tokens_on_disk(
+    chat, monkeypatch, tiny_settings
+):
+    """rm takes the conversation's own chunks before its row: killed in between, what is
+    left is the conversation (rm it again), never chunk files nothing leads rm to."""
+    conv = chat.new_conversation()
+    send(chat, conv.id, "Tell me about the quokka, " * 6)
+    chat.kv.flush()
+    own = chat.store.private_chunks(conv.id)
+    assert own
+    real = chat.store.delete_conversation
+
+    def killed(conversation_id):
+        raise KeyboardInterrupt  # as a kill between the two steps would leave it
+
+    monkeypatch.setattr(chat.store, "delete_conversation", killed)
+    with pytest.raises(KeyboardInterrupt):
+        chat.delete(conv.id)
+    kv = chat.kv.kv_dir
+    assert chat.get_conversation(conv.id) and not any((kv / relpath(k)).exists() for k in own)
+    assert not set(own) & set(_all_keys(chat))
+    monkeypatch.setattr(chat.store, "delete_conversation", real)
+    turn, _ = send(chat, conv.id, "And the stars?")  # still usable: its prefix is computed again
+    assert turn.stats.cache_source in ("none", "memory")
+    chat.delete(conv.id)
+    assert chat.list_conversations() == []

@@ -131,9 +131,12 @@ def remove_keys(
     Malformed keys are skipped. Returns how many local files went.
 
     Raises CacheError (damaged=False) when the remote could not be listed or written: the
-    rows and local files are gone by then, so the objects are named by no row and
-    `chatkv cache gc` removes them (once an hour old) when the bucket answers again."""
+    rows and local files are gone by then, and the keys stay listed in UNREMOVED (written
+    before the bucket is asked, so a kill meanwhile leaves them listed too) for
+    `chatkv cache gc` to remove when the bucket answers again."""
     keys = [k for k in dict.fromkeys(keys) if isinstance(k, str) and KEY_RE.fullmatch(k)]
+    if remote is not None and keys:
+        _note_unremoved(kv_dir, [*_unremoved(kv_dir), *keys])
     store.delete_chunks(keys)
     gone = 0
     for key in keys:
@@ -150,11 +153,50 @@ def remove_keys(
         except OSError as e:  # its text names the bucket and an error code, never a credential
             raise CacheError(
                 f"the {len(keys)} cache chunks only it used could not be removed from {remote.where} ({e}); "
-                "`chatkv cache gc` removes them once the bucket is reachable again "
-                "(objects no index row names, an hour after they were written)",
+                "`chatkv cache gc` removes them once the bucket is reachable again",
                 damaged=False,
             ) from None
+        done = set(keys)
+        _note_unremoved(kv_dir, [k for k in _unremoved(kv_dir) if k not in done])
     return gone
+
+
+# Keys of deleted conversations' chunks whose bucket objects are still to remove (a bucket
+# that did not answer `chatkv rm`): one a line, next to kv/ (whose unindexed files gc takes
+# for orphans). Keys are hashes: the file holds nothing of a conversation.
+UNREMOVED = "unremoved-objects.txt"
+
+
+def _unremoved(kv_dir: Path) -> list[str]:
+    try:
+        text = (kv_dir.parent / UNREMOVED).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return []
+    return list(dict.fromkeys(k for k in text.split() if KEY_RE.fullmatch(k)))
+
+
+def _note_unremoved(kv_dir: Path, keys: list[str]) -> None:
+    path = kv_dir.parent / UNREMOVED
+    if keys:
+        write_atomic(path, "".join(f"{k}\n" for k in dict.fromkeys(keys)).encode("ascii"))
+    else:
+        path.unlink(missing_ok=True)
+
+
+def retry_unremoved(store: ChunkIndex, kv_dir: Path, remote: ObjectStore) -> int:
+    """Remove the bucket objects `chatkv rm` could not (UNREMOVED), of the keys no index row
+    names now (a chunk of the same tokens written since is another conversation's). Returns
+    how many objects went; raises OSError when the bucket does not answer."""
+    from chatkv.kv.objects import remove_objects
+
+    keys = _unremoved(kv_dir)
+    if not keys:
+        return 0
+    named = store.get_chunks(keys)
+    removed = remove_objects(remote, [k for k in keys if k not in named])
+    done = set(keys)
+    _note_unremoved(kv_dir, [k for k in _unremoved(kv_dir) if k not in done])  # an rm may have added some
+    return removed
 
 
 def reachable(recs: Sequence[ChunkRecord]) -> set[str]:
@@ -390,6 +432,11 @@ def gc_tiers(
             report.objects_removed, report.objects_freed = collect(
                 tiers.remote, store.all_chunks(), GC_GRACE_S if grace_s is None else grace_s, listing
             )
+        except OSError as e:
+            report.remote_error = str(e)
+    if listed is not None:  # after collect: it may have taken some of them already
+        try:
+            report.objects_removed += retry_unremoved(store, kv_dir, tiers.remote)
         except OSError as e:
             report.remote_error = str(e)
     return report
