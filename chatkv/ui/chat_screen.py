@@ -23,7 +23,7 @@ from textual.worker import Worker, get_current_worker
 from chatkv.api import ChatBackend, GenerationSettings, TurnStream
 from chatkv.config import Settings
 from chatkv.errors import ChatKVError
-from chatkv.ui.actions import ACTIONS, FOOTER_ACTIONS
+from chatkv.ui.actions import ACTIONS, FOOTER_ACTIONS, key_label
 from chatkv.ui.chat_actions import ConversationActions
 from chatkv.ui.dialogs import TextPromptScreen
 from chatkv.ui.model_actions import ModelActions
@@ -80,6 +80,7 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         self.generating = False
         self._stop_requested = False
         self._drain_timer: Timer | None = None
+        self._users_before = 0  # the open conversation's messages of the user's when a turn started
         self._drain_lock = asyncio.Lock()  # one drain at a time: the timer's and the turn end's
         self._reply_widget: ChatMessage | None = None  # the reply being generated
         self._wait_started = time.monotonic()
@@ -381,6 +382,7 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         self.status.show(turn="generating…", turn_stats=None)
         self.refresh_bindings()
         buffer = ReplyBuffer()
+        self._users_before = len(self._user_messages()) if restore_text is not None else 0
         self._drain_timer = self.set_interval(FLUSH_S, partial(self.drain, buffer, widget))
         self.generate(starter, buffer, widget, restore_text)
 
@@ -455,7 +457,11 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
             if self.conversation_id is None:
                 self.draft_system_prompt = system
             if event.restore_text is not None:
-                self.restore_input(event.restore_text)
+                if self._saved_last(event.restore_text):  # not in the input too: sent again, twice
+                    key = key_label(self.settings.ui.keys.regenerate.split(",")[0])
+                    self.notify(f"Your message is saved; {key} generates its reply again.", timeout=8)
+                else:
+                    self.restore_input(event.restore_text)
             self.status.show(turn="last turn failed", turn_stats=None)
         elif event.kept_aside:
             # A stopped regenerate or edit changes nothing: show the conversation as saved.
@@ -491,6 +497,21 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         if len(widgets) == len(saved) and all(w.role == m.role for w, m in zip(widgets, saved, strict=True)):
             for w, m in zip(widgets, saved, strict=True):
                 w.message = m
+
+    def _user_messages(self) -> list[str]:
+        """The open conversation's saved messages of the user's (none for a draft)."""
+        if self.conversation_id is None:
+            return []
+        try:
+            return [m.content for m in self.backend.messages(self.conversation_id) if m.role == "user"]
+        except Exception:
+            return []
+
+    def _saved_last(self, text: str) -> bool:
+        """Whether the failed turn saved the user's `text` before failing: one message of the
+        user's more than when it started, and it is `text`."""
+        mine = self._user_messages()
+        return len(mine) > self._users_before and mine[-1] == text
 
     def restore_input(self, text: str) -> None:
         """Put the user's text back in the input (before anything typed since)."""
@@ -614,7 +635,8 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
             await self.log_view.remove_children(widgets[index:])
             await self.log_view.mount(ChatMessage("user", text))
             settings = self.generation_settings()
-            await self.start_turn(lambda: (self.backend.edit(message.id, text, settings), cid), None)
+            # a failed edit changes nothing: its text comes back to the input, not lost
+            await self.start_turn(lambda: (self.backend.edit(message.id, text, settings), cid), text)
 
         self.app.push_screen(
             TextPromptScreen("Edit message (the reply is generated again)", message.content, multiline=True),

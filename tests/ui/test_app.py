@@ -262,10 +262,30 @@ async def test_generation_failure_notifies_restores_text_and_keeps_saved():
         await send(pilot, "please fail")
         await finished(pilot, backend)
         assert any("generation failed: out of memory" in n for n in notes(app))
-        assert chat(app).prompt.text == "please fail"
         # what the backend saved is what the screen shows: history, the user message, the partial reply
         assert [t for _, t in roles_and_text(app)] == [m.content for m in backend.messages(1)]
         assert roles_and_text(app)[2] == ("user", "please fail")
+        # saved, so not back in the input too (sent again, it would be there twice): the way on is said
+        assert chat(app).prompt.text == ""
+        assert any("Your message is saved; ctrl+g generates its reply again" in n for n in notes(app))
+
+
+async def test_a_failed_edit_gives_the_edited_text_back():
+    backend = FakeBackend(replies=["r1 r1 r1", "r2 r2 r2"], ready=True)
+    app = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "first")
+        await finished(pilot, backend)
+        backend.fail_generation_after = 1
+        chat(app).log_view.messages[0].focus()
+        await pilot.press("ctrl+e")
+        await pilot.pause()
+        app.screen.query_one(TextArea).load_text("first, carefully edited")
+        await pilot.press("ctrl+s")
+        await finished(pilot, backend, 2)
+        assert any("generation failed" in n for n in notes(app))
+        assert [m.content for m in backend.messages(1) if m.role == "user"] == ["first"]  # nothing changed
+        assert chat(app).prompt.text == "first, carefully edited"
 
 
 async def test_send_failure_with_unexpected_error_is_reported_briefly():
