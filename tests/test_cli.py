@@ -227,7 +227,16 @@ def test_user_errors_are_one_line_exit_1_and_write_nothing(capsys, monkeypatch, 
     for errors in ("surrogateescape", "strict"):
         bad = io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff\xfe hello"), encoding="utf-8", errors=errors)
         fails("ask", "-", stdin=bad, match="standard input")
-    fails("ask", "caf\udce9", match="not UTF-8")  # an argument that was not UTF-8 either
+    # An argument that was not UTF-8 either (any text one, before anything loads): a usage error.
+    for argv, named in (
+        (["ask", "caf\udce9"], "prompt"),
+        (["ask", "-s", "caf\udce9", "hello"], "--system"),
+        (["ls", "-q", "\udcff"], "-q"),
+        (["ask", "--stop", "ok", "--stop", "\udcff", "hello"], "--stop"),
+    ):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and out == "" and f"{named} is not UTF-8 text" in one_error_line(err), err
+        assert saved() == before
     fails("ask", "--model", "/nonexistent/dir", "hello", match="/nonexistent/dir")
     fails("ask", "-C", str(first["conversation_id"]), "--model", "/nonexistent/dir", "hello")
     junk, hollow = tmp_path / "junk.gguf", tmp_path / "hollow.gguf"

@@ -73,6 +73,27 @@ def _gen_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", help="a string that ends the reply (repeatable)")
 
 
+def _not_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The first text argument holding bytes that are not UTF-8 (under a C/POSIX locale Python
+    hands them over as lone surrogates, which no database or JSON takes), by its flag; paths
+    and model names are exempt (a file name may be any bytes)."""
+    from chatkv.cli.args import PathArg
+
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = sub.choices.get(getattr(args, "command", None) or "") if sub is not None else None
+    for action in (command or parser)._actions:
+        if isinstance(action.type, PathArg) or action.dest in ("model", "help"):
+            continue
+        value = getattr(args, action.dest, None)
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return action.option_strings[0] if action.option_strings else action.dest
+    return None
+
+
 FLAG_KEYS = {
     "model": "model.name",
     "device": "model.device",
@@ -269,6 +290,13 @@ def _main(argv: Sequence[str]) -> int:
     from sqlalchemy.exc import DBAPIError
 
     debug = getattr(args, "debug", False)
+    bad = _not_utf8(parser, args)
+    if bad:
+        print(
+            f"chatkv: error: {bad} is not UTF-8 text; give it in UTF-8 (or from a UTF-8 file)",
+            file=sys.stderr,
+        )
+        return 2
     _quiet_libraries(debug)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -285,6 +313,11 @@ def _main(argv: Sequence[str]) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except UnicodeError as e:  # text that is not UTF-8 somewhere no check caught: one line all the same
+        if debug:
+            raise
+        print(f"chatkv: error: text that is not UTF-8 ({e.reason}); give it in UTF-8", file=sys.stderr)
+        return 1
     except OSError as e:  # disk full, permissions: one line, not a traceback
         if debug:
             raise
