@@ -4,6 +4,7 @@ apart so the screen module holds the flow of a turn."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ from chatkv.ui.export import export_dir, write_export
 from chatkv.ui.widgets import ChatMessage
 
 if TYPE_CHECKING:
+    from chatkv.api import ConversationSummary
     from chatkv.ui.chat_screen import ChatScreen
 
 CODE_BLOCK = re.compile(r"^(`{3,}|~{3,})[^\n]*\n(.*?)^\1[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -25,12 +27,25 @@ def code_blocks(markdown: str) -> list[str]:
 class ConversationActions:
     """Actions of ChatScreen (`self` is the screen) that act on the open conversation."""
 
+    def _saved(self: ChatScreen, cid: int, what: str) -> ConversationSummary | None:
+        """The open conversation as saved, or None after saying why (deleted meanwhile by
+        another process: the list is refreshed)."""
+        try:
+            return self.backend.get_conversation(cid)
+        except Exception as exc:
+            self.report(exc, what)
+            self.refresh_list()
+            return None
+
     def action_rename(self: ChatScreen) -> None:
         cid = self.conversation_id
         if cid is None:
             self.nothing("This conversation is not saved yet; it is named after its first message.")
             return
-        title = self.backend.get_conversation(cid).title
+        conv = self._saved(cid, "rename the conversation")
+        if conv is None:
+            return
+        title = conv.title
 
         def done(new: str | None) -> None:
             self.prompt.focus()
@@ -56,16 +71,21 @@ class ConversationActions:
             return
         if self.busy("delete this conversation"):
             return
-        title = self.backend.get_conversation(cid).title
+        conv = self._saved(cid, "delete the conversation")
+        if conv is None:
+            return
+        title = conv.title
 
         async def done(confirmed: bool | None) -> None:
             self.prompt.focus()
             if not confirmed:
                 return
-            try:
-                self.backend.delete(cid)
+            self.status.show(turn="deleting…")
+            try:  # off the UI thread: it waits for queued cache writes, and may reach a bucket
+                await asyncio.to_thread(self.backend.delete, cid)
             except Exception as exc:
                 self.report(exc, "delete the conversation")
+                self.status.show(turn="")
                 return
             self.notify(f"Deleted “{title}”.")
             await self.open_conversation(None)
@@ -76,9 +96,13 @@ class ConversationActions:
         if self.busy("change the system prompt"):
             return
         cid = self.conversation_id
-        current = (
-            self.draft_system_prompt if cid is None else self.backend.get_conversation(cid).system_prompt
-        )
+        if cid is None:
+            current = self.draft_system_prompt
+        else:
+            conv = self._saved(cid, "change the system prompt")
+            if conv is None:
+                return
+            current = conv.system_prompt
         default = getattr(self.backend, "default_system_prompt", "") or ""
         if default:
             note = f"Empty means the model's own default: “{default}”"

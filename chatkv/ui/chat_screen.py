@@ -22,7 +22,7 @@ from textual.worker import Worker, get_current_worker
 
 from chatkv.api import ChatBackend, GenerationSettings, TurnStream
 from chatkv.config import Settings
-from chatkv.errors import ChatKVError
+from chatkv.errors import ChatKVError, NotFoundError
 from chatkv.ui.actions import ACTIONS, FOOTER_ACTIONS, key_label
 from chatkv.ui.chat_actions import ConversationActions
 from chatkv.ui.dialogs import TextPromptScreen
@@ -340,7 +340,7 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         cid = self.conversation_id
         settings = self.generation_settings()
         if cid is None:
-            system = self.draft_system_prompt or None
+            system = self.draft_system_prompt  # "" too: a prompt cleared for this conversation
             return lambda: send_new(self.backend, text, settings, system)
         return lambda: (self.backend.send(cid, text, settings), cid)
 
@@ -453,7 +453,10 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
             # Show what was saved, nothing more: the transcript is the source of truth
             # (a refused first message leaves the draft empty).
             system = self.draft_system_prompt
-            await self.open_conversation(self.conversation_id)
+            cid = self.conversation_id
+            if cid is not None and not self._exists(cid):  # a refused first message takes its
+                cid = None  # conversation with it: back to the draft it was
+            await self.open_conversation(cid)
             if self.conversation_id is None:
                 self.draft_system_prompt = system
             if event.restore_text is not None:
@@ -497,6 +500,15 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         if len(widgets) == len(saved) and all(w.role == m.role for w, m in zip(widgets, saved, strict=True)):
             for w, m in zip(widgets, saved, strict=True):
                 w.message = m
+
+    def _exists(self, conversation_id: int) -> bool:
+        try:
+            self.backend.get_conversation(conversation_id)
+        except NotFoundError:
+            return False
+        except Exception:  # another error: opening it says which
+            return True
+        return True
 
     def _user_messages(self) -> list[str]:
         """The open conversation's saved messages of the user's (none for a draft)."""

@@ -24,7 +24,7 @@ def send_new(
     if "system_prompt" in inspect.signature(backend.send).parameters:
         stream = backend.send(None, text, settings, system_prompt=system_prompt)
         return stream, stream.conversation_id
-    conv = backend.new_conversation(system_prompt=system_prompt or None)
+    conv = backend.new_conversation(system_prompt=system_prompt)
     stream = backend.send(conv.id, text, settings)
     return stream, conv.id
 

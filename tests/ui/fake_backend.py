@@ -61,6 +61,7 @@ class FakeStream:
         # saved; a stopped or failed one changes nothing and keeps its partial reply aside.
         self.replaces: tuple[int, int, str | None] | None = None  # (index, position, edited text)
         self.kept_aside = False
+        self.refused: tuple[str, int, bool] | None = None  # (why, the message's id, conversation created)
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -72,6 +73,11 @@ class FakeStream:
 
     def __iter__(self) -> Iterator[str]:
         b = self._backend
+        if self.refused is not None:
+            why, message_id, created = self.refused
+            b._forget(self._conversation_id, message_id, created)
+            b.streams_finished += 1
+            raise InputError(why)
         start = time.perf_counter()
         ttft = 0.0
         text = ""
@@ -187,6 +193,7 @@ class FakeBackend:
         self.activity = ""  # what the backend says it is doing
         self.load_activity = ""  # `activity` while load() blocks
         self.builtin_system_prompt = "You are a helpful AI assistant named SmolLM."
+        self.configured_system_prompt = ""  # chat.system_prompt: what send(None, ...) takes for None
         self._versions: dict[tuple[int, int], list[MessageView]] = {}  # replaced messages, oldest first
         self.calls: list[tuple[str, tuple[object, ...]]] = []
         self.streams: list[FakeStream] = []
@@ -366,23 +373,37 @@ class FakeBackend:
         settings: GenerationSettings | None = None,
         system_prompt: str | None = None,
     ) -> FakeStream:
-        """As the real Chat: None creates the conversation with the message; a refused
-        message (longer than the context) creates and saves nothing."""
+        """As the real Chat: None creates the conversation with the message; a message
+        longer than the context is refused when the turn starts, and the turn then removes
+        what it saved (the message, and a conversation it created)."""
         self.calls.append(("send", (conversation_id, text)))
         if self.fail_send is not None:
             raise self.fail_send
-        tokens = self.count_tokens(text) or 0
-        if tokens > self.context_limit:
-            raise InputError(
-                f"the message is {tokens:,} tokens but the context holds {self.context_limit:,}; shorten it"
-            )
+        created = conversation_id is None
         if conversation_id is None:
-            conversation_id = self.new_conversation(system_prompt=system_prompt).id
+            prompt = self.configured_system_prompt if system_prompt is None else system_prompt  # as Chat
+            conversation_id = self.new_conversation(system_prompt=prompt).id
         conv = self._conv(conversation_id)
-        self._append(conversation_id, "user", text, None)
+        message = self._append(conversation_id, "user", text, None)
         if conv.title == "New conversation":
             self._convs[conversation_id] = replace(self._convs[conversation_id], title=text.strip()[:40])
-        return self._start(conversation_id)
+        stream = self._start(conversation_id)
+        tokens = self.count_tokens(text) or 0
+        if tokens > self.context_limit:
+            stream.refused = (
+                f"the message is {tokens:,} tokens but the context holds {self.context_limit:,}; shorten it",
+                message.id,
+                created,
+            )
+        return stream
+
+    def _forget(self, cid: int, message_id: int, created: bool) -> None:
+        with self._lock:
+            if created:
+                del self._convs[cid]
+                del self._msgs[cid]
+            else:
+                self._msgs[cid] = [m for m in self._msgs[cid] if m.id != message_id]
 
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> FakeStream:
         self.calls.append(("regenerate", (conversation_id,)))

@@ -330,13 +330,16 @@ async def test_refused_first_message_creates_nothing():
         await send(pilot, "far too many words for this very small context window")
         await wait_for(pilot, lambda: not chat(app).generating)
         assert any("context holds 10" in n for n in notes(app))
+        assert not any("Could not" in n or "not found" in n for n in notes(app))
+        # the turn removed the conversation it had created: the screen is a draft again
         assert chat(app).conversation_id is None and roles_and_text(app) == []
-        assert len(backend.list_conversations()) == 1
+        assert len(backend.list_conversations()) == 1 and chat(app).sidebar.option_list.option_count == 1
         assert chat(app).prompt.text.startswith("far too many words")
         backend.context_limit = 8192
         await pilot.press("enter")
-        await finished(pilot, backend)
-        assert backend.get_conversation(2).title.startswith("far too many words")
+        await finished(pilot, backend, 2)
+        assert backend.get_conversation(chat(app).conversation_id).title.startswith("far too many words")
+        assert len(backend.list_conversations()) == 2
 
 
 async def test_open_conversation_from_list_and_filter():
@@ -888,6 +891,22 @@ async def test_system_prompt_dialog_shows_the_model_default_and_a_draft_keeps_it
         assert backend.get_conversation(1).system_prompt == "Answer in French."
 
 
+async def test_a_system_prompt_cleared_in_a_draft_stays_cleared():
+    backend = FakeBackend(ready=True)
+    backend.configured_system_prompt = "Be terse."
+    app = make_app(backend, **{"chat.system_prompt": "Be terse."})
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.screen.query_one(TextArea).text == "Be terse."
+        app.screen.query_one(TextArea).load_text("")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        await send(pilot, "hello")
+        await finished(pilot, backend)
+        assert backend.get_conversation(1).system_prompt == ""  # not the configured one
+
+
 async def test_long_titles_are_cut_with_an_ellipsis_to_the_sidebar():
     backend = FakeBackend(conversations=1, ready=True)
     backend.rename(1, "A very long conversation title that cannot possibly fit in the sidebar")
@@ -1135,6 +1154,20 @@ async def test_model_switch_is_refused_while_a_reply_streams():
         backend.pause_release.set()
         await finished(pilot, backend)
         assert not any(c[0] == "switch_model" for c in backend.calls)
+
+
+async def test_a_conversation_removed_by_another_process_is_reported_not_a_crash():
+    backend = FakeBackend(conversations=2, ready=True)
+    app = make_app(backend, conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        backend.delete(1)  # `chatkv rm 1` in another terminal
+        for key in ("ctrl+r", "ctrl+d", "ctrl+s"):
+            await pilot.press(key)
+            await pilot.pause()
+            assert app.screen is chat(app)  # no dialog for what is not there, and no crash
+        assert sum("no conversation 1" in n for n in notes(app)) == 3
+        assert chat(app).sidebar.option_list.option_count == 1
 
 
 def _run_in_event_loop(fn):
