@@ -398,6 +398,12 @@ def test_ctrl_c_in_ask_ends_the_line_and_says_how_to_continue(capsys, monkeypatc
         f"chatkv: interrupted; the partial reply is saved in conversation {conv.id} "
         f"— continue with: chatkv ask -C {conv.id} ..."
     ]
+    # --json: a script gets the object of what was saved, its finish_reason "cancelled"
+    code, out, err = run(capsys, "ask", "--json", "-C", str(conv.id), "And then?")
+    rec = json.loads(out)
+    assert code == 130 and rec["conversation_id"] == conv.id and rec["stats"]["finish_reason"] == "cancelled"
+    with Store(db_path()) as store:
+        assert rec["reply"] == store.messages(conv.id)[-1].content and rec["message_id"]
     monkeypatch.setattr(generate, "decode_one", real)
     code, out, err = run(capsys, "ask", "-C", str(conv.id), "Go on.")
     assert code == 0

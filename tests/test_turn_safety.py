@@ -505,3 +505,47 @@ def test_rm_cut_short_leaves_the_conversation_to_rm_again_not_its_tokens_on_disk
     assert turn.stats.cache_source in ("none", "memory")
     chat.delete(conv.id)
     assert chat.list_conversations() == []
+
+
+def test_ctrl_c_inside_a_decode_step_keeps_the_reply_and_a_whole_cache(
+    chat, tiny_settings, tiny_lm, monkeypatch
+):
+    """Ctrl-C lands inside a decode step: the first layers have appended the new token, the
+    last has not. The reply is saved, and so is the cache of every position all layers hold
+    (it was lost: "Sizes of tensors must match" when spilled); resumed from disk, the
+    conversation goes on as a fresh prefill of its transcript would."""
+    from chatkv.engine.generate import generate
+    from chatkv.kv import appending, live
+
+    layers = tiny_lm.model.config.num_hidden_layers
+    real, one_token = appending.Appending.update, {"n": 0}
+
+    def update(self, k, v, *a, **kw):
+        if k.shape[-2] == 1:
+            one_token["n"] += 1
+            if one_token["n"] == 3 * layers + layers:  # the last layer of the fourth step
+                raise KeyboardInterrupt
+        return real(self, k, v, *a, **kw)
+
+    conv = chat.new_conversation()
+    monkeypatch.setattr(appending.Appending, "update", update)
+    turn = chat.send(conv.id, "Tell me a story about the sea.", LONG)
+    pieces = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in turn:
+            pieces.append(piece)
+    monkeypatch.setattr(appending.Appending, "update", real)
+    chat.kv.flush()
+    saved = transcript(chat, conv.id)
+    assert saved[-1][0] == "assistant" and saved[-1][1] == "".join(pieces) != ""
+    head = chat.store.get_kv_head(conv.id)
+    assert head.tokens == len(turn.tokens) - 1  # every position but the torn one
+    again = reopen(tiny_settings, chat, tiny_lm)
+    ids, _ = again.fit(again.render(conv.id) + [{"role": "user", "content": "Go on."}], 12)
+    fresh = generate(tiny_lm.model, ids, live.new_cache(tiny_lm.model), 0, GREEDY, tiny_lm.eos_ids, 10**6)
+    next_turn, _ = send(again, conv.id, "Go on.")
+    assert next_turn.stats.cache_source == "disk" and next_turn.stats.cached_tokens > len(turn.tokens) // 2
+    assert [m.content for m in again.messages(conv.id)][-1] == tiny_lm.tokenizer.decode(
+        [s.token for s in fresh if s.token is not None], skip_special_tokens=True
+    )
+    again.close()

@@ -118,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
             if streamed:
                 out.write("\n")  # end the reply's line before saying anything
                 out.flush()
+            if args.json and turn.message is not None:  # a script gets what was saved, "cancelled"
+                json.dump(_record(chat, turn, load_began, loaded_at, first_at), out, ensure_ascii=False)
+                out.write("\n")
+                out.flush()
             _say_interrupted(turn.conversation_id, turn.message is not None)
             return 130
         except BrokenPipeError:
@@ -128,19 +132,8 @@ def run(args: argparse.Namespace) -> int:
             return 141
         # turn.warnings (a cache chunk dropped and recomputed) were logged to stderr already
         # by the KV layer, once each; printing them again would report each twice.
-        msg = turn.message
         if args.json:
-            json.dump(
-                {
-                    "conversation_id": turn.conversation_id,
-                    "message_id": msg.id if msg else None,
-                    "reply": msg.content if msg else "",
-                    "stats": turn.stats.to_dict(),
-                    "startup": _startup(chat, turn.stats.cache_load_s, load_began, loaded_at, first_at),
-                },
-                out,
-                ensure_ascii=False,
-            )
+            json.dump(_record(chat, turn, load_began, loaded_at, first_at), out, ensure_ascii=False)
         out.write("\n")
         out.flush()
         if args.stats:
@@ -150,6 +143,18 @@ def run(args: argparse.Namespace) -> int:
     finally:
         chat.close()
     return 0
+
+
+def _record(chat, turn, load_began: float, loaded_at: float, first_at: float) -> dict:
+    """The turn as `ask --json` prints it."""
+    msg = turn.message
+    return {
+        "conversation_id": turn.conversation_id,
+        "message_id": msg.id if msg else None,
+        "reply": msg.content if msg else "",
+        "stats": turn.stats.to_dict(),
+        "startup": _startup(chat, turn.stats.cache_load_s, load_began, loaded_at, first_at),
+    }
 
 
 def _startup(chat, attach_s: float, load_began: float, loaded_at: float, first_at: float) -> dict:

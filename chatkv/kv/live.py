@@ -128,6 +128,27 @@ def crop_to(cache: Cache, n: int) -> None:
             layer.values = layer.values[..., :n, :]
 
 
+def untear(cache: Cache) -> int:
+    """Crop every layer to the positions all of them hold, and return that many. A decode
+    step cut short (Ctrl-C, an error in layer i) has appended its token to the first layers
+    only: the positions before it are whole, the torn one goes."""
+    lengths = [
+        min(layer.keys.shape[-2], layer.values.shape[-2])
+        for layer in kv_layers(cache)
+        if getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None
+    ]
+    if not lengths:
+        return 0
+    n = min(lengths)
+    if max(lengths) > n or any(
+        layer.keys.shape[-2] != layer.values.shape[-2] for layer in kv_layers(cache) if layer.keys is not None
+    ):
+        for layer in kv_layers(cache):
+            layer.keys = layer.keys[..., :n, :]
+            layer.values = layer.values[..., :n, :]
+    return n
+
+
 def nbytes(cache: Cache) -> int:
     """Device bytes the cache holds, spare capacity included."""
     total = 0

@@ -396,14 +396,14 @@ class KVManager:
 
     def keep_live(self, conv: object, tokens: Sequence[int], cache: Cache) -> None:
         """Keep `cache` (covering `tokens`) live for the conversation's next turn."""
-        n = live.seq_len(cache)
+        n = live.untear(cache)
         self.pool.put(conv, list(tokens[:n]), cache)
 
     def spill(self, conv_id: int | None, tokens: Sequence[int], cache: Cache) -> None:
         """Queue writing what is new of `cache` to disk; returns at once."""
         if not self.persist:
             return
-        n = live.seq_len(cache)
+        n = live.untear(cache)
         snapshot = [(k[..., :n, :], v[..., :n, :]) for k, v in live.layers_of(cache)]  # (B, H, n, D)
         slot = conv_id if conv_id is not None else ("prefix", hash(tuple(tokens[:n])))
         ticket = object()
