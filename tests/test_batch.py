@@ -186,11 +186,26 @@ def test_a_resumed_run_answers_again_the_lines_that_changed_and_says_what_it_ski
     assert recs[4]["input_digest"] == first[3]["input_digest"]  # the same line under another id
 
 
-def test_resuming_into_a_file_that_is_not_utf8_is_one_line(cli, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "content",
+    [b"\xff\xfe binary", b"my precious notes\nline two\n", b'{"id": 1, "line": 1, "reply": "x"}\nnotes\n'],
+    ids=["binary", "text", "records-then-text"],
+)
+def test_an_output_file_that_is_not_a_batch_output_is_never_replaced(cli, tmp_path, capsys, content):
     src, out = _write(tmp_path / "in.jsonl", [{"prompt": "Hello!"}]), tmp_path / "out.jsonl"
-    out.write_bytes(b"\xff\xfe binary")
+    out.write_bytes(content)
     assert cli(src, "-o", str(out)) == 2
-    assert "not UTF-8" in capsys.readouterr().err and out.read_bytes() == b"\xff\xfe binary"
+    assert "is not an output of chatkv batch" in capsys.readouterr().err and out.read_bytes() == content
+    assert cli(src, "-o", str(out), "--overwrite") == 0 and "reply" in _records(out)[0]
+
+
+def test_resuming_with_another_input_is_refused_not_mixed(cli, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    assert cli(_write(tmp_path / "a.jsonl", [{"id": "a", "prompt": "Hello!"}]), "-o", str(out)) == 0
+    before = out.read_bytes()
+    assert cli(_write(tmp_path / "b.jsonl", [{"prompt": "Hi there."}]), "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "answers to 1 id(s) that are not in" in err and '"a"' in err and out.read_bytes() == before
 
 
 def test_save_and_continuation_write_expected_messages(cli, chat, tmp_path):

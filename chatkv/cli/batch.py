@@ -154,6 +154,13 @@ def run(args: argparse.Namespace) -> int:
             changed += 1
         items.append(item)
         order.append(n)
+    foreign = [key for key in earlier if key not in id_lines]
+    if foreign:  # resuming would mix two runs in one file, or drop the other run's answers
+        chat.close()
+        raise UsageError(
+            f"{args.output} holds answers to {len(foreign)} id(s) that are not in {args.input} "
+            f"(first: {foreign[0]}); give another -o, or --overwrite to start it over"
+        )
     if resuming and (skipped or changed):  # never silently: the file may hold answers to other prompts
         again = f"; {changed} changed since answered there: answered again" if changed else ""
         print(

@@ -186,21 +186,28 @@ class Answered:
 
 def answered_ids(path: Path) -> dict[str, Answered]:
     """Reply records of an earlier output, by id (error records are dropped: their lines are
-    tried again). Raises UsageError for a file that is not UTF-8 JSONL."""
+    tried again). Raises UsageError for a file that is not an output of chatkv batch (not
+    UTF-8, or lines that are not its records but for a last one cut short by a crash):
+    resuming would replace it."""
     done: dict[str, Answered] = {}
+    refuse = (
+        f"{path} exists and is not an output of chatkv batch; give another -o, or --overwrite to replace it"
+    )
     try:
         with open(path, encoding="utf-8") as f:
-            texts = f.readlines()
+            texts = [t for t in f.readlines() if t.strip()]
     except UnicodeDecodeError:
-        raise UsageError(
-            f"{path} is not a JSONL file of answers (not UTF-8 text); give another -o, or --overwrite"
-        ) from None
-    for text in texts:
+        raise UsageError(refuse) from None
+    for i, text in enumerate(texts):
         try:
             rec = json.loads(text)
         except ValueError:
-            continue  # a line cut short by a crash: that id is answered again
-        if isinstance(rec, dict) and "reply" in rec and "error" not in rec:
+            if i == len(texts) - 1 and not text.endswith("\n"):
+                continue  # a line cut short by a crash: that id is answered again
+            raise UsageError(refuse) from None
+        if not (isinstance(rec, dict) and "line" in rec and ("reply" in rec or "error" in rec)):
+            raise UsageError(refuse)
+        if "reply" in rec and "error" not in rec:
             digest = rec.get("input_digest")
             done[id_key(rec.get("id"))] = Answered(
                 digest if isinstance(digest, str) else None, text if text.endswith("\n") else text + "\n"
