@@ -272,19 +272,24 @@ class Chat(Conversations, Housekeeping):
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> Turn:
         """Generate the last reply again. The old reply becomes an earlier version only when the
         new one is saved; a stopped or failed regeneration leaves the conversation as it was."""
-        msgs = self.store.messages(conversation_id)
-        if not msgs or not any(m.role == "user" for m in msgs):
-            raise InputError("there is no reply to regenerate yet; send a message first")
-        last = msgs[-1]
-        old = [last.id] if last.role == "assistant" else []
-        change = Replace(
-            last.position if old else None,
-            set_aside=old,
-            reply_position=last.position if old else last.position + 1,
-        )
-        return Turn(
-            self, conversation_id, settings or self.defaults, self.hold(conversation_id), replace=change
-        )
+        # Held first: holding saves a reply a dead or failed turn left in its journal, and that
+        # reply, not the one before it, is the one to regenerate.
+        held = self.hold(conversation_id)
+        try:
+            msgs = self.store.messages(conversation_id)
+            if not msgs or not any(m.role == "user" for m in msgs):
+                raise InputError("there is no reply to regenerate yet; send a message first")
+            last = msgs[-1]
+            old = [last.id] if last.role == "assistant" else []
+            change = Replace(
+                last.position if old else None,
+                set_aside=old,
+                reply_position=last.position if old else last.position + 1,
+            )
+            return Turn(self, conversation_id, settings or self.defaults, held, replace=change)
+        except BaseException:
+            held.release()
+            raise
 
     def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> Turn:
         """Replace a user message and reply again. The old message and everything after it
@@ -297,10 +302,16 @@ class Chat(Conversations, Housekeeping):
             raise InputError(
                 f"message {message_id} is an assistant reply; only your own messages can be edited"
             )
-        after = [m.id for m in self.store.messages(msg.conversation_id) if m.position >= msg.position]
-        change = Replace(msg.position + 1, message_id, text, set_aside=after, reply_position=msg.position + 1)
-        held = self.hold(msg.conversation_id)
-        return Turn(self, msg.conversation_id, settings or self.defaults, held, replace=change)
+        held = self.hold(msg.conversation_id)  # first: it may save a journaled reply (regenerate says why)
+        try:
+            after = [m.id for m in self.store.messages(msg.conversation_id) if m.position >= msg.position]
+            change = Replace(
+                msg.position + 1, message_id, text, set_aside=after, reply_position=msg.position + 1
+            )
+            return Turn(self, msg.conversation_id, settings or self.defaults, held, replace=change)
+        except BaseException:
+            held.release()
+            raise
 
     def count_tokens(self, text: str) -> int | None:
         """Tokens `text` adds as a user message; None while the model is not loaded."""

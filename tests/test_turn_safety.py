@@ -108,6 +108,24 @@ def test_the_next_turn_in_the_same_process_saves_a_reply_left_unsaved_first(chat
     assert transcript(chat, conv.id)[-1] == ("assistant", reply)
 
 
+@pytest.mark.parametrize("how", ["regenerate", "edit"])
+def test_a_regenerate_or_edit_after_a_failed_save_replaces_the_journaled_reply(chat, monkeypatch, how):
+    """The failed save's reply is in the journal; the regenerate (or edit) saves it first and
+    then replaces it: never two replies in a row."""
+    conv = chat.new_conversation()
+    with monkeypatch.context() as m, pytest.raises(ChatKVError):
+        m.setattr(chat.store, "finish_turn", locked)
+        send(chat, conv.id, "Hello!")
+    assert [r for r, _ in transcript(chat, conv.id)] == ["user"]
+    if how == "regenerate":
+        turn = chat.regenerate(conv.id, GREEDY)
+    else:
+        turn = chat.edit(chat.messages(conv.id)[0].id, "Hello again!", GREEDY)
+    reply = "".join(turn)
+    assert [r for r, _ in transcript(chat, conv.id)] == ["user", "assistant"]
+    assert transcript(chat, conv.id)[-1] == ("assistant", reply)
+
+
 KILLED = textwrap.dedent(
     """
     import json, os, signal, sys
