@@ -465,6 +465,9 @@ def test_rm_removes_every_chunk_only_that_conversation_used_and_its_text(chat, t
         with safe_open(f, "pt") as st:
             toks = st.get_tensor("tokens").tolist()
         assert not _contains(toks, secret_ids), f
+    # nor the write-ahead log, while this process still has the database open (rm emptied it)
+    for f in db_path().parent.glob("chatkv.db*"):
+        assert b"quokka" not in f.read_bytes(), f
     chat.store.close()
     with sqlite3.connect(db_path()) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

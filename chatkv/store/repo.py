@@ -9,6 +9,7 @@ processes writing at once wait for each other instead of failing.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -238,6 +239,18 @@ class Store(ChunkIndex, Finding):
             result = s.execute(delete(Conversation).where(Conversation.id == conversation_id))
             if result.rowcount == 0:
                 raise _conversation_missing(conversation_id)
+        if self._dialect() == "sqlite":
+            # The write-ahead log still holds the deleted pages as they were (secure_delete
+            # clears the database file's): copy the log into the file and empty it now, not at
+            # some later checkpoint. Best effort: a reader in another process holding an old
+            # snapshot keeps the log until it is done (the next delete or close truncates it).
+            raw = self._writer.kw["bind"].raw_connection()  # outside any transaction
+            try:
+                raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # busy, or read-only: the next checkpoint takes it
+            finally:
+                raw.close()
 
     # -- messages --------------------------------------------------------------
 
