@@ -356,6 +356,21 @@ def test_model_paths_and_unknown_names_fail_at_once_in_one_line(
     code, out, err = run(capsys, "ask", "--model", "local/tinny", "hi")
     assert code == 1 and "did you mean 'local/tiny'" in one_line(err)
 
+    # A directory transformers cannot load (an architecture it lacks, damaged weights): one
+    # line, not a traceback.
+    for config, weights in (
+        ({"model_type": "nosucharch"}, None),
+        (None, b"\x08\x00\x00\x00\x00\x00\x00\x00{not json"),
+    ):
+        broken = tmp_path / f"broken-{len(list(tmp_path.glob('broken-*')))}"
+        shutil.copytree(tiny_model_dir, broken)
+        if config is not None:
+            (broken / "config.json").write_text(json.dumps(config))
+        if weights is not None:
+            (broken / "model.safetensors").write_bytes(weights)
+        code, out, err = run(capsys, "ask", "--model", str(broken), "hi")
+        assert code == 1 and out == "" and "cannot load model" in one_line(err), err
+
 
 def test_resolve_keeps_a_hub_models_identity(monkeypatch, tmp_path, tiny_model_dir):
     import shutil

@@ -30,7 +30,7 @@ import torch
 from chatkv import gcpause
 from chatkv.engine import hub, seen
 from chatkv.engine.embedded import EMBEDDED, embedded_gguf
-from chatkv.errors import ModelError
+from chatkv.errors import ChatKVError, ModelError
 from chatkv.paths import ensure_private_dir, models_dir
 from chatkv.progress import NULL, Progress
 
@@ -377,9 +377,13 @@ def _load_hf(
         if on_tokenizer is not None:
             on_tokenizer(tok)
         model = AutoModelForCausalLM.from_pretrained(source.path, local_files_only=local, **kwargs)
-    except OSError as e:
+    except ChatKVError:
+        raise
+    except Exception as e:  # missing files, an architecture this transformers lacks, bad weights
+        log.debug("loading %s failed", source.name, exc_info=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load model {source.name!r}: {first}") from None
+        hint = "" if isinstance(e, OSError) else " (--debug shows where)"
+        raise ModelError(f"cannot load model {source.name!r}: {first}{hint}") from None
     commit = getattr(model.config, "_commit_hash", None) or source.commit
     if source.identity.startswith("hub:") and commit:
         source.identity += "@" + commit
