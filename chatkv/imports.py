@@ -21,7 +21,9 @@ from typing import Any
 from chatkv.errors import InputError
 
 LLM_HINT = "`llm logs path` prints where llm keeps it"
-CHATGPT_HINT = "it is conversations.json from a ChatGPT data export (Settings > Data controls > Export)"
+CHATGPT_HINT = (
+    "give conversations.json (or the zip) of a ChatGPT data export (Settings > Data controls > Export)"
+)
 
 
 @dataclass
@@ -80,7 +82,8 @@ def read_llm(path: str | Path) -> Iterator[Imported]:
     response per row. Raises InputError for a file that is not such a database."""
     path = Path(path)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # a file URI, escaped: a name with '#', '?' or '%' must not open another file
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
     except sqlite3.Error as e:
         raise InputError(f"cannot open {path} as a SQLite database ({e}); {LLM_HINT}") from None
     try:
@@ -136,6 +139,8 @@ def read_llm(path: str | Path) -> Iterator[Imported]:
 
 def _chatgpt_json(path: Path) -> Any:
     try:
+        if path.read_bytes()[:2] == b"PK" and not zipfile.is_zipfile(path):
+            raise InputError(f"{path} looks like a zip file but is damaged or cut short; {CHATGPT_HINT}")
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 try:
@@ -199,35 +204,44 @@ def read_chatgpt(path: str | Path) -> Iterator[Imported]:
     if not isinstance(data, list) or not all(isinstance(c, dict) for c in data):
         raise InputError(f"{path} is not a list of conversations; {CHATGPT_HINT}")
     for n, conv in enumerate(data):
-        mapping = conv.get("mapping")
-        if not isinstance(mapping, dict):
-            raise InputError(f"{path}: conversation {n + 1} has no message mapping; {CHATGPT_HINT}")
-        cid = conv.get("conversation_id") or conv.get("id")
-        if not isinstance(cid, str) or not cid:
-            basis = json.dumps([conv.get("title"), conv.get("create_time")], default=str)
-            cid = "sha256-" + hashlib.sha256(basis.encode()).hexdigest()[:24]
-        out = Imported(
-            f"chatgpt:{cid}",
-            str(conv.get("title") or ""),
-            str(conv.get("default_model_slug") or "chatgpt"),
-            created_at=_when(conv.get("create_time")),
-        )
-        msgs: list[tuple[str, str, datetime | None]] = []
-        for m in _active_branch(mapping, conv.get("current_node")):
-            role = ((m.get("author") or {}).get("role")) if isinstance(m, dict) else None
-            meta = m.get("metadata") if isinstance(m, dict) else None
-            if isinstance(meta, dict) and meta.get("is_visually_hidden_from_conversation"):
-                continue  # ChatGPT's own context (custom instructions), never shown
-            text = _text(m) if role in ("system", "user", "assistant") else ""
-            if not text:
-                continue
-            if role == "system":
-                if not msgs and not out.system_prompt:
-                    out.system_prompt = text
-                continue
-            msgs.append((role, text, _when(m.get("create_time"))))
-        out.messages = _merge(msgs)
-        yield out
+        try:
+            yield _chatgpt_conversation(conv)
+        except (AttributeError, TypeError, ValueError) as e:  # a node or author of the wrong type
+            raise InputError(f"{path}: conversation {n + 1} is malformed ({e}); {CHATGPT_HINT}") from None
+
+
+def _chatgpt_conversation(conv: dict[str, Any]) -> Imported:
+    """One conversation of a ChatGPT export. Raises ValueError, or AttributeError or
+    TypeError for a value of the wrong type somewhere inside."""
+    mapping = conv.get("mapping")
+    if not isinstance(mapping, dict):
+        raise ValueError("it has no message mapping")
+    cid = conv.get("conversation_id") or conv.get("id")
+    if not isinstance(cid, str) or not cid:
+        basis = json.dumps([conv.get("title"), conv.get("create_time")], default=str)
+        cid = "sha256-" + hashlib.sha256(basis.encode()).hexdigest()[:24]
+    out = Imported(
+        f"chatgpt:{cid}",
+        str(conv.get("title") or ""),
+        str(conv.get("default_model_slug") or "chatgpt"),
+        created_at=_when(conv.get("create_time")),
+    )
+    msgs: list[tuple[str, str, datetime | None]] = []
+    for m in _active_branch(mapping, conv.get("current_node")):
+        role = ((m.get("author") or {}).get("role")) if isinstance(m, dict) else None
+        meta = m.get("metadata") if isinstance(m, dict) else None
+        if isinstance(meta, dict) and meta.get("is_visually_hidden_from_conversation"):
+            continue  # ChatGPT's own context (custom instructions), never shown
+        text = _text(m) if role in ("system", "user", "assistant") else ""
+        if not text:
+            continue
+        if role == "system":
+            if not msgs and not out.system_prompt:
+                out.system_prompt = text
+            continue
+        msgs.append((role, text, _when(m.get("create_time"))))
+    out.messages = _merge(msgs)
+    return out
 
 
 READERS = {"llm": read_llm, "chatgpt": read_chatgpt}

@@ -178,7 +178,13 @@ def test_chatgpt_zip_and_dry_run(capsys, tmp_path):
         ("llm", None, "has no responses table"),
         ("chatgpt", b"{not json", "is not valid JSON"),
         ("chatgpt", b'{"title": "x"}', "is not a list of conversations"),
-        ("chatgpt", b'[{"title": "x"}]', "conversation 1 has no message mapping"),
+        ("chatgpt", b'[{"title": "x"}]', "conversation 1 is malformed (it has no message mapping)"),
+        (
+            "chatgpt",
+            b'[{"title": "x", "mapping": {"a": {"message": {"author": "user"}, "parent": null}}}]',
+            "conversation 1 is malformed",
+        ),
+        ("chatgpt", b"PK\x03\x04 garbage", "looks like a zip file but is damaged"),
     ],
 )
 def test_bad_files_are_one_line_errors(capsys, tmp_path, kind, content, expect):
@@ -192,6 +198,14 @@ def test_bad_files_are_one_line_errors(capsys, tmp_path, kind, content, expect):
     assert code == 1 and out == "" and len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith("chatkv: error: ") and expect in lines[0], lines[0]
     assert not db_path().exists() or transcripts() == {}
+
+
+def test_an_llm_database_whose_name_holds_uri_characters_is_read_as_named(capsys, tmp_path):
+    odd = tmp_path / "logs #1?mode=rw%20.db"
+    sqlite3.connect(odd).execute("CREATE TABLE other (x)").connection.close()
+    code, out, err = run(capsys, "import", "llm", str(odd))
+    assert code == 1 and "has no responses table" in err  # this file, not "logs " made anew
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("logs")) == [odd.name]
 
 
 def test_missing_file_is_a_usage_error(capsys, tmp_path):
