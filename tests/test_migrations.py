@@ -128,6 +128,13 @@ def _seed_0004(db: sqlite3.Connection) -> None:
         "VALUES (9, 'no cache yet', 'm', '', '{}', ?, ?)",
         (CREATED, CREATED),
     )
+    # The newest conversation deleted: its id (12) is never to be handed out again.
+    db.execute(
+        "INSERT INTO conversations (id, title, model, system_prompt, settings, created_at, updated_at) "
+        "VALUES (12, 'deleted', 'm', '', '{}', ?, ?)",
+        (CREATED, CREATED),
+    )
+    db.execute("DELETE FROM conversations WHERE id = 12")
 
 
 def _check_0004(store: Store) -> None:
@@ -145,7 +152,7 @@ def _check_0004(store: Store) -> None:
     store.rename(9, "renamed after the upgrade")
     assert [c.id for c in store.list_conversations("RENAMED after")] == [9]
     store.delete_conversation(9)
-    assert store.create_conversation(title="later").id > 9
+    assert store.create_conversation(title="later").id > 12  # not a deleted one's id again
     store.delete_conversation(7)  # its kv head goes with it
     assert not store.chunk_is_head("ab" * 32)
 

@@ -7,8 +7,8 @@ cache, owned by the chunk index and gone with its conversation (ON DELETE CASCAD
 
 - The rows are copied over, then the columns dropped. SQLite's batch mode rebuilds
   `conversations` (copy, drop, rename): foreign keys are off while migrating
-  (chatkv.store.db.upgrade), so the drop cascades nowhere; AUTOINCREMENT is kept (an id
-  is never handed out twice); the triggers on `conversations` (0004's full-text index)
+  (chatkv.store.db.upgrade), so the drop cascades nowhere; AUTOINCREMENT is kept, and so
+  is its counter (an id is never handed out twice, a deleted one's neither); the triggers on `conversations` (0004's full-text index)
   go with the old table and are created again as they were.
 - Downgrade copies the rows back into the columns and drops the table.
 
@@ -47,13 +47,27 @@ def _alter_conversations(change: Callable[[BatchOperations], None]) -> None:
     """Apply `change` to `conversations` in batch mode, keeping its AUTOINCREMENT and, when
     the table was rebuilt, creating its triggers again."""
     triggers = _triggers_on("conversations")
+    conn = op.get_bind()
+    seq = _last_id_handed_out(conn)
     with op.batch_alter_table("conversations", table_kwargs={"sqlite_autoincrement": True}) as batch:
         change(batch)
     left = _triggers_on("conversations")
-    conn = op.get_bind()
     for name, ddl in triggers.items():
         if name not in left:
             conn.exec_driver_sql(ddl)
+    # The rebuilt table's counter starts from the largest id left: a deleted newest
+    # conversation's id would be handed out again (`ask -C N` then continues another chat).
+    if seq is not None and (_last_id_handed_out(conn) or 0) < seq:
+        conn.execute(sa.text("DELETE FROM sqlite_sequence WHERE name = 'conversations'"))
+        conn.execute(sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES ('conversations', :s)"), {"s": seq})
+
+
+def _last_id_handed_out(conn: sa.Connection) -> int | None:
+    """SQLite's AUTOINCREMENT counter of `conversations` (None elsewhere, or before any row)."""
+    if conn.dialect.name != "sqlite":
+        return None
+    row = conn.execute(sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'conversations'")).first()
+    return int(row[0]) if row is not None else None
 
 
 def upgrade() -> None:
