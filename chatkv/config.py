@@ -267,7 +267,11 @@ def shown(value: Any) -> Any:
 def validate(key: str, value: Any, source: str) -> Any:
     """Check one value against the schema; return it normalised or raise ConfigError."""
     if key not in SCHEMA:
-        raise ConfigError(f"unknown config key {key!r} in {source}; see config/default.toml for the keys")
+        close = difflib.get_close_matches(key, list(SCHEMA), 1, 0.7)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"unknown config key {key!r} in {source}; {hint}`chatkv config show` lists every key"
+        )
     check, allowed = SCHEMA[key]
     try:
         return check(value)

@@ -52,11 +52,16 @@ def display_title(title: str, width: int = 0, source: str = "") -> str:
 
 def stats_text(s: TurnStats) -> str:
     """A turn's statistics on one line, as `chatkv ask --stats` and `chatkv show` print them."""
+    cached = (
+        f"{s.cached_tokens:,} cached from {s.cache_source} in {s.cache_load_s * 1000:.0f} ms"
+        if s.cached_tokens
+        else "nothing cached"
+    )
+    rate = f" at {s.decode_tps:.1f}/s" if s.completion_tokens > 1 else ""
     return (
-        f"{s.prompt_tokens:,} prompt tokens, {s.cached_tokens:,} cached from {s.cache_source} in "
-        f"{s.cache_load_s * 1000:.0f} ms, {s.prefilled_tokens:,} prefilled; first token "
-        f"{s.ttft_s * 1000:.0f} ms; {s.completion_tokens:,} tokens at {s.decode_tps:.1f}/s "
-        f"({s.finish_reason})"
+        f"{s.prompt_tokens:,} prompt tokens, {cached}, {s.prefilled_tokens:,} prefilled; first token "
+        f"{s.ttft_s * 1000:.0f} ms; {s.completion_tokens:,} token{'' if s.completion_tokens == 1 else 's'}"
+        f"{rate} ({s.finish_reason})"
     )
 
 

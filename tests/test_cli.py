@@ -85,7 +85,10 @@ def test_ask_new_continue_and_resume(capsys, monkeypatch):
     # everything up to the last reply, which a random model's text may re-tokenize differently
     assert third["stats"]["cached_tokens"] >= msgs[3].stats.prompt_tokens
     conv = dict(saved())[cid]
-    assert conv[-2:] == [("user", "Tell me a story about the sea.\n"), ("assistant", third["reply"])]
+    assert conv[-2:] == [
+        ("user", "Tell me a story about the sea."),
+        ("assistant", third["reply"]),
+    ]  # no final newline
 
     # a new conversation without -c/-C
     other = ask_json(capsys, "Hello!")
@@ -113,13 +116,14 @@ def test_ls_show_rm_export_and_config(capsys, tmp_path, monkeypatch):
     listed = json.loads(out)
     assert [c["id"] for c in listed] == [a["conversation_id"]]
     assert listed[0]["messages"] == 2 and listed[0]["cache"] == "disk" and listed[0]["cache_bytes"] > 0
+    assert listed[0]["message_count"] == 2
 
     code, out, _ = run(capsys, "show", str(a["conversation_id"]))
     assert code == 0 and f"system: {SYSTEM}" in out and a["reply"] in out and "prompt tokens" in out
     code, out, _ = run(capsys, "show", "--json", str(a["conversation_id"]))
     shown = json.loads(out)
     assert shown["system_prompt"] == SYSTEM
-    assert [m["role"] for m in shown["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in shown["messages"]] == ["user", "assistant"] and shown["message_count"] == 2
     assert shown["messages"][1]["content"] == a["reply"]
     assert shown["messages"][1]["stats"]["prompt_tokens"] == a["stats"]["prompt_tokens"]
 
@@ -394,3 +398,19 @@ def test_show_writes_stored_control_characters_out_on_a_terminal(capsys, monkeyp
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     code, shown, _ = run(capsys, "show", cid)
     assert code == 0 and "user: x^[[31mRED^G" in shown and "\x1b" not in shown
+
+
+def test_stats_text_says_nothing_cached_and_counts_one_token():
+    from chatkv.api import TurnStats
+    from chatkv.fmt import stats_text
+
+    one = stats_text(
+        TurnStats(prompt_tokens=12, prefilled_tokens=12, completion_tokens=1, finish_reason="length")
+    )
+    assert "nothing cached" in one and "1 token (length)" in one and "/s" not in one
+    many = stats_text(
+        TurnStats(
+            prompt_tokens=40, cached_tokens=32, cache_source="disk", completion_tokens=5, decode_tps=9.5
+        )
+    )
+    assert "32 cached from disk" in many and "5 tokens at 9.5/s" in many

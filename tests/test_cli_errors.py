@@ -160,6 +160,13 @@ def test_seed_bounds_in_config_and_engine(tiny_lm):
         Sampler(GenerationSettings(temperature=1.0, seed=2**64), tiny_lm.device)
 
 
+def test_a_misspelt_config_key_names_the_closest_one(capsys):
+    (db_path().parent / "config.toml").write_text("[generation]\ntempreture = 1\n")
+    code, _, err = run(capsys, "config", "show")
+    line = one_line(err)
+    assert code == 1 and "did you mean 'generation.temperature'?" in line and "chatkv config show" in line
+
+
 def test_bad_config_values_are_one_line(capsys, monkeypatch):
     monkeypatch.setenv("CHATKV_CACHE_LIVE_BYTES", "9" * 400)  # float() makes it infinite
     code, _, err = run(capsys, "config", "show")

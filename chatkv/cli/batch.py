@@ -49,7 +49,7 @@ def register(sub, common) -> None:
         "-b",
         dest="batch_size",
         type=count(0, 4096, "a batch size"),
-        help="sequences decoded together (default: per device)",
+        help="sequences decoded together (0, the default: chosen for the device)",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(

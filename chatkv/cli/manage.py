@@ -70,7 +70,8 @@ def summary_dict(c: ConversationSummary) -> dict:
         "id": c.id,
         "title": c.title,
         "model": c.model,
-        "messages": c.message_count,
+        "message_count": c.message_count,  # in `show --json` too, where "messages" is the list
+        "messages": c.message_count,  # ls's count under its first name, kept for scripts
         "tokens": c.token_count,
         "cache": c.cache_state,
         "cache_bytes": c.cache_bytes,
