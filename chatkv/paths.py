@@ -18,7 +18,8 @@ _warned: set[Path] = set()
 def data_dir() -> Path:
     """The data directory: $CHATKV_HOME, else the platform's user data dir."""
     home = os.environ.get("CHATKV_HOME")
-    path = Path(home).expanduser() if home else Path(platformdirs.user_data_dir(APP))
+    # absolute: a relative one would move with the working directory
+    path = Path(home).expanduser().absolute() if home else Path(platformdirs.user_data_dir(APP))
     # A CHATKV_HOME the user made may be shared on purpose (their home, a project dir):
     # say so rather than change it. The platform's data dir is chatkv's own: tighten it.
     return ensure_private_dir(path, tighten=not home)
@@ -28,7 +29,7 @@ def config_file() -> Path:
     """The user's config file (may not exist)."""
     home = os.environ.get("CHATKV_HOME")
     if home:
-        return Path(home).expanduser() / "config.toml"
+        return Path(home).expanduser().absolute() / "config.toml"
     return Path(platformdirs.user_config_dir(APP)) / "config.toml"
 
 
