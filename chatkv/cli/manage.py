@@ -210,7 +210,8 @@ def run_config(args: argparse.Namespace) -> int:
         print(path)
         if not path.exists():
             print(
-                "chatkv: that file does not exist yet; create it to override config/default.toml",
+                "chatkv: that file does not exist yet; create it to override the defaults "
+                "(`chatkv config show` lists every key)",
                 file=sys.stderr,
             )
         return 0
