@@ -20,7 +20,7 @@ from textual.timer import Timer
 from textual.widgets import Footer, Header
 from textual.worker import Worker, get_current_worker
 
-from chatkv.api import ChatBackend, GenerationSettings, TurnStream
+from chatkv.api import ChatBackend, ConversationSummary, GenerationSettings, TurnStream
 from chatkv.config import Settings
 from chatkv.errors import ChatKVError, NotFoundError
 from chatkv.ui.actions import ACTIONS, FOOTER_ACTIONS, key_label
@@ -233,7 +233,25 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
 
     @on(ConversationList.FilterChanged)
     def _filter(self, event: ConversationList.FilterChanged) -> None:
-        self.refresh_list()
+        self._filter_in_thread(self.sidebar.filter_input.value)
+
+    @work(thread=True, exclusive=True, group="filter")
+    def _filter_in_thread(self, query: str) -> None:
+        """The list for a filter typed, searched off the UI thread: a query under three
+        characters scans every message (no full-text index for it), which on a large
+        imported history takes long enough to stall typing. A newer keystroke cancels it."""
+        worker = get_current_worker()
+        try:
+            conversations = self.backend.list_conversations(query)
+        except Exception as exc:
+            self.app.call_from_thread(self.report, exc, "list conversations")
+            return
+        if not worker.is_cancelled:
+            self.app.call_from_thread(self._show_filtered, query, conversations)
+
+    def _show_filtered(self, query: str, conversations: list[ConversationSummary]) -> None:
+        if self.sidebar.filter_input.value == query:  # still what is typed
+            self.sidebar.show(conversations, self.conversation_id, self.chat_app.now())
 
     @on(ConversationList.Selected)
     async def _selected(self, event: ConversationList.Selected) -> None:
