@@ -28,7 +28,7 @@ import re
 import stat
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -454,38 +454,46 @@ def inspect_chunk(
     return meta, tensors, fid
 
 
-def _peek_codec(path: Path) -> str | None:
-    """The codec a chunk file's header names, or None (for a better error message only)."""
+def _peek(path: Path, read: Callable[[Any, dict[str, Any], int], Any]) -> Any:
+    """`read(file, header, header length)` over a chunk file's parsed safetensors header,
+    never through a link; None when the file or its header cannot be read (nothing is
+    verified: for choosing what to read or for a better message, never for using data)."""
     try:
         with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES:
                 return None
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-        codec = meta.get("codec")
-        return codec if isinstance(codec, str) else None
-    except (OSError, ValueError, struct.error, AttributeError, RecursionError):
+            header = json.loads(f.read(n))
+            return read(f, header if isinstance(header, dict) else {}, n)
+    except (OSError, ValueError, TypeError, KeyError, struct.error, AttributeError, RecursionError):
         return None
+
+
+def _peek_codec(path: Path) -> str | None:
+    """The codec a chunk file's header names, or None (for a better error message only)."""
+
+    def codec(_f: Any, header: dict[str, Any], _n: int) -> str | None:
+        name = (header.get("__metadata__") or {}).get("codec")
+        return name if isinstance(name, str) else None
+
+    return _peek(path, codec)  # type: ignore[no-any-return]
 
 
 def peek_tokens(path: Path) -> list[int] | None:
     """The token ids a chunk file holds, read from its header and `tokens` tensor alone
     (nothing verified: for choosing which chunk to read, never for using one), or None."""
-    try:
-        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES:
-                return None
-            entry = json.loads(f.read(n)).get("tokens") or {}
-            begin, end = entry["data_offsets"]
-            size = end - begin
-            if entry.get("dtype") != "I32" or not 0 <= begin <= end or size % 4 or size > 1 << 24:
-                return None
-            f.seek(8 + n + begin)
-            raw = f.read(end - begin)
-        return list(struct.unpack(f"<{len(raw) // 4}i", raw)) if len(raw) == end - begin else None
-    except (OSError, ValueError, TypeError, KeyError, struct.error, AttributeError, RecursionError):
-        return None
+
+    def tokens(f: Any, header: dict[str, Any], n: int) -> list[int] | None:
+        entry = header.get("tokens") or {}
+        begin, end = entry["data_offsets"]
+        size = end - begin
+        if entry.get("dtype") != "I32" or not 0 <= begin <= end or size % 4 or size > 1 << 24:
+            return None
+        f.seek(8 + n + begin)
+        raw = f.read(size)
+        return list(struct.unpack(f"<{size // 4}i", raw)) if len(raw) == size else None
+
+    return _peek(path, tokens)  # type: ignore[no-any-return]
 
 
 def read_chunk(
