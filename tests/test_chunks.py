@@ -392,3 +392,36 @@ def test_live_pool_evicts_least_recently_used_by_bytes(monkeypatch):
     assert pool.bytes == 300
     pool.drop("d")
     assert "d" not in pool and pool.take("d") is None and pool.bytes == 200
+
+
+def test_untear_and_crop_leave_sliding_window_layers_alone():
+    """A sliding-window layer keeps only its last positions: its length is not the cache's.
+    untear and crop_to judge by the full layers, and a crop into a window that has moved on
+    is refused (the caller starts anew) rather than keeping the wrong positions."""
+    from transformers import MistralConfig
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    config = MistralConfig(
+        num_hidden_layers=2, sliding_window=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=1
+    )
+
+    def cache(mixed: bool) -> DynamicCache:
+        c = DynamicCache(config=config)
+        if mixed:
+            c.layers[1] = DynamicLayer()
+        k = torch.randn(1, 1, 6, 16)
+        for i in range(2):
+            c.update(k, k, i)
+        return c
+
+    sliding = cache(mixed=False)
+    assert [layer.keys.shape[-2] for layer in sliding.layers] == [3, 3]  # the window, of 6 positions
+    assert live.untear(sliding) == 6 and [layer.keys.shape[-2] for layer in sliding.layers] == [3, 3]
+    assert not live.crop_to(sliding, 5) and [layer.keys.shape[-2] for layer in sliding.layers] == [3, 3]
+    assert live.crop_to(sliding, 6)  # nothing to crop
+    mixed = cache(mixed=True)
+    assert live.untear(mixed) == 6 and mixed.layers[1].keys.shape[-2] == 6
+    torn = mixed.layers[1]
+    torn.keys, torn.values = torn.keys[..., :5, :], torn.values[..., :5, :]  # as a step cut short would
+    mixed.layers[1] = torn
+    assert live.untear(mixed) == 5 and mixed.layers[0].keys.shape[-2] == 3  # the window is left alone

@@ -120,30 +120,42 @@ def seq_len(cache: Cache) -> int:
     return cache.get_seq_length()
 
 
-def crop_to(cache: Cache, n: int) -> None:
-    """Keep the first `n` positions."""
-    if n < seq_len(cache):
-        for layer in kv_layers(cache):
-            layer.keys = layer.keys[..., :n, :]
-            layer.values = layer.values[..., :n, :]
+def crop_to(cache: Cache, n: int) -> bool:
+    """Keep the first `n` positions; False (the cache untouched) where that cannot be done:
+    a sliding-window layer that has dropped positions before `n`'s end no longer holds the
+    window `n` positions would end with (the caller starts a cache anew)."""
+    total = seq_len(cache)
+    if n >= total:
+        return True
+    layers = kv_layers(cache)
+    if any(getattr(layer, "is_sliding", False) and layer.keys.shape[-2] < total for layer in layers):
+        return False
+    for layer in layers:
+        layer.keys = layer.keys[..., :n, :]
+        layer.values = layer.values[..., :n, :]
+    return True
 
 
 def untear(cache: Cache) -> int:
     """Crop every layer to the positions all of them hold, and return that many. A decode
     step cut short (Ctrl-C, an error in layer i) has appended its token to the first layers
-    only: the positions before it are whole, the torn one goes."""
-    lengths = [
-        min(layer.keys.shape[-2], layer.values.shape[-2])
+    only: the positions before it are whole, the torn one goes.
+
+    Sliding-window layers (transformers' `is_sliding`: Gemma, Mistral) keep only their last
+    window of positions, so their length says nothing: they are left alone, and a cache of
+    such layers alone holds what it says it holds."""
+    full = [
+        layer
         for layer in kv_layers(cache)
-        if getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None
+        if getattr(layer, "keys", None) is not None
+        and getattr(layer, "values", None) is not None
+        and not getattr(layer, "is_sliding", False)
     ]
-    if not lengths:
-        return 0
-    n = min(lengths)
-    if max(lengths) > n or any(
-        layer.keys.shape[-2] != layer.values.shape[-2] for layer in kv_layers(cache) if layer.keys is not None
-    ):
-        for layer in kv_layers(cache):
+    if not full:
+        return seq_len(cache)
+    n = min(min(layer.keys.shape[-2], layer.values.shape[-2]) for layer in full)
+    for layer in full:
+        if layer.keys.shape[-2] != n or layer.values.shape[-2] != n:
             layer.keys = layer.keys[..., :n, :]
             layer.values = layer.values[..., :n, :]
     return n

@@ -171,8 +171,7 @@ class KVManager:
             except Exception as e:  # never fail a turn for its cache: prefill instead
                 log.warning("could not read the saved KV cache (%s); recomputing it", e)
                 problems.append(str(e))
-        if item and mem > 0:
-            live.crop_to(item.cache, mem)
+        if item and mem > 0 and live.crop_to(item.cache, mem):
             return Attached(item.cache, mem, "memory", time.perf_counter() - t0, problems)
         return Attached(live.new_cache(self.lm.model), 0, "none", time.perf_counter() - t0, problems)
 
