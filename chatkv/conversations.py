@@ -105,6 +105,7 @@ class Conversations:
             self.store.delete_conversation(conversation_id)
             if self.kv is not None:
                 self.kv.pool.drop(conversation_id)
+                self.kv.drop_prefetch(conversation_id)
             journal.discard(conversation_id)
             held.release(forget=True)
 

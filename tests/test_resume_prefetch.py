@@ -98,6 +98,23 @@ def test_chunks_read_while_loading_are_used_and_the_reply_is_unchanged(chat, tin
     again.close()
 
 
+def test_a_prefetch_the_first_turn_does_not_use_is_dropped_with_its_buffers(chat, tiny_settings, tiny_lm):
+    cid = saved_conversation(chat)
+    chat.close()
+    again = Chat(tiny_settings, store=Store(chat.store.path), lm=tiny_lm)  # `chatkv <cid>`, a new process
+    again.prefetch(cid)
+    again.load()
+    pre = again.prefetched
+    pre.wait()
+    assert pre._result is not None  # the conversation's chunks, decoded and held
+    "".join(again.send(None, "Something else entirely.", GREEDY))  # the user starts a new chat first
+    assert again.kv.prefetch is None and pre._result is None  # not held to the end of the session
+    turn = again.send(cid, "Tell me a story.", GREEDY)
+    "".join(turn)
+    assert turn.stats.cache_source == "disk"  # read by the attach itself
+    again.close()
+
+
 def test_the_fingerprint_is_predicted_from_the_last_load_with_the_same_settings(tiny_model_dir):
     name = str(tiny_model_dir)
     assert predict_fingerprint(name, "cpu", "float32") == ""  # never loaded in this data dir

@@ -139,6 +139,8 @@ class KVManager:
         pre = self.prefetch if self.prefetch is not None and self.prefetch.conversation_id == conv else None
         if pre is not None:
             self.prefetch = None  # one attach uses it, or nothing does
+        elif self.prefetch is not None and conv is not None:
+            self.drop_prefetch()  # the first turn went elsewhere: its buffers would be held to the end
         try:
             return self._attach(conv, tokens, whole, pre)
         finally:
@@ -149,6 +151,15 @@ class KVManager:
             warm, self.warm_up = self.warm_up, None
             if warm is not None:
                 warm.join()
+
+    def drop_prefetch(self, conv: object = None) -> None:
+        """Cancel the prefetch (of conversation `conv` only, when given) and free its buffers."""
+        pre = self.prefetch
+        if pre is None or (conv is not None and pre.conversation_id != conv):
+            return
+        self.prefetch = None
+        pre.cancel()
+        pre.release_fetches()
 
     def _attach(
         self, conv: object, tokens: Sequence[int], whole: bool, pre: Prefetch | None = None
