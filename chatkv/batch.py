@@ -53,6 +53,7 @@ class Item:
     chat: list[dict[str, str]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     dropped: int = 0
+    inexact: int = 0  # leading positions of its cache decoded from lossy chunks (KVManager.spill)
 
 
 class LineProgress(Protocol):
@@ -302,7 +303,9 @@ class Runner:
         from chatkv.engine.batch import BatchRow
 
         t0 = time.perf_counter()
-        prefix, layers = self.chat.prepare_prefix(items[0].ids[:p], spill=self.save != "none")
+        prefix, layers, lossy = self.chat.prepare_prefix(items[0].ids[:p], spill=self.save != "none")
+        for i in items:
+            i.inexact = lossy
         self.summary.prefix_tokens += p
         self.summary.prefix_from_disk += prefix.cached_tokens
         for n, part in enumerate(self._batches(items, p)):
@@ -329,6 +332,7 @@ class Runner:
         rows, stats = [], []
         for i in items:
             att, st = self.chat.prepare(i.conversation, i.ids, i.dropped)
+            i.inexact = self.chat.loaded()[1].inexact(att.cache)
             rows.append(
                 BatchRow(
                     i.ids,
@@ -389,4 +393,4 @@ class Runner:
         else:
             new = list(item.chat)
         tokens = list(item.ids) + gen
-        return self.chat.save_exchange(item.conversation, new, text, st, tokens, cache)
+        return self.chat.save_exchange(item.conversation, new, text, st, tokens, cache, item.inexact)

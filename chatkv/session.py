@@ -206,12 +206,12 @@ class Chat(Conversations, Housekeeping):
         )
         return att, stats
 
-    def prepare_prefix(self, tokens: list[int], spill: bool = True) -> tuple[TurnStats, Layers]:
+    def prepare_prefix(self, tokens: list[int], spill: bool = True) -> tuple[TurnStats, Layers, int]:
         """Prepare a prefix that several turns continue each on their own (batch's shared
         prefix; it belongs to no conversation): attach what is cached of it, prefill the rest
         and (with `spill`) spill it, so the next run attaches it from disk. Returns its
-        statistics (cached tokens, from where) and its cache, per layer (keys, values) each
-        (1, H, len(tokens), D)."""
+        statistics (cached tokens, from where), its cache, per layer (keys, values) each
+        (1, H, len(tokens), D), and how many of its first positions came from lossy chunks."""
         from chatkv.engine.generate import prefill
         from chatkv.kv import live
 
@@ -221,7 +221,7 @@ class Chat(Conversations, Housekeeping):
             prefill(lm.model, tokens[att.cached :], att.cache, att.cached)
             if spill:
                 kv.spill(None, tokens, att.cache)
-        return stats, live.layers_of(att.cache)
+        return stats, live.layers_of(att.cache), kv.inexact(att.cache)
 
     def hold(self, conversation_id: int) -> lease.Lease:
         """Take the conversation for one turn (no other turn, in this process or another, runs
@@ -243,6 +243,7 @@ class Chat(Conversations, Housekeeping):
         stats: TurnStats,
         tokens: list[int],
         cache: Cache | None,
+        inexact: int = 0,
     ) -> int:
         """Save a turn that batch decoded itself: `messages` (a continued conversation's new
         question, or every message of a new conversation, its system prompt first) and the
@@ -266,7 +267,7 @@ class Chat(Conversations, Housekeeping):
             pairs = [(m["role"], m["content"]) for m in messages]
             self.store.finish_turn(conversation_id, reply, stats, turn_id, add=pairs, model=self.model_name)
         if cache is not None and self.kv is not None:
-            self.kv.spill(conversation_id, tokens, cache)
+            self.kv.spill(conversation_id, tokens, cache, inexact)  # inexact: see KVManager.spill
         return conversation_id
 
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> Turn:

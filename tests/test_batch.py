@@ -518,3 +518,36 @@ def test_a_line_continuing_a_conversation_with_another_model_says_how_to_continu
     with _store() as store:
         assert [m.content for m in store.messages(conv.id)] == [*before, "And then?", cont["reply"]]
         assert store.get_conversation(conv.id).model != "/models/the-other-model"
+
+
+def test_a_line_continuing_a_conversation_passes_on_which_positions_came_from_lossy_chunks(
+    cli, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Chunks re-coded as they age must be coded from exact values, never from a lossy
+    chunk's decoded ones: a batch row's cache is a new object, so the row says how many of
+    its positions were read from lossy chunks (it said none)."""
+    from chatkv.cli import main
+    from chatkv.kv.manager import KVManager
+
+    def batch(*argv: str) -> int:
+        return main(["batch", *argv, "--model", str(tiny_model_dir), "--device", "cpu", "-t", "0"])
+
+    long = "Tell me everything about the sea, the stars and the licenses of free software. " * 3
+    out = tmp_path / "out.jsonl"
+    assert (
+        batch(_write(tmp_path / "a.jsonl", [{"prompt": long}]), "-o", str(out), "--save", "--codec", "int8")
+        == 0
+    )
+    cid = _records(out)[0]["conversation_id"]
+    real, seen = KVManager.spill, []
+
+    def spill(self, conv_id, tokens, cache, inexact=0):
+        seen.append((conv_id, max(self.inexact(cache), inexact)))
+        return real(self, conv_id, tokens, cache, inexact)
+
+    monkeypatch.setattr(KVManager, "spill", spill)
+    src = _write(tmp_path / "b.jsonl", [{"prompt": "Go on.", "conversation": cid}])
+    assert batch(src, "-o", str(tmp_path / "b-out.jsonl"), "--codec", "int8") == 0
+    rec = _records(tmp_path / "b-out.jsonl")[0]
+    assert rec["cache_source"] == "disk" and rec["usage"]["cached_tokens"] >= 32
+    assert [n for c, n in seen if c == cid] and all(n >= 32 for c, n in seen if c == cid)

@@ -409,8 +409,14 @@ class KVManager:
         n = live.untear(cache)
         self.pool.put(conv, list(tokens[:n]), cache)
 
-    def spill(self, conv_id: int | None, tokens: Sequence[int], cache: Cache) -> None:
-        """Queue writing what is new of `cache` to disk; returns at once."""
+    def inexact(self, cache: Cache) -> int:
+        """How many leading positions of `cache` were decoded from lossy chunks (0: none)."""
+        return self._inexact.get(cache, 0)
+
+    def spill(self, conv_id: int | None, tokens: Sequence[int], cache: Cache, inexact: int = 0) -> None:
+        """Queue writing what is new of `cache` to disk; returns at once. `inexact`: leading
+        positions decoded from lossy chunks, for a cache built from such a one (batch's rows),
+        which the chunks' re-coding must not take for exact (see _inexact)."""
         if not self.persist:
             return
         n = live.untear(cache)
@@ -420,7 +426,8 @@ class KVManager:
         self.pool.hold(ticket, conv_id, sum(k.nbytes + v.nbytes for k, v in snapshot))
         with self._worker_lock:
             older = self._pending.get(slot)
-            self._pending[slot] = (conv_id, list(tokens[:n]), snapshot, ticket, self._inexact.get(cache, 0))
+            lossy = min(max(self._inexact.get(cache, 0), inexact), n)
+            self._pending[slot] = (conv_id, list(tokens[:n]), snapshot, ticket, lossy)
             if older is not None:  # superseded before it started
                 self.pool.release(older[3])
             else:
