@@ -1,6 +1,7 @@
-"""What the session offers besides turns and the transcript: the models on disk and
-switching between them, search, importing history, and the chunk store's upkeep for
-`chatkv cache` (none of which needs the model). A part of chatkv.session.Chat, as ChunkIndex
+"""What the session offers besides turns and the transcript: what the loaded model makes of
+a text (token counts, its default system prompt), the models on disk and switching between
+them, search, importing history, and the chunk store's upkeep for `chatkv cache` (none of
+which needs the model loaded). A part of chatkv.session.Chat, as ChunkIndex
 and Finding are parts of the Store."""
 
 from __future__ import annotations
@@ -44,6 +45,26 @@ class Housekeeping:
 
     def load(self) -> None:
         raise NotImplementedError  # chatkv.session.Chat.load
+
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens `text` adds as a user message; None while the model is not loaded."""
+        lm = self.lm  # read once: a model switch may drop it meanwhile
+        if lm is None:
+            return None
+        from chatkv.engine.model import chat_ids
+
+        return len(chat_ids(lm.tokenizer, [{"role": "user", "content": text}], False))
+
+    @property
+    def default_system_prompt(self) -> str:
+        """The system prompt the model's template uses when a conversation has none ("" if
+        none, or before the model is loaded)."""
+        lm = self.lm
+        if lm is None:
+            return ""
+        from chatkv.engine.model import template_default_system_prompt
+
+        return template_default_system_prompt(lm.tokenizer)
 
     def models(self) -> list[ModelInfo]:
         """The models usable offline, with their KV chunks on disk (chatkv.catalog)."""

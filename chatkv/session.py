@@ -26,7 +26,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from chatkv import journal, lease
-from chatkv.api import ChatBackend, GenerationSettings, TurnStats
+from chatkv.api import ChatBackend, GenerationSettings, MessageView, TurnStats
 from chatkv.config import Settings
 from chatkv.conversations import Conversations
 from chatkv.conversations import message_dict as message_dict  # re-exported: `chatkv show --json`
@@ -273,24 +273,16 @@ class Chat(Conversations, Housekeeping):
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> Turn:
         """Generate the last reply again. The old reply becomes an earlier version only when the
         new one is saved; a stopped or failed regeneration leaves the conversation as it was."""
-        # Held first: holding saves a reply a dead or failed turn left in its journal, and that
-        # reply, not the one before it, is the one to regenerate.
-        held = self.hold(conversation_id)
-        try:
-            msgs = self.store.messages(conversation_id)
+
+        def change(msgs: list[MessageView]) -> Replace:
             if not msgs or not any(m.role == "user" for m in msgs):
                 raise InputError("there is no reply to regenerate yet; send a message first")
             last = msgs[-1]
             old = [last.id] if last.role == "assistant" else []
-            change = Replace(
-                last.position if old else None,
-                set_aside=old,
-                reply_position=last.position if old else last.position + 1,
-            )
-            return Turn(self, conversation_id, settings or self.defaults, held, replace=change)
-        except BaseException:
-            held.release()
-            raise
+            end = last.position if old else last.position + 1
+            return Replace(last.position if old else None, set_aside=old, reply_position=end)
+
+        return self._replacing(conversation_id, settings, change)
 
     def edit(self, message_id: int, text: str, settings: GenerationSettings | None = None) -> Turn:
         """Replace a user message and reply again. The old message and everything after it
@@ -300,39 +292,26 @@ class Chat(Conversations, Housekeeping):
             raise InputError("the edited message is empty; type something or cancel the edit")
         msg = self.store.get_message(message_id)
         if msg.role != "user":
-            raise InputError(
-                f"message {message_id} is an assistant reply; only your own messages can be edited"
-            )
-        held = self.hold(msg.conversation_id)  # first: it may save a journaled reply (regenerate says why)
+            raise InputError(f"message {message_id} is an assistant reply; only your own can be edited")
+        at = msg.position
+        return self._replacing(
+            msg.conversation_id,
+            settings,
+            lambda msgs: Replace(at + 1, message_id, text, [m.id for m in msgs if m.position >= at], at + 1),
+        )
+
+    def _replacing(
+        self, cid: int, settings: GenerationSettings | None, change: Callable[[list[MessageView]], Replace]
+    ) -> Turn:
+        """A turn that replaces part of the conversation, `change(its messages)`, read once the
+        conversation is held: holding saves a reply a failed save left in its journal, and that
+        reply is then the one replaced (read before, it was replied to again: two in a row)."""
+        held = self.hold(cid)
         try:
-            after = [m.id for m in self.store.messages(msg.conversation_id) if m.position >= msg.position]
-            change = Replace(
-                msg.position + 1, message_id, text, set_aside=after, reply_position=msg.position + 1
-            )
-            return Turn(self, msg.conversation_id, settings or self.defaults, held, replace=change)
+            return Turn(self, cid, settings or self.defaults, held, replace=change(self.store.messages(cid)))
         except BaseException:
             held.release()
             raise
-
-    def count_tokens(self, text: str) -> int | None:
-        """Tokens `text` adds as a user message; None while the model is not loaded."""
-        lm = self.lm  # read once: a model switch may drop it meanwhile
-        if lm is None:
-            return None
-        from chatkv.engine.model import chat_ids
-
-        return len(chat_ids(lm.tokenizer, [{"role": "user", "content": text}], False))
-
-    @property
-    def default_system_prompt(self) -> str:
-        """The system prompt the model's template uses when a conversation has none ("" if
-        none, or before the model is loaded)."""
-        lm = self.lm
-        if lm is None:
-            return ""
-        from chatkv.engine.model import template_default_system_prompt
-
-        return template_default_system_prompt(lm.tokenizer)
 
     def render(self, conversation_id: int, replace: Replace | None = None) -> list[dict[str, str]]:
         """The conversation as chat-template messages, with a pending `replace` applied."""
