@@ -726,3 +726,28 @@ def test_an_attach_takes_the_partial_chunk_that_gives_the_most_tokens(tiny_lm, s
         assert torch.equal(v[..., : len(prompt) - 1, :], fv[..., : len(prompt) - 1, :])
     assert kvm.attach(None, [5, 6, 7, 8] * 3).cached == 11  # the newest one, where it alone begins alike
     kvm.close()
+
+
+def test_close_does_not_deadlock_on_a_spill_queued_after_its_flush(tiny_lm, store, kv, monkeypatch):
+    from chatkv.kv import live
+
+    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16)
+    tokens = list(range(3, 40))
+    cache = live.new_cache(tiny_lm.model)
+    with torch.no_grad():
+        tiny_lm.model(torch.tensor([tokens]), **cache_arg(tiny_lm.model, cache), use_cache=True)
+    conv = store.create_conversation().id
+    kvm.spill(conv, tokens[:20], cache)  # starts the worker
+    kvm.flush()
+    real_flush = kvm.flush
+
+    def flush_then_a_late_spill():
+        real_flush()
+        kvm.spill(conv, tokens, cache)  # a turn finishing while the front end closes
+
+    monkeypatch.setattr(kvm, "flush", flush_then_a_late_spill)
+    closer = threading.Thread(target=kvm.close, daemon=True)
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive()  # it hung for good before
+    assert max(r.start + r.n_tokens for r in store.all_chunks()) == len(tokens)  # and the late spill landed

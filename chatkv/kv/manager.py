@@ -582,8 +582,9 @@ class KVManager:
         self.flush()
         with self._worker_lock:
             worker, self._worker = self._worker, None
-            if worker is not None and worker.is_alive():
-                self._q.put(None)
-                worker.join()
+        # outside the lock: a spill queued since the flush has the worker take that lock
+        if worker is not None and worker.is_alive():
+            self._q.put(None)
+            worker.join()
         if self.tiers is not None:
             self.tiers.close()
