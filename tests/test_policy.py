@@ -203,6 +203,35 @@ def test_a_reader_racing_a_recode_decodes_what_the_file_holds(store, tiny_lm, mo
     assert len(calls) >= 2  # the stale row was read again
 
 
+def test_a_reader_between_a_recodes_file_and_its_row_removes_nothing(store, tiny_lm):
+    """The re-coding spill has replaced the file, not yet its row: the reader finds the file
+    unlike its row, but sound in itself. Not damage: it stops there and removes nothing (the
+    row about to be written would be left without its file), and the next reader uses it."""
+    tokens = ids(2 * C + 3)
+    spilled(store, tiny_lm, "tiered", tokens)
+    rec = next(r for r in store.all_chunks() if r.start == C)
+    data = read_chunk(
+        kv_dir() / rec.path, get_policy("tiered"), tiny_lm.fingerprint, rec.key, torch.float32, "cpu"
+    )
+    blob, checksum = encode_chunk(
+        get_codec("int4"), tiny_lm.fingerprint, rec.key, rec.parent, C, data.tokens, data.layers, False
+    )
+    write_atomic(kv_dir() / rec.path, blob)  # the file; its row comes after the reader's read
+    att, _ = from_disk(store, tiny_lm, "tiered", tokens)
+    assert att.cached == C and att.problems and "re-code under way" in att.problems[0]
+    assert (kv_dir() / rec.path).read_bytes() == blob and store.get_chunks([rec.key])
+    codec = get_codec("int4").tag
+    store.add_chunk(type(rec)(**{**rec.__dict__, "codec": codec, "nbytes": len(blob), "checksum": checksum}))
+    att, _ = from_disk(store, tiny_lm, "tiered", tokens)
+    assert att.cached == len(tokens) and att.problems == []
+    # a file damaged in place (its own checksum fails) is still removed
+    damaged = bytearray(blob)
+    damaged[-5] ^= 0xFF
+    write_atomic(kv_dir() / rec.path, bytes(damaged))
+    att, _ = from_disk(store, tiny_lm, "tiered", tokens)
+    assert att.cached == C and not (kv_dir() / rec.path).exists()
+
+
 def test_another_versions_tail_chunk_is_neither_used_nor_deleted(store, tiny_lm):
     tokens = ids(C - 4)
     spilled(store, tiny_lm, "tiered", tokens)

@@ -26,6 +26,7 @@ from chatkv.kv.chunks import (
     chunk_key,
     chunk_path,
     encode_chunk,
+    inspect_chunk,
     peek_tokens,
     read_chunk,
     relpath,
@@ -284,10 +285,24 @@ class KVManager:
             fresh = self.store.get_chunks([rec.key]).get(rec.key) if retry else None
             if fresh is not None and (fresh.checksum, fresh.nbytes) != (rec.checksum, rec.nbytes):
                 return self._read_into(fresh, offset, k_buf, v_buf, retry=False)
+            if e.damaged and retry and self._sound_in_itself(rec.key):
+                # ... or has re-coded it, and its row is not written yet: the file is sound by
+                # its own checksum, only not the row's. Not damage: it stays, this turn
+                # recomputes from here (removing it would leave the new row without a file).
+                return CacheError(f"{e} (a re-code under way)", damaged=False)
             return e
         if data.start != offset:
             return CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {offset}")
         return data
+
+    def _sound_in_itself(self, key: str) -> bool:
+        """Whether the chunk file of `key` passes every check but the index row's size and
+        checksum: its own metadata for this model, its structure and its own checksum."""
+        try:
+            inspect_chunk(chunk_path(self.kv_dir, key), key, expect={"fingerprint": self.lm.fingerprint})
+        except CacheError:
+            return False
+        return True
 
     def _prefetched(
         self, pre: Prefetch | None, plan: list[ChunkRecord], total: int
