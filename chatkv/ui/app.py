@@ -43,6 +43,7 @@ class ChatKVApp(App):
         super().__init__()
         self.backend = backend
         self.settings = settings
+        self.quitting = False
         self.conversation_id = conversation_id
         self.now: Callable[[], datetime] = now or (lambda: datetime.now(UTC))
         self.state_file = state_file if state_file is not None else state_path()
@@ -114,8 +115,12 @@ class ChatKVApp(App):
         self.exit()
 
     async def shutdown_backend(self) -> None:
-        """Stop generation, wait until the partial reply is saved, then close the backend."""
+        """Keep what is typed but not sent (or waits for the model) for the next launch, stop
+        generation, wait until the partial reply is saved, then close the backend."""
+        self.quitting = True  # a model that finishes loading now starts no turn
         screen = self.chat_screen
+        text = screen.unsent_text()
+        self.remember(unsent_text=text, unsent_conversation=screen.conversation_id if text else None)
         worker = screen.generation_worker()
         if worker is not None:
             screen.request_stop()

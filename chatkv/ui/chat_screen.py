@@ -213,7 +213,7 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         self.status.show(model_state="ready", activity="", device=self.backend.device)
         self.update_context()
         self.update_draft_count()
-        if self.pending is not None:
+        if self.pending is not None and not self.chat_app.quitting:  # else kept for the next launch
             widget, text = self.pending
             self.pending = None
             widget.remove_class("-pending")
@@ -276,6 +276,7 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
             self.status.show(context=(0, self.backend.context_limit), turn="", turn_stats=None, cache=None)
             self.refresh_list()
             self.refresh_bindings()
+            self._give_back_unsent()
             return
         try:
             conv = self.backend.get_conversation(conversation_id)
@@ -303,6 +304,7 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         self.update_context()
         self.refresh_list()
         self.refresh_bindings()
+        self._give_back_unsent()
 
     def update_context(self) -> None:
         used = 0
@@ -344,8 +346,13 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         return None
 
     def busy(self, what: str) -> bool:
-        if self.generating or self.pending is not None:
+        if self.generating:
             self.notify(f"A reply is being generated; stop it (Esc) to {what}.", severity="warning")
+            return True
+        if self.pending is not None:
+            self.notify(
+                f"A message waits for the model to load; take it back (Esc) to {what}.", severity="warning"
+            )
             return True
         return False
 
@@ -680,6 +687,24 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
             if worker.group == "generate" and not worker.is_finished:
                 return worker
         return None
+
+    def unsent_text(self) -> str | None:
+        """Text the user wrote that no turn has taken: a message waiting for the model to
+        load, and whatever is in the input (the pending one first)."""
+        parts = [self.pending[1]] if self.pending is not None else []
+        if self.prompt.text.strip():
+            parts.append(self.prompt.text)
+        return "\n".join(parts) if parts else None
+
+    def _give_back_unsent(self) -> None:
+        """Put text left unsent when the app last quit back in the input, in the conversation
+        it was written in."""
+        state = self.chat_app.state
+        if state.unsent_text is None or state.unsent_conversation != self.conversation_id:
+            return
+        self.restore_input(state.unsent_text)
+        self.chat_app.remember(unsent_text=None, unsent_conversation=None)
+        self.notify("What you had written but not sent when chatkv quit is back in the input.", timeout=6)
 
     def on_unmount(self) -> None:
         # However the app ends, a reply still streaming is stopped (and saved by the backend).

@@ -1,4 +1,5 @@
-"""What the chat UI remembers between launches: the theme and the last open conversation.
+"""What the chat UI remembers between launches: the theme, the last open conversation, and
+text typed but not sent when it quit (given back in the input of the same conversation).
 
 A small JSON file (0600) in the data directory. It is a convenience: a missing or damaged
 file means "nothing remembered", never a failed launch.
@@ -20,6 +21,8 @@ STATE_FILE = "ui-state.json"
 class UIState:
     theme: str | None = None
     last_conversation: int | None = None
+    unsent_text: str | None = None  # typed, or sent while the model loaded, when the app quit
+    unsent_conversation: int | None = None  # where it was typed (None: a new conversation)
 
 
 def state_path() -> Path:
@@ -36,10 +39,16 @@ def load_state(path: Path) -> UIState:
     if not isinstance(raw, dict):
         return UIState()
     theme = raw.get("theme")
-    last = raw.get("last_conversation")
+    text = raw.get("unsent_text")
+
+    def an_id(value: object) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     return UIState(
         theme=theme if isinstance(theme, str) and theme else None,
-        last_conversation=last if isinstance(last, int) and not isinstance(last, bool) else None,
+        last_conversation=an_id(raw.get("last_conversation")),
+        unsent_text=text if isinstance(text, str) and text.strip() else None,
+        unsent_conversation=an_id(raw.get("unsent_conversation")),
     )
 
 

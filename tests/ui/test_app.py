@@ -110,6 +110,44 @@ async def test_message_typed_while_loading_is_sent_once_ready():
         backend.release_load()
 
 
+async def test_text_unsent_at_quit_is_back_in_the_input_of_its_conversation_next_launch():
+    backend = FakeBackend(conversations=1)
+    backend.block_load = True
+    app = make_app(backend)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "queued question")  # waits for the model to load
+            chat(app).prompt.insert("and a second thought")
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            assert any("A message waits for the model to load; take it back (Esc)" in n for n in notes(app))
+            await app.action_quit()  # before the model is ready
+    finally:
+        backend.release_load()
+    assert not any(c[0] == "send" for c in backend.calls)
+    # relaunched on the saved conversation: the draft's text stays for the draft
+    app = make_app(FakeBackend(conversations=1, ready=True), conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).prompt.text == ""
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert chat(app).prompt.text == "queued question\nand a second thought"
+        assert any("back in the input" in n for n in notes(app))
+        chat(app).prompt.clear()
+        await chat(app).open_conversation(1)
+        chat(app).prompt.insert("half a question")
+        await app.action_quit()
+    app = make_app(FakeBackend(conversations=1, ready=True), conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert chat(app).prompt.text == "half a question"
+    app = make_app(FakeBackend(conversations=1, ready=True), conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:  # given back once, not at every launch
+        await pilot.pause()
+        assert chat(app).prompt.text == ""
+
+
 async def test_model_load_failure_notifies_and_restores_text():
     backend = FakeBackend(conversations=1)
     backend.block_load = True
