@@ -261,6 +261,7 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
         """Open a conversation from the list, the palette or next/previous; focus the input."""
         if conversation_id != self.conversation_id:
             if self.busy("switch conversations"):
+                self.sidebar.highlight_selected()  # the list shows what is still open
                 return
             await self.open_conversation(conversation_id)
         self.prompt.focus()
@@ -594,11 +595,12 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
     async def _step_conversation(self, step: int) -> None:
         target = self.sidebar.neighbour(self.conversation_id, step)
         if target is None:
-            self.nothing(
-                "No more conversations in that direction."
-                if self.sidebar.conversations
-                else "No saved conversations yet."
-            )
+            if self.sidebar.conversations:
+                self.nothing("No more conversations in that direction.")
+            elif self.sidebar.filter_input.value.strip():
+                self.nothing("No conversation matches the filter; clear it to see them all.")
+            else:
+                self.nothing("No saved conversations yet.")
             return
         await self.switch_to(target)
 

@@ -156,10 +156,15 @@ class ConversationList(Vertical):
         options.clear_options()
         options.add_options([Option(self._render_item(c), id=str(c.id)) for c in self.conversations])
         if self.selected is not None:
-            try:
-                options.highlighted = options.get_option_index(str(self.selected))
-            except Exception:  # not in the filtered list
-                options.highlighted = None
+            self.highlight_selected()
+
+    def highlight_selected(self) -> None:
+        """Move the highlight back to the open conversation (after a refused switch)."""
+        options = self.option_list
+        try:
+            options.highlighted = None if self.selected is None else options.get_option_index(str(self.selected))
+        except Exception:  # not in the filtered list
+            options.highlighted = None
 
     def on_resize(self) -> None:
         # Titles are cut to the width, so a new width needs them cut again.

@@ -121,6 +121,12 @@ async def test_text_unsent_at_quit_is_back_in_the_input_of_its_conversation_next
             await pilot.press("ctrl+n")
             await pilot.pause()
             assert any("A message waits for the model to load; take it back (Esc)" in n for n in notes(app))
+            await pilot.press("ctrl+l")
+            options = chat(app).sidebar.option_list
+            assert options.highlighted == 0
+            await pilot.press("enter")  # refused: the highlight goes back to what is open (a draft)
+            await pilot.pause()
+            assert chat(app).conversation_id is None and options.highlighted is None
             await app.action_quit()  # before the model is ready
     finally:
         backend.release_load()
@@ -695,6 +701,13 @@ async def test_switch_conversations_by_keyboard_alone():
         await pilot.press("ctrl+up")  # already the first: it says so
         await pilot.pause()
         assert chat(app).conversation_id == 1 and any("No more conversations" in n for n in notes(app))
+        chat(app).sidebar.filter_input.value = "zzz no such words"
+        await wait_for(pilot, lambda: not chat(app).sidebar.conversations)
+        await pilot.press("ctrl+down")  # nothing matches: it says the filter is why
+        await pilot.pause()
+        assert any("No conversation matches the filter" in n for n in notes(app))
+        chat(app).sidebar.filter_input.value = ""
+        await wait_for(pilot, lambda: len(chat(app).sidebar.conversations) == 4)
         # Down from the filter box goes to the list
         chat(app).sidebar.filter_input.focus()
         await pilot.press("down")
