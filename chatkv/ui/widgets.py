@@ -160,9 +160,9 @@ class ConversationList(Vertical):
 
     def highlight_selected(self) -> None:
         """Move the highlight back to the open conversation (after a refused switch)."""
-        options = self.option_list
+        options, selected = self.option_list, self.selected
         try:
-            options.highlighted = None if self.selected is None else options.get_option_index(str(self.selected))
+            options.highlighted = None if selected is None else options.get_option_index(str(selected))
         except Exception:  # not in the filtered list
             options.highlighted = None
 
