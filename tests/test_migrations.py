@@ -157,6 +157,44 @@ def _check_0004(store: Store) -> None:
     assert not store.chunk_is_head("ab" * 32)
 
 
+def _seed_0005(db: sqlite3.Connection) -> None:
+    _seed_0001(db)
+    db.execute("UPDATE messages SET turn_id = 't1' WHERE position = 1")
+    db.execute(  # a regenerate's earlier reply
+        "INSERT INTO message_versions (conversation_id, position, role, content, stats, turn_id, group_id, "
+        "created_at, archived_at) VALUES (7, 1, 'assistant', 'an older reply', NULL, 't0', 'g', ?, ?)",
+        (CREATED, CREATED),
+    )
+    # An edit's branch set aside before 0006: the old question and its reply, one group.
+    db.executemany(
+        "INSERT INTO message_versions (conversation_id, position, role, content, stats, turn_id, group_id, "
+        "created_at, archived_at) VALUES (7, ?, ?, ?, NULL, ?, 'e', ?, ?)",
+        [
+            (0, "user", "the question before", None, CREATED, CREATED),
+            (1, "assistant", "its answer", "t2", CREATED, CREATED),
+        ],
+    )
+
+
+def _check_0005(store: Store) -> None:
+    # 0006: a reply's versions are those whose group starts at its position (the edit's
+    # answer is not offered as a version of the reply to the edited question).
+    user, reply = store.messages(7)
+    assert [v.content for v in store.versions(reply.id)] == ["an older reply"]
+    assert [v.content for v in store.versions(user.id)] == ["the question before"]
+    store.restore(user.id, store.versions(user.id)[0].id)
+    assert [(m.role, m.content) for m in store.messages(7)] == [
+        ("user", "the question before"),
+        ("assistant", "its answer"),
+    ]
+    (back,) = store.versions(store.messages(7)[0].id)
+    assert back.content == "hello"
+    assert store.versions(store.messages(7)[1].id) == []  # "an older reply" answered "hello"
+    store.restore(store.messages(7)[0].id, back.id)
+    assert [v.content for v in store.versions(store.messages(7)[1].id)] == ["an older reply"]
+    _check_transcript(store)
+
+
 # For each earlier head: rows to write at that revision, and how to check them after
 # the upgrade to head. A new migration must add an entry for the head it supersedes.
 SEEDS: dict[str, tuple[Callable[[sqlite3.Connection], None], Callable[[Store], None]]] = {
@@ -164,6 +202,7 @@ SEEDS: dict[str, tuple[Callable[[sqlite3.Connection], None], Callable[[Store], N
     "0002": (_seed_0002, _check_0002),
     "0003": (_seed_0003, _check_0003),
     "0004": (_seed_0004, _check_0004),
+    "0005": (_seed_0005, _check_0005),
 }
 
 
@@ -272,3 +311,24 @@ def test_kv_heads_downgrade_puts_the_pointers_back_into_conversations(tmp_path: 
         head = store.get_kv_head(cached.id)
         assert (head.key, head.tokens, head.fingerprint) == ("cd" * 32, 42, "fp")
         assert [c.id for c in store.list_conversations("plai")] == [plain.id]
+
+
+def test_versions_downgrade_keeps_every_version(tmp_path: Path) -> None:
+    path = tmp_path / "chatkv.db"
+    with Store(path) as store:
+        conv = store.create_conversation(title="t")
+        store.add_message(conv.id, "user", "hello")
+    with _sqlite(path) as db:
+        db.execute(
+            "INSERT INTO message_versions (conversation_id, position, role, content, group_id, created_at, "
+            "archived_at, hidden_by) VALUES (?, 1, 'assistant', 'hidden one', 'g', ?, ?, 'h')",
+            (conv.id, CREATED, CREATED),
+        )
+    _downgrade(path, "0005")
+    with _sqlite(path) as db:
+        columns = [r[1] for r in db.execute("PRAGMA table_info(message_versions)")]
+        assert "hidden_by" not in columns
+        assert db.execute("SELECT content FROM message_versions").fetchall() == [("hidden one",)]
+    with Store(path) as store:  # and up again: listed, as every version kept before 0006
+        store.add_message(conv.id, "assistant", "hi")
+        assert [v.content for v in store.versions(store.messages(conv.id)[1].id)] == ["hidden one"]

@@ -270,6 +270,24 @@ def test_delete_messages_from(store: Store) -> None:
     assert store.get_conversation(conv.id).message_count == 4
 
 
+def test_an_edit_hides_the_versions_after_it_until_restored(store: Store) -> None:
+    conv = store.create_conversation()
+    stats = TurnStats(completion_tokens=1)
+    q1 = store.add_message(conv.id, "user", "first question")
+    r1 = store.finish_turn(conv.id, "answer one", stats, "t1")
+    r2 = store.finish_turn(conv.id, "answer two", stats, "t2", set_aside=[r1.id])  # a regenerate
+    assert [v.content for v in store.versions(r2.id)] == ["answer one"]
+    r3 = store.finish_turn(
+        conv.id, "answer three", stats, "t3", set_aside=[q1.id, r2.id], edit=(q1.id, "edited")
+    )
+    assert store.versions(r3.id) == []  # both answered the first question
+    q2 = store.messages(conv.id)[0]
+    (old,) = store.versions(q2.id)
+    store.restore(q2.id, old.id)
+    assert [m.content for m in store.messages(conv.id)] == ["first question", "answer two"]
+    assert [v.content for v in store.versions(store.messages(conv.id)[1].id)] == ["answer one"]
+
+
 def test_concurrent_threads_get_distinct_positions(store: Store) -> None:
     conv = store.create_conversation()
 

@@ -28,7 +28,7 @@ from chatkv import journal, lease
 from chatkv.api import GenerationSettings
 from chatkv.cli import main as cli_main
 from chatkv.engine.model import chat_ids
-from chatkv.errors import ChatKVError, InputError
+from chatkv.errors import ChatKVError, InputError, NotFoundError
 from chatkv.kv.chunks import relpath
 from chatkv.paths import db_path, kv_dir
 from chatkv.session import Chat
@@ -214,9 +214,11 @@ def test_a_stopped_edit_changes_nothing_and_keeps_the_edit_as_a_version(chat):
     partial = stop_after(chat.edit(first.id, "Tell me about caches.", LONG), 2)
     assert transcript(chat, conv.id) == before
     assert [(v.role, v.content) for v in chat.versions(first.id)] == [("user", "Tell me about caches.")]
-    assert [(v.role, v.content) for v in chat.versions(chat.messages(conv.id)[1].id)] == [
-        ("assistant", partial)
-    ]
+    # the partial reply answered the edited question: it is not a version of the reply to
+    # the original one, and comes back with the edit it belongs to
+    assert chat.versions(chat.messages(conv.id)[1].id) == []
+    chat.restore(first.id, chat.versions(first.id)[0].id)
+    assert transcript(chat, conv.id)[:2] == [("user", "Tell me about caches."), ("assistant", partial)]
 
 
 def test_a_finished_regenerate_keeps_the_old_reply_which_can_be_restored(chat):
@@ -243,6 +245,48 @@ def test_a_finished_edit_sets_the_old_branch_aside_as_one_group(chat):
     assert [m.content for m in now][0] == "Tell me about caches." and len(now) == 2
     chat.restore(now[0].id, chat.versions(now[0].id)[0].id)
     assert transcript(chat, conv.id) == old  # the whole old branch comes back
+
+
+def test_a_replys_versions_are_answers_to_the_question_it_answers(chat):
+    conv = chat.new_conversation()
+    _, r1 = send(chat, conv.id, "The quick brown fox jumps over the lazy dog.")
+    again = GenerationSettings(max_new_tokens=8, temperature=1.0, seed=7)
+    r2 = "".join(chat.regenerate(conv.id, again))
+    q1 = chat.messages(conv.id)[0]
+    "".join(chat.edit(q1.id, "Tell me about caches.", GREEDY))  # Q2, its reply r3
+    r3 = chat.messages(conv.id)[1].content
+    assert chat.versions(chat.messages(conv.id)[1].id) == []  # r1 and r2 answered Q1
+    r4 = "".join(chat.regenerate(conv.id, GenerationSettings(max_new_tokens=8, temperature=1.0, seed=9)))
+    assert [v.content for v in chat.versions(chat.messages(conv.id)[1].id)] == [r3]
+    # Q1 comes back with the reply it had (r2), whose earlier version is r1 again
+    q2 = chat.messages(conv.id)[0]
+    (old,) = chat.versions(q2.id)
+    assert old.content == q1.content
+    chat.restore(q2.id, old.id)
+    assert transcript(chat, conv.id) == [("user", q1.content), ("assistant", r2)]
+    assert [v.content for v in chat.versions(chat.messages(conv.id)[1].id)] == [r1]
+    # and back to Q2: its reply r4 with r3 as its version; Q2's own branch is not offered
+    # as a version of the reply
+    q1_now = chat.messages(conv.id)[0]
+    chat.restore(q1_now.id, chat.versions(q1_now.id)[0].id)
+    assert transcript(chat, conv.id) == [("user", "Tell me about caches."), ("assistant", r4)]
+    reply = chat.messages(conv.id)[1]
+    assert [v.content for v in chat.versions(reply.id)] == [r3]
+    with pytest.raises(NotFoundError, match="is not an earlier version"):  # another branch's
+        chat.restore(reply.id, _hidden_version_id(chat, conv.id))
+
+
+def _hidden_version_id(chat, conversation_id: int) -> int:
+    from sqlalchemy import select
+
+    from chatkv.store.models import MessageVersion
+
+    with chat.store._reader() as s:
+        return s.scalar(
+            select(MessageVersion.id).where(
+                MessageVersion.conversation_id == conversation_id, MessageVersion.hidden_by.is_not(None)
+            )
+        )
 
 
 def test_the_replacement_is_one_transaction(chat, monkeypatch):

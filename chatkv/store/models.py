@@ -122,7 +122,9 @@ class Message(Base):
 class MessageVersion(Base):
     """A message set aside by a regenerate or an edit (or the partial reply of a stopped
     one), kept so that nothing the user saw is lost and earlier versions can be restored.
-    Rows set aside together share `group_id` (the id of the turn that set them aside)."""
+    Rows set aside together share `group_id` (the id of the turn that set them aside); a
+    message's versions are those whose group starts at its position and that no later edit
+    or restore has hidden (`hidden_by`)."""
 
     __tablename__ = "message_versions"
     __table_args__ = (
@@ -140,6 +142,9 @@ class MessageVersion(Base):
     group_id: Mapped[str]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     archived_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The group that set this version's branch aside (an edit or restore at an earlier
+    # position): not listed until that group is restored. None: listed.
+    hidden_by: Mapped[str | None]
 
 
 class ConversationChunk(Base):

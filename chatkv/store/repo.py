@@ -20,6 +20,7 @@ from sqlalchemy import (
     exc,
     func,
     select,
+    update,
 )
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -420,6 +421,8 @@ class Store(ChunkIndex, Finding):
                 s.add(_version_of(m, turn_id, now))
                 s.delete(m)
             s.flush()
+            if rows:
+                _hide_versions_after(s, conversation_id, rows[0].position, turn_id)
         last = s.scalar(select(func.max(Message.position)).where(Message.conversation_id == conversation_id))
         position = 0 if last is None else last + 1
         if edit is not None:
@@ -511,6 +514,8 @@ class Store(ChunkIndex, Finding):
                     MessageVersion.conversation_id == msg.conversation_id,
                     MessageVersion.position == msg.position,
                     MessageVersion.role == msg.role,
+                    MessageVersion.hidden_by.is_(None),
+                    MessageVersion.position == _group_start(MessageVersion.group_id),
                 )
                 .order_by(MessageVersion.created_at, MessageVersion.id)
             )
@@ -526,14 +531,21 @@ class Store(ChunkIndex, Finding):
             if msg is None:
                 raise _message_missing(message_id)
             v = s.get(MessageVersion, version_id)
-            if v is None or v.conversation_id != msg.conversation_id or v.position != msg.position:
+            start = None if v is None else s.scalar(select(_group_start(v.group_id)))
+            if (
+                v is None
+                or v.hidden_by is not None  # another branch's: listed once that is restored
+                or (v.conversation_id, v.position) != (msg.conversation_id, msg.position)
+                or v.position != start  # a later message of the group: restored with its first
+            ):
                 raise NotFoundError(
                     f"version {version_id} is not an earlier version of message {message_id}; "
                     "`chatkv show` lists a conversation's messages"
                 )
+            branch = v.group_id
             group = s.scalars(
                 select(MessageVersion)
-                .where(MessageVersion.group_id == v.group_id, MessageVersion.position >= v.position)
+                .where(MessageVersion.group_id == branch, MessageVersion.position >= v.position)
                 .order_by(MessageVersion.position, MessageVersion.id)
             ).all()
             current = s.scalars(
@@ -559,4 +571,29 @@ class Store(ChunkIndex, Finding):
                     _set_stats(m, TurnStats(**json.loads(old.stats)))
                 s.add(m)
                 s.delete(old)
+            s.flush()
+            _hide_versions_after(s, msg.conversation_id, msg.position, aside)
+            s.execute(update(MessageVersion).where(MessageVersion.hidden_by == branch).values(hidden_by=None))
             s.get(Conversation, msg.conversation_id).updated_at = now
+
+
+def _group_start(group_id: Any) -> Any:
+    """The first position of the versions set aside with `group_id` (a correlated subquery)."""
+    other = aliased(MessageVersion)
+    return select(func.min(other.position)).where(other.group_id == group_id).scalar_subquery()
+
+
+def _hide_versions_after(s: Session, conversation_id: int, position: int, group_id: str) -> None:
+    """The versions listed after `position` belong to the branch `group_id` just set aside
+    (an edit or restore there): hide them under it until it is restored. Without this a
+    reply's versions dialog offered answers to the question before the edit."""
+    s.execute(
+        update(MessageVersion)
+        .where(
+            MessageVersion.conversation_id == conversation_id,
+            MessageVersion.position > position,
+            MessageVersion.group_id != group_id,
+            MessageVersion.hidden_by.is_(None),
+        )
+        .values(hidden_by=group_id)
+    )

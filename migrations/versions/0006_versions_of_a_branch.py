@@ -1,0 +1,39 @@
+"""An earlier version of a message after an edited position belongs to the branch that
+the edit set aside.
+
+Why: a reply's earlier versions were every version kept at its position, whatever question
+they answered. After an edit, the versions dialog of the new reply offered the replies to
+the old question, and restoring one paired the edited question with an answer to another.
+`hidden_by` holds the group (the turn) that set such a version's branch aside: an edit,
+or a restore, at position p hides the versions listed after p under its own group, and
+restoring that group lists them again. Versions kept before this revision have none (they
+stay listed; the branch they belonged to was not recorded).
+
+- Upgrade adds the nullable column (SQLite: ALTER TABLE ADD COLUMN, no rebuild).
+- Downgrade drops it (batch mode on SQLite keeps AUTOINCREMENT).
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column("message_versions", sa.Column("hidden_by", sa.String(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("message_versions", table_kwargs={"sqlite_autoincrement": True}) as batch:
+        batch.drop_column("hidden_by")
