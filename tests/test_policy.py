@@ -288,6 +288,35 @@ def test_a_chunk_is_not_recoded_from_a_cache_that_was_decoded_from_it(store, tin
     assert store.get_chunks([aging.key])[aging.key].codec.startswith("int4:")
 
 
+def test_a_tail_that_begins_with_positions_decoded_from_a_lossy_chunk_is_not_stored_as_exact(store, tiny_lm):
+    """A regenerate whose prompt is shorter than a chunk uses the start of the conversation's
+    own quantized first chunk; the tail it then spills would hold those decoded positions
+    under the lossless codec, and a new conversation asking the same would take them as
+    exact."""
+    conv = store.create_conversation().id
+    long = ids(2 * C + 5)
+    kv = KVManager(store, kv_dir(), tiny_lm, codec="tiered", chunk_tokens=C)
+    kv.spill(conv, long, computed(tiny_lm, long))
+    kv.flush()
+    first = next(r for r in store.all_chunks() if r.start == 0)
+    assert not get_codec(first.codec.split(":")[0]).lossless
+    short = long[:20] + ids(8, seed=1)  # shorter than a chunk, parts from the old one at 20
+    kv = KVManager(store, kv_dir(), tiny_lm, codec="tiered", chunk_tokens=C)
+    att = kv.attach(conv, short + [7])
+    assert att.source == "disk" and att.cached == 20 and kv.inexact(att.cache) == 20
+    with torch.no_grad():
+        rest = torch.tensor([short[20:]], device=tiny_lm.device)
+        tiny_lm.model(rest, **cache_arg(tiny_lm.model, att.cache), use_cache=True)
+    kv.spill(conv, short, att.cache)
+    kv.flush()
+    assert [r for r in store.all_chunks() if r.partial and r.start == 0] == []
+    again, _ = from_disk(store, tiny_lm, "tiered", short)
+    assert again.cached == 0  # computed anew, never the lossy positions labelled exact
+    exact = spilled(store, tiny_lm, "tiered", short)  # a spill from the exact cache stores it
+    assert [r.codec.split(":")[0] for r in store.all_chunks() if r.partial and r.start == 0] == ["fp16"]
+    exact.close()
+
+
 # The layouts chatkv wrote before (GroupQuantCodec arguments past name and bits): each must
 # be refused by the current reader under the same codec name.
 OLD_LAYOUTS = {

@@ -499,6 +499,11 @@ class KVManager:
                 held = codec_by_tag(rec.codec)
                 if not self._recode(rec, codec) or (i * c < inexact and held and self.policy.allows(held)):
                     continue  # as wanted, or only a lossy copy of it is at hand: left as it is
+            if codec.lossless and i * c < inexact:
+                # It would begin with positions decoded from a lossy chunk (a prompt that
+                # parted from a quantized chunk part-way), labelled exact: a new conversation
+                # asking the same would reuse them as exact. Not stored; computed next time.
+                continue
             start, end = i * c, min((i + 1) * c, len(tokens))
             part = [(k[..., start:end, :], v[..., start:end, :]) for k, v in layers]  # (B, H, end-start, D)
             written += self._write(
