@@ -54,6 +54,7 @@ class Item:
     ids: list[int] = field(default_factory=list)
     dropped: int = 0
     inexact: int = 0  # leading positions of its cache decoded from lossy chunks (KVManager.spill)
+    shared: int = 0  # tokens of the group's prefix, spilled on its own (its chunks are this line's too)
 
 
 class LineProgress(Protocol):
@@ -305,7 +306,7 @@ class Runner:
         t0 = time.perf_counter()
         prefix, layers, lossy = self.chat.prepare_prefix(items[0].ids[:p], spill=self.save != "none")
         for i in items:
-            i.inexact = lossy
+            i.inexact, i.shared = lossy, p
         self.summary.prefix_tokens += p
         self.summary.prefix_from_disk += prefix.cached_tokens
         for n, part in enumerate(self._batches(items, p)):
@@ -393,4 +394,5 @@ class Runner:
         else:
             new = list(item.chat)
         tokens = list(item.ids) + gen
-        return self.chat.save_exchange(item.conversation, new, text, st, tokens, cache, item.inexact)
+        shared = item.ids[: item.shared]
+        return self.chat.save_exchange(item.conversation, new, text, st, tokens, cache, item.inexact, shared)

@@ -244,6 +244,7 @@ class Chat(Conversations, Housekeeping):
         tokens: list[int],
         cache: Cache | None,
         inexact: int = 0,
+        shared: list[int] | None = None,
     ) -> int:
         """Save a turn that batch decoded itself: `messages` (a continued conversation's new
         question, or every message of a new conversation, its system prompt first) and the
@@ -266,8 +267,11 @@ class Chat(Conversations, Housekeeping):
         else:
             pairs = [(m["role"], m["content"]) for m in messages]
             self.store.finish_turn(conversation_id, reply, stats, turn_id, add=pairs, model=self.model_name)
-        if cache is not None and self.kv is not None:
-            self.kv.spill(conversation_id, tokens, cache, inexact)  # inexact: see KVManager.spill
+        if self.kv is not None:
+            if shared:  # the prefix batch spilled on its own (prepare_prefix): held by this one too
+                self.kv.claim(conversation_id, shared)
+            if cache is not None:
+                self.kv.spill(conversation_id, tokens, cache, inexact)  # inexact: see KVManager.spill
         return conversation_id
 
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> Turn:

@@ -279,6 +279,23 @@ def test_no_save_writes_no_shared_prefix_to_the_chunk_store(cli, tmp_path):
     assert _store().all_chunks()
 
 
+def test_rm_of_every_conversation_a_batch_saved_leaves_none_of_its_shared_prefix(cli, tmp_path):
+    """The shared prefix is spilled on its own: its unfinished tail chunk is in no line's
+    chain, and was left on disk after every conversation was deleted."""
+    from chatkv.cli import main
+    from chatkv.paths import kv_dir
+
+    lines = [{"id": i, "prompt": q, "system": SYSTEM} for i, q in enumerate(QUESTIONS[:3])]
+    src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    assert cli(src, "-o", str(out), "--save") == 0
+    store = _store()
+    ids = sorted({r["conversation_id"] for r in _records(out)})
+    assert len(ids) == 3 and store.all_chunks()
+    assert main(["rm", *map(str, ids)]) == 0
+    assert store.all_chunks() == []
+    assert list(kv_dir().rglob("*.safetensors")) == []
+
+
 def test_stdin_and_usage_errors(cli, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"id": "a", "prompt": "Hello!"}) + "\n"))
     assert cli("-") == 0

@@ -478,10 +478,8 @@ class KVManager:
             self._temp_cleaned = True
             maintenance.clean_temp(self.kv_dir)
         fp, c = self.lm.fingerprint, self.chunk_tokens
-        keys = chain_keys(fp, tokens, c)
-        tail = len(keys) * c
-        tail_key = chunk_key(fp, keys[-1] if keys else None, tokens[tail:]) if tail < len(tokens) else None
-        wanted = keys + ([tail_key] if tail_key else [])
+        wanted = self.keys_of(tokens)
+        tail_key = wanted[-1] if len(tokens) % c else None
         if conv_id is not None:
             # Recorded before the files exist, so `chatkv rm` finds every chunk that holds
             # this conversation's tokens even if the process dies half-way through.
@@ -524,6 +522,21 @@ class KVManager:
         elif self.disk_bytes and written:
             self.gc(self.disk_bytes, keep=set(wanted))
         return written
+
+    def keys_of(self, tokens: list[int]) -> list[str]:
+        """The keys of the chunks a spill of `tokens` writes: the full ones, then the tail."""
+        fp, c = self.lm.fingerprint, self.chunk_tokens
+        keys = chain_keys(fp, tokens, c)
+        tail = len(keys) * c
+        if tail < len(tokens):
+            keys.append(chunk_key(fp, keys[-1] if keys else None, tokens[tail:]))
+        return keys
+
+    def claim(self, conv_id: int, tokens: list[int]) -> None:
+        """Record that the conversation holds the chunks of `tokens`, a prefix spilled on its
+        own (batch's shared prefix): its tail chunk is no chunk of the conversation's chain,
+        and `chatkv rm` must find it all the same."""
+        self.store.add_conversation_chunks(conv_id, self.keys_of(tokens))
 
     def _recode(self, rec: ChunkRecord, codec: Codec) -> bool:
         """Whether a chunk on disk is to be written again with `codec`: when the policy
