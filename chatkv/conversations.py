@@ -90,9 +90,9 @@ class Conversations:
         Chunks shared with other conversations stay. Raises NotFoundError, BusyError."""
         self.store.get_conversation(conversation_id)
         remote = self._chunk_remote()  # before anything goes: a cache.url it cannot use is a ConfigError
-        if self.kv is not None:
-            self.kv.flush()  # a spill still queued for it would write its chunks again
         with lease.acquire(conversation_id, engine=self.store.engine) as held:
+            if self.kv is not None:  # held: a turn of this process that ended meanwhile queued its spill
+                self.kv.flush()  # a spill still queued for it would write its chunks again
             try:
                 keys = self.store.private_chunks(conversation_id)
             except exc.DatabaseError:  # a damaged chunk index: the files go by `cache gc`
@@ -102,12 +102,26 @@ class Conversations:
             # files that nothing leads rm to.
             if keys:
                 self._remove_chunks(conversation_id, keys, remote)
-            self.store.delete_conversation(conversation_id)
+            # A spill of another process (its turn ended, its lease released) may have
+            # recorded and written chunks since: those the delete reads with it go too. One
+            # that records later finds the conversation gone and removes its own.
+            late = self._written_since(self.store.delete_conversation(conversation_id), keys)
+            if late:
+                self._remove_chunks(conversation_id, late, remote)
             if self.kv is not None:
                 self.kv.pool.drop(conversation_id)
                 self.kv.drop_prefetch(conversation_id)
             journal.discard(conversation_id)
             held.release(forget=True)
+
+    def _written_since(self, private: list[str], removed: list[str]) -> list[str]:
+        """Of the chunks the conversation held when it was deleted, those not removed
+        already, or written again (a row or a file) after they were."""
+        from chatkv.kv.chunks import chunk_path
+
+        gone = set(removed)
+        rows = self.store.get_chunks([k for k in private if k in gone]) if gone else {}
+        return [k for k in private if k not in gone or k in rows or chunk_path(kv_dir(), k).exists()]
 
     def _chunk_remote(self) -> ObjectStore | None:
         """The object store of cache.url (the loaded KV layer's, when there is one); None

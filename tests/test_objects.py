@@ -504,16 +504,32 @@ def _bucket_and_cache(store, tiny_lm, tmp_path: Path):
 
 
 def test_a_spill_for_a_conversation_deleted_meanwhile_takes_its_objects_too(tiny_lm, store, tmp_path) -> None:
-    """`chatkv rm` while the conversation's spill is queued: the spill writes the chunks, finds
-    the conversation gone and removes them, from the bucket as well (they hold its text)."""
+    """`chatkv rm` while the conversation's spill runs: the spill writes the chunks, finds
+    the conversation gone and removes them, from the bucket as well (they hold its text).
+    One that was still queued writes nothing."""
     bucket, kv, manager, conv, tokens, cache = _bucket_and_cache(store, tiny_lm, tmp_path)
     kvm = manager()
-    store.delete_conversation(conv.id)  # deleted before its spill ran
+    real = store.add_chunk
+
+    def deleted_after_the_first_chunk(rec):
+        real(rec)
+        if store.list_conversations():
+            store.delete_conversation(conv.id)
+
+    store.add_chunk = deleted_after_the_first_chunk
     kvm.spill(conv.id, tokens, cache)
-    kvm.close()
+    kvm.flush()
     assert kvm.bytes_written > 0  # written (and pushed), then taken back
     assert store.all_chunks() == [] and list(bucket.names()) == []
     assert not any(kv.rglob("*.safetensors"))
+    store.add_chunk = real
+    again = store.create_conversation()
+    store.delete_conversation(again.id)  # deleted before its spill ran
+    written = kvm.bytes_written
+    kvm.spill(again.id, tokens, cache)
+    kvm.close()
+    assert kvm.bytes_written == written
+    assert store.all_chunks() == [] and list(bucket.names()) == []
     kvm.tiers.close()
 
 

@@ -572,6 +572,41 @@ def test_rm_cut_short_leaves_the_conversation_to_rm_again_not_its_tokens_on_disk
     assert chat.list_conversations() == []
 
 
+def test_rm_takes_the_chunks_a_spill_of_another_process_wrote_while_it_ran(chat, tiny_lm, monkeypatch):
+    """Another process's turn ended (its lease released) and its spill still runs: what it
+    records and writes after rm collected the conversation's chunks goes too."""
+    import torch
+
+    from chatkv.engine.generate import cache_arg
+    from chatkv.kv import live
+    from chatkv.kv.manager import KVManager
+
+    conv = chat.new_conversation()
+    send(chat, conv.id, "Tell me about the quokka, " * 6)
+    chat.kv.flush()
+    other = KVManager(chat.store, kv_dir(), tiny_lm, codec="fp16", chunk_tokens=chat.kv.chunk_tokens)
+    tokens = list(range(5, 5 + 2 * chat.kv.chunk_tokens + 7))
+    cache = live.new_cache(tiny_lm.model)
+    with torch.no_grad():
+        tiny_lm.model(torch.tensor([tokens]), **cache_arg(tiny_lm.model, cache), use_cache=True)
+    real = chat.store.delete_conversation
+
+    def spilled_meanwhile(conversation_id):
+        other.spill(conversation_id, tokens, cache)  # between rm's removal and its delete
+        other.flush()
+        assert set(other.keys_of(tokens)) <= set(_all_keys(chat))
+        return real(conversation_id)
+
+    monkeypatch.setattr(chat.store, "delete_conversation", spilled_meanwhile)
+    chat.delete(conv.id)
+    assert _all_keys(chat) == [] and list(kv_dir().rglob("*.safetensors")) == []
+    # and a spill that records after the delete writes nothing
+    other.spill(conv.id, tokens, cache)
+    other.flush()
+    assert _all_keys(chat) == [] and list(kv_dir().rglob("*.safetensors")) == []
+    other.close()
+
+
 def test_ctrl_c_inside_a_decode_step_keeps_the_reply_and_a_whole_cache(
     chat, tiny_settings, tiny_lm, monkeypatch
 ):

@@ -480,10 +480,11 @@ class KVManager:
         fp, c = self.lm.fingerprint, self.chunk_tokens
         wanted = self.keys_of(tokens)
         tail_key = wanted[-1] if len(tokens) % c else None
-        if conv_id is not None:
+        if conv_id is not None and not self.store.add_conversation_chunks(conv_id, wanted):
             # Recorded before the files exist, so `chatkv rm` finds every chunk that holds
-            # this conversation's tokens even if the process dies half-way through.
-            self.store.add_conversation_chunks(conv_id, wanted)
+            # this conversation's tokens even if the process dies half-way through; a
+            # conversation deleted while its spill was queued gets none written.
+            return 0
         on_disk = self.store.get_chunks(wanted)
         if on_disk:  # served from memory this turn, but used all the same: not the next to evict
             self.store.touch_chunks(list(on_disk))

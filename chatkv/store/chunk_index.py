@@ -81,37 +81,27 @@ class ChunkIndex(StoreBase):
 
     # -- which chunks each conversation made -------------------------------------
 
-    def add_conversation_chunks(self, conversation_id: int, keys: Sequence[str]) -> None:
-        """Record that these chunks hold (a prefix of) the conversation's tokens."""
+    def add_conversation_chunks(self, conversation_id: int, keys: Sequence[str]) -> bool:
+        """Record that these chunks hold (a prefix of) the conversation's tokens. False: the
+        conversation is gone (deleted while its spill was queued), nothing recorded."""
         if not keys:
-            return
+            return True
         with self._writer.begin() as s:
             try:
                 self._require_conversation(s, conversation_id)
             except NotFoundError:
-                return  # deleted while its spill was queued
+                return False
             for batch in _batches(keys):
                 stmt = self._insert(ConversationChunk).values(
                     [{"conversation_id": conversation_id, "key": k} for k in batch]
                 )
                 s.execute(stmt.on_conflict_do_nothing())
+        return True
 
     def private_chunks(self, conversation_id: int) -> list[str]:
         """Keys of the chunks made for this conversation that no other conversation uses."""
-        other = aliased(ConversationChunk)
-        shared = (
-            select(other.key)
-            .where(other.key == ConversationChunk.key, other.conversation_id != conversation_id)
-            .exists()
-        )
         with self._reader() as s:
-            return list(
-                s.scalars(
-                    select(ConversationChunk.key).where(
-                        ConversationChunk.conversation_id == conversation_id, ~shared
-                    )
-                )
-            )
+            return private_keys(s, conversation_id)
 
     def unreferenced_chunks(self, keys: Sequence[str]) -> list[str]:
         """Those of `keys` that no conversation records as its own."""
@@ -271,3 +261,15 @@ class ChunkIndex(StoreBase):
 
 # What the kv layer imports from the store: this module's names, nothing else.
 __all__ = ["ChunkIndex", "ChunkRecord", "KVHead"]
+
+
+def private_keys(s: Session, conversation_id: int) -> list[str]:
+    """Keys of the chunks recorded for the conversation that no other conversation records."""
+    other = aliased(ConversationChunk)
+    shared = (
+        select(other.key)
+        .where(other.key == ConversationChunk.key, other.conversation_id != conversation_id)
+        .exists()
+    )
+    where = (ConversationChunk.conversation_id == conversation_id, ~shared)
+    return list(s.scalars(select(ConversationChunk.key).where(*where)))

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from chatkv.api import ConversationSummary, MessageView, TurnStats
 from chatkv.errors import NotFoundError
-from chatkv.store.chunk_index import ChunkIndex
+from chatkv.store.chunk_index import ChunkIndex, private_keys
 from chatkv.store.common import (
     _conversation_missing,
     _message_missing,
@@ -233,10 +233,12 @@ class Store(ChunkIndex, Finding):
         with self._reader() as s:
             return json.loads(self._get_conversation(s, conversation_id).settings or "{}")
 
-    def delete_conversation(self, conversation_id: int) -> None:
+    def delete_conversation(self, conversation_id: int) -> list[str]:
         """Delete the conversation and its messages. Its chunks stay (they may be shared);
-        `chatkv cache gc` evicts them. Raises NotFoundError."""
+        returned are the keys of those only it recorded, read in the same transaction as the
+        delete (after it, a spill still running for it records nothing). Raises NotFoundError."""
         with self._writer.begin() as s:
+            private = private_keys(s, conversation_id)
             result = s.execute(delete(Conversation).where(Conversation.id == conversation_id))
             if result.rowcount == 0:
                 raise _conversation_missing(conversation_id)
@@ -252,6 +254,7 @@ class Store(ChunkIndex, Finding):
                 pass  # busy, or read-only: the next checkpoint takes it
             finally:
                 raw.close()
+        return private
 
     # -- messages --------------------------------------------------------------
 
