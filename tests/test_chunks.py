@@ -128,6 +128,19 @@ def test_fp16_chunk_roundtrips_exactly(tmp_path):
         assert torch.equal(k, k2) and torch.equal(v, v2)
 
 
+def test_the_directories_a_write_creates_are_private_whatever_the_umask(tmp_path):
+    key, blob, _, _ = make_chunk(list(range(32)))
+    path = tmp_path / "kv" / relpath(key)
+    old = os.umask(0o022)
+    try:
+        write_atomic(path, blob)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "kv", path.parent.parent, path.parent):
+        assert d.stat().st_mode & 0o777 == 0o700, d
+    assert path.read_bytes() == blob
+
+
 @pytest.fixture
 def written(tmp_path):
     """A sound chunk file on disk: (path, key)."""

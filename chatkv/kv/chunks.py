@@ -223,10 +223,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_private_dirs(path: Path) -> None:
+    """Create the missing directories of `path`, each 0700 whatever the umask (mkdir's
+    mode applies to the last one only), and fsync the directory that gains each entry: a
+    power cut must not leave a committed row whose file's directory was never recorded."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another writer made it meanwhile
+        d.chmod(0o700)
+        _fsync_dir(d.parent)
+
+
 def write_atomic(path: Path, blob: bytes) -> None:
     """Write a file so that readers see all of it or none: temp file, fsync, rename, fsync
     of the directory (so that the rename itself survives a power cut)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_private_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
