@@ -317,6 +317,26 @@ def test_a_tail_that_begins_with_positions_decoded_from_a_lossy_chunk_is_not_sto
     exact.close()
 
 
+def test_a_tail_whose_row_names_another_parent_than_its_file_is_not_used(store, tiny_lm):
+    """Tail chunks are found by their row's parent: a row that lies about it (damaged, or
+    mixed up) must not attach a cache computed after another prefix."""
+    import sqlite3
+
+    from chatkv.paths import db_path
+
+    a, b = ids(C + 5, seed=1), ids(C + 5, seed=2)
+    spilled(store, tiny_lm, "fp16", a)
+    spilled(store, tiny_lm, "fp16", b)
+    a0 = next(r.key for r in store.all_chunks() if r.start == 0 and not r.partial and r.parent is None)
+    b_tail = [r for r in store.all_chunks() if r.partial and r.parent != a0]
+    assert len(b_tail) == 1
+    with sqlite3.connect(db_path()) as db:
+        db.execute("UPDATE kv_chunks SET parent = ? WHERE key = ?", (a0, b_tail[0].key))
+    prompt = a[:C] + b[C:]
+    att, _ = from_disk(store, tiny_lm, "fp16", prompt)
+    assert att.cached == C  # a's first chunk, and not b's tail after it
+
+
 # The layouts chatkv wrote before (GroupQuantCodec arguments past name and bits): each must
 # be refused by the current reader under the same codec name.
 OLD_LAYOUTS = {

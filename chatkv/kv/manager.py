@@ -380,7 +380,11 @@ class KVManager:
         ) as ex:
             reads = ex.map(read, rest, offsets[ahead:])
             results = itertools.chain(got.data[:ahead] if got is not None else [], reads)
-            for rec, data in zip(plan, results, strict=True):
+            for i, (rec, data) in enumerate(zip(plan, results, strict=True)):
+                if not isinstance(data, CacheError) and data.parent != (plan[i - 1].key if i else None):
+                    # a row that names another parent than its file (partials are found by the
+                    # row's): the file is sound, but its cache follows another prefix
+                    data = CacheError(f"chunk {rec.key[:12]} follows another prefix than its index row says")
                 if isinstance(data, CacheError):
                     problems.append(str(data))
                     if data.damaged:
