@@ -518,7 +518,11 @@ def test_write_atomic_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "fsync", fsync)
     write_atomic(tmp_path / "ab" / "cd" / "x.safetensors", b"data")
-    assert synced == [False, True]  # the file, then its directory
+    # the directories gaining the new ab/ and cd/, then the file, then its directory
+    assert synced == [True, True, False, True]
+    synced.clear()
+    write_atomic(tmp_path / "ab" / "cd" / "y.safetensors", b"data")
+    assert synced == [False, True]  # the directories were there: the file, then its directory
 
 
 def test_old_temp_files_are_cleaned_at_the_first_spill_and_counted(tiny_lm, store, kv):
