@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ import torch
 from chatkv.api import GenerationSettings
 from chatkv.config import CODEC_NAMES, load_settings
 from chatkv.engine.generate import cache_arg
-from chatkv.kv import live, maintenance
+from chatkv.kv import live, maintenance, manager
 from chatkv.kv.chunks import encode_chunk, read_chunk, write_atomic
 from chatkv.kv.codecs import get_codec
 from chatkv.kv.manager import KVManager
@@ -224,6 +226,17 @@ def test_a_reader_between_a_recodes_file_and_its_row_removes_nothing(store, tiny
     store.add_chunk(type(rec)(**{**rec.__dict__, "codec": codec, "nbytes": len(blob), "checksum": checksum}))
     att, _ = from_disk(store, tiny_lm, "tiered", tokens)
     assert att.cached == len(tokens) and att.problems == []
+    # the row never comes (its writer was killed, or lost a race with another's row): once
+    # the file has stood unlike its row for a while, the reader writes the row from it
+    store.add_chunk(rec)
+    att, _ = from_disk(store, tiny_lm, "tiered", tokens)
+    assert att.cached == C and "re-code under way" in att.problems[0]
+    old = time.time() - manager.SETTLED_S - 1
+    os.utime(kv_dir() / rec.path, (old, old))
+    att, _ = from_disk(store, tiny_lm, "tiered", tokens)
+    assert att.cached == len(tokens) and att.problems == []
+    healed = store.get_chunks([rec.key])[rec.key]
+    assert (healed.codec, healed.nbytes, healed.checksum) == (codec, len(blob), checksum)
     # a file damaged in place (its own checksum fails) is still removed
     damaged = bytearray(blob)
     damaged[-5] ^= 0xFF

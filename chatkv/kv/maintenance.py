@@ -526,7 +526,7 @@ def _verify_through(tiers: Tiers, rec: ChunkRecord, report: VerifyReport) -> boo
         return True
 
 
-def _record_of(path: Path, key: str, rel: str, checksum: str | None = None) -> ChunkRecord:
+def record_of(path: Path, key: str, rel: str, checksum: str | None = None) -> ChunkRecord:
     """The index row of the chunk file at `path`, from its own metadata (`checksum`: the one
     it must have). Raises CacheError when the file fails verification."""
     from chatkv.store.chunk_index import ChunkRecord
@@ -561,7 +561,7 @@ def _local_records(kv_dir: Path, report: RebuildReport, skip: set[str]) -> list[
         if key in skip:
             continue
         try:
-            recs.append(_record_of(chunk_path(kv_dir, key), key, rel))
+            recs.append(record_of(chunk_path(kv_dir, key), key, rel))
         except CacheError as e:
             report.bad.append((rel, str(e)))
     return recs
@@ -613,7 +613,7 @@ def rebuild_tiers(store: ChunkIndex, tiers: Tiers) -> RebuildReport:
         for _, name, size, checksum in sorted(objs, reverse=True):  # newest first
             try:
                 try:
-                    recs.append(_record_of(path, key, rel, checksum))  # this host's copy is that object
+                    recs.append(record_of(path, key, rel, checksum))  # this host's copy is that object
                     break
                 except CacheError:
                     pass
@@ -621,7 +621,7 @@ def rebuild_tiers(store: ChunkIndex, tiers: Tiers) -> RebuildReport:
                 if blob is None:
                     raise CacheError("gone from the bucket while the index was rebuilt")
                 write_atomic(path, blob)
-                recs.append(_record_of(path, key, rel, checksum))
+                recs.append(record_of(path, key, rel, checksum))
                 break
             except CacheError as e:
                 report.bad.append((name, str(e)))

@@ -12,7 +12,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 LOAD_THREADS = 2  # chunk reads in flight while resuming from disk
 PEEK_PARTIALS = 8  # partial chunks whose token ids an attach compares, newest first
+# A chunk file sound in itself but unlike its row, for longer than this: no re-code is under
+# way (one writes its row within moments of the file), its writer died or lost a race with
+# another's row. The row is written again from the file (else every resume stopped there).
+SETTLED_S = 30.0
 
 
 @dataclass
@@ -115,6 +119,9 @@ class KVManager:
         # decoded to. A chunk there is not re-coded from it: int4 of int8's output is
         # measurably worse than int4 of the exact cache (bench quality --explore).
         self._inexact: weakref.WeakKeyDictionary[Cache, int] = weakref.WeakKeyDictionary()
+        # chunks a read found sound in themselves but unlike their rows: the next spill that
+        # holds their tokens writes them again (file, then row), whatever the row says
+        self._unlike_rows: set[str] = set()
         self._q: queue.Queue[object] = queue.Queue()  # slots; None stops the worker
         # slot -> (conversation id, tokens, layers, pool ticket, inexact up to)
         self._pending: dict[object, tuple[int | None, list[int], Layers, object, int]] = {}
@@ -289,11 +296,33 @@ class KVManager:
                 # ... or has re-coded it, and its row is not written yet: the file is sound by
                 # its own checksum, only not the row's. Not damage: it stays, this turn
                 # recomputes from here (removing it would leave the new row without a file).
+                healed = self._reindex(rec)
+                if healed is not None:
+                    return self._read_into(healed, offset, k_buf, v_buf, retry=False)
+                self._unlike_rows.add(rec.key)
                 return CacheError(f"{e} (a re-code under way)", damaged=False)
             return e
         if data.start != offset:
             return CacheError(f"chunk {rec.key[:12]} starts at {data.start}, expected {offset}")
         return data
+
+    def _reindex(self, rec: ChunkRecord) -> ChunkRecord | None:
+        """The row of a chunk file that has disagreed with it for SETTLED_S, written again
+        from the file's own metadata; None while a re-code may still be writing its row (or
+        with a bucket, whose object the row describes: this host's copy is fetched again)."""
+        path = chunk_path(self.kv_dir, rec.key)
+        try:
+            if self.tiers is not None or time.time() - path.stat().st_mtime < SETTLED_S:
+                return None
+            found = maintenance.record_of(path, rec.key, relpath(rec.key))
+        except (OSError, CacheError):
+            return None
+        if (found.fingerprint, found.start, found.parent) != (rec.fingerprint, rec.start, rec.parent):
+            return None
+        healed = replace(found, created_at=rec.created_at, last_used_at=rec.last_used_at)
+        self.store.add_chunk(healed)
+        log.info("chunk %s: its index row is written again from its file", rec.key[:12])
+        return healed
 
     def _sound_in_itself(self, key: str) -> bool:
         """Whether the chunk file of `key` passes every check but the index row's size and
@@ -498,7 +527,7 @@ class KVManager:
             partial = key == tail_key
             codec = layout[i][2]
             rec = on_disk.get(key)
-            if rec is not None and chunk_path(self.kv_dir, key).exists():
+            if rec is not None and key not in self._unlike_rows and chunk_path(self.kv_dir, key).exists():
                 held = codec_by_tag(rec.codec)
                 if not self._recode(rec, codec) or (i * c < inexact and held and self.policy.allows(held)):
                     continue  # as wanted, or only a lossy copy of it is at hand: left as it is
@@ -512,6 +541,7 @@ class KVManager:
             written += self._write(
                 codec, key, wanted[i - 1] if i else None, start, tokens[start:end], part, partial
             )
+            self._unlike_rows.discard(key)
         if conv_id is not None:
             try:
                 old = self.store.get_kv_head(conv_id).key
