@@ -150,6 +150,8 @@ def _chatgpt_json(path: Path) -> Any:
         else:
             raw = path.read_bytes()
         return json.loads(raw)
+    except RecursionError:
+        raise InputError(f"{path} is JSON nested too deep to be a ChatGPT export; {CHATGPT_HINT}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e}); {CHATGPT_HINT}") from None
     except (OSError, zipfile.BadZipFile) as e:

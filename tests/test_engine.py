@@ -176,3 +176,21 @@ def test_transformers_forward_gets_the_cache_under_the_name_it_takes(tiny_lm):
         decode_one(tiny_lm.model, torch.tensor([7]), cache, 35)
     assert live.seq_len(cache) == 36
     assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    "make,expect",
+    [
+        (lambda p: p.write_text("{}"), "is neither a .gguf file nor a model directory"),
+        (lambda p: p.mkdir(), "has no config.json"),
+        (lambda p: None, "does not exist"),
+    ],
+)
+def test_a_model_path_that_is_no_model_says_what_it_is(tmp_path, make, expect):
+    from chatkv.engine.model import resolve
+    from chatkv.errors import ModelError
+
+    path = tmp_path / "input.jsonl"
+    make(path)
+    with pytest.raises(ModelError, match=expect):
+        resolve(str(path))

@@ -185,6 +185,7 @@ def test_chatgpt_zip_and_dry_run(capsys, tmp_path):
             "conversation 1 is malformed",
         ),
         ("chatgpt", b"PK\x03\x04 garbage", "looks like a zip file but is damaged"),
+        ("chatgpt", b"[" * 100_000, "nested too deep"),
     ],
 )
 def test_bad_files_are_one_line_errors(capsys, tmp_path, kind, content, expect):
