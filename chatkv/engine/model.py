@@ -141,9 +141,7 @@ def resolve(name: str) -> ModelSource:
             raise ModelError(f"{path} has no config.json; point --model at a Hugging Face model directory")
         return ModelSource(name, str(path), None, "dir:" + _dir_identity(path))
     if path.exists():
-        raise ModelError(
-            f"{name} is neither a .gguf file nor a model directory; give one of those or a hub id"
-        )
+        raise ModelError(f"{name} is neither a .gguf file nor a model directory; give one, or a hub id")
     if hub.looks_like_path(name):
         raise ModelError(f"model path {name} does not exist; give a directory, a .gguf file or a hub id")
     # A hub id: its identity is the resolved commit (added after loading).
