@@ -297,10 +297,16 @@ def test_rm_of_every_conversation_a_batch_saved_leaves_none_of_its_shared_prefix
 
 
 def test_stdin_and_usage_errors(cli, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"id": "a", "prompt": "Hello!"}) + "\n"))
-    assert cli("-") == 0
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("\ufeff" + json.dumps({"id": "a", "prompt": "Hello!"}) + "\n")
+    )
+    assert cli("-") == 0  # a byte-order mark before the first line is no part of it
     rec = json.loads(capsys.readouterr().out.strip())
     assert rec["id"] == "a" and rec["reply"] is not None and rec["finish_reason"] in ("stop", "length")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "b", "prompt": "Hello!"}).encode() + b"\n")
+    assert cli(str(bom)) == 0
+    assert json.loads(capsys.readouterr().out.strip())["id"] == "b"
     assert cli(str(tmp_path / "missing.jsonl")) == 2
     src = _write(tmp_path / "in.jsonl", [{"prompt": "Hello!"}])
     assert cli(src, "-o", src) == 2

@@ -78,7 +78,7 @@ def test_ask_new_continue_and_resume(capsys, monkeypatch):
     assert msgs[3].stats.cache_source == "disk" and msgs[3].stats.cached_tokens >= 32
 
     # -C with the prompt on standard input
-    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me a story about the sea.\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeffTell me a story about the sea.\n"))  # with a BOM
     third = ask_json(capsys, "-C", str(cid), "-")
     assert third["conversation_id"] == cid
     assert third["stats"]["cache_source"] == "disk"

@@ -46,7 +46,8 @@ def read_prompt(parts: list[str]) -> str:
     else:
         where = "standard input"
         try:
-            text = sys.stdin.read().rstrip("\r\n")  # a file's or echo's final newline is not the prompt's
+            # a file's or echo's final newline is not the prompt's, nor a byte-order mark
+            text = sys.stdin.read().rstrip("\r\n").removeprefix("\ufeff")
         except UnicodeDecodeError:
             raise InputError("cannot read the prompt from standard input: it is not UTF-8 text") from None
         except OSError as e:

@@ -87,7 +87,8 @@ def _read_input(path: str) -> list[str]:
         if path == "-":
             stream = getattr(sys.stdin, "buffer", None)
             if stream is None:  # a text stream without bytes underneath (tests, embedding)
-                return sys.stdin.readlines()
+                lines = sys.stdin.readlines()
+                return [lines[0].removeprefix("\ufeff"), *lines[1:]] if lines else lines
             data = stream.read()
         else:
             data = Path(path).read_bytes()
@@ -95,8 +96,9 @@ def _read_input(path: str) -> list[str]:
         raise UsageError(f"input file {path} does not exist") from None
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-    # "\n" only: str.splitlines would also split on U+2028 and friends, legal inside JSON strings
-    return data.decode("utf-8", errors="surrogateescape").split("\n")
+    # "\n" only: str.splitlines would also split on U+2028 and friends, legal inside JSON strings.
+    # A byte-order mark (Windows editors, PowerShell) is no part of the first line.
+    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape").split("\n")
 
 
 def run(args: argparse.Namespace) -> int:
