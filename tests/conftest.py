@@ -6,8 +6,25 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_home():
+    """A data dir for what session-wide fixtures write (the tiny model's models/seen.json),
+    never the user's own: each test then gets its own (chatkv_home)."""
+    home = tempfile.mkdtemp(prefix="chatkv-test-session-")
+    before = os.environ.get("CHATKV_HOME")
+    os.environ["CHATKV_HOME"] = home
+    yield home
+    if before is None:
+        os.environ.pop("CHATKV_HOME", None)
+    else:
+        os.environ["CHATKV_HOME"] = before
+    shutil.rmtree(home, ignore_errors=True)
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
