@@ -85,8 +85,9 @@ class Journal:
     def stats(self, stats: TurnStats) -> None:
         self._line({"stats": stats.to_dict()})
 
-    def piece(self, text: str) -> None:
-        self._line({"p": text})
+    def piece(self, text: str, tokens: int) -> None:
+        """A piece of the reply, and how many tokens the reply has with it."""
+        self._line({"p": text, "n": tokens})
 
     def end(self, reason: str, stats: TurnStats) -> None:
         self._line({"end": reason, "stats": stats.to_dict()})
@@ -132,7 +133,7 @@ def read(path: Path) -> Replayed | None:
         return None
     header: Header | None = None
     pieces: list[str] = []
-    stats, ended = TurnStats(), None
+    stats, ended, tokens = TurnStats(), None, 0
     for line in raw.split("\n"):
         try:
             obj = json.loads(line)
@@ -145,6 +146,7 @@ def read(path: Path) -> Replayed | None:
                 header = _header(obj)
             elif "p" in obj:
                 pieces.append(str(obj["p"]))
+                tokens = int(obj.get("n") or tokens)
             elif "stats" in obj:
                 known = TurnStats.__dataclass_fields__
                 stats = TurnStats(**{k: v for k, v in obj["stats"].items() if k in known})
@@ -154,6 +156,8 @@ def read(path: Path) -> Replayed | None:
                 return None  # not a journal this chatkv wrote
     if header is None:
         return None
+    if ended is None:  # the process died while it streamed: the tokens its pieces count
+        stats.completion_tokens = max(stats.completion_tokens or 0, tokens)
     return Replayed(header, "".join(pieces), stats, ended)
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from dataclasses import replace as changed
 from typing import TYPE_CHECKING
 
 from sqlalchemy import exc
@@ -155,11 +156,13 @@ class Turn:
                 if first is None:
                     first = last
                     chat.activity = ""
+                    if self._journal is not None:  # a kill from here on still saves it
+                        self._journal.stats(changed(st, ttft_s=first - t0))
                 gen.append(step.token)
                 piece = text.push(step.token)
                 if piece:
                     if self._journal is not None:
-                        self._journal.piece(piece)
+                        self._journal.piece(piece, len(gen))
                     yield piece
                 if text.stopped:
                     reason = "stop"
@@ -167,7 +170,7 @@ class Turn:
             piece = text.finish()
             if piece:
                 if self._journal is not None:
-                    self._journal.piece(piece)
+                    self._journal.piece(piece, len(gen))
                 yield piece
         except GeneratorExit:  # the consumer stopped iterating: keep what was made
             reason = "cancelled"

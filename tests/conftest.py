@@ -26,6 +26,7 @@ def _session_home():
         os.environ["CHATKV_HOME"] = before
     shutil.rmtree(home, ignore_errors=True)
 
+
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -161,6 +161,52 @@ def test_a_process_killed_while_streaming_loses_nothing_it_showed(tiny_model_dir
     msgs = chat.messages(seen["conversation"])
     assert [m.role for m in msgs] == ["user", "assistant"]
     assert msgs[1].content.startswith(seen["shown"]) and msgs[1].stats.finish_reason == "cancelled"
+    # its statistics are those of the reply it streamed (they said 0 tokens, first token 0 ms)
+    assert msgs[1].stats.completion_tokens >= 2 and msgs[1].stats.ttft_s > 0
+    chat.close()
+
+
+TERMINATED = textwrap.dedent(
+    """
+    import os, signal, sys
+
+    class Out:  # standard output that gets SIGTERM once the reply has begun
+        def __init__(self, real):
+            self.real, self.written = real, 0
+        def write(self, text):
+            self.real.write(text)
+            self.written += len(text)
+            if self.written >= 8 and not getattr(self, "sent", False):
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return len(text)
+        def flush(self):
+            self.real.flush()
+
+    sys.stdout = Out(sys.stdout)
+    sys.argv = ["chatkv", "ask", "-n", "200", "--temperature", "0", sys.argv[1]]
+    from chatkv.cli import main
+    main()
+    """
+)
+
+
+def test_sigterm_stops_ask_as_ctrl_c_does_saving_the_reply_at_once(tiny_model_dir, tiny_settings, tiny_lm):
+    proc = subprocess.run(
+        [sys.executable, "-c", TERMINATED, "Tell me a story about the sea and the stars."],
+        env=_child_env(tiny_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert "Traceback" not in proc.stderr and "partial reply is saved" in proc.stderr, proc.stderr
+    assert not list(journal.journal_dir().glob("*.jsonl"))  # saved by this run, not the next
+    chat = Chat(tiny_settings, lm=tiny_lm)
+    (conv,) = chat.list_conversations()
+    msgs = chat.messages(conv.id)
+    assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].stats.finish_reason == "cancelled"
+    assert proc.stdout.startswith(msgs[1].content)
     chat.close()
 
 

@@ -235,8 +235,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         from chatkv import gcpause
 
         gcpause.hold()  # until the model has loaded (see gcpause)
-        end_process(_main(sys.argv[1:]))
+        end_process(_main(sys.argv[1:], program=True))
     return _main(argv)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, systemd, docker stop), taken as Ctrl-C is: the reply so far
+    is saved and the process ends at once, with 143 (128 + SIGTERM)."""
+
+
+def interrupted_code(e: KeyboardInterrupt) -> int:
+    """The exit code of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    return 143 if isinstance(e, Terminated) else 130
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _on_sigterm_stop_as_on_ctrl_c() -> None:
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, _terminated)
+    except (ValueError, OSError):  # not the main thread, or no such signal here
+        pass
 
 
 def end_process(code: int) -> NoReturn:
@@ -273,7 +296,7 @@ def end_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _main(argv: Sequence[str]) -> int:
+def _main(argv: Sequence[str], program: bool = False) -> int:
     argv = list(argv)
     os.umask(0o077)  # everything chatkv writes is private to the user
     if not argv or (
@@ -301,6 +324,8 @@ def _main(argv: Sequence[str]) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if program and args.command != "chat":  # the chat UI quits on its own keys; a kill stays a kill
+        _on_sigterm_stop_as_on_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except ChatKVError as e:
@@ -308,7 +333,10 @@ def _main(argv: Sequence[str]) -> int:
             raise
         print(f"chatkv: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            print("chatkv: terminated", file=sys.stderr)
+            return 143
         print("chatkv: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

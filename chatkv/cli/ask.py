@@ -65,7 +65,7 @@ def read_prompt(parts: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Send one prompt and print the reply."""
-    from chatkv.cli import check_model, settings_from
+    from chatkv.cli import check_model, interrupted_code, settings_from
     from chatkv.errors import NotFoundError
     from chatkv.session import Chat
 
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                     out.write(piece)
                     out.flush()
                     streamed = True
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             # Interrupted between two pieces, the turn is still open: closing it saves what it
             # made (interrupted inside it, it saved already and this does nothing).
             pieces.close()
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                 out.write("\n")
                 out.flush()
             _say_interrupted(turn.conversation_id, turn.message is not None)
-            return 130
+            return interrupted_code(e)
         except BrokenPipeError:
             # The reader went away (`| head`): no one reads the rest, so stop as Ctrl-C does,
             # saving what was made, and exit as a process ended by SIGPIPE does, silently.

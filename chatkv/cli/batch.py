@@ -104,7 +104,7 @@ def _read_input(path: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Answer a JSONL file of prompts."""
     from chatkv.batch import Item, Runner
-    from chatkv.cli import check_model, settings_from
+    from chatkv.cli import check_model, interrupted_code, settings_from
     from chatkv.cli.jsonl import (
         BadLine,
         InOrder,
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
                 model_given=args.model is not None,
             )
             runner.run(items)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         ordered.flush()  # what is finished is kept, even ahead of an unfinished earlier line
         progress.close()
         served = runner.summary.served if runner else 0
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             "output; run the same command again to finish",
             file=sys.stderr,
         )
-        return 130
+        return interrupted_code(e)
     finally:
         chat.close()  # waits for queued spills
         if out is not sys.stdout:
