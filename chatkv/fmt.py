@@ -69,6 +69,9 @@ def stats_text(s: TurnStats) -> str:
 # (escape sequences move the cursor, retitle the window, ring the bell) rather than show.
 _CONTROLS = {c: f"^{chr(c + 64)}" for c in range(0x20) if c not in (0x09, 0x0A)}
 _CONTROLS |= {0x7F: "^?"} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
+# Bidirectional overrides and isolates reorder how the rest of the line shows ("Trojan
+# Source"); written out as well. Right-to-left text does not need them to show right.
+_CONTROLS |= {c: f"<U+{c:04X}>" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
 
 
 def visible(text: str, terminal: bool) -> str:

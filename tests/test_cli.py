@@ -398,6 +398,34 @@ def test_show_writes_stored_control_characters_out_on_a_terminal(capsys, monkeyp
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     code, shown, _ = run(capsys, "show", cid)
     assert code == 0 and "user: x^[[31mRED^G" in shown and "\x1b" not in shown
+    code, exported, _ = run(capsys, "export", cid)  # and so does export to a terminal
+    assert code == 0 and "x^[[31mRED^G" in exported and "\x1b" not in exported
+    assert visible("a\u202eb", True) == "a<U+202E>b"  # a bidirectional override too
+
+
+def test_import_listing_writes_control_characters_out_on_a_terminal(capsys, monkeypatch, tmp_path):
+    import json
+    import sys
+
+    export = [
+        {
+            "title": "\x1b]0;PWNED\x07\u202etitle",
+            "mapping": {
+                "a": {
+                    "id": "a",
+                    "message": {"id": "a", "author": {"role": "user"}, "content": {"parts": ["hi"]}},
+                    "parent": None,
+                    "children": [],
+                }
+            },
+            "current_node": "a",
+        }
+    ]
+    path = tmp_path / "conversations.json"
+    path.write_text(json.dumps(export))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    code, out, err = run(capsys, "import", "chatgpt", str(path), "--dry-run")
+    assert code == 0 and "^[]0;PWNED^G<U+202E>title" in out and "\x1b" not in out, (out, err)
 
 
 def test_stats_text_says_nothing_cached_and_counts_one_token():

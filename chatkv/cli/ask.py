@@ -9,6 +9,7 @@ import time
 
 from chatkv.cli.args import conversation_id
 from chatkv.errors import InputError, UsageError
+from chatkv.fmt import visible
 
 
 def register(sub, common) -> None:
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         # refused or failed first turn leaves nothing behind.
         turn = chat.send(conv.id if conv else None, text, system_prompt=args.system)
         out = sys.stdout
+        tty = out.isatty()  # on a terminal, a reply's control characters are written out
         pieces = iter(turn)
         streamed = False
         first_at = 0.0
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             for piece in pieces:
                 first_at = first_at or time.perf_counter()
                 if not args.json and piece:
-                    out.write(piece)
+                    out.write(visible(piece, tty))
                     out.flush()
                     streamed = True
         except KeyboardInterrupt as e:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from chatkv.cli.args import PathArg
+from chatkv.fmt import visible
 
 
 def register(sub, common) -> None:
@@ -51,9 +52,10 @@ def run(args: argparse.Namespace) -> int:
         print()
         return 0
     verb = "would import" if args.dry_run else "imported"
+    tty = sys.stdout.isatty()  # titles from a file not looked at yet: no escape sequences run
     for c, cid in report.imported:
         where = f"#{cid}" if cid is not None else "-"
-        print(f"{where:>6}  {len(c.messages):>4} messages  {c.title or '(untitled)'}")
+        print(f"{where:>6}  {len(c.messages):>4} messages  {visible(c.title or '(untitled)', tty)}")
     extra = []
     if report.skipped:
         extra.append(f"{report.skipped} already imported")

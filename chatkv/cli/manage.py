@@ -194,8 +194,8 @@ def run_export(args: argparse.Namespace) -> int:
         with open_private(args.output) as f:
             f.write(text + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text + "\n")
+    else:  # on a terminal, stored control characters written out (as `show` does)
+        sys.stdout.write(visible(text, sys.stdout.isatty()) + "\n")
     return 0
 
 
