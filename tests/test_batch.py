@@ -163,6 +163,12 @@ def test_resume_answers_each_id_exactly_once(cli, tmp_path, monkeypatch):
     # --overwrite starts over; a complete output with --resume serves nothing new.
     assert cli(src, "-o", str(out), "--overwrite") == 1
     assert len(_records(out)) == len(lines)
+    # the input reordered, a line added: the answers kept carry their lines in this input
+    moved = [{"id": "new", "prompt": "Hello!"}, *reversed(lines[:-1])]
+    _write(tmp_path / "in.jsonl", moved)
+    assert cli(src, "-o", str(out)) == 0
+    recs = _records(out)
+    assert [(r["line"], r["id"]) for r in recs] == [(n, m["id"]) for n, m in enumerate(moved, 1)]
 
 
 def test_a_resumed_run_answers_again_the_lines_that_changed_and_says_what_it_skipped(cli, tmp_path, capsys):

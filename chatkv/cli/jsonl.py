@@ -305,24 +305,29 @@ def open_output(path: str | None, overwrite: bool, keep: Iterable[str] = ()) -> 
 def sort_output(path: str, id_lines: dict[str, int]) -> None:
     """Rewrite a finished output file in input order: answers by their id's line in this
     input (`id_lines`: id_key -> line), error records by their "line". Used after a resumed
-    run, whose earlier answers came first in the file."""
+    run, whose earlier answers came first in the file; an earlier answer whose line moved
+    (lines added or reordered since) gets its line in this input."""
     from chatkv.outfile import open_private
 
     p = Path(path)
     with open(p, encoding="utf-8") as f:
         texts = [t if t.endswith("\n") else t + "\n" for t in f if t.strip()]
 
-    def where(text: str) -> int:
+    def placed(text: str) -> tuple[int, str]:
         try:
             rec = json.loads(text)
         except ValueError:
-            return INT64_MAX
+            return INT64_MAX, text
         if not isinstance(rec, dict):
-            return INT64_MAX
+            return INT64_MAX, text
         line = rec.get("line") if "error" in rec else id_lines.get(id_key(rec.get("id")), rec.get("line"))
-        return line if isinstance(line, int) else INT64_MAX
+        if not isinstance(line, int):
+            return INT64_MAX, text
+        if line != rec.get("line"):
+            text = json.dumps({**rec, "line": line}, ensure_ascii=False) + "\n"
+        return line, text
 
     tmp = p.with_name(f".{p.name}.tmp")
     with open_private(tmp) as f:
-        f.write("".join(sorted(texts, key=where)))
+        f.write("".join(text for _, text in sorted(map(placed, texts), key=lambda x: x[0])))
     os.replace(tmp, p)
