@@ -49,6 +49,7 @@ class Item:
     conversation: int | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     digest: str = ""  # of the line's fields but its id: a resumed run answers a changed line again
+    given_id: bool = True  # False: the line has no "id", its line number stands for it
     # filled when rendered:
     chat: list[dict[str, str]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)

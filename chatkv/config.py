@@ -7,6 +7,7 @@ the value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import re
@@ -277,8 +278,17 @@ def validate(key: str, value: Any, source: str) -> Any:
         return check(value)
     except (ValueError, TypeError, OverflowError):
         raise ConfigError(
-            f"invalid value for {key} in {source}: {shown(value)!r} (allowed: {allowed})"
+            f"invalid value for {key} in {source}: {_written(shown(value))} (allowed: {allowed})"
         ) from None
+
+
+def _written(value: Any) -> str:
+    """A value as JSON writes it (true, "", [""], 1e+30), as it was given in a batch line, a
+    TOML file or a flag; repr() for what JSON has no form for."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 class Settings:

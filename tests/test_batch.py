@@ -185,7 +185,7 @@ def test_a_resumed_run_answers_again_the_lines_that_changed_and_says_what_it_ski
     err = capsys.readouterr().err
     assert "2 line(s) already answered" in err and "2 changed since answered there" in err
     recs = _records(out)
-    assert [r["id"] for r in recs] == [1, 2, 3, 4, 5, 1] and "duplicate id 1" in recs[-1]["error"]
+    assert [r["id"] for r in recs] == [1, 2, 3, 4, 5, 1] and "duplicate id 1;" in recs[-1]["error"]
     assert recs[0] == first[0] and recs[2] == first[2]  # unchanged: kept as they were
     assert recs[1]["reply"] and recs[1] != first[1] and recs[3] != first[3]
     assert len({r["input_digest"] for r in recs[:5]}) == 5
@@ -360,12 +360,20 @@ def test_every_bad_line_is_its_own_record_with_its_id_in_input_order(cli, tmp_pa
             {"id": {"x": 1}, "prompt": "Hello!"},
             {"id": "h", "prompt": "Hi", "conversation": 999},
             {"id": "z", "prompt": "The quick brown fox."},
+            {"id": 14, "prompt": "Hello!"},
+            {"prompt": "no id: its line number, 14, is line 13's id"},
+            {"id": "k", "prompt": "Hello!", "top_k": True},
+            {"id": None, "prompt": "Hello!"},
+            {"id": None, "prompt": "Hello!"},
         ],
     )
     out = tmp_path / "out.jsonl"
     assert cli(src, "-o", str(out)) == 1
     recs = _records(out)
-    assert [r["line"] for r in recs] == list(range(1, 13))
+    assert [r["line"] for r in recs] == list(range(1, 18))
+    assert "no id, and its line number 14 is line 13's id" in recs[13]["error"]
+    assert "top_k in line 15: true (allowed" in recs[14]["error"]  # as JSON writes it, not True
+    assert "reply" in recs[15] and "duplicate id null; line 16 has it" in recs[16]["error"]
     got = {r["line"]: (r["id"], r.get("error", "")) for r in recs}
     assert got[1][0] == "a" and "reply" in recs[0]
     assert got[2][0] is None and "nested" in got[2][1]

@@ -143,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
             continue
         key = id_key(item.id)
         if key in id_lines:
-            errors.append({"id": item.id, "line": n, "error": f"duplicate id {item.id!r}"})
+            why = f"duplicate id {key}; line {id_lines[key]} has it"
+            if item.id == n and not item.given_id:
+                why = f"no id, and its line number {n} is line {id_lines[key]}'s id; give every line an id"
+            errors.append({"id": item.id, "line": n, "error": why})
             order.append(n)
             continue
         id_lines[key] = n

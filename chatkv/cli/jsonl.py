@@ -159,6 +159,7 @@ def _item(n: int, obj: dict[str, Any], defaults: GenerationSettings) -> Item:
         conversation=conv,
         settings=settings,
         digest=input_digest(obj),
+        given_id="id" in obj,
     )
 
 
