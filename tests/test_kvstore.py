@@ -755,3 +755,25 @@ def test_close_does_not_deadlock_on_a_spill_queued_after_its_flush(tiny_lm, stor
     closer.join(20)
     assert not closer.is_alive()  # it hung for good before
     assert max(r.start + r.n_tokens for r in store.all_chunks()) == len(tokens)  # and the late spill landed
+
+
+def test_a_disk_budget_of_0_keeps_only_the_latest_spill(tiny_lm, store, kv):
+    """cache.disk_bytes = 0 meant "unlimited" to the spill and "remove everything" to
+    `cache gc`; both now take it as nothing kept beyond what was just written."""
+    from chatkv.kv import live
+
+    kvm = KVManager(store, kv, tiny_lm, codec="fp16", chunk_tokens=16, disk_bytes=0)
+
+    def spilled(tokens):
+        cache = live.new_cache(tiny_lm.model)
+        with torch.no_grad():
+            tiny_lm.model(torch.tensor([tokens]), **cache_arg(tiny_lm.model, cache), use_cache=True)
+        kvm.spill(None, tokens, cache)
+        kvm.flush()
+        return set(kvm.keys_of(tokens))
+
+    first = spilled(list(range(3, 40)))
+    assert {r.key for r in store.all_chunks()} == first
+    second = spilled(list(range(100, 140)))
+    assert {r.key for r in store.all_chunks()} == second
+    kvm.close()

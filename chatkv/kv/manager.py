@@ -554,7 +554,7 @@ class KVManager:
         if self.tiers is not None:
             if written:  # the index is shared (cache.remote_bytes, by gc only): this host's copies
                 self.tiers.trim_after(written)
-        elif self.disk_bytes and written:
+        elif written:  # 0 too: as `cache gc` takes it, nothing kept but what was just written
             self.gc(self.disk_bytes, keep=set(wanted))
         return written
 
