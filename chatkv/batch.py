@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # Tokens two prompts must share to decode over one prefix: well past the chat template's
 # own header (~5 tokens), which every prompt shares.
 MIN_SHARED = 32
+# Tokens a line without a shared prefix has to prefill beyond what is cached past which it
+# is prefilled on its own, in steps, as `chatkv ask` does, before the batch decodes: in the
+# batch's one forward an 8k-token line took 5x as long as ask and held the others up.
+LONG_PREFILL = 256
 
 
 @dataclass
@@ -335,14 +339,14 @@ class Runner:
         for i in items:
             att, st = self.chat.prepare(i.conversation, i.ids, i.dropped)
             i.inexact = self.chat.loaded()[1].inexact(att.cache)
+            cached = att.cached
+            if len(i.ids) - 1 - cached > LONG_PREFILL:
+                from chatkv.engine.generate import prefill
+
+                prefill(self.lm.model, i.ids[cached:-1], att.cache, cached)
+                cached = len(i.ids) - 1
             rows.append(
-                BatchRow(
-                    i.ids,
-                    i.settings,
-                    att.cache if att.cached else None,
-                    att.cached,
-                    keep_cache=self._saves(i),
-                )
+                BatchRow(i.ids, i.settings, att.cache if cached else None, cached, keep_cache=self._saves(i))
             )
             stats.append(st)
         self._decode(items, rows, None, stats, t0)

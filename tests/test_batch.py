@@ -70,8 +70,32 @@ def _store():
     return Store(db_path())
 
 
-def test_batched_replies_equal_ask(cli, chat, tmp_path):
-    """Every line gets the reply a single `ask` gets (greedy), first and second run."""
+@pytest.mark.parametrize("alone", [False, True], ids=["batched-prefill", "long-lines-prefilled-alone"])
+def test_batched_replies_equal_ask(cli, chat, tmp_path, monkeypatch, alone):
+    """Every line gets the reply a single `ask` gets (greedy), first and second run; also
+    when the lines without a shared prefix are long enough to be prefilled on their own."""
+    from chatkv import batch
+
+    if alone:
+        from chatkv.engine import generate
+
+        monkeypatch.setattr(batch, "LONG_PREFILL", 4)
+        real_own, real_prefill, inside, seen = batch.Runner._own, generate.prefill, [], []
+
+        def own(self, items):
+            inside.append(True)
+            try:
+                return real_own(self, items)
+            finally:
+                inside.pop()
+
+        def prefill(model, ids, *a, **k):
+            if inside:
+                seen.append(len(ids))
+            return real_prefill(model, ids, *a, **k)
+
+        monkeypatch.setattr(batch.Runner, "_own", own)
+        monkeypatch.setattr(generate, "prefill", prefill)
     lines = [{"id": f"q{i}", "prompt": q, "system": SYSTEM} for i, q in enumerate(QUESTIONS)]
     lines += [{"id": "alone", "prompt": "Hello!"}, {"id": "short", "prompt": "Hello!", "max_new_tokens": 3}]
     src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
@@ -102,6 +126,8 @@ def test_batched_replies_equal_ask(cli, chat, tmp_path):
         assert second[f"q{i}"]["reply"] == first[f"q{i}"]["reply"]
         assert second[f"q{i}"]["usage"]["cached_tokens"] > 32
         assert second[f"q{i}"]["cache_source"] == "disk"
+    if alone:
+        assert seen and second["alone"]["reply"] == first["alone"]["reply"]
 
 
 def test_broken_lines_get_error_records_and_the_rest_is_served(cli, tmp_path):
