@@ -76,6 +76,14 @@ def _merge(messages: list[tuple[str, str, datetime | None]]) -> list[tuple[str, 
 # -- llm ------------------------------------------------------------------------
 
 
+def _as_text(value: object) -> str:
+    """A column's value as text: a BLOB decoded as UTF-8 (bytes that are not, replaced),
+    not written as Python's b'...'."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
 def read_llm(path: str | Path) -> Iterator[Imported]:
     """Conversations of llm's logs.db: `conversations(id, name, model)` and `responses(id,
     model, prompt, system, response, conversation_id, datetime_utc)`, one prompt and its
@@ -121,11 +129,11 @@ def read_llm(path: str | Path) -> Iterator[Imported]:
                 current = Imported(f"llm:{key}", name, cmodel or model or "", created_at=_when(at))
             when = _when(at)
             if system and not current.system_prompt:
-                current.system_prompt = str(system)
+                current.system_prompt = _as_text(system)
             if prompt:
-                current.messages.append(("user", str(prompt), when))
+                current.messages.append(("user", _as_text(prompt), when))
             if response:
-                current.messages.append(("assistant", str(response), when))
+                current.messages.append(("assistant", _as_text(response), when))
         if current is not None:
             yield current
     except sqlite3.DatabaseError as e:

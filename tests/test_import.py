@@ -50,6 +50,7 @@ def llm_db(path: Path) -> Path:
             ("r2", "gpt-4o-mini", "And of Italy?", None, "Rome.", "01JA", T1),
             ("r1", "gpt-4o-mini", "Capital of France?", "Be brief.", "Paris.", "01JA", T0),
             ("r3", "claude-3", "A haiku about caches", None, "Keys kept, values saved", "01JB", T0),
+            ("r4", "claude-3", "Blob \u00e9".encode(), None, b"kept \xff", "01JB", T1),  # BLOB columns
         ],
     )
     db.commit()
@@ -122,7 +123,7 @@ def test_import_llm_logs(capsys, tmp_path):
     code, out, err = run(capsys, "import", "llm", str(path), "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert (report["imported"], report["messages"], report["skipped"]) == (2, 6, 0)
+    assert (report["imported"], report["messages"], report["skipped"]) == (2, 8, 0)
     got = transcripts()
     assert got["Capital cities"] == [
         ("user", "Capital of France?"),
@@ -130,7 +131,12 @@ def test_import_llm_logs(capsys, tmp_path):
         ("user", "And of Italy?"),
         ("assistant", "Rome."),
     ]
-    assert got["Haiku"] == [("user", "A haiku about caches"), ("assistant", "Keys kept, values saved")]
+    assert got["Haiku"] == [
+        ("user", "A haiku about caches"),
+        ("assistant", "Keys kept, values saved"),
+        ("user", "Blob \u00e9"),  # text, not b'...'
+        ("assistant", "kept \ufffd"),
+    ]
     with Store(db_path()) as store:
         conv = next(c for c in store.list_conversations() if c.title == "Capital cities")
         assert (conv.model, conv.system_prompt) == ("gpt-4o-mini", "Be brief.")
