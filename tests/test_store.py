@@ -406,9 +406,10 @@ def test_add_and_get_chunks(store: Store) -> None:
 def test_add_chunk_twice_updates_file_fields(store: Store) -> None:
     old = datetime(2024, 1, 1, tzinfo=UTC)
     store.add_chunk(_chunk("a", None, 0, created_at=old, last_used_at=old))
-    store.add_chunk(_chunk("a", None, 0, nbytes=222))
+    store.add_chunk(_chunk("a", None, 0, nbytes=222, partial=True))  # a tail at another chunk size
     again = store.get_chunks(["a"])["a"]
     assert again.nbytes == 222 and again.created_at == old and again.last_used_at > old
+    assert again.partial
     assert store.chunk_stats()["count"] == 1
 
 

@@ -37,6 +37,11 @@ from chatkv.store.models import (
     utcnow,
 )
 
+# What a chunk written again under its key (re-coded, or by another process) changes in its
+# row. `partial` too: the same tokens are a tail at one chunk size and a full chunk at
+# another (cache.chunk_tokens differs between processes); the row says what the file does.
+UPDATED_ON_REWRITE = ("codec", "path", "nbytes", "checksum", "partial", "last_used_at")
+
 
 class ChunkIndex(StoreBase):
     """The chunk-index part of the Store."""
@@ -115,8 +120,8 @@ class ChunkIndex(StoreBase):
 
     def add_chunk(self, rec: ChunkRecord) -> None:
         """Index a chunk file. A key already indexed (the same content written again, or
-        re-coded as it aged) keeps its row and takes the new codec, path, nbytes, checksum
-        and last_used_at."""
+        re-coded as it aged) keeps its row and takes the new codec, path, nbytes, checksum,
+        partial and last_used_at."""
         now = utcnow()
         values = asdict(rec)
         values["created_at"] = rec.created_at or now
@@ -124,7 +129,10 @@ class ChunkIndex(StoreBase):
         stmt = self._insert(KVChunk).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[KVChunk.key],
-            set_={c: stmt.excluded[c] for c in ("codec", "path", "nbytes", "checksum", "last_used_at")},
+            set_={
+                c: stmt.excluded[c]
+                for c in ("codec", "path", "nbytes", "checksum", "partial", "last_used_at")
+            },
         )
         with self._writer.begin() as s:
             s.execute(stmt)
