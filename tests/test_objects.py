@@ -708,3 +708,33 @@ def test_closing_the_tiers_does_not_wait_for_a_fetch_held_up_by_the_bucket(
         time.sleep(0.01)
     assert chunk_path(tmp_path / "kv", recs[0].key).read_bytes() == blobs[0]
     assert not chunk_path(tmp_path / "kv", recs[1].key).exists()  # cancelled before it started
+
+
+def test_two_processes_noting_unremoved_objects_keep_both_lists(tmp_path) -> None:
+    """Two `rm`s with the bucket down (or an rm and a gc) each read the list before the
+    other wrote it: under the lock, the second reads what the first wrote."""
+    import threading
+
+    kv = tmp_path / "kv"
+    kv.mkdir()
+    a, b = "a" * 64, "b" * 64
+    first_read, let_go = threading.Event(), threading.Event()
+
+    def slow(old: list[str]) -> list[str]:
+        first_read.set()
+        let_go.wait(10)
+        return [*old, a]
+
+    t = threading.Thread(target=maintenance._note_unremoved, args=(kv, slow))
+    t.start()
+    first_read.wait(10)
+    second = threading.Thread(target=maintenance._note_unremoved, args=(kv, lambda old: [*old, b]))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # waits for the first
+    let_go.set()
+    t.join(10)
+    second.join(10)
+    assert maintenance._unremoved(kv) == [a, b]
+    maintenance._note_unremoved(kv, lambda old: [k for k in old if k != a])
+    assert maintenance._unremoved(kv) == [b]

@@ -136,7 +136,7 @@ def remove_keys(
     `chatkv cache gc` to remove when the bucket answers again."""
     keys = [k for k in dict.fromkeys(keys) if isinstance(k, str) and KEY_RE.fullmatch(k)]
     if remote is not None and keys:
-        _note_unremoved(kv_dir, [*_unremoved(kv_dir), *keys])
+        _note_unremoved(kv_dir, lambda old: [*old, *keys])
     store.delete_chunks(keys)
     gone = 0
     for key in keys:
@@ -157,7 +157,7 @@ def remove_keys(
                 damaged=False,
             ) from None
         done = set(keys)
-        _note_unremoved(kv_dir, [k for k in _unremoved(kv_dir) if k not in done])
+        _note_unremoved(kv_dir, lambda old: [k for k in old if k not in done])
     return gone
 
 
@@ -175,12 +175,22 @@ def _unremoved(kv_dir: Path) -> list[str]:
     return list(dict.fromkeys(k for k in text.split() if KEY_RE.fullmatch(k)))
 
 
-def _note_unremoved(kv_dir: Path, keys: list[str]) -> None:
+def _note_unremoved(kv_dir: Path, change: Callable[[list[str]], list[str]]) -> None:
+    """Rewrite UNREMOVED as `change` makes its keys, under a lock: two `rm`s, or an `rm`
+    and a `cache gc`, each reading it before the other wrote dropped keys."""
+    import fcntl
+
     path = kv_dir.parent / UNREMOVED
-    if keys:
-        write_atomic(path, "".join(f"{k}\n" for k in dict.fromkeys(keys)).encode("ascii"))
-    else:
-        path.unlink(missing_ok=True)
+    fd = os.open(kv_dir.parent / (UNREMOVED + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        keys = change(_unremoved(kv_dir))
+        if keys:
+            write_atomic(path, "".join(f"{k}\n" for k in dict.fromkeys(keys)).encode("ascii"))
+        else:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def retry_unremoved(store: ChunkIndex, kv_dir: Path, remote: ObjectStore) -> int:
@@ -195,7 +205,7 @@ def retry_unremoved(store: ChunkIndex, kv_dir: Path, remote: ObjectStore) -> int
     named = store.get_chunks(keys)
     removed = remove_objects(remote, [k for k in keys if k not in named])
     done = set(keys)
-    _note_unremoved(kv_dir, [k for k in _unremoved(kv_dir) if k not in done])  # an rm may have added some
+    _note_unremoved(kv_dir, lambda old: [k for k in old if k not in done])  # an rm may have added some
     return removed
 
 
