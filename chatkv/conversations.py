@@ -93,6 +93,11 @@ class Conversations:
         with lease.acquire(conversation_id, engine=self.store.engine) as held:
             if self.kv is not None:  # held: a turn of this process that ended meanwhile queued its spill
                 self.kv.flush()  # a spill still queued for it would write its chunks again
+            pre = getattr(self, "prefetched", None)  # read ahead while the model loads (Chat.prefetch)
+            if pre is not None and pre.conversation_id == conversation_id:
+                pre.cancel()
+                pre.wait()  # its bucket fetches must not bring back local copies rm removes
+                pre.release_fetches()
             try:
                 keys = self.store.private_chunks(conversation_id)
             except exc.DatabaseError:  # a damaged chunk index: the files go by `cache gc`

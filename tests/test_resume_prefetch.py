@@ -115,6 +115,20 @@ def test_a_prefetch_the_first_turn_does_not_use_is_dropped_with_its_buffers(chat
     again.close()
 
 
+def test_rm_while_the_model_loads_stops_the_conversations_prefetch_first(chat, tiny_settings, tiny_lm):
+    """`chatkv rm` in a process whose prefetch of that conversation still reads (a chat
+    opened on it, the model not loaded yet): the reads stop before the chunks go."""
+    cid = saved_conversation(chat)
+    chat.close()
+    again = Chat(tiny_settings, store=Store(chat.store.path), lm=tiny_lm)
+    again.prefetch(cid)
+    pre = again.prefetched
+    again.delete(cid)
+    assert pre._cancel.is_set() and not pre._thread.is_alive() and pre._result is None
+    assert again.store.all_chunks() == [] and list(kv_dir().rglob("*.safetensors")) == []
+    again.close()
+
+
 def test_the_fingerprint_is_predicted_from_the_last_load_with_the_same_settings(tiny_model_dir):
     name = str(tiny_model_dir)
     assert predict_fingerprint(name, "cpu", "float32") == ""  # never loaded in this data dir
