@@ -63,7 +63,7 @@ def parse_size(value: Any) -> int:
     size = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
     if not size <= INT64_MAX:  # also "9" * 400, which float() makes infinite
         raise ValueError(f"size out of range: {value!r}")
-    if size != int(size):  # "0.5" was 0 bytes, silently
+    if not m.group(2) and size != int(size):  # "0.5" was 0 bytes, silently ("1.2GiB" rounds down)
         raise ValueError(f"not a whole number of bytes: {value!r}")
     return int(size)
 

@@ -174,7 +174,7 @@ def test_bad_config_values_are_one_line(capsys, monkeypatch):
     monkeypatch.setenv("CHATKV_CACHE_LIVE_BYTES", "0.5")  # half a byte was 0 bytes, silently
     code, _, err = run(capsys, "config", "show")
     assert code == 1 and 'CHATKV_CACHE_LIVE_BYTES: "0.5"' in one_line(err)
-    monkeypatch.setenv("CHATKV_CACHE_LIVE_BYTES", "1.5GiB")  # a whole number of bytes
+    monkeypatch.setenv("CHATKV_CACHE_LIVE_BYTES", "1.2GiB")  # with a unit: rounded down
     assert run(capsys, "config", "show")[0] == 0
     monkeypatch.delenv("CHATKV_CACHE_LIVE_BYTES")
     config = db_path().parent / "config.toml"

@@ -182,6 +182,8 @@ TERMINATED = textwrap.dedent(
             return len(text)
         def flush(self):
             self.real.flush()
+        def isatty(self):
+            return False
 
     sys.stdout = Out(sys.stdout)
     sys.argv = ["chatkv", "ask", "-n", "200", "--temperature", "0", sys.argv[1]]

@@ -129,10 +129,7 @@ class ChunkIndex(StoreBase):
         stmt = self._insert(KVChunk).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[KVChunk.key],
-            set_={
-                c: stmt.excluded[c]
-                for c in ("codec", "path", "nbytes", "checksum", "partial", "last_used_at")
-            },
+            set_={c: stmt.excluded[c] for c in UPDATED_ON_REWRITE},
         )
         with self._writer.begin() as s:
             s.execute(stmt)
