@@ -16,7 +16,7 @@ from chatkv.config import Settings
 from chatkv.ui.actions import ACTIONS
 from chatkv.ui.chat_screen import ChatScreen
 from chatkv.ui.commands import ConversationCommands
-from chatkv.ui.state import UIState, load_state, save_state, state_path
+from chatkv.ui.state import UIState, load_state, save_state, state_path, unsent_key
 
 DEFAULT_THEME = "textual-dark"
 
@@ -119,8 +119,13 @@ class ChatKVApp(App):
         generation, wait until the partial reply is saved, then close the backend."""
         self.quitting = True  # a model that finishes loading now starts no turn
         screen = self.chat_screen
+        unsent, key = dict(self.state.unsent), unsent_key(screen.conversation_id)
         text = screen.unsent_text()
-        self.remember(unsent_text=text, unsent_conversation=screen.conversation_id if text else None)
+        if text:
+            unsent[key] = text
+        else:  # only this conversation's: another's is kept until it is opened again
+            unsent.pop(key, None)
+        self.remember(unsent=unsent)
         worker = screen.generation_worker()
         if worker is not None:
             screen.request_stop()

@@ -27,6 +27,7 @@ from chatkv.ui.actions import ACTIONS, FOOTER_ACTIONS, key_label
 from chatkv.ui.chat_actions import ConversationActions
 from chatkv.ui.dialogs import TextPromptScreen
 from chatkv.ui.model_actions import ModelActions
+from chatkv.ui.state import unsent_key
 from chatkv.ui.turns import ModelLoaded, ReplyBuffer, Starter, TurnEnded, TurnStarted, send_new
 from chatkv.ui.widgets import ChatLog, ChatMessage, ConversationList, PromptInput, StatusBar, turn_summary
 
@@ -701,11 +702,12 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
     def _give_back_unsent(self) -> None:
         """Put text left unsent when the app last quit back in the input, in the conversation
         it was written in."""
-        state = self.chat_app.state
-        if state.unsent_text is None or state.unsent_conversation != self.conversation_id:
+        unsent, key = dict(self.chat_app.state.unsent), unsent_key(self.conversation_id)
+        text = unsent.pop(key, None)
+        if text is None:
             return
-        self.restore_input(state.unsent_text)
-        self.chat_app.remember(unsent_text=None, unsent_conversation=None)
+        self.restore_input(text)
+        self.chat_app.remember(unsent=unsent)
         self.notify("What you had written but not sent when chatkv quit is back in the input.", timeout=6)
 
     def on_unmount(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chatkv.paths import data_dir
@@ -21,8 +21,14 @@ STATE_FILE = "ui-state.json"
 class UIState:
     theme: str | None = None
     last_conversation: int | None = None
-    unsent_text: str | None = None  # typed, or sent while the model loaded, when the app quit
-    unsent_conversation: int | None = None  # where it was typed (None: a new conversation)
+    # text typed (or sent while the model loaded) but not sent when the app quit, by where it
+    # was written (`unsent_key`): each kept until its own conversation is opened again
+    unsent: dict[str, str] = field(default_factory=dict)
+
+
+def unsent_key(conversation_id: int | None) -> str:
+    """Where unsent text was written: a conversation's id, or "draft" for a new one."""
+    return "draft" if conversation_id is None else str(conversation_id)
 
 
 def state_path() -> Path:
@@ -39,7 +45,7 @@ def load_state(path: Path) -> UIState:
     if not isinstance(raw, dict):
         return UIState()
     theme = raw.get("theme")
-    text = raw.get("unsent_text")
+    unsent = raw.get("unsent")
 
     def an_id(value: object) -> int | None:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -47,8 +53,9 @@ def load_state(path: Path) -> UIState:
     return UIState(
         theme=theme if isinstance(theme, str) and theme else None,
         last_conversation=an_id(raw.get("last_conversation")),
-        unsent_text=text if isinstance(text, str) and text.strip() else None,
-        unsent_conversation=an_id(raw.get("unsent_conversation")),
+        unsent={k: v for k, v in unsent.items() if isinstance(k, str) and isinstance(v, str) and v.strip()}
+        if isinstance(unsent, dict)
+        else {},
     )
 
 

@@ -131,11 +131,16 @@ async def test_text_unsent_at_quit_is_back_in_the_input_of_its_conversation_next
     finally:
         backend.release_load()
     assert not any(c[0] == "send" for c in backend.calls)
-    # relaunched on the saved conversation: the draft's text stays for the draft
+    # relaunched on the saved conversation and quit from it, the input empty: the draft's
+    # text stays for the draft
     app = make_app(FakeBackend(conversations=1, ready=True), conversation_id=1)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert chat(app).prompt.text == ""
+        await app.action_quit()
+    app = make_app(FakeBackend(conversations=1, ready=True), conversation_id=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
         await pilot.press("ctrl+n")
         await pilot.pause()
         assert chat(app).prompt.text == "queued question\nand a second thought"
