@@ -77,6 +77,7 @@ class Turn:
         self.new_conversation = new_conversation
         self.message: MessageView | None = None
         self.kept_aside = False  # a stopped regenerate/edit: kept as an earlier version
+        self.forgotten = False  # stopped before its reply began: the message it added was taken back
         self.stats = TurnStats()
         self.warnings: list[str] = []
         self.tokens: list[int] = []  # what the cache covers after the turn: prompt and reply
@@ -124,16 +125,18 @@ class Turn:
             ids, dropped = chat.fit(
                 chat.render(self.conversation_id, self.replace), self.settings.max_new_tokens
             )
+            chat.activity = f"reading the cache of {len(ids):,} tokens"
+            # inside: Ctrl-C while the cache is read (seconds from a bucket) takes the
+            # message back too, as the front end says
+            att, self.stats = chat.prepare(self.conversation_id, ids, dropped)
+            self.warnings += att.problems
+            self._journal = self._open_journal()
+            text = TextStream(lm.tokenizer, self.settings.stop)
         except BaseException:
             self._forget_user_message()
             raise
-        chat.activity = f"reading the cache of {len(ids):,} tokens"
-        att, self.stats = chat.prepare(self.conversation_id, ids, dropped)
-        self.warnings += att.problems
         chat.activity = f"prefilling {len(ids) - att.cached:,} tokens" if len(ids) - att.cached > 1 else ""
         st = self.stats
-        self._journal = self._open_journal()
-        text = TextStream(lm.tokenizer, self.settings.stop)
         gen: list[int] = []
         first = last = None
         reason: FinishReason = "error"
@@ -253,6 +256,7 @@ class Turn:
         if m is None:
             return
         self.new_user_message = None
+        self.forgotten = True
         try:
             if self.new_conversation:
                 self.chat.store.delete_conversation(m.conversation_id)

@@ -193,6 +193,25 @@ TERMINATED = textwrap.dedent(
 )
 
 
+def test_ctrl_c_while_the_cache_is_read_takes_the_message_back(chat, monkeypatch):
+    conv = chat.new_conversation()
+    send(chat, conv.id, "Hello!")
+    before = transcript(chat, conv.id)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # as Ctrl-C while chunks are read or fetched
+
+    real = chat.prepare
+    monkeypatch.setattr(chat, "prepare", interrupted)
+    turn = chat.send(conv.id, "Tell me a story about the sea.", GREEDY)
+    with pytest.raises(KeyboardInterrupt):
+        "".join(turn)
+    assert turn.forgotten and turn.message is None
+    assert transcript(chat, conv.id) == before  # as `ask` then says: the message was not saved
+    monkeypatch.setattr(chat, "prepare", real)
+    send(chat, conv.id, "Tell me a story about the sea.")  # and the conversation is not held
+
+
 def test_sigterm_stops_ask_as_ctrl_c_does_saving_the_reply_at_once(tiny_model_dir, tiny_settings, tiny_lm):
     proc = subprocess.run(
         [sys.executable, "-c", TERMINATED, "Tell me a story about the sea and the stars."],

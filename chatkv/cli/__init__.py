@@ -235,7 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from chatkv import gcpause
 
         gcpause.hold()  # until the model has loaded (see gcpause)
-        end_process(_main(sys.argv[1:], program=True))
+        code = _main(sys.argv[1:], program=True)
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # exiting now: a SIGTERM ends it as usual
+        end_process(code)
     return _main(argv)
 
 

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 json.dump(_record(chat, turn, load_began, loaded_at, first_at), out, ensure_ascii=False)
                 out.write("\n")
                 out.flush()
-            _say_interrupted(turn.conversation_id, turn.message is not None)
+            _say_interrupted(turn.conversation_id, turn.message is not None, turn.forgotten)
             return interrupted_code(e)
         except BrokenPipeError:
             # The reader went away (`| head`): no one reads the rest, so stop as Ctrl-C does,
@@ -205,12 +205,18 @@ def _quiet_stdout() -> None:
         pass
 
 
-def _say_interrupted(cid: int, saved: bool) -> None:
+def _say_interrupted(cid: int, saved: bool, forgotten: bool) -> None:
     if saved:
         print(
             f"chatkv: interrupted; the partial reply is saved in conversation {cid} "
             f"— continue with: chatkv ask -C {cid} ...",
             file=sys.stderr,
         )
-    else:  # the session removed the unanswered message (and a conversation it started)
+    elif forgotten:  # the session removed the unanswered message (and a conversation it started)
         print("chatkv: interrupted before the reply began; your message was not saved", file=sys.stderr)
+    else:  # the reply streamed, its save was cut short: the journal has it
+        print(
+            f"chatkv: interrupted while the reply was saved; chatkv saves it to conversation {cid} "
+            "when it next starts",
+            file=sys.stderr,
+        )
