@@ -175,19 +175,22 @@ class Turn:
                 if self._journal is not None:
                     self._journal.piece(piece, len(gen))
                 yield piece
+        # Cut short, the reply saved is what was shown (as its journal has it): not the text
+        # held back as the possible start of a stop string, nor a piece not yet handed out.
         except GeneratorExit:  # the consumer stopped iterating: keep what was made
             reason = "cancelled"
-        except KeyboardInterrupt:  # Ctrl-C: keep what was made, then let the front end exit
-            if gen:
-                self._save(text.text, "cancelled", ids, gen, att, first, last, t0)
-            else:
+            text.text = text.text[: text.emitted]
+        except KeyboardInterrupt:  # Ctrl-C: keep what was shown, then let the front end exit
+            if gen and text.emitted:
+                self._save(text.text[: text.emitted], "cancelled", ids, gen, att, first, last, t0)
+            else:  # nothing shown yet: as before the first token
                 self._forget_user_message()
             raise
         except BaseException:
-            if not gen:
+            if not (gen and text.emitted):
                 self._forget_user_message()
                 raise
-            self._save(text.text, reason, ids, gen, att, first, last, t0)
+            self._save(text.text[: text.emitted], reason, ids, gen, att, first, last, t0)
             raise
         if not gen and reason == "cancelled":
             # Stopped before the first token: no empty reply is saved and a pending edit or

@@ -118,6 +118,17 @@ def test_text_stream_never_splits_characters_and_honours_stop_strings(tiny_lm):
     assert (shown + ts.finish()) == "abc ST"
 
 
+def test_a_stop_string_is_held_back_whole_when_another_is_tested_first():
+    class Chars:  # one character a token
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    ts = TextStream(Chars(), stop=["rX", "User:"])
+    shown = "".join(ts.push(ord(c)) for c in "User:")
+    assert shown == "" and ts.stopped  # it showed "Use" of the stop string, then saved ""
+    assert ts.finish() == "" and ts.text == ""
+
+
 def test_growable_layer_appends_in_place_without_touching_handed_out_views():
     layer = GrowableLayer()
     k = torch.randn(1, 2, 5, 4)

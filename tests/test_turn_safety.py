@@ -193,6 +193,24 @@ TERMINATED = textwrap.dedent(
 )
 
 
+def test_a_reply_cut_short_saves_what_was_shown_not_text_held_back_for_a_stop_string(chat):
+    conv = chat.new_conversation()
+    prompt = "Tell me a story about the sea."
+    _, full = send(chat, conv.id, prompt, LONG)
+    assert len(full) > 6
+    # a stop string that begins with the reply's 3rd and 4th characters and never completes:
+    # those two are held back once written, until decided
+    stop = GenerationSettings(max_new_tokens=40, temperature=0.0, stop=[full[2:4] + "\x00"])
+    other = chat.new_conversation()
+    it = iter(chat.send(other.id, prompt, stop))
+    shown = ""
+    while len(shown) < 2:
+        shown += next(it)
+    it.close()  # the consumer goes away (a closed pipe, a front end stopping)
+    saved = chat.messages(other.id)[-1]
+    assert saved.role == "assistant" and saved.content == shown
+
+
 def test_ctrl_c_while_the_cache_is_read_takes_the_message_back(chat, monkeypatch):
     conv = chat.new_conversation()
     send(chat, conv.id, "Hello!")

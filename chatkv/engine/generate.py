@@ -251,7 +251,7 @@ class TextStream:
         end = len(self.text)
         if not final:
             for s in self.stop:  # hold back a suffix that could start a stop string
-                for k in range(min(len(s) - 1, end), 0, -1):
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1):  # not `end`: another may have cut it
                     if self.text.endswith(s[:k]):
                         end = min(end, len(self.text) - k)
                         break
