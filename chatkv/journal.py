@@ -184,6 +184,21 @@ def save(store: Store, r: Replayed) -> None:
     apply(store, r.header, r.text, r.stats, r.ended)
 
 
+PENDING = (
+    "conversation {} has a reply from an earlier run that could not be saved yet (the database is "
+    "busy); try again in a moment"
+)
+
+
+def pending(conversation_id: int) -> bool:
+    """Whether a journal of the conversation is still unsaved (its save failed again, or
+    another process is saving it right now)."""
+    try:
+        return any(journal_dir().glob(f"{int(conversation_id)}-*.jsonl"))
+    except OSError:
+        return False
+
+
 def replay(store: Store, conversation_id: int | None = None) -> int:
     """Save the replies of journals that no live turn holds (all, or one conversation's);
     returns how many were saved. A journal whose save fails again stays for the next try."""

@@ -230,6 +230,8 @@ class Chat(Conversations, Housekeeping):
         held = lease.acquire(conversation_id, engine=self.store.engine)
         try:
             journal.replay(self.store, conversation_id)
+            if journal.pending(conversation_id):  # a turn now would come before that reply
+                raise lease.BusyError(journal.PENDING.format(conversation_id))
         except BaseException:
             held.release()
             raise

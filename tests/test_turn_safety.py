@@ -97,6 +97,21 @@ def test_a_reply_whose_save_fails_is_kept_in_the_journal_and_saved_at_the_next_s
     again.close()
 
 
+def test_no_turn_comes_before_a_reply_whose_save_still_fails(chat, monkeypatch):
+    """The next turn saves a journaled reply first; when that save fails again, the turn is
+    refused rather than its message put before the earlier reply."""
+    conv = chat.new_conversation()
+    with monkeypatch.context() as m:
+        m.setattr(chat.store, "finish_turn", locked)
+        with pytest.raises(ChatKVError):
+            send(chat, conv.id, "Hello!")
+        with pytest.raises(lease.BusyError, match="could not be saved yet"):
+            chat.send(conv.id, "And the stars?", GREEDY)
+    assert transcript(chat, conv.id) == [("user", "Hello!")]  # nothing after it meanwhile
+    send(chat, conv.id, "And the stars?")
+    assert [r for r, _ in transcript(chat, conv.id)] == ["user", "assistant", "user", "assistant"]
+
+
 def test_the_next_turn_in_the_same_process_saves_a_reply_left_unsaved_first(chat, monkeypatch):
     conv = chat.new_conversation()
     with monkeypatch.context() as m, pytest.raises(ChatKVError):
