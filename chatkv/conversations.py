@@ -122,8 +122,9 @@ class Conversations:
     def _written_since(self, private: list[str], removed: list[str]) -> list[str]:
         """Of the chunks the conversation held when it was deleted, those not removed
         already, or written again (a row or a file) after they were."""
-        from chatkv.kv.chunks import chunk_path
+        from chatkv.kv.chunks import KEY_RE, chunk_path
 
+        private = [k for k in private if KEY_RE.fullmatch(k)]  # a damaged index's rows: no path
         gone = set(removed)
         rows = self.store.get_chunks([k for k in private if k in gone]) if gone else {}
         return [k for k in private if k not in gone or k in rows or chunk_path(kv_dir(), k).exists()]

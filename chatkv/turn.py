@@ -26,7 +26,7 @@ from chatkv.store.common import new_turn_id
 from chatkv.store.db import describe_db_error
 
 if TYPE_CHECKING:
-    from chatkv.kv.manager import Attached
+    from chatkv.kv.manager import Attached, KVManager
     from chatkv.session import Chat
 
 log = logging.getLogger(__name__)
@@ -237,20 +237,30 @@ class Turn:
         jr = self._journal
         if jr is not None:
             jr.end(reason, st)
-        _, kv = self.chat.loaded()
         covered = self.tokens = list(ids) + gen
-        kv.keep_live(self.conversation_id, covered, att.cache)
         try:
             self.message = journal.apply(self.chat.store, self.header, content, st, reason)
             self.kept_aside = self.message is None
         except exc.SQLAlchemyError as e:
+            self._keep_live(covered, att)  # for the turn that saves it from the journal
             where = f"; its text is kept in {jr.path} and will be saved when chatkv next starts" if jr else ""
             raise ChatKVError(f"the reply could not be saved: {describe_db_error(e)}{where}") from e
         if jr is not None:
             jr.close(saved=True)
             self._journal = None
-        if not self.kept_aside:
+        kv = self._keep_live(covered, att)  # after the save: its failure costs a prefill, not the reply
+        if kv is not None and not self.kept_aside:
             kv.spill(self.conversation_id, covered, att.cache)
+
+    def _keep_live(self, covered: list[int], att: Attached) -> KVManager | None:
+        """Keep the turn's cache for the next turn; a failure only logs (a prefill next time)."""
+        try:
+            _, kv = self.chat.loaded()
+            kv.keep_live(self.conversation_id, covered, att.cache)
+        except Exception as e:
+            log.warning("could not keep the conversation's cache: %s", e)
+            return None
+        return kv
 
     def _forget_user_message(self) -> None:
         """A send that produced nothing leaves no trace: the front end gives the text back.

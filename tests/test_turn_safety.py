@@ -97,6 +97,18 @@ def test_a_reply_whose_save_fails_is_kept_in_the_journal_and_saved_at_the_next_s
     again.close()
 
 
+def test_a_cache_that_cannot_be_kept_costs_a_prefill_not_the_reply(chat, monkeypatch):
+    conv = chat.new_conversation()
+    send(chat, conv.id, "Hello!")
+
+    def fails(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(chat.kv, "keep_live", fails)
+    turn, reply = send(chat, conv.id, "And the stars?")  # no error: the reply is saved
+    assert turn.message is not None and transcript(chat, conv.id)[-1] == ("assistant", reply)
+
+
 def test_no_turn_comes_before_a_reply_whose_save_still_fails(chat, monkeypatch):
     """The next turn saves a journaled reply first; when that save fails again, the turn is
     refused rather than its message put before the earlier reply."""

@@ -534,8 +534,9 @@ class KVManager:
             if codec.lossless and i * c < inexact:
                 # It would begin with positions decoded from a lossy chunk (a prompt that
                 # parted from a quantized chunk part-way), labelled exact: a new conversation
-                # asking the same would reuse them as exact. Not stored; computed next time.
-                continue
+                # asking the same would reuse them as exact. Not stored; computed next time
+                # (and nothing after it: no chunk past a gap in the chain can be attached).
+                break
             start, end = i * c, min((i + 1) * c, len(tokens))
             part = [(k[..., start:end, :], v[..., start:end, :]) for k, v in layers]  # (B, H, end-start, D)
             written += self._write(

@@ -129,6 +129,7 @@ class MessageVersion(Base):
     __tablename__ = "message_versions"
     __table_args__ = (
         Index("ix_message_versions_conversation_id_position", "conversation_id", "position"),
+        Index("ix_message_versions_group_id", "group_id"),
         {"sqlite_autoincrement": True},
     )
 

@@ -9,7 +9,8 @@ or a restore, at position p hides the versions listed after p under its own grou
 restoring that group lists them again. Versions kept before this revision have none (they
 stay listed; the branch they belonged to was not recorded).
 
-- Upgrade adds the nullable column (SQLite: ALTER TABLE ADD COLUMN, no rebuild).
+- Upgrade adds the nullable column (SQLite: ALTER TABLE ADD COLUMN, no rebuild) and an
+  index on group_id (each listed version's group is looked up).
 - Downgrade drops it (batch mode on SQLite keeps AUTOINCREMENT).
 
 Revision ID: 0006
@@ -32,8 +33,11 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("message_versions", sa.Column("hidden_by", sa.String(), nullable=True))
+    # a version's group is looked up for every version listed (where does it start?)
+    op.create_index("ix_message_versions_group_id", "message_versions", ["group_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_message_versions_group_id", table_name="message_versions")
     with op.batch_alter_table("message_versions", table_kwargs={"sqlite_autoincrement": True}) as batch:
         batch.drop_column("hidden_by")
