@@ -324,11 +324,21 @@ def test_versions_downgrade_keeps_every_version(tmp_path: Path) -> None:
             "archived_at, hidden_by) VALUES (?, 1, 'assistant', 'hidden one', 'g', ?, ?, 'h')",
             (conv.id, CREATED, CREATED),
         )
+    with _sqlite(path) as db:  # the newest version deleted: its id is never to be handed out again
+        db.execute(
+            "INSERT INTO message_versions (id, conversation_id, position, role, content, group_id, "
+            "created_at, archived_at) VALUES (99, ?, 1, 'assistant', 'deleted', 'd', ?, ?)",
+            (conv.id, CREATED, CREATED),
+        )
+        db.execute("DELETE FROM message_versions WHERE id = 99")
     _downgrade(path, "0005")
     with _sqlite(path) as db:
         columns = [r[1] for r in db.execute("PRAGMA table_info(message_versions)")]
         assert "hidden_by" not in columns
         assert db.execute("SELECT content FROM message_versions").fetchall() == [("hidden one",)]
+        assert db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'message_versions'").fetchone() == (
+            99,
+        )
     with Store(path) as store:  # and up again: listed, as every version kept before 0006
         store.add_message(conv.id, "assistant", "hi")
         assert [v.content for v in store.versions(store.messages(conv.id)[1].id)] == ["hidden one"]

@@ -11,7 +11,8 @@ stay listed; the branch they belonged to was not recorded).
 
 - Upgrade adds the nullable column (SQLite: ALTER TABLE ADD COLUMN, no rebuild) and an
   index on group_id (each listed version's group is looked up).
-- Downgrade drops it (batch mode on SQLite keeps AUTOINCREMENT).
+- Downgrade drops both; on SQLite 3.35+ in place (ALTER TABLE DROP COLUMN), which keeps the
+  AUTOINCREMENT counter a batch rebuild would reset.
 
 Revision ID: 0006
 Revises: 0005
@@ -20,6 +21,7 @@ Create Date: 2026-12-06
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -39,5 +41,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_message_versions_group_id", table_name="message_versions")
-    with op.batch_alter_table("message_versions", table_kwargs={"sqlite_autoincrement": True}) as batch:
-        batch.drop_column("hidden_by")
+    if op.get_bind().dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 35):
+        # in place: a batch rebuild would reset the AUTOINCREMENT counter (ids handed out again)
+        op.execute("ALTER TABLE message_versions DROP COLUMN hidden_by")
+    else:
+        with op.batch_alter_table("message_versions", table_kwargs={"sqlite_autoincrement": True}) as batch:
+            batch.drop_column("hidden_by")
