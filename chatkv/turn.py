@@ -181,13 +181,13 @@ class Turn:
             reason = "cancelled"
             text.text = text.text[: text.emitted]
         except KeyboardInterrupt:  # Ctrl-C: keep what was shown, then let the front end exit
-            if gen and text.emitted:
+            if gen:  # the reply began (its first token may show nothing yet)
                 self._save(text.text[: text.emitted], "cancelled", ids, gen, att, first, last, t0)
-            else:  # nothing shown yet: as before the first token
+            else:
                 self._forget_user_message()
             raise
         except BaseException:
-            if not (gen and text.emitted):
+            if not gen:
                 self._forget_user_message()
                 raise
             self._save(text.text[: text.emitted], reason, ids, gen, att, first, last, t0)
