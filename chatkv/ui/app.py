@@ -91,6 +91,16 @@ class ChatKVApp(App):
         except OSError as exc:  # remembering is a convenience, never worth interrupting the chat
             self.log.warning(f"could not save the UI state to {self.state_file}: {exc}")
 
+    def remember_unsent(self, conversation_id: int | None, text: str | None) -> None:
+        """Set (or with None clear) one conversation's unsent text, on the state file as it is
+        now: another chatkv window may have kept text for another conversation since."""
+        unsent, key = load_state(self.state_file).unsent, unsent_key(conversation_id)
+        if text:
+            unsent[key] = text
+        else:  # only this conversation's: another's is kept until it is opened again
+            unsent.pop(key, None)
+        self.remember(unsent=unsent)
+
     def remembered_conversation(self) -> int | None:
         """The conversation open when the app last ran, if it still exists."""
         cid = self.state.last_conversation
@@ -119,13 +129,7 @@ class ChatKVApp(App):
         generation, wait until the partial reply is saved, then close the backend."""
         self.quitting = True  # a model that finishes loading now starts no turn
         screen = self.chat_screen
-        unsent, key = dict(self.state.unsent), unsent_key(screen.conversation_id)
-        text = screen.unsent_text()
-        if text:
-            unsent[key] = text
-        else:  # only this conversation's: another's is kept until it is opened again
-            unsent.pop(key, None)
-        self.remember(unsent=unsent)
+        self.remember_unsent(screen.conversation_id, screen.unsent_text())
         worker = screen.generation_worker()
         if worker is not None:
             screen.request_stop()

@@ -702,12 +702,11 @@ class ChatScreen(ConversationActions, ModelActions, Screen):
     def _give_back_unsent(self) -> None:
         """Put text left unsent when the app last quit back in the input, in the conversation
         it was written in."""
-        unsent, key = dict(self.chat_app.state.unsent), unsent_key(self.conversation_id)
-        text = unsent.pop(key, None)
+        text = self.chat_app.state.unsent.get(unsent_key(self.conversation_id))
         if text is None:
             return
         self.restore_input(text)
-        self.chat_app.remember(unsent=unsent)
+        self.chat_app.remember_unsent(self.conversation_id, None)
         self.notify("What you had written but not sent when chatkv quit is back in the input.", timeout=6)
 
     def on_unmount(self) -> None:

@@ -7,6 +7,7 @@ import errno
 import functools
 import html
 import inspect
+import json
 import subprocess
 import sys
 import time
@@ -110,7 +111,7 @@ async def test_message_typed_while_loading_is_sent_once_ready():
         backend.release_load()
 
 
-async def test_text_unsent_at_quit_is_back_in_the_input_of_its_conversation_next_launch():
+async def test_text_unsent_at_quit_is_back_in_the_input_of_its_conversation_next_launch(chatkv_home):
     backend = FakeBackend(conversations=1)
     backend.block_load = True
     app = make_app(backend)
@@ -157,6 +158,18 @@ async def test_text_unsent_at_quit_is_back_in_the_input_of_its_conversation_next
     async with app.run_test(size=SIZE) as pilot:  # given back once, not at every launch
         await pilot.pause()
         assert chat(app).prompt.text == ""
+        # another chatkv window quits meanwhile, keeping its draft's text: this one's quit
+        # keeps it too
+        other = make_app(FakeBackend(conversations=1, ready=True))
+        async with other.run_test(size=SIZE) as other_pilot:
+            await other_pilot.press("ctrl+n")
+            await other_pilot.pause()
+            chat(other).prompt.insert("the other window's draft")
+            await other.action_quit()
+        chat(app).prompt.insert("this window's")
+        await app.action_quit()
+    state = json.loads((chatkv_home / "ui-state.json").read_text())
+    assert state["unsent"] == {"draft": "the other window's draft", "1": "this window's"}
 
 
 async def test_model_load_failure_notifies_and_restores_text():
