@@ -335,21 +335,27 @@ class Runner:
         from chatkv.engine.batch import BatchRow
 
         t0 = time.perf_counter()
-        rows, stats = [], []
+        ready, rows, stats = [], [], []
         for i in items:
-            att, st = self.chat.prepare(i.conversation, i.ids, i.dropped)
-            i.inexact = self.chat.loaded()[1].inexact(att.cache)
-            cached = att.cached
-            if len(i.ids) - 1 - cached > LONG_PREFILL:
-                from chatkv.engine.generate import prefill
+            try:
+                att, st = self.chat.prepare(i.conversation, i.ids, i.dropped)
+                i.inexact = self.chat.loaded()[1].inexact(att.cache)
+                cached = att.cached
+                if len(i.ids) - 1 - cached > LONG_PREFILL:
+                    from chatkv.engine.generate import prefill
 
-                prefill(self.lm.model, i.ids[cached:-1], att.cache, cached)
-                cached = len(i.ids) - 1
+                    prefill(self.lm.model, i.ids[cached:-1], att.cache, cached)
+                    cached = len(i.ids) - 1
+            except Exception as e:  # out of memory on one long line: that line fails, not its batch
+                self._failed([i], "generating", e)
+                continue
+            ready.append(i)
             rows.append(
                 BatchRow(i.ids, i.settings, att.cache if cached else None, cached, keep_cache=self._saves(i))
             )
             stats.append(st)
-        self._decode(items, rows, None, stats, t0)
+        if ready:
+            self._decode(ready, rows, None, stats, t0)
 
     def _saves(self, item: Item) -> bool:
         return self.save == "all" or (self.save == "continue" and item.conversation is not None)

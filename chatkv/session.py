@@ -269,11 +269,13 @@ class Chat(Conversations, Housekeeping):
         else:
             pairs = [(m["role"], m["content"]) for m in messages]
             self.store.finish_turn(conversation_id, reply, stats, turn_id, add=pairs, model=self.model_name)
-        if self.kv is not None:
-            if shared:  # the prefix batch spilled on its own (prepare_prefix): held by this one too
+        try:  # saved: a failure now costs a prefill, never a record saying the save failed
+            if self.kv is not None and shared:  # the prefix batch spilled on its own: this one's too
                 self.kv.claim(conversation_id, shared)
-            if cache is not None:
+            if self.kv is not None and cache is not None:
                 self.kv.spill(conversation_id, tokens, cache, inexact)  # inexact: see KVManager.spill
+        except Exception as e:
+            log.warning("conversation %d is saved, but not its cache: %s", conversation_id, e)
         return conversation_id
 
     def regenerate(self, conversation_id: int, settings: GenerationSettings | None = None) -> Turn:

@@ -197,6 +197,53 @@ def test_resume_answers_each_id_exactly_once(cli, tmp_path, monkeypatch):
     assert [(r["line"], r["id"]) for r in recs] == [(n, m["id"]) for n, m in enumerate(moved, 1)]
 
 
+def test_a_long_line_that_fails_its_prefill_fails_alone(cli, tmp_path, monkeypatch):
+    from chatkv import batch
+    from chatkv.engine import generate
+
+    monkeypatch.setattr(batch, "LONG_PREFILL", 4)
+    real = generate.prefill
+
+    def prefill(model, ids, *a, **k):
+        if len(ids) > 40:
+            raise RuntimeError("out of memory")
+        return real(model, ids, *a, **k)
+
+    monkeypatch.setattr(generate, "prefill", prefill)
+    lines = [
+        {"id": "a", "prompt": "Hello!"},
+        {"id": "long", "prompt": "Hello! " * 20},
+        {"id": "b", "prompt": "Hi"},
+    ]
+    src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    assert cli(src, "-o", str(out), "--batch-size", "3") == 1
+    recs = {r["id"]: r for r in _records(out)}
+    assert "out of memory" in recs["long"]["error"]
+    assert recs["a"]["reply"] is not None and recs["b"]["reply"] is not None  # its batch went on
+
+
+def test_an_interrupted_resumed_run_leaves_the_output_in_input_order(cli, tmp_path, monkeypatch):
+    from chatkv import batch
+
+    lines = [{"id": i, "prompt": q} for i, q in enumerate(QUESTIONS)]
+    src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    assert cli(src, "-o", str(out)) == 0
+    last = [t for t in out.read_text().splitlines() if json.loads(t)["line"] == len(lines)]
+    out.write_text(last[0] + "\n")  # an earlier run that answered only the last line
+    real, calls = batch.Runner._reply, {"n": 0}
+
+    def interrupting(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(batch.Runner, "_reply", interrupting)
+    assert cli(src, "-o", str(out), "--batch-size", "1") == 130  # one more answer, then Ctrl-C
+    got = [r["line"] for r in _records(out)]
+    assert len(got) == 2 and got == sorted(got)  # the earlier answer stayed first before
+
+
 def test_a_resumed_run_answers_again_the_lines_that_changed_and_says_what_it_skipped(cli, tmp_path, capsys):
     lines = [{"prompt": q} for q in QUESTIONS[:4]]  # ids are the line numbers
     src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"

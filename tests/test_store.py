@@ -270,6 +270,18 @@ def test_delete_messages_from(store: Store) -> None:
     assert store.get_conversation(conv.id).message_count == 4
 
 
+def test_text_with_a_nul_character_is_saved_on_every_backend(store: Store) -> None:
+    """A model can write NUL (a byte token); PostgreSQL text cannot hold it: it is stored
+    as U+FFFD there (the save failed, and so did every replay of the reply's journal)."""
+    conv = store.create_conversation(title="a\x00b", system_prompt="s\x00")
+    store.add_message(conv.id, "user", "q\x00")
+    store.finish_turn(conv.id, "reply \x00 end", TurnStats(completion_tokens=3), "t-nul")
+    nul = "\x00" if store.engine.dialect.name == "sqlite" else "\ufffd"
+    assert [m.content for m in store.messages(conv.id)] == [f"q{nul}", f"reply {nul} end"]
+    got = store.get_conversation(conv.id)
+    assert (got.title, got.system_prompt) == (f"a{nul}b", f"s{nul}")
+
+
 def test_an_edit_hides_the_versions_after_it_until_restored(store: Store) -> None:
     conv = store.create_conversation()
     stats = TurnStats(completion_tokens=1)

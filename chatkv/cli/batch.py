@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
     ordered = InOrder(write, order)
     progress = Progress(len(items) + len(errors), enabled=not args.quiet and sys.stderr.isatty())
-    runner = None
+    runner, interrupted = None, 0
     try:
         for e in errors:
             ordered.emit(e)
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
             "output; run the same command again to finish",
             file=sys.stderr,
         )
-        return interrupted_code(e)
+        interrupted = interrupted_code(e)
     finally:
         chat.close()  # waits for queued spills
         if out is not sys.stdout:
@@ -222,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
     progress.close()
     if resuming:  # a resumed run: the earlier answers came first; put all in input order
         sort_output(args.output, id_lines)
+    if interrupted:
+        return interrupted
     failed = len(errors) + (runner.summary.failed if runner else 0)
     if failed:
         print(

@@ -277,12 +277,15 @@ class InOrder:
     def emit(self, rec: dict) -> None:
         self.held[rec["line"]] = rec
         while self.next < len(self.order) and self.order[self.next] in self.held:
-            self.write(self.held.pop(self.order[self.next]))
+            line = self.order[self.next]
+            self.write(self.held[line])  # then forgotten: Ctrl-C while it is written keeps it held
+            del self.held[line]
             self.next += 1
 
     def flush(self) -> None:
         for line in sorted(self.held):
-            self.write(self.held.pop(line))
+            self.write(self.held[line])
+            del self.held[line]
 
 
 def open_output(path: str | None, overwrite: bool, keep: Iterable[str] = ()) -> TextIO:

@@ -59,9 +59,37 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value is not None else None
 
 
+def _without_nul(value: str | None, dialect: Dialect) -> str | None:
+    """PostgreSQL text cannot hold NUL (a model can write one: a byte token): it is stored
+    as U+FFFD there, or the save failed, and failed again at every replay of its journal."""
+    if value is not None and dialect.name == "postgresql" and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+class StoredString(TypeDecorator[str]):
+    """A string column; NUL-safe on PostgreSQL (`_without_nul`)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return _without_nul(value, dialect)
+
+
+class StoredText(TypeDecorator[str]):
+    """A text column; NUL-safe on PostgreSQL (`_without_nul`)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return _without_nul(value, dialect)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), str: String()}
+    type_annotation_map = {datetime: UTCDateTime(), str: StoredString()}
 
 
 class Conversation(Base):
@@ -73,8 +101,8 @@ class Conversation(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     title: Mapped[str] = mapped_column(default="")
     model: Mapped[str] = mapped_column(default="")
-    system_prompt: Mapped[str] = mapped_column(Text, default="")
-    settings: Mapped[str] = mapped_column(Text, default="{}")  # JSON object
+    system_prompt: Mapped[str] = mapped_column(StoredText, default="")
+    settings: Mapped[str] = mapped_column(StoredText, default="{}")  # JSON object
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -98,7 +126,7 @@ class Message(Base):
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     position: Mapped[int]
     role: Mapped[str]
-    content: Mapped[str] = mapped_column(Text)
+    content: Mapped[str] = mapped_column(StoredText)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     # chatkv.api.TurnStats, for assistant turns; all NULL when there are none.
@@ -137,8 +165,8 @@ class MessageVersion(Base):
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     position: Mapped[int]
     role: Mapped[str]
-    content: Mapped[str] = mapped_column(Text)
-    stats: Mapped[str | None] = mapped_column(Text)  # chatkv.api.TurnStats as JSON
+    content: Mapped[str] = mapped_column(StoredText)
+    stats: Mapped[str | None] = mapped_column(StoredText)  # chatkv.api.TurnStats as JSON
     turn_id: Mapped[str | None]
     group_id: Mapped[str]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
