@@ -161,21 +161,28 @@ def test_broken_lines_get_error_records_and_the_rest_is_served(cli, tmp_path):
     assert sorted(r["id"] for r in recs if "reply" in r) == [1, 9]
 
 
+def _ctrl_c_at_reply(monkeypatch, n: int):
+    """Ctrl-C as the run's `n`th reply is recorded; returns the real Runner._reply."""
+    from chatkv import batch
+
+    real, calls = batch.Runner._reply, {"n": 0}
+
+    def interrupting(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(batch.Runner, "_reply", interrupting)
+    return real
+
+
 def test_resume_answers_each_id_exactly_once(cli, tmp_path, monkeypatch):
     from chatkv import batch
 
     lines = [{"id": i, "prompt": q, "system": SYSTEM} for i, q in enumerate(QUESTIONS)] + ["oops"]
     src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
-    real = batch.Runner._reply
-    calls = {"n": 0}
-
-    def interrupting(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(batch.Runner, "_reply", interrupting)
+    real = _ctrl_c_at_reply(monkeypatch, 4)
     assert cli(src, "-o", str(out), "--batch-size", "2") == 130
     partial = _records(out)
     assert sum("reply" in r for r in partial) == 3
@@ -223,22 +230,13 @@ def test_a_long_line_that_fails_its_prefill_fails_alone(cli, tmp_path, monkeypat
 
 
 def test_an_interrupted_resumed_run_leaves_the_output_in_input_order(cli, tmp_path, monkeypatch):
-    from chatkv import batch
 
     lines = [{"id": i, "prompt": q} for i, q in enumerate(QUESTIONS)]
     src, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     assert cli(src, "-o", str(out)) == 0
     last = [t for t in out.read_text().splitlines() if json.loads(t)["line"] == len(lines)]
     out.write_text(last[0] + "\n")  # an earlier run that answered only the last line
-    real, calls = batch.Runner._reply, {"n": 0}
-
-    def interrupting(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(batch.Runner, "_reply", interrupting)
+    _ctrl_c_at_reply(monkeypatch, 2)
     assert cli(src, "-o", str(out), "--batch-size", "1") == 130  # one more answer, then Ctrl-C
     got = [r["line"] for r in _records(out)]
     assert len(got) == 2 and got == sorted(got)  # the earlier answer stayed first before

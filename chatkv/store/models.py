@@ -77,14 +77,11 @@ class StoredString(TypeDecorator[str]):
         return _without_nul(value, dialect)
 
 
-class StoredText(TypeDecorator[str]):
+class StoredText(StoredString):
     """A text column; NUL-safe on PostgreSQL (`_without_nul`)."""
 
     impl = Text
-    cache_ok = True
-
-    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
-        return _without_nul(value, dialect)
+    cache_ok = True  # not inherited: SQLAlchemy asks each TypeDecorator class
 
 
 class Base(DeclarativeBase):
